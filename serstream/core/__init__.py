@@ -1,0 +1,1 @@
+"""Pure state machines of the monitor: no sockets, threads or clocks inside."""

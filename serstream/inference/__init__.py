@@ -1,0 +1,1 @@
+"""The ONNX Runtime session and the inference worker."""

@@ -1,0 +1,1 @@
+"""Audio sources: microphone, file replay, network ingest."""
