@@ -1,0 +1,257 @@
+"""Forms padded inference batches from the windows of all streams.
+
+A batch closes when it is full (``max_batch`` rows), when one more row would
+push its padded size (rows x longest row) past ``max_batch_samples``, or when
+its oldest request has waited its deadline. Finals wait at most
+``final_wait_s`` (end-of-speech latency is what users notice), partials
+``partial_wait_s``.
+
+Rows are taken finals first, then partials, each oldest first, and the
+selection stops at the first row that does not fit the sample budget instead
+of skipping it, so a long window is never starved by a stream of short ones
+(a row larger than the budget on its own makes a batch of one).
+
+The queue is bounded by ``max_pending``, and only the newest partial of a
+stream matters: a new partial replaces that stream's pending partial, and a
+final replaces it too (it covers the same speech). When still full, the
+oldest pending partial is dropped; a final is dropped only when the queue
+holds nothing but finals. Every one of these is counted in ``counters``.
+
+Two ways to drive it: *push* (``add`` returns the batches it makes ready,
+``poll`` at ``next_deadline``), or *pull* (``add(..., close=False)`` only
+queues, and an idle worker takes ``poll(now, max_batches=1)``), in which case
+the supersede and drop rules are the back-pressure.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serstream.contract import SAMPLE_RATE
+from serstream.core.scheduler import KIND_FINAL, KIND_PARTIAL, Window
+from serstream.core.stats import Counters
+
+__all__ = ["Request", "Batch", "BatcherConfig", "BatchFormer"]
+
+
+@dataclass
+class Request:
+    """One window of one stream waiting for inference; ``context`` is the caller's own data."""
+
+    stream: str
+    window: Window
+    submitted: float
+    context: object = None
+
+
+@dataclass
+class Batch:
+    """Closed batch: ``audio`` float32 ``[B, N]`` zero-padded, ``lengths`` int64 ``[B]``.
+
+    ``reason`` says why it closed: ``"full"``, ``"samples"``, ``"deadline"`` or ``"flush"``.
+    """
+
+    requests: list[Request]
+    audio: np.ndarray = field(repr=False)
+    lengths: np.ndarray
+    closed: float
+    reason: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def padding(self) -> int:
+        """Padded samples in ``audio`` (wasted work)."""
+        return int(self.audio.size - int(self.lengths.sum()))
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Batching limits; ``max_batch_samples`` None means ``max_batch`` x 3 s at 16 kHz."""
+
+    max_batch: int = 32
+    final_wait_s: float = 0.002
+    partial_wait_s: float = 0.020
+    max_pending: int = 4096
+    max_batch_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.final_wait_s < 0 or self.partial_wait_s < 0:
+            raise ValueError("batch wait times must be >= 0")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
+        if self.max_batch_samples is not None and self.max_batch_samples < 1:
+            raise ValueError(f"max_batch_samples must be >= 1, got {self.max_batch_samples}")
+
+    @property
+    def batch_samples(self) -> int:
+        if self.max_batch_samples is not None:
+            return self.max_batch_samples
+        return self.max_batch * 3 * SAMPLE_RATE
+
+
+@dataclass
+class _Entry:
+    request: Request
+    deadline: float
+    length: int
+
+
+class BatchFormer:
+    """The batch former shared by all streams. Not thread-safe: the caller holds a lock.
+
+    ``max_wait_s`` (the name in docs/architecture.md), when given, sets both waits.
+    """
+
+    def __init__(
+        self,
+        max_batch: int = 32,
+        max_wait_s: float | None = None,
+        max_pending: int = 4096,
+        *,
+        final_wait_s: float = 0.002,
+        partial_wait_s: float = 0.020,
+        max_batch_samples: int | None = None,
+    ) -> None:
+        if max_wait_s is not None:
+            final_wait_s = partial_wait_s = max_wait_s
+        self.config = BatcherConfig(
+            max_batch=max_batch,
+            final_wait_s=final_wait_s,
+            partial_wait_s=partial_wait_s,
+            max_pending=max_pending,
+            max_batch_samples=max_batch_samples,
+        )
+        self._budget = self.config.batch_samples
+        self._seq = 0
+        self._finals: OrderedDict[int, _Entry] = OrderedDict()
+        self._partials: OrderedDict[int, _Entry] = OrderedDict()
+        self._partial_of_stream: dict[str, int] = {}
+        self.counters = Counters(
+            requests=0,
+            batches=0,
+            rows=0,
+            partials_superseded=0,
+            partials_dropped=0,
+            finals_dropped=0,
+            closed_full=0,
+            closed_samples=0,
+            closed_deadline=0,
+            closed_flush=0,
+        )
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting now."""
+        return len(self._finals) + len(self._partials)
+
+    def add(self, request: Request, now: float, close: bool = True) -> list[Batch]:
+        """Queue a request; with ``close`` return the batches that are ready at ``now``."""
+        window = request.window
+        if window.kind not in (KIND_FINAL, KIND_PARTIAL):
+            raise ValueError(f"window kind must be 'partial' or 'final', got {window.kind!r}")
+        audio = np.asarray(window.audio)
+        if audio.ndim != 1 or audio.size == 0:
+            raise ValueError(f"window audio must be a non-empty 1-D array, got shape {audio.shape}")
+        self.counters.inc("requests")
+        final = window.kind == KIND_FINAL
+        old = self._partial_of_stream.pop(request.stream, None)
+        if old is not None:
+            # Either a newer partial or the final of that speech: the pending partial is stale.
+            del self._partials[old]
+            self.counters.inc("partials_superseded")
+        if self.pending >= self.config.max_pending:
+            if self._partials:
+                self._drop_oldest_partial()
+            elif final:
+                self.counters.inc("finals_dropped")
+                return self.poll(now) if close else []
+            else:
+                self.counters.inc("partials_dropped")
+                return self.poll(now) if close else []
+        seq = self._seq
+        self._seq += 1
+        if final:
+            self._finals[seq] = _Entry(request, now + self.config.final_wait_s, audio.size)
+        else:
+            self._partials[seq] = _Entry(request, now + self.config.partial_wait_s, audio.size)
+            self._partial_of_stream[request.stream] = seq
+        return self.poll(now) if close else []
+
+    def poll(self, now: float, max_batches: int | None = None) -> list[Batch]:
+        """Close the batches that are ready at ``now`` (full, over budget or past a deadline)."""
+        batches: list[Batch] = []
+        while self.pending and (max_batches is None or len(batches) < max_batches):
+            keys, padded_len, fits_all = self._select()
+            if len(keys) >= self.config.max_batch:
+                reason = "full"
+            elif not fits_all:
+                reason = "samples"
+            elif (deadline := self.next_deadline()) is not None and deadline <= now:
+                reason = "deadline"
+            else:
+                break
+            batches.append(self._close(keys, padded_len, now, reason))
+        return batches
+
+    def flush(self, now: float) -> list[Batch]:
+        """Close everything pending regardless of deadlines (shutdown)."""
+        batches: list[Batch] = []
+        while self.pending:
+            keys, padded_len, _ = self._select()
+            batches.append(self._close(keys, padded_len, now, "flush"))
+        return batches
+
+    def next_deadline(self) -> float | None:
+        """Earliest deadline among pending requests, or None when nothing waits."""
+        # Deadlines grow with insertion within each kind, so the oldest of each is the earliest.
+        heads = [queue[next(iter(queue))].deadline for queue in (self._finals, self._partials) if queue]
+        return min(heads) if heads else None
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _drop_oldest_partial(self) -> None:
+        seq, entry = self._partials.popitem(last=False)
+        if self._partial_of_stream.get(entry.request.stream) == seq:
+            del self._partial_of_stream[entry.request.stream]
+        self.counters.inc("partials_dropped")
+
+    def _select(self) -> tuple[list[tuple[bool, int]], int, bool]:
+        """Rows for the next batch: ``([(is_final, seq)], longest, took_everything)``."""
+        keys: list[tuple[bool, int]] = []
+        longest = 0
+        for final, queue in ((True, self._finals), (False, self._partials)):
+            for seq, entry in queue.items():
+                if len(keys) >= self.config.max_batch:
+                    return keys, longest, False
+                grown = max(longest, entry.length)
+                if keys and grown * (len(keys) + 1) > self._budget:
+                    return keys, longest, False
+                keys.append((final, seq))
+                longest = grown
+        return keys, longest, True
+
+    def _close(self, keys: list[tuple[bool, int]], longest: int, now: float, reason: str) -> Batch:
+        audio = np.zeros((len(keys), longest), dtype=np.float32)
+        lengths = np.zeros(len(keys), dtype=np.int64)
+        requests: list[Request] = []
+        for row, (final, seq) in enumerate(keys):
+            if final:
+                entry = self._finals.pop(seq)
+            else:
+                entry = self._partials.pop(seq)
+                self._partial_of_stream.pop(entry.request.stream, None)
+            audio[row, : entry.length] = entry.request.window.audio
+            lengths[row] = entry.length
+            requests.append(entry.request)
+        self.counters.inc("batches")
+        self.counters.inc("rows", len(keys))
+        self.counters.inc(f"closed_{reason}")
+        return Batch(requests=requests, audio=audio, lengths=lengths, closed=now, reason=reason)

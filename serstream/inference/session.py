@@ -1,0 +1,388 @@
+"""The ONNX Runtime session: load and validate a model, pick CUDA or CPU, run padded batches.
+
+:class:`EmotionModel` is the thin adapter around ``onnxruntime.InferenceSession``.
+It reads everything about the model from its metadata (``metadata_props``,
+plus a JSON sidecar ``<stem>.json`` for keys the props lack), checks the
+tensor contract of :mod:`serstream.contract` once at load time, and turns the
+raw outputs into calibrated probabilities (softmax of logits / temperature).
+
+Loading never prints an ONNX Runtime traceback: every problem with the file,
+its metadata or its tensors is one :class:`~serstream.contract.ContractError`
+line naming the file; a device that cannot be had is one
+:class:`DeviceError` line.
+
+Provider choice: ``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` as
+available on every machine, and asking for it where no GPU is usable makes
+ONNX Runtime log errors before it falls back. So CUDA is requested only when
+the provider is listed *and* the CUDA driver (``libcuda.so.1``) loads and
+reports at least one device. What the session actually got is what
+:attr:`EmotionModel.device` reports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NoReturn, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from serstream import contract
+from serstream.contract import ContractError, ModelInfo, StateInput
+
+__all__ = [
+    "DEVICES",
+    "DeviceError",
+    "InferenceError",
+    "InferenceOutput",
+    "EmotionModel",
+    "pad_batch",
+    "cuda_usable",
+    "softmax",
+]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# ONNX Runtime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+# Warnings (e.g. "some nodes were not assigned to the preferred provider") are
+# noise for a monitor; real failures still raise.
+_ORT_LOG_SEVERITY = 3
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+
+_CUDA_PROVIDER = "CUDAExecutionProvider"
+_CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (e.g. ``device="cuda"`` on a machine without a GPU)."""
+
+
+class InferenceError(RuntimeError):
+    """A batch could not be run, or the model produced non-finite values."""
+
+
+@dataclass
+class InferenceOutput:
+    """The result of one batch; row ``i`` belongs to row ``i`` of the input."""
+
+    #: float32 [B, L]: softmax(emotion_logits / temperature), the calibrated probabilities.
+    probs: np.ndarray
+    #: float32 [B, 3]: arousal, valence, dominance, clipped to [-1, 1].
+    avd: np.ndarray
+    #: float32 [B, 2]: softmax(gender_logits): female, male.
+    gender_probs: np.ndarray
+    #: Keyed by the *state input's* name (``StateInput.name``); the value is the
+    #: model output named by its ``update_output`` ([B, width]).
+    state_updates: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Every model output by name, as ONNX Runtime returned it.
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (float64 inside, float32 out)."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def pad_batch(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack 1-D audio rows into the model's ``(audio, lengths)`` inputs.
+
+    ``audio`` is float32 ``[len(rows), max(len)]``, each row zero-padded at
+    the end; ``lengths`` is int64 ``[len(rows)]``. The width is at least 1, so
+    a batch of empty rows is still a valid tensor (its lengths are 0).
+    """
+    if len(rows) == 0:
+        raise ValueError("pad_batch needs at least one row")
+    arrays = [np.asarray(r, np.float32).reshape(-1) for r in rows]
+    lengths = np.array([a.size for a in arrays], np.int64)
+    audio = np.zeros((len(arrays), max(int(lengths.max()), 1)), np.float32)
+    for i, a in enumerate(arrays):
+        audio[i, : a.size] = a
+    return audio, lengths
+
+
+def cuda_usable() -> bool:
+    """True when ONNX Runtime lists CUDA and the CUDA driver loads with at least one device."""
+    if _CUDA_PROVIDER not in ort.get_available_providers():
+        return False
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    try:
+        if libcuda.cuInit(0) != 0:
+            return False
+        count = ctypes.c_int(0)
+        if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return False
+        return count.value > 0
+    except AttributeError:  # not a real driver library
+        return False
+
+
+class EmotionModel:
+    """A loaded, validated emotion model. Build it with :meth:`load`.
+
+    ``infer`` is safe to call from one thread at a time per instance (the
+    inference worker owns it); ONNX Runtime itself allows concurrent runs.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        session: ort.InferenceSession,
+        info: ModelInfo,
+    ) -> None:
+        self.path = path
+        self.session = session
+        self.info = info
+        #: What the session actually runs on, in priority order.
+        self.providers: list[str] = list(session.get_providers())
+        self.device: str = "cuda" if _CUDA_PROVIDER in self.providers else "cpu"
+        self.input_names = tuple(i.name for i in session.get_inputs())
+        self.output_names = tuple(o.name for o in session.get_outputs())
+        self.labels = info.labels
+        self.state_inputs: tuple[StateInput, ...] = info.state_inputs
+
+    def __repr__(self) -> str:
+        return (
+            f"EmotionModel({str(self.path)!r}, version={self.info.version!r}, "
+            f"device={self.device!r}, labels={len(self.labels)})"
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> "EmotionModel":
+        """Load ``path``, validate it against the contract, and open a session.
+
+        ``device``: "auto" (CUDA when usable, else CPU), "cpu", or "cuda"
+        (a :class:`DeviceError` when no GPU is usable). ``threads``: ONNX
+        Runtime intra-op threads (default: the number of CPU cores).
+        Raises :class:`ContractError` (one line, naming the file) for a
+        missing, corrupt or non-conforming model.
+        """
+        model_path = Path(path)
+        if device not in DEVICES:
+            raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        if not model_path.is_file():
+            raise ContractError(f"{model_path}: model file not found")
+
+        want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
+        if device == "cuda" and not cuda_usable():
+            raise DeviceError(
+                "device 'cuda' requested but no usable CUDA GPU was found "
+                "(no driver, no device, or onnxruntime without CUDA); use --device cpu"
+            )
+        providers: list[Any] = [_CPU_PROVIDER]
+        if want_cuda:
+            providers = [_CUDA_PROVIDER, _CPU_PROVIDER]
+
+        options = ort.SessionOptions()
+        options.log_severity_level = _ORT_LOG_SEVERITY
+        options.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as exc:  # ORT raises several pybind types; all mean "cannot load"
+            raise ContractError(f"{model_path}: cannot load ONNX model: {_one_line(exc)}") from None
+
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        meta = _merge_sidecar(model_path, meta)
+        try:
+            info = ModelInfo.from_metadata(meta)
+        except ContractError as exc:
+            raise ContractError(f"{model_path}: {_one_line(exc)}") from None
+        _validate(model_path, session, info)
+
+        model = cls(model_path, session, info)
+        if device == "cuda" and model.device != "cuda":
+            raise DeviceError(
+                f"{model_path}: device 'cuda' requested but the session fell back to "
+                f"{', '.join(model.providers)}"
+            )
+        return model
+
+    # ---------------------------------------------------------------- inference
+
+    def infer(
+        self,
+        audio: np.ndarray,
+        lengths: np.ndarray,
+        state: Mapping[str, np.ndarray | Sequence[np.ndarray | None]] | None = None,
+    ) -> InferenceOutput:
+        """Run one padded batch.
+
+        ``audio`` float32 ``[B, N]`` (16 kHz, zero-padded), ``lengths`` int64
+        ``[B]`` with ``0 <= lengths <= N``. ``state`` maps a state input's
+        name to either a ``[B, width]`` array or a sequence of B rows where
+        ``None`` means "no state yet"; missing inputs or rows are filled
+        with the input's ``empty`` value. Raises :class:`InferenceError` on
+        a run failure or non-finite outputs, ``ValueError`` on bad shapes.
+        """
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        if audio.ndim != 2 or audio.shape[0] == 0:
+            raise ValueError(f"audio must be a non-empty [batch, samples] array, got {audio.shape}")
+        batch = audio.shape[0]
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+        if lengths.min() < 0 or lengths.max() > audio.shape[1]:
+            raise ValueError(f"lengths must lie in [0, {audio.shape[1]}]")
+
+        feeds: dict[str, np.ndarray] = {
+            contract.INPUT_AUDIO: audio,
+            contract.INPUT_LENGTHS: lengths,
+        }
+        for spec in self.state_inputs:
+            feeds[spec.name] = _state_rows(spec, batch, (state or {}).get(spec.name))
+
+        try:
+            values = self.session.run(None, feeds)
+        except Exception as exc:
+            raise InferenceError(f"model run failed: {_one_line(exc)}") from None
+        raw = dict(zip(self.output_names, values))
+
+        for name in (*contract.REQUIRED_OUTPUTS, *self._update_outputs()):
+            bad = ~np.isfinite(raw[name]).all(axis=tuple(range(1, raw[name].ndim)))
+            if bad.any():
+                rows = np.flatnonzero(bad).tolist()
+                raise InferenceError(f"model produced non-finite {name} in batch rows {rows}")
+
+        return InferenceOutput(
+            probs=softmax(raw[contract.OUTPUT_EMOTION], self.info.temperature),
+            avd=np.clip(raw[contract.OUTPUT_AVD], -1.0, 1.0).astype(np.float32),
+            gender_probs=softmax(raw[contract.OUTPUT_GENDER]),
+            state_updates={
+                s.name: raw[s.update_output] for s in self.state_inputs if s.update_output
+            },
+            raw=raw,
+        )
+
+    def _update_outputs(self) -> list[str]:
+        return [s.update_output for s in self.state_inputs if s.update_output]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # ORT messages start with "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : " and may
+    # run over several lines; the informative part is the rest of the first line.
+    first = _ORT_PREFIX.sub("", text.splitlines()[0].strip())
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _merge_sidecar(model_path: Path, meta: dict[str, str]) -> dict[str, str]:
+    """Fill keys the ONNX metadata lacks from ``<stem>.json`` beside the model."""
+    sidecar = model_path.with_suffix(".json")
+    if not sidecar.is_file():
+        return meta
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ContractError(f"{sidecar}: unreadable metadata sidecar: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{sidecar}: metadata sidecar must hold a JSON object")
+    merged = dict(meta)
+    for key, value in data.items():
+        if key not in merged:
+            # Props are strings (JSON where structured); the sidecar may hold native JSON.
+            merged[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    return merged
+
+
+def _static_dim(dim: object) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _validate(path: Path, session: ort.InferenceSession, info: ModelInfo) -> None:
+    """Check the session's tensors against the contract and the metadata."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+
+    def fail(problem: str) -> NoReturn:
+        raise ContractError(f"{path}: {problem}")
+
+    def check(kind: str, table: Mapping[str, Any], name: str, rank: int, dtype: str) -> list[Any]:
+        if name not in table:
+            fail(f"model has no {kind} {name!r} (it has {', '.join(sorted(table)) or 'none'})")
+        shape = list(table[name].shape or [])
+        if len(shape) != rank:
+            fail(f"{kind} {name!r} has rank {len(shape)}, the contract needs rank {rank}")
+        if table[name].type != dtype:
+            fail(f"{kind} {name!r} is {table[name].type}, the contract needs {dtype}")
+        return shape
+
+    check("input", inputs, contract.INPUT_AUDIO, 2, "tensor(float)")
+    check("input", inputs, contract.INPUT_LENGTHS, 1, "tensor(int64)")
+    emotion = check("output", outputs, contract.OUTPUT_EMOTION, 2, "tensor(float)")
+    avd = check("output", outputs, contract.OUTPUT_AVD, 2, "tensor(float)")
+    gender = check("output", outputs, contract.OUTPUT_GENDER, 2, "tensor(float)")
+
+    width = _static_dim(emotion[1])
+    if width is not None and width != len(info.labels):
+        fail(
+            f"metadata lists {len(info.labels)} labels but {contract.OUTPUT_EMOTION!r} "
+            f"has {width} columns"
+        )
+    if _static_dim(avd[1]) not in (None, 3):
+        fail(f"output {contract.OUTPUT_AVD!r} has {avd[1]} columns, the contract needs 3")
+    if _static_dim(gender[1]) not in (None, 2):
+        fail(f"output {contract.OUTPUT_GENDER!r} has {gender[1]} columns, the contract needs 2")
+
+    declared = {s.name for s in info.state_inputs}
+    for spec in info.state_inputs:
+        shape = check("state input", inputs, spec.name, 2, "tensor(float)")
+        if _static_dim(shape[1]) not in (None, spec.width):
+            fail(f"state input {spec.name!r} has {shape[1]} columns, metadata says {spec.width}")
+        if spec.update_output is not None and spec.update_output not in outputs:
+            fail(f"state input {spec.name!r} names update output {spec.update_output!r}, "
+                 "which the model lacks")
+    known = {contract.INPUT_AUDIO, contract.INPUT_LENGTHS} | declared
+    for name in inputs:
+        if name not in known:
+            fail(f"input {name!r} is neither audio, lengths nor a state input declared in the "
+                 f"metadata key {contract.META_STATE_INPUTS!r}")
+
+
+def _state_rows(
+    spec: StateInput, batch: int, given: np.ndarray | Sequence[np.ndarray | None] | None
+) -> np.ndarray:
+    """A float32 [batch, width] state tensor; absent rows hold ``spec.empty``."""
+    out = np.full((batch, spec.width), spec.empty, np.float32)
+    if given is None:
+        return out
+    if isinstance(given, np.ndarray):
+        arr = np.asarray(given, np.float32)
+        if arr.shape != (batch, spec.width):
+            raise ValueError(
+                f"state {spec.name!r} must have shape ({batch}, {spec.width}), got {arr.shape}"
+            )
+        return np.ascontiguousarray(arr)
+    if len(given) != batch:
+        raise ValueError(f"state {spec.name!r} has {len(given)} rows for a batch of {batch}")
+    for i, row in enumerate(given):
+        if row is None:
+            continue
+        values = np.asarray(row, np.float32).reshape(-1)
+        if values.size != spec.width:
+            raise ValueError(f"state {spec.name!r} row {i} has {values.size} values, not {spec.width}")
+        out[i] = values
+    return out

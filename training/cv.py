@@ -1,0 +1,141 @@
+"""Speaker-independent cross-validation: one process per fold, figures per fold and summarised.
+
+Each fold trains on every speaker but its test actors (TESS and any other
+corpus always train), picks the epoch on two validation actors, fits the
+calibration temperature on them, and scores the test actors three ways:
+no speaker history, online history (the monitor's way), and full history.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from serstream.contract import LABELS
+
+from .cache import CachedCorpus
+from .train import TrainConfig, predict, train_model
+
+__all__ = ["fold_metrics", "run_fold", "run_cv"]
+
+MODES = ("none", "online", "full")
+
+
+def fold_metrics(pred: dict, temperature: float) -> dict:
+    """Every figure the model card reports, for one fold's test predictions."""
+    from . import metrics as M
+    from .targets import avd_target
+
+    y = pred["label"]
+    logits = pred["emotion_logits"]
+    present = np.unique(y)
+    p_raw = M.softmax(logits) if hasattr(M, "softmax") else _softmax(logits)
+    p_cal = _softmax(logits / temperature)
+    yhat = logits.argmax(1)
+    avd_true = np.array([avd_target(LABELS[l], {0: "normal", 1: "strong"}.get(int(i))) for l, i in zip(y, pred["intensity"])])
+    g = pred["gender"]
+    known = g >= 0
+    out = {
+        "n": int(len(y)),
+        "accuracy": M.accuracy(y, yhat),
+        "uar": M.uar(y, yhat),
+        "macro_f1": M.macro_f1(y, yhat),
+        "top3": M.top_k_accuracy(y, logits, 3),
+        "ccc_arousal": M.ccc(avd_true[:, 0], pred["avd"][:, 0]),
+        "ccc_valence": M.ccc(avd_true[:, 1], pred["avd"][:, 1]),
+        "ece_raw": M.ece(p_raw, y),
+        "ece_calibrated": M.ece(p_cal, y),
+        "gender_accuracy": float(np.mean(pred["gender_logits"][known].argmax(1) == g[known])) if known.any() else float("nan"),
+        "confusion": M.confusion_matrix(y, yhat, len(LABELS)).tolist(),
+        "classes_present": [LABELS[c] for c in present],
+    }
+    if known.any() and len(np.unique(g[known])) == 2:
+        names = np.where(g == 1, "male", np.where(g == 0, "female", "unknown"))
+        out["uar_gap_female_minus_male"] = M.gender_uar_gap(y, yhat, names)
+    return {k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, progress: bool = False) -> dict:
+    """Train and evaluate one fold; writes ``fold-K.json`` and confusion PNGs in ``out_dir``."""
+    import torch
+
+    from . import metrics as M
+
+    fold_dir = Path(out_dir) / f"fold-{split.index}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_idx = corpus.indices(split.train_speakers)
+    val_idx = corpus.indices(split.val_speakers)
+    test_idx = corpus.indices(split.test_speakers)
+    log_file = open(fold_dir / "train.log", "a")
+
+    def log(msg: str) -> None:
+        print(f"[fold {split.index}] {msg}", file=sys.stderr, flush=True)
+        print(msg, file=log_file, flush=True)
+
+    log(f"train {len(train_idx)} utterances, val {len(val_idx)}, test {len(test_idx)}")
+    result = train_model(corpus, train_idx, val_idx, config, fold_dir, progress=progress, log=log)
+    val_pred = predict(result.model, corpus, val_idx, mode="online", order_seed=config.seed)
+    temperature = M.fit_temperature(val_pred["emotion_logits"], val_pred["label"])
+    figures = {"fold": split.index, "test_speakers": list(split.test_speakers), "val_speakers": list(split.val_speakers),
+               "best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar, "temperature": round(float(temperature), 4),
+               "history": result.history}
+    for mode in MODES:
+        pred = predict(result.model, corpus, test_idx, mode=mode, order_seed=config.seed)
+        figures[mode] = fold_metrics(pred, temperature)
+        if mode == "online":
+            cm = np.asarray(figures[mode]["confusion"])
+            M.plot_confusion(cm, list(LABELS), fold_dir / "confusion-online.png", f"fold {split.index} (online adaptation)")
+    torch.save(result.model.state_dict(), fold_dir / "model.pt")
+    (Path(out_dir) / f"fold-{split.index}.json").write_text(json.dumps(figures, indent=1))
+    log(f"test UAR none={figures['none']['uar']} online={figures['online']['uar']} full={figures['full']['uar']}")
+    return figures
+
+
+def _fold_worker(args) -> dict:
+    corpus_path, split, config, out_dir = args
+    z = np.load(corpus_path, allow_pickle=False)
+    corpus = CachedCorpus(**{k: z[k] for k in z.files})
+    return run_fold(corpus, split, config, Path(out_dir))
+
+
+def run_cv(corpus_path: Path, splits: Sequence, config: TrainConfig, out_dir: Path, workers: int = 2) -> list[dict]:
+    """Run folds in ``workers`` processes of ``config.threads`` threads each.
+
+    On a 2-core machine two single-thread processes outran one two-thread
+    process by 1.45x in the calibration runs.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    jobs = [(str(corpus_path), s, config, str(out_dir)) for s in splits]
+    if workers <= 1:
+        return [_fold_worker(j) for j in jobs]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, maxtasksperchild=1) as pool:
+        return list(pool.imap(_fold_worker, jobs))
+
+
+def summarise(results: Sequence[dict]) -> dict:
+    keys = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated",
+            "gender_accuracy", "uar_gap_female_minus_male")
+    summary = {}
+    for mode in MODES:
+        summary[mode] = {}
+        for k in keys:
+            vals = [r[mode][k] for r in results if k in r[mode]]
+            if vals:
+                summary[mode][k] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4),
+                                    "folds": vals}
+    return summary

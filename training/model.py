@@ -1,0 +1,198 @@
+"""The emotion network: log-mel front end, a small separable CNN, attentive
+statistics pooling over time, and multitask heads.
+
+Heads: 8 emotion logits (contract label order), arousal/valence/dominance
+(tanh, [-1, 1]), gender (2 logits), intensity (2 logits: normal, strong).
+The tasks are weighted by learned homoscedastic uncertainty (Kendall, Gal and
+Cipolla, CVPR 2018): see :class:`MultitaskLoss`.
+
+Depthwise-separable convolutions keep a 3 s window near 70 M multiply-adds,
+so one CPU thread scores it in a few milliseconds and the 2-core training
+machine gets through an epoch in reasonable time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from serstream.contract import LABELS
+
+from .frontend import FrontendConfig, LogMelFrontend
+
+__all__ = ["ModelConfig", "EmotionNet", "MultitaskLoss", "count_parameters"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    stem_channels: int = 32
+    channels: tuple[int, ...] = (64, 128, 128, 256)
+    # Frequency/time pooling after each separable block (stem pools 2x2 itself).
+    pools: tuple[tuple[int, int], ...] = ((2, 2), (1, 1), (2, 2), (2, 1))
+    embed_dim: int = 256
+    attention_dim: int = 128
+    dropout: float = 0.3
+    n_labels: int = len(LABELS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["frontend"] = FrontendConfig(**d["frontend"])
+        d["channels"] = tuple(d["channels"])
+        d["pools"] = tuple(tuple(p) for p in d["pools"])
+        return cls(**d)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class SeparableBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, pool: tuple[int, int]) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False)
+        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(pool, ceil_mode=True) if pool != (1, 1) else nn.Identity()
+        self.skip = c_in == c_out and pool == (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm(self.pointwise(self.depthwise(x))))
+        if self.skip:
+            y = y + x
+        return self.pool(y)
+
+
+class AttentiveStatsPool(nn.Module):
+    """Attention-weighted mean and standard deviation over valid frames."""
+
+    def __init__(self, dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Conv1d(dim, attention_dim, 1), nn.Tanh(), nn.Conv1d(attention_dim, 1, 1))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # h [B, D, T], mask [B, T] of 0/1
+        scores = self.score(h).squeeze(1)
+        scores = scores.masked_fill(mask < 0.5, -1e4)
+        weights = torch.softmax(scores, dim=1).unsqueeze(1)
+        mean = (h * weights).sum(dim=2)
+        var = (h * h * weights).sum(dim=2) - mean * mean
+        std = torch.sqrt(torch.clamp(var, min=1e-5))
+        return torch.cat([mean, std], dim=1)
+
+
+class EmotionNet(nn.Module):
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.frontend = LogMelFrontend(config.frontend)
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, config.stem_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(config.stem_channels),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, ceil_mode=True),
+        )
+        blocks = []
+        c_in = config.stem_channels
+        for c_out, pool in zip(config.channels, config.pools):
+            blocks.append(SeparableBlock(c_in, c_out, pool))
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        freq = config.frontend.n_mels
+        self.time_stride = 2
+        freq = -(-freq // 2)
+        for pool in config.pools:
+            freq = -(-freq // pool[0])
+            self.time_stride *= pool[1]
+        self.project = nn.Sequential(
+            nn.Conv1d(c_in * freq, config.embed_dim, 1, bias=False),
+            nn.BatchNorm1d(config.embed_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = AttentiveStatsPool(config.embed_dim, config.attention_dim)
+        pooled = 2 * config.embed_dim
+        self.dropout = nn.Dropout(config.dropout)
+        self.emotion_head = nn.Linear(pooled, config.n_labels)
+        self.avd_head = nn.Linear(pooled, 3)
+        self.gender_head = nn.Linear(pooled, 2)
+        self.intensity_head = nn.Linear(pooled, 2)
+
+    def encode(
+        self,
+        normed: torch.Tensor,
+        mask: torch.Tensor,
+        feature_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Normalised log-mel [B, M, T] + mask [B, T] -> pooled embedding [B, 2D]."""
+        if feature_augment is not None:
+            normed = feature_augment(normed, mask)
+        x = self.stem(normed.unsqueeze(1))
+        x = self.blocks(x)
+        b, c, f, t = x.shape
+        h = self.project(x.reshape(b, c * f, t))
+        # Frame mask at the pooled time resolution: a pooled frame is valid when
+        # the first input frame it covers is valid (ceil-mode pooling).
+        pooled_mask = mask[:, :: self.time_stride][:, :t]
+        if pooled_mask.shape[1] < t:
+            pooled_mask = nn.functional.pad(pooled_mask, (0, t - pooled_mask.shape[1]))
+        return self.pool(h, pooled_mask)
+
+    def heads(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.dropout(embedding)
+        return {
+            "emotion_logits": self.emotion_head(z),
+            "avd": torch.tanh(self.avd_head(z)),
+            "gender_logits": self.gender_head(z),
+            "intensity_logits": self.intensity_head(z),
+        }
+
+    def forward(
+        self, audio: torch.Tensor, lengths: torch.Tensor, speaker_stats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exported signature: outputs in the contract's order plus the extras."""
+        normed, mask, own = self.frontend(audio, lengths, speaker_stats)
+        out = self.heads(self.encode(normed, mask))
+        return out["emotion_logits"], out["avd"], out["gender_logits"], out["intensity_logits"], own
+
+
+class MultitaskLoss(nn.Module):
+    """Uncertainty-weighted sum of task losses (Kendall et al. 2018).
+
+    total = sum_i exp(-s_i) * L_i + s_i, with one learned s_i = log sigma_i^2
+    per task. Emotion is the task we care about; the learned weights keep the
+    auxiliary heads (AVD regression, gender, intensity) from dominating it
+    without hand-tuned constants.
+    """
+
+    tasks = ("emotion", "avd", "gender", "intensity")
+
+    def __init__(self, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
+        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.ce_optional = nn.CrossEntropyLoss(ignore_index=-1)
+
+    def forward(self, out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        losses = {
+            "emotion": self.ce(out["emotion_logits"].float(), target["emotion"]),
+            "avd": nn.functional.mse_loss(out["avd"].float(), target["avd"]),
+            "gender": self._optional_ce(out["gender_logits"], target["gender"]),
+            "intensity": self._optional_ce(out["intensity_logits"], target["intensity"]),
+        }
+        total = out["emotion_logits"].new_zeros((), dtype=torch.float32)
+        for i, name in enumerate(self.tasks):
+            total = total + torch.exp(-self.log_vars[i]) * losses[name] + self.log_vars[i]
+        return total, {k: float(v.detach()) for k, v in losses.items()}
+
+    def _optional_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if bool((target >= 0).any()):
+            return self.ce_optional(logits.float(), target)
+        return logits.new_zeros((), dtype=torch.float32)

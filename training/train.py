@@ -1,0 +1,334 @@
+"""Training one model: speaker-grouped class-balanced batches, channel
+augmentation per speaker, simulated speaker history, multitask loss.
+
+Batches are built from a few speakers at a time, several utterances each.
+Every group gets one random channel (gain, telephone band, room, noise), as a
+live stream would, and each row's ``speaker_stats`` is the sum of the
+front-end statistics of a random subset of the *other* rows of its group
+(sometimes none: a cold start). So the model learns to use the same
+label-free speaker normalisation that the monitor feeds it online, under the
+same channel as the audio it scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from serstream.contract import LABELS
+
+from .cache import CachedCorpus
+from .model import EmotionNet, ModelConfig, MultitaskLoss
+
+__all__ = ["TrainConfig", "TrainResult", "train_model", "predict", "history_matrix"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 18
+    steps_per_epoch: int = 100
+    speakers_per_batch: int = 4
+    per_speaker: int = 8
+    crop_s: float = 2.5
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.06
+    patience: int = 6
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    bf16: bool = True
+    # Chance that a speaker group is drawn from a corpus other than RAVDESS
+    # (TESS has 2 speakers but twice RAVDESS's files; uncapped it dominates
+    # neutral and pushes quiet RAVDESS speech into "calm").
+    other_corpus_prob: float = 0.25
+    cold_start_prob: float = 0.2
+    augment: bool = True
+    spec_time_masks: int = 2
+    spec_freq_masks: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+
+@dataclass
+class TrainResult:
+    model: EmotionNet
+    history: list[dict]
+    best_epoch: int
+    best_val_uar: float
+
+
+def history_matrix(groups: np.ndarray, rng: np.random.Generator, cold_start_prob: float) -> np.ndarray:
+    """[B, B] 0/1 matrix: row i sums a random subset of the other rows of i's group."""
+    b = len(groups)
+    m = np.zeros((b, b), dtype=np.float32)
+    for i in range(b):
+        others = np.flatnonzero((groups == groups[i]) & (np.arange(b) != i))
+        if len(others) == 0 or rng.random() < cold_start_prob:
+            continue
+        k = rng.integers(1, len(others) + 1)
+        m[i, rng.choice(others, size=k, replace=False)] = 1.0
+    return m
+
+
+class BatchSampler:
+    """Speaker groups of class-balanced utterances, RAVDESS and other corpora mixed at a set rate."""
+
+    def __init__(self, corpus: CachedCorpus, train_idx: np.ndarray, config: TrainConfig, rng: np.random.Generator) -> None:
+        self.corpus, self.config, self.rng = corpus, config, rng
+        self.by_speaker: dict[str, dict[int, np.ndarray]] = {}
+        for spk in np.unique(corpus.speaker[train_idx]):
+            rows = train_idx[corpus.speaker[train_idx] == spk]
+            self.by_speaker[str(spk)] = {int(c): rows[corpus.label[rows] == c] for c in np.unique(corpus.label[rows])}
+        corpus_of = {s: str(corpus.corpus[next(iter(v.values()))[0]]) for s, v in self.by_speaker.items()}
+        self.main = [s for s, c in corpus_of.items() if c == "ravdess"]
+        self.other = [s for s, c in corpus_of.items() if c != "ravdess"]
+        if not self.main:  # a corpus without RAVDESS: all speakers are "main"
+            self.main, self.other = self.other, []
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """Utterance indices [B] and group ids [B]."""
+        c = self.config
+        idx, groups = [], []
+        for g in range(c.speakers_per_batch):
+            pool = self.other if (self.other and self.rng.random() < c.other_corpus_prob) else self.main
+            classes = self.by_speaker[pool[self.rng.integers(len(pool))]]
+            keys = list(classes)
+            for _ in range(c.per_speaker):
+                rows = classes[keys[self.rng.integers(len(keys))]]
+                idx.append(int(rows[self.rng.integers(len(rows))]))
+                groups.append(g)
+        return np.asarray(idx), np.asarray(groups)
+
+
+def crop_batch(corpus: CachedCorpus, idx: np.ndarray, crop: int | None, rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded float audio [B, N] and lengths [B]; random crops when ``crop`` is set."""
+    clips = []
+    for i in idx:
+        a = corpus.clip(int(i))
+        if crop is not None and len(a) > crop:
+            start = int(rng.integers(0, len(a) - crop + 1)) if rng is not None else (len(a) - crop) // 2
+            a = a[start : start + crop]
+        clips.append(a)
+    n = max(len(a) for a in clips)
+    audio = np.zeros((len(clips), n), dtype=np.float32)
+    for r, a in enumerate(clips):
+        audio[r, : len(a)] = a
+    return torch.from_numpy(audio), torch.tensor([len(a) for a in clips], dtype=torch.int64)
+
+
+def _targets(corpus: CachedCorpus, idx: np.ndarray, avd_table: np.ndarray) -> dict[str, torch.Tensor]:
+    label = corpus.label[idx]
+    intensity = corpus.intensity[idx]
+    # avd_table[label, intensity_slot]: slot 0 normal, 1 strong, 2 unknown
+    slot = np.where(intensity < 0, 2, intensity)
+    return {
+        "emotion": torch.from_numpy(label),
+        "avd": torch.from_numpy(avd_table[label, slot].astype(np.float32)),
+        "gender": torch.from_numpy(corpus.gender[idx]),
+        "intensity": torch.from_numpy(intensity),
+    }
+
+
+def avd_lookup() -> np.ndarray:
+    """[n_labels, 3 intensity slots, 3] table of derived arousal/valence/dominance targets."""
+    from .targets import avd_target
+
+    table = np.zeros((len(LABELS), 3, 3), dtype=np.float32)
+    for li, label in enumerate(LABELS):
+        for si, intensity in enumerate(("normal", "strong", None)):
+            table[li, si] = avd_target(label, intensity)
+    return table
+
+
+@torch.no_grad()
+def predict(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, mode: str = "online", order_seed: int = 0, batch: int = 32) -> dict[str, np.ndarray]:
+    """Score utterances ``idx``; speaker statistics per ``mode``.
+
+    none: no history (per-utterance normalisation). online: each speaker's
+    utterances in a fixed shuffled order, each one normalised with the
+    statistics of the ones before it, as the monitor does live. full: every
+    other utterance of the speaker (transductive, still label-free).
+    """
+    model.eval()
+    front = model.frontend
+    n = len(idx)
+    own = torch.zeros(n, 2 * front.config.n_mels + 1)
+    order = np.argsort([corpus.offsets[i + 1] - corpus.offsets[i] for i in idx])  # similar lengths share a batch
+    for s in range(0, n, batch):
+        rows = order[s : s + batch]
+        audio, lengths = crop_batch(corpus, idx[rows], None, None)
+        logmel, mask = front.log_mel(audio, lengths)
+        own[rows] = front.own_stats(logmel, mask)
+    history = torch.zeros_like(own)
+    if mode != "none":
+        rng = np.random.default_rng(order_seed)
+        for spk in np.unique(corpus.speaker[idx]):
+            rows = np.flatnonzero(corpus.speaker[idx] == spk)
+            if mode == "online":
+                rows = rows[rng.permutation(len(rows))]
+                running = torch.zeros(own.shape[1])
+                for r in rows:
+                    history[r] = running
+                    running = running + own[r]
+            elif mode == "full":
+                total = own[rows].sum(dim=0)
+                history[rows] = total - own[rows]
+            else:
+                raise ValueError(f"unknown adaptation mode {mode!r}")
+    out = {k: [] for k in ("emotion_logits", "avd", "gender_logits")}
+    for s in range(0, n, batch):
+        rows = order[s : s + batch]
+        audio, lengths = crop_batch(corpus, idx[rows], None, None)
+        logits, avd, gender, _, _ = model(audio, lengths, history[rows])
+        for k, v in zip(out, (logits, avd, gender)):
+            out[k].append((rows, v.float().numpy()))
+    result = {}
+    for k, parts in out.items():
+        arr = np.zeros((n, parts[0][1].shape[1]), dtype=np.float32)
+        for rows, v in parts:
+            arr[rows] = v
+        result[k] = arr
+    result["label"] = corpus.label[idx]
+    result["gender"] = corpus.gender[idx]
+    result["intensity"] = corpus.intensity[idx]
+    result["speaker"] = corpus.speaker[idx]
+    return result
+
+
+def _uar(y: np.ndarray, pred: np.ndarray) -> float:
+    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
+    return float(np.mean(recalls))
+
+
+def _lr_at(step: int, total: int, config: TrainConfig) -> float:
+    warm = max(1, int(config.warmup_frac * total))
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_model(
+    corpus: CachedCorpus,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> TrainResult:
+    """Train on ``train_idx``; pick the epoch with the best validation UAR (online adaptation)."""
+    from .augment import WaveAugment, spec_augment
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(config.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = EmotionNet(config.model).to(device)
+    loss_fn = MultitaskLoss().to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sampler = BatchSampler(corpus, train_idx, config, rng)
+    augment = WaveAugment(seed=config.seed) if config.augment else None
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    avd_table = avd_lookup()
+    crop = int(config.crop_s * config.model.frontend.sample_rate)
+    total_steps = config.epochs * config.steps_per_epoch
+    history: list[dict] = []
+    best = {"uar": -1.0, "epoch": -1, "state": None}
+    start_epoch = 0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        rng.bit_generator.state = ckpt["rng"]
+        gen.set_state(ckpt["gen"])
+        if augment is not None and "augment" in ckpt:
+            augment.load_state(ckpt["augment"])
+        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    autocast = config.bf16 and device.type == "cpu"
+    try:
+        from tqdm import tqdm
+    except ImportError:  # no bar without tqdm
+        tqdm = None
+    stale = 0 if best["epoch"] < 0 else (start_epoch - 1 - best["epoch"])
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = range(config.steps_per_epoch)
+        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, file=sys.stderr) if (tqdm and progress) else steps
+        for step in bar:
+            global_step = epoch * config.steps_per_epoch + step
+            for group in optimiser.param_groups:
+                group["lr"] = _lr_at(global_step, total_steps, config)
+            idx, groups = sampler.sample()
+            audio, lengths = crop_batch(corpus, idx, crop, rng)
+            if augment is not None:
+                audio = augment(audio, lengths, torch.from_numpy(groups))
+            audio, lengths = audio.to(device), lengths.to(device)
+            with torch.no_grad():
+                logmel, mask = model.frontend.log_mel(audio, lengths)
+                own = model.frontend.own_stats(logmel, mask)
+                hist = torch.from_numpy(history_matrix(groups, rng, config.cold_start_prob)).to(device) @ own
+                normed = model.frontend.normalise(logmel, mask, hist + own)
+                if config.augment:
+                    normed = spec_augment(normed, mask, config.spec_time_masks, config.spec_freq_masks, generator=gen)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model.heads(model.encode(normed, mask))
+            targets = {k: v.to(device) for k, v in _targets(corpus, idx, avd_table).items()}
+            loss, parts = loss_fn(out, targets)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 5.0)
+            optimiser.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        record = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1)}
+        record.update({f"loss_{k}": round(v / config.steps_per_epoch, 4) for k, v in sums.items()})
+        if val_idx is not None and len(val_idx):
+            pred = predict(model, corpus, val_idx, mode="online", order_seed=config.seed)
+            record["val_uar"] = round(_uar(pred["label"], pred["emotion_logits"].argmax(1)), 4)
+            if record["val_uar"] > best["uar"]:
+                best = {"uar": record["val_uar"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                stale = 0
+            else:
+                stale += 1
+        history.append(record)
+        log(" ".join(f"{k}={v}" for k, v in record.items()))
+        ckpt = {
+            "model": model.state_dict(), "loss": loss_fn.state_dict(), "optimiser": optimiser.state_dict(),
+            "rng": rng.bit_generator.state, "gen": gen.get_state(), "history": history, "best": best,
+            "epoch": epoch, "config": config.to_dict(),
+        }
+        if augment is not None:
+            ckpt["augment"] = augment.state()
+        torch.save(ckpt, ckpt_path)
+        if val_idx is not None and stale >= config.patience:
+            log(f"early stop: validation UAR has not improved for {stale} epochs")
+            break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return TrainResult(model=model, history=history, best_epoch=int(best["epoch"]), best_val_uar=float(best["uar"]))
