@@ -71,8 +71,6 @@ def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, pr
     """Train and evaluate one fold; writes ``fold-K.json`` and confusion PNGs in ``out_dir``."""
     import torch
 
-    from . import metrics as M
-
     fold_dir = Path(out_dir) / f"fold-{split.index}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     train_idx = corpus.indices(split.train_speakers)
@@ -86,18 +84,23 @@ def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, pr
 
     log(f"train {len(train_idx)} utterances, val {len(val_idx)}, test {len(test_idx)}")
     result = train_model(corpus, train_idx, val_idx, config, fold_dir, progress=progress, log=log)
+    torch.save(result.model.state_dict(), fold_dir / "model.pt")
     val_pred = predict(result.model, corpus, val_idx, mode="online", order_seed=config.seed)
+    preds = {mode: predict(result.model, corpus, test_idx, mode=mode, order_seed=config.seed) for mode in MODES}
+    # Predictions first, figures second: a metrics change can be re-scored without retraining.
+    np.savez(fold_dir / "predictions.npz", **{f"val.{k}": v for k, v in val_pred.items()},
+             **{f"{m}.{k}": v for m, p in preds.items() for k, v in p.items()})
+    from . import metrics as M  # imported late: a metrics bug must not cost a training run
+
     temperature = M.fit_temperature(val_pred["emotion_logits"], val_pred["label"])
     figures = {"fold": split.index, "test_speakers": list(split.test_speakers), "val_speakers": list(split.val_speakers),
                "best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar, "temperature": round(float(temperature), 4),
                "history": result.history}
     for mode in MODES:
-        pred = predict(result.model, corpus, test_idx, mode=mode, order_seed=config.seed)
-        figures[mode] = fold_metrics(pred, temperature)
+        figures[mode] = fold_metrics(preds[mode], temperature)
         if mode == "online":
             cm = np.asarray(figures[mode]["confusion"])
             M.plot_confusion(cm, list(LABELS), fold_dir / "confusion-online.png", f"fold {split.index} (online adaptation)")
-    torch.save(result.model.state_dict(), fold_dir / "model.pt")
     (Path(out_dir) / f"fold-{split.index}.json").write_text(json.dumps(figures, indent=1))
     log(f"test UAR none={figures['none']['uar']} online={figures['online']['uar']} full={figures['full']['uar']}")
     return figures

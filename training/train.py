@@ -27,6 +27,7 @@ from torch import nn
 from serstream.contract import LABELS
 
 from .cache import CachedCorpus
+from .channel import GroupChannelAugment, spec_mask
 from .model import EmotionNet, ModelConfig, MultitaskLoss
 
 __all__ = ["TrainConfig", "TrainResult", "train_model", "predict", "history_matrix"]
@@ -234,8 +235,6 @@ def train_model(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> TrainResult:
     """Train on ``train_idx``; pick the epoch with the best validation UAR (online adaptation)."""
-    from .augment import WaveAugment, spec_augment
-
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -247,7 +246,9 @@ def train_model(
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sampler = BatchSampler(corpus, train_idx, config, rng)
-    augment = WaveAugment(seed=config.seed) if config.augment else None
+    augment = None
+    if config.augment:
+        augment = GroupChannelAugment(seed=config.seed)
     gen = torch.Generator().manual_seed(config.seed + 1)
     avd_table = avd_lookup()
     crop = int(config.crop_s * config.model.frontend.sample_rate)
@@ -294,7 +295,7 @@ def train_model(
                 hist = torch.from_numpy(history_matrix(groups, rng, config.cold_start_prob)).to(device) @ own
                 normed = model.frontend.normalise(logmel, mask, hist + own)
                 if config.augment:
-                    normed = spec_augment(normed, mask, config.spec_time_masks, config.spec_freq_masks, generator=gen)
+                    normed = spec_mask(normed, mask, config.spec_time_masks, config.spec_freq_masks, gen)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model.heads(model.encode(normed, mask))
             targets = {k: v.to(device) for k, v in _targets(corpus, idx, avd_table).items()}

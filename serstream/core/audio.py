@@ -70,9 +70,14 @@ def pcm16_to_float(pcm: bytes | bytearray | memoryview | np.ndarray) -> np.ndarr
 
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:
     """Float samples in [-1, 1] to int16 (clipped; NaN becomes 0)."""
-    data = np.nan_to_num(np.asarray(samples, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    scaled = np.clip(data * np.float32(_PCM16_SCALE), -_PCM16_SCALE, _PCM16_MAX)
-    return np.rint(scaled).astype(np.int16)
+    # In-place ufuncs on one scratch array: this runs on every VAD frame of every stream.
+    scaled = np.multiply(np.asarray(samples, dtype=np.float32), np.float32(_PCM16_SCALE))
+    np.clip(scaled, -_PCM16_SCALE, _PCM16_MAX, out=scaled)  # also maps ±inf to full scale
+    np.rint(scaled, out=scaled)
+    nan = np.isnan(scaled)
+    if nan.any():
+        scaled[nan] = 0.0
+    return scaled.astype(np.int16)
 
 
 def pcm_u8_to_float(pcm: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:

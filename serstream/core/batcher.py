@@ -55,9 +55,9 @@ class Batch:
     """
 
     requests: list[Request]
-    audio: np.ndarray = field(repr=False)
-    lengths: np.ndarray
-    closed: float
+    audio: np.ndarray = field(repr=False, compare=False)
+    lengths: np.ndarray = field(compare=False)
+    closed: float = 0.0
     reason: str = ""
 
     @property

@@ -102,6 +102,11 @@ class WindowScheduler:
         return self._open
 
     @property
+    def buffer_samples(self) -> int:
+        """Size of the preallocated audio buffer (fixed for the scheduler's life)."""
+        return int(self._buffer.size)
+
+    @property
     def utterances(self) -> int:
         """Utterances started so far."""
         return self._utterance + 1

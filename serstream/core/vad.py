@@ -63,7 +63,11 @@ REASON_GAP = "gap"
 
 @dataclass(frozen=True)
 class VadConfig:
-    """Segmenter settings; times in milliseconds. ``validate`` runs on construction."""
+    """Segmenter settings; times in milliseconds. ``validate`` runs on construction.
+
+    Times are rounded up to whole frames (``hangover_ms=400`` with 30 ms frames
+    waits 14 frames); a hangover of 0 still ends on the first unvoiced frame.
+    """
 
     sample_rate: int = 16000
     frame_ms: int = 30

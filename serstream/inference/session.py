@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ __all__ = [
     "cuda_usable",
     "softmax",
 ]
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -110,22 +113,38 @@ def pad_batch(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cuda_usable() -> bool:
-    """True when ONNX Runtime lists CUDA and the CUDA driver loads with at least one device."""
+    """True when ONNX Runtime could really run on CUDA here.
+
+    All three must hold: ONNX Runtime lists the CUDA provider; the CUDA
+    driver (``libcuda.so.1``) loads and reports at least one device; and the
+    provider's own library loads, which needs the CUDA runtime, cuBLAS and
+    cuDNN versions it was built for. Checking these with ``ctypes`` first is
+    what keeps ONNX Runtime from logging errors on machines without them.
+    """
     if _CUDA_PROVIDER not in ort.get_available_providers():
         return False
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    try:
         if libcuda.cuInit(0) != 0:
             return False
         count = ctypes.c_int(0)
-        if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= 0:
             return False
-        return count.value > 0
-    except AttributeError:  # not a real driver library
+    except (OSError, AttributeError):  # no driver, or not a real driver library
         return False
+    capi = Path(ort.__file__).parent / "capi"
+    provider = capi / "libonnxruntime_providers_cuda.so"
+    shared = capi / "libonnxruntime_providers_shared.so"
+    if not provider.is_file():
+        return False
+    try:
+        if shared.is_file():
+            # The provider resolves symbols from the shared bridge, as when ORT loads it.
+            ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(provider))
+    except OSError:  # e.g. libcublasLt.so.N or libcudnn.so.N missing
+        return False
+    return True
 
 
 class EmotionModel:
@@ -191,6 +210,8 @@ class EmotionModel:
         if want_cuda:
             providers = [_CUDA_PROVIDER, _CPU_PROVIDER]
 
+        # Provider set-up logs through the default logger, not the session's.
+        ort.set_default_logger_severity(_ORT_LOG_SEVERITY)
         options = ort.SessionOptions()
         options.log_severity_level = _ORT_LOG_SEVERITY
         options.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
@@ -211,6 +232,8 @@ class EmotionModel:
         _validate(model_path, session, info)
 
         model = cls(model_path, session, info)
+        if want_cuda and model.device != "cuda" and device == "auto":
+            log.warning("%s: CUDA looked usable but the session runs on CPU", model_path)
         if device == "cuda" and model.device != "cuda":
             raise DeviceError(
                 f"{model_path}: device 'cuda' requested but the session fell back to "

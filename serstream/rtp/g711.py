@@ -79,7 +79,8 @@ def decode_alaw(data: bytes | bytearray | memoryview) -> npt.NDArray[np.float32]
 
 def _to_linear(samples: npt.ArrayLike) -> npt.NDArray[np.int32]:
     """Float samples -> signed 16-bit linear values (as int32, for the bit work)."""
-    x = np.nan_to_num(np.asarray(samples, dtype=np.float64).ravel(), nan=0.0)
+    x = np.nan_to_num(np.asarray(samples, dtype=np.float64).ravel(), nan=0.0, posinf=1.0, neginf=-1.0)
+    x = np.clip(x, -1.0, 1.0)
     return np.clip(np.rint(x * _FULL_SCALE), -_FULL_SCALE, _FULL_SCALE - 1).astype(np.int32)
 
 

@@ -13,9 +13,10 @@ preceded by silence as long as the pause; silence is capped at
 
 Sequence numbers are extended past their 16-bit wrap (and timestamps compared
 modulo 2**32), so a long call crosses the wrap without a hiccup. A jump of
-more than ``max_gap`` is either a sender restart or a stray packet; as in
-RFC 3550 Appendix A.1 the buffer only resyncs (counted in ``resets``) when the
-next packet continues the jump, and otherwise drops the stray (``stray``).
+more than ``max_gap`` ahead or ``max_misorder`` back is either a sender
+restart or a stray packet; as in RFC 3550 Appendix A.1 the buffer only resyncs
+(counted in ``resets``) when the next packet continues the jump, and otherwise
+drops the packet (counted in ``late`` if it was behind, ``stray`` if ahead).
 
 Every packet pushed is accounted for exactly once::
 
@@ -45,7 +46,8 @@ class JitterConfig:
 
     depth_packets: int = 4  # packets held behind a gap before the gap is declared lost
     max_delay_s: float | None = 0.1  # longest a held packet waits for a gap (None: no limit)
-    max_gap: int = 1000  # a sequence jump larger than this is a restart candidate
+    max_gap: int = 1000  # a jump further ahead than this is a restart candidate
+    max_misorder: int = 100  # a jump further back than this is a restart candidate
     max_silence_s: float = 2.0  # cap on the silence inserted for one gap
 
     def __post_init__(self) -> None:
@@ -55,6 +57,10 @@ class JitterConfig:
             raise ValueError(f"max_delay_s must be >= 0 or None, got {self.max_delay_s}")
         if not 0 < self.max_gap < _SEQ_MOD // 2:
             raise ValueError(f"max_gap must be in 1-{_SEQ_MOD // 2 - 1}, got {self.max_gap}")
+        if not 0 < self.max_misorder < _SEQ_MOD // 2:
+            raise ValueError(
+                f"max_misorder must be in 1-{_SEQ_MOD // 2 - 1}, got {self.max_misorder}"
+            )
         if self.max_silence_s < 0:
             raise ValueError(f"max_silence_s must be >= 0, got {self.max_silence_s}")
 
@@ -67,8 +73,8 @@ class JitterStats:
     emitted: int = 0  # packets that left as audio frames
     lost: int = 0  # packets never received, replaced by silence
     duplicates: int = 0  # packets already emitted or already held, dropped
-    late: int = 0  # packets whose slot had already been declared lost, dropped
-    stray: int = 0  # far jumps not confirmed by the next packet, dropped
+    late: int = 0  # packets whose slot was declared lost, or too far behind, dropped
+    stray: int = 0  # jumps far ahead not confirmed by the next packet, dropped
     resets: int = 0  # resyncs after a confirmed sequence jump (sender restart)
 
     def as_dict(self) -> dict[str, int]:
@@ -134,14 +140,12 @@ class JitterBuffer:
         frames: list[Frame] = []
         if not self._started:
             self._restart(packet.sequence)
-        delta = ((packet.sequence - self._next + (_SEQ_MOD >> 1)) % _SEQ_MOD) - (_SEQ_MOD >> 1)
-        if abs(delta) > self.config.max_gap:
+        delta = self._delta(packet.sequence)
+        if delta > self.config.max_gap or delta < -self.config.max_misorder:
             self._far_jump(packet, now, frames)
             return frames
-        if self._candidate is not None:
-            # The stream carried on where it was: the far packet was a stray.
-            self._candidate = None
-            self.stats.stray += 1
+        # The stream carried on where it was: a far packet was not a restart.
+        self._drop_candidate()
         extended = self._next + delta
         if extended < self._next:
             if extended < self._run_start or self._declared_lost(extended):
@@ -169,9 +173,7 @@ class JitterBuffer:
         frames: list[Frame] = []
         while self._held:
             self._release_earliest(frames)
-        if self._candidate is not None:
-            self._candidate = None
-            self.stats.stray += 1
+        self._drop_candidate()
         return frames
 
     # -- internals -----------------------------------------------------------
@@ -183,6 +185,19 @@ class JitterBuffer:
         self._lost_ranges.clear()
         self._prev_end = None
         self._prev_duration = 0
+
+    def _delta(self, sequence: int) -> int:
+        """Signed distance of a 16-bit sequence number from the one expected next."""
+        return ((sequence - self._next + (_SEQ_MOD >> 1)) % _SEQ_MOD) - (_SEQ_MOD >> 1)
+
+    def _drop_candidate(self) -> None:
+        if self._candidate is None:
+            return
+        if self._delta(self._candidate.sequence) < 0:
+            self.stats.late += 1
+        else:
+            self.stats.stray += 1
+        self._candidate = None
 
     def _far_jump(self, packet: RtpPacket, now: float, frames: list[Frame]) -> None:
         candidate = self._candidate
@@ -197,8 +212,7 @@ class JitterBuffer:
             self._held[self._next + 1] = (packet, now)
             self._drain(frames)
             return
-        if candidate is not None:
-            self.stats.stray += 1
+        self._drop_candidate()
         self._candidate = packet
 
     def _declared_lost(self, extended: int) -> bool:

@@ -197,7 +197,11 @@ def build_rtp(
         raise ValueError(f"{len(csrcs)} CSRCs, at most 15 fit")
     if not 0 <= padding <= 0xFF:
         raise ValueError(f"padding {padding} is outside 0-255")
-    first = (RTP_VERSION << 6) | (0x20 if padding else 0) | (0x10 if extension is not None else 0) | len(csrcs)
+    first = RTP_VERSION << 6 | len(csrcs)
+    if padding:
+        first |= 0x20
+    if extension is not None:
+        first |= 0x10
     second = (0x80 if marker else 0) | payload_type
     parts = [_FIXED_HEADER.pack(first, second, sequence, timestamp, ssrc)]
     if csrcs:

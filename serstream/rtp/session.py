@@ -173,7 +173,9 @@ class RtpDemux:
                 totals[key] += value
         return totals
 
-    def receive(self, data: bytes | bytearray | memoryview, addr: tuple[Any, ...], now: float) -> list[DemuxEvent]:
+    def receive(
+        self, data: bytes | bytearray | memoryview, addr: tuple[Any, ...], now: float
+    ) -> list[DemuxEvent]:
         """Take one datagram from ``addr`` that arrived at ``now``; never raises on bad data."""
         self.received += 1
         events: list[DemuxEvent] = []

@@ -1,0 +1,375 @@
+"""Offline analysis of audio files: as fast as the machine allows, JSON lines out.
+
+No threads and no clocks in the loop: the pure pieces of the monitor
+(resampler, VAD segmenter, window scheduler, smoother, speaker state) are
+called directly and the windows go through :meth:`EmotionModel.infer` in
+batches. Each *stream* is an ordered list of files: files of one stream are
+analysed in order, so the smoother and the speaker state (the model's state
+inputs) carry from one file to the next, the way the monitor would hear one
+speaker over several recordings. Different streams are independent, so their
+windows share batches.
+
+A model with state inputs reads the state at inference time and the state
+grows after each final estimate; so one stream contributes one *group* per
+batch: the partial windows of an utterance and its final (which all see the
+same state). Streams are interleaved to fill the batch.
+
+Output per stream: one ``emotion`` event per final (and per partial with
+``partials=True``), with ``t0``/``t1`` in seconds from the start of its file
+and an extra ``file`` field; one ``file`` summary per file (the
+segment-duration-weighted mean of its finals' probabilities and
+arousal/valence/dominance). A file with no speech gets ``label: null``,
+``probs: null`` and ``segments: 0``. A file that cannot be read gets an
+``error`` event and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+
+from serstream import events
+from serstream.contract import SAMPLE_RATE, ModelInfo
+from serstream.core.adaptation import SpeakerState
+from serstream.core.audio import sanitize, to_mono
+from serstream.core.resample import StreamResampler
+from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
+from serstream.core.smoother import MoodSmoother, SmootherConfig
+from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadSegmenter
+from serstream.inference.worker import InferenceBackend
+
+__all__ = [
+    "AnalyzeConfig",
+    "AnalyzeError",
+    "StreamSpec",
+    "AnalyzeSummary",
+    "streams_from_args",
+    "read_stream_csv",
+    "analyze",
+]
+
+#: Seconds of audio read from a file at a time (bounded memory for long files).
+_READ_BLOCK_S = 2.0
+
+
+class AnalyzeError(ValueError):
+    """A bad argument to the analysis (unreadable CSV, missing columns); one line."""
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """What to analyse and how. ``scheduler=None``: window sizes from the model's metadata."""
+
+    vad: VadConfig = field(default_factory=VadConfig)
+    scheduler: SchedulerConfig | None = None
+    hop_s: float = 0.5
+    smoother: SmootherConfig = field(default_factory=SmootherConfig)
+    partials: bool = False
+    max_batch: int = 32
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream: its id and its files, analysed in this order."""
+
+    stream: str
+    files: tuple[Path, ...]
+
+
+@dataclass
+class AnalyzeSummary:
+    """Totals of a run."""
+
+    files: int = 0
+    failed: list[str] = field(default_factory=list)
+    segments: int = 0
+    windows: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+
+def streams_from_args(files: Sequence[str | Path], csv_path: str | Path | None = None) -> list[StreamSpec]:
+    """Each FILE argument is its own stream; the CSV's rows group files into streams."""
+    specs: list[StreamSpec] = []
+    seen: set[str] = set()
+    if csv_path is not None:
+        for spec in read_stream_csv(csv_path):
+            specs.append(spec)
+            seen.add(spec.stream)
+    for name in files:
+        stream = str(name)
+        while stream in seen:
+            stream += "'"
+        seen.add(stream)
+        specs.append(StreamSpec(stream, (Path(name),)))
+    return specs
+
+
+def read_stream_csv(path: str | Path) -> list[StreamSpec]:
+    """Read ``file,stream`` rows (a header naming both columns); relative paths are from the CSV's folder."""
+    csv_file = Path(path)
+    try:
+        text = csv_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnalyzeError(f"cannot read CSV {csv_file}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    reader = csv.DictReader(text.splitlines())
+    fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+    if "file" not in fields or "stream" not in fields:
+        raise AnalyzeError(f"CSV {csv_file} needs a header with the columns 'file' and 'stream'")
+    order: list[str] = []
+    files: dict[str, list[Path]] = {}
+    for line, row in enumerate(reader, start=2):
+        norm = {str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+        name, stream = norm.get("file", ""), norm.get("stream", "")
+        if not name or not stream:
+            raise AnalyzeError(f"CSV {csv_file} line {line}: empty 'file' or 'stream'")
+        file_path = Path(name)
+        if not file_path.is_absolute():
+            file_path = csv_file.parent / file_path
+        if stream not in files:
+            files[stream] = []
+            order.append(stream)
+        files[stream].append(file_path)
+    if not order:
+        raise AnalyzeError(f"CSV {csv_file} lists no files")
+    return [StreamSpec(s, tuple(files[s])) for s in order]
+
+
+@dataclass
+class _Group:
+    """Windows of one stream that see the same state: an utterance's partials and its final."""
+
+    job: "_StreamJob"
+    file: Path
+    windows: list[Window]
+    #: Segment duration (s) of the final, for the file summary's weights.
+    final_duration: float = 0.0
+
+
+@dataclass
+class _FileDone:
+    file: Path
+    duration_s: float
+
+
+@dataclass
+class _FileFailed:
+    file: Path
+    message: str
+
+
+class _StreamJob:
+    """Reads one stream's files in order and yields groups, file ends and failures."""
+
+    def __init__(self, spec: StreamSpec, info: ModelInfo, config: AnalyzeConfig, scheduler: SchedulerConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.scheduler_config = scheduler
+        self.smoother = MoodSmoother(info.labels, config.smoother)
+        self.states = {s.name: SpeakerState(s) for s in info.state_inputs}
+        self.seq = 0
+        self.utterances = 0  # utterances of earlier files, so numbering continues in the stream
+        self.time_offset = 0.0  # stream time of the current file's start (for the smoother)
+        # Per-file summary accumulators.
+        self.weights: list[float] = []
+        self.probs: list[np.ndarray] = []
+        self.avds: list[np.ndarray] = []
+        self._items = self._run()
+
+    def next_item(self) -> _Group | _FileDone | _FileFailed | None:
+        return next(self._items, None)
+
+    def _run(self) -> Iterator[_Group | _FileDone | _FileFailed]:
+        for path in self.spec.files:
+            self.weights, self.probs, self.avds = [], [], []
+            try:
+                handle = sf.SoundFile(str(path))
+            except Exception as exc:  # noqa: BLE001 - libsndfile raises several types; all mean unreadable
+                yield _FileFailed(path, f"cannot read audio file {path}: {_reason(exc)}")
+                continue
+            try:
+                yield from self._file(path, handle)
+            except Exception as exc:  # noqa: BLE001 - a file corrupt past its header
+                yield _FileFailed(path, f"cannot read audio file {path}: {_reason(exc)}")
+            finally:
+                handle.close()
+
+    def _file(self, path: Path, handle: sf.SoundFile) -> Iterator[_Group | _FileDone]:
+        rate = int(handle.samplerate)
+        resampler = StreamResampler(rate, SAMPLE_RATE)
+        vad = VadSegmenter(self.config.vad)
+        scheduler = WindowScheduler(self.scheduler_config)
+        block = max(1, int(_READ_BLOCK_S * rate))
+        pending: list[Window] = []
+        segment_start = 0
+        samples16 = 0
+
+        def feed(audio16: np.ndarray, speech: list[Any]) -> Iterator[_Group]:
+            nonlocal segment_start
+            for ev in speech:
+                if isinstance(ev, SpeechStart):
+                    segment_start = ev.index
+                duration = (ev.index - segment_start) / SAMPLE_RATE if isinstance(ev, SpeechEnd) else 0.0
+                for window in scheduler.feed(ev):
+                    if window.final:
+                        pending.append(window)
+                        yield _Group(self, path, list(pending), final_duration=duration)
+                        pending.clear()
+                    elif self.config.partials:
+                        pending.append(window)
+
+        while True:
+            data = handle.read(block, dtype="float32", always_2d=True)
+            if data.shape[0] == 0:
+                break
+            clean, _ = sanitize(to_mono(data))
+            audio16 = resampler.process(clean)
+            samples16 += audio16.size
+            if audio16.size:
+                yield from feed(audio16, vad.push(audio16))
+        tail = resampler.flush()
+        samples16 += tail.size
+        if tail.size:
+            yield from feed(tail, vad.push(tail))
+        yield from feed(np.zeros(0, np.float32), vad.flush())
+        if pending:
+            # Partials of a segment too short for a final still go out when asked for.
+            yield _Group(self, path, list(pending))
+        duration = handle.frames / rate if handle.frames > 0 else samples16 / SAMPLE_RATE
+        yield _FileDone(path, duration)
+        self.utterances += scheduler.utterances
+        self.time_offset += max(duration, samples16 / SAMPLE_RATE)
+
+
+def analyze(
+    model: InferenceBackend,
+    streams: Sequence[StreamSpec],
+    emit: Callable[[dict[str, Any]], None],
+    config: AnalyzeConfig | None = None,
+    on_file_done: Callable[[Path, str | None], None] | None = None,
+) -> AnalyzeSummary:
+    """Analyse every stream; ``emit`` gets each event dict. ``on_file_done(path, error)`` for progress."""
+    cfg = config or AnalyzeConfig()
+    info = model.info
+    scheduler = cfg.scheduler or SchedulerConfig(
+        sample_rate=int(info.sample_rate),
+        window_s=float(info.window_s),
+        hop_s=cfg.hop_s,
+        min_window_s=min(float(info.min_window_s), float(info.window_s)),
+        max_window_s=max(float(info.max_window_s), float(info.window_s)),
+    )
+    summary = AnalyzeSummary()
+    started = time.perf_counter()
+    waiting = [_StreamJob(spec, info, cfg, scheduler) for spec in streams]
+    active: list[_StreamJob] = []
+    # Enough streams in flight to fill a batch with one group each.
+    width = max(1, cfg.max_batch)
+    while waiting or active:
+        while waiting and len(active) < width:
+            active.append(waiting.pop(0))
+        groups: list[_Group] = []
+        rows = 0
+        for job in list(active):
+            # A stream gives at most one group per batch: its next group depends on this one's state.
+            while True:
+                item = job.next_item()
+                if item is None:
+                    active.remove(job)
+                    break
+                if isinstance(item, _FileFailed):
+                    summary.files += 1
+                    summary.failed.append(str(item.file))
+                    emit(events.error_event(job.spec.stream, code="decode_error", message=item.message,
+                                            count=1, ts=time.time()))
+                    if on_file_done:
+                        on_file_done(item.file, item.message)
+                    continue
+                if isinstance(item, _FileDone):
+                    summary.files += 1
+                    emit(_file_summary(job, item, info))
+                    if on_file_done:
+                        on_file_done(item.file, None)
+                    continue
+                groups.append(item)
+                rows += len(item.windows)
+                break
+            if rows >= cfg.max_batch:
+                break
+        if groups:
+            _run_groups(model, groups, info, emit, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _run_groups(
+    model: InferenceBackend,
+    groups: list[_Group],
+    info: ModelInfo,
+    emit: Callable[[dict[str, Any]], None],
+    summary: AnalyzeSummary,
+) -> None:
+    windows = [w for g in groups for w in g.windows]
+    owners = [g for g in groups for _ in g.windows]
+    lengths = np.array([w.audio.size for w in windows], np.int64)
+    audio = np.zeros((len(windows), int(lengths.max())), np.float32)
+    for row, window in enumerate(windows):
+        audio[row, : window.audio.size] = window.audio
+    state: dict[str, list[np.ndarray | None]] = {}
+    for spec in info.state_inputs:
+        state[spec.name] = [
+            None if g.job.states[spec.name].empty else g.job.states[spec.name].value() for g in owners
+        ]
+    output = model.infer(audio, lengths, state or None)
+    summary.batches += 1
+    summary.windows += len(windows)
+    for row, (window, group) in enumerate(zip(windows, owners)):
+        job = group.job
+        t1 = window.end / SAMPLE_RATE
+        mood = job.smoother.update(output.probs[row], output.avd[row], job.time_offset + t1, window.final)
+        if window.final:
+            summary.segments += 1
+            job.weights.append(max(group.final_duration, (window.end - window.start) / SAMPLE_RATE))
+            job.probs.append(np.asarray(output.probs[row], np.float64))
+            job.avds.append(np.asarray(output.avd[row], np.float64))
+            for name, speaker in job.states.items():
+                update = output.state_updates.get(name)
+                if update is not None:
+                    speaker.update(update[row])
+        event = events.emotion_event(
+            job.spec.stream, seq=job.seq, kind=window.kind, utterance=job.utterances + window.utterance,
+            t0=window.start / SAMPLE_RATE, t1=t1, labels=info.labels, probs=output.probs[row],
+            avd=output.avd[row], smoothed=mood, latency_ms=0.0, ts=time.time(),
+            gender=output.gender_probs[row], model=info.version,
+        )
+        event["file"] = str(group.file)
+        job.seq += 1
+        emit(event)
+
+
+def _file_summary(job: _StreamJob, done: _FileDone, info: ModelInfo) -> dict[str, Any]:
+    if not job.weights:
+        # No speech found: nothing to average. The schema's summary fields are null here.
+        return {
+            "type": "file", "v": events.SCHEMA_VERSION, "stream": job.spec.stream, "ts": round(time.time(), 4),
+            "file": str(done.file), "label": None, "probs": None, "arousal": None, "valence": None,
+            "dominance": None, "segments": 0, "duration_s": round(done.duration_s, 4),
+            "note": "no speech found",
+        }
+    weights = np.asarray(job.weights, np.float64)
+    weights = weights / weights.sum()
+    probs = (np.stack(job.probs) * weights[:, None]).sum(axis=0)
+    avd = (np.stack(job.avds) * weights[:, None]).sum(axis=0)
+    return events.file_event(
+        job.spec.stream, file=str(done.file), labels=info.labels, probs=probs, avd=avd,
+        segments=len(job.weights), duration_s=done.duration_s, ts=time.time(),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

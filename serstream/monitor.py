@@ -1,0 +1,874 @@
+"""The monitor: the streams registry and the threads that carry audio to emotion events.
+
+Threading model::
+
+    audio threads (PortAudio callback, file replay, network) --push--> per-stream AudioRing
+    one pipeline thread:  ring -> StreamResampler -> VadSegmenter -> WindowScheduler -> BatchFormer
+    one inference thread: InferenceWorker -> EmotionModel -> MoodSmoother/SpeakerState -> sink
+
+``StreamHandle.push`` (called on an audio thread) only converts the block to
+float32 mono, writes it into the stream's ring under a short lock and wakes
+the pipeline thread. The pipeline thread owns every pure state machine except
+the per-stream smoother and speaker state, which the inference thread owns
+(they are only touched with results). Batches are *pulled*: the pipeline hands
+the worker a batch only when the worker's queue is empty, so while the model
+is busy the batch former's supersede rule (a newer partial of a stream
+replaces its waiting one) is the back-pressure, and stale partials are never
+run.
+
+Every event goes through ``sink(event)``, called from the pipeline and the
+inference threads under one lock (events arrive in order). The server's sink
+is ``loop.call_soon_threadsafe(bus.publish, event)``; the CLI printer is
+another. A failing sink or a failing stream is counted and reported; it
+never stops the other streams.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from serstream import events
+from serstream.contract import SAMPLE_RATE, ModelInfo
+from serstream.core.adaptation import SpeakerState
+from serstream.core.audio import pcm16_to_float, sanitize, to_mono
+from serstream.core.batcher import Batch, BatchFormer, Request
+from serstream.core.resample import StreamResampler, validate_rate
+from serstream.core.ringbuffer import AudioRing
+from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
+from serstream.core.smoother import MoodSmoother, SmootherConfig
+from serstream.core.stats import Counters, LatencyTracker, RateMeter
+from serstream.core.vad import SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VadSegmenter
+from serstream.inference.session import InferenceOutput
+from serstream.inference.worker import InferenceBackend, InferenceWorker
+
+__all__ = [
+    "MonitorError",
+    "SourceError",
+    "MonitorConfig",
+    "Monitor",
+    "StreamHandle",
+    "scheduler_config_for",
+]
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+class MonitorError(RuntimeError):
+    """A request the monitor cannot serve (bad stream parameters, too many streams); one line."""
+
+
+class SourceError(MonitorError):
+    """An audio source cannot be opened or read (device, file, network); one line."""
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Monitor settings. ``scheduler=None`` takes the window sizes from the model's metadata."""
+
+    vad: VadConfig = field(default_factory=VadConfig)
+    scheduler: SchedulerConfig | None = None
+    #: Partial estimate every ``hop_s`` of speech (used when ``scheduler`` is None).
+    hop_s: float = 0.5
+    smoother: SmootherConfig = field(default_factory=SmootherConfig)
+    #: Seconds of native-rate audio each stream's ring holds before overwriting.
+    ring_seconds: float = 10.0
+    max_batch: int = 32
+    #: How long a final / a partial may wait for more rows before its batch closes.
+    final_wait_s: float = 0.002
+    partial_wait_s: float = 0.020
+    #: Windows waiting for a batch, all streams together (past it partials are dropped, counted).
+    max_pending: int = 4096
+    #: Batches queued at the worker besides the one running (more only adds latency).
+    worker_queue: int = 1
+    stats_interval_s: float = 5.0
+    max_streams: int = 1024
+    #: Seconds a closing stream waits for its last estimates before it is closed anyway.
+    close_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.ring_seconds <= 0:
+            raise ValueError(f"ring_seconds must be > 0, got {self.ring_seconds}")
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
+        if self.stats_interval_s <= 0:
+            raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
+        if self.worker_queue < 1:
+            raise ValueError(f"worker_queue must be >= 1, got {self.worker_queue}")
+        if self.vad.sample_rate != SAMPLE_RATE:
+            raise ValueError(f"the VAD runs at the model rate {SAMPLE_RATE} Hz, got {self.vad.sample_rate}")
+
+
+def scheduler_config_for(info: ModelInfo, hop_s: float = 0.5) -> SchedulerConfig:
+    """Window sizes from the model's metadata (window, min and max window)."""
+    window = float(info.window_s)
+    return SchedulerConfig(
+        sample_rate=int(info.sample_rate),
+        window_s=window,
+        hop_s=float(hop_s),
+        min_window_s=min(float(info.min_window_s), window),
+        max_window_s=max(float(info.max_window_s), window),
+    )
+
+
+@dataclass
+class _WindowContext:
+    """What a request carries through the batch to its result."""
+
+    stream: "_Stream"
+    pushed_at: float  # monotonic time the audio that completed the window was pushed
+    request_id: int
+
+
+class _Stream:
+    """All the state of one stream; fields are grouped by the thread that owns them."""
+
+    def __init__(
+        self,
+        monitor: "Monitor",
+        stream_id: str,
+        source: str,
+        codec: str,
+        sample_rate: int,
+        channels: int,
+        detail: str | None,
+        ring_samples: int,
+    ) -> None:
+        self.id = stream_id
+        self.source = source
+        self.codec = codec
+        self.rate = sample_rate
+        self.channels = channels
+        self.detail = detail
+        self.opened_at = time.monotonic()
+        info = monitor.info
+        cfg = monitor.config
+
+        # Shared between the pushing thread and the pipeline thread (under `lock`).
+        self.lock = threading.Lock()
+        self.ring = AudioRing(ring_samples)
+        # (native index one past the pushed block, monotonic push time); appended by pushers,
+        # trimmed by the pipeline thread (deque append/popleft are atomic).
+        self.marks: deque[tuple[int, float]] = deque()
+        self.queued_for_wake = False
+        self.bad_samples = 0
+        self.overflow_notes = 0
+        self.push_error: str | None = None
+        self.closing = False
+        self.close_reason: str | None = None
+        self.space = threading.Event()
+
+        # Pipeline thread only.
+        self.resampler = StreamResampler(sample_rate, SAMPLE_RATE)
+        self.vad = VadSegmenter(cfg.vad)
+        self.scheduler = WindowScheduler(monitor.scheduler_config)
+        self.native_next = 0  # native index the next ring read should start at
+        self.out_next = 0  # 16 kHz index of the next sample fed to the VAD
+        self.map_native = 0  # a native index and the 16 kHz index it maps to (reset at gaps)
+        self.map_out = 0
+        self.speech_start: int | None = None
+        self.queued: set[int] = set()  # request ids in the batch former
+        self.pending_partial: int | None = None
+        self.in_flight = 0  # windows handed to the worker
+        self.reported: dict[str, int] = {}  # error code -> count when first reported
+        self.seen_bad = 0
+        self.seen_overflow_notes = 0
+        self.ring_dropped_seen = 0
+        self.flushed = False
+        self.flushed_at = 0.0
+        self.failed = False
+        self.gone = False  # removed from the registry
+
+        # Inference thread only.
+        self.done = 0  # windows whose result came back (or whose batch failed)
+        self.seq = 0
+        self.smoother = MoodSmoother(info.labels, cfg.smoother)
+        self.states = {spec.name: SpeakerState(spec) for spec in info.state_inputs}
+
+
+class StreamHandle:
+    """What a source holds: push audio, report trouble, close. Safe to call from any thread."""
+
+    def __init__(self, monitor: "Monitor", stream: _Stream) -> None:
+        self._monitor = monitor
+        self._stream = stream
+
+    @property
+    def stream_id(self) -> str:
+        return self._stream.id
+
+    @property
+    def sample_rate(self) -> int:
+        return self._stream.rate
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` was called or the monitor closed the stream (failure, stop)."""
+        st = self._stream
+        return st.closing or st.failed or st.gone
+
+    @property
+    def free_space(self) -> int:
+        """Native-rate samples the ring can take now without overwriting unread audio."""
+        st = self._stream
+        return st.ring.capacity - st.ring.available
+
+    @property
+    def capacity(self) -> int:
+        return self._stream.ring.capacity
+
+    def push(self, block: np.ndarray) -> None:
+        """Hand one block of native-rate audio to the monitor; never blocks on anything slow.
+
+        ``block`` is ``[frames]`` or ``[frames, channels]``, float (any width)
+        or int16. The block is copied; the caller may reuse its buffer.
+        """
+        st = self._stream
+        if st.closing or st.failed or st.gone:
+            return
+        try:
+            data = np.asarray(block)
+            if data.dtype == np.int16:
+                data = pcm16_to_float(data.reshape(-1)).reshape(data.shape)
+            mono = to_mono(data)
+            clean, bad = sanitize(mono)
+        except (ValueError, TypeError) as exc:
+            st.push_error = f"unusable audio block: {exc}"
+            self._monitor._mark(st)
+            return
+        now = time.monotonic()
+        with st.lock:
+            st.ring.write(clean)
+            st.marks.append((st.ring.written, now))
+            if bad:
+                st.bad_samples += bad
+        self._monitor._mark(st)
+
+    def note_overflow(self, count: int = 1) -> None:
+        """The source lost audio before it reached us (e.g. a PortAudio input overflow)."""
+        self._stream.overflow_notes += count
+
+    def fail(self, message: str) -> None:
+        """Report a source failure on this stream; the stream is closed."""
+        st = self._stream
+        st.push_error = message
+        self._monitor._mark(st)
+
+    def wait_for_space(self, samples: int, timeout: float | None = None) -> bool:
+        """Block until ``samples`` fit in the ring without overwriting (replay at full speed)."""
+        st = self._stream
+        needed = min(int(samples), st.ring.capacity)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st.space.clear()
+            if st.ring.capacity - st.ring.available >= needed:
+                return True
+            if st.failed or st.gone:
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            st.space.wait(0.05 if remaining is None else min(0.05, remaining))
+
+    def close(self, reason: str | None = None) -> None:
+        """End the stream: its remaining audio is processed, an open segment gets its final."""
+        st = self._stream
+        if st.closing:
+            return
+        st.close_reason = reason
+        st.closing = True
+        self._monitor._mark(st)
+
+
+class Monitor:
+    """Runs every stream's pipeline and the shared inference worker.
+
+    ``model_or_backend`` is an :class:`~serstream.inference.session.EmotionModel`
+    or any :class:`~serstream.inference.worker.InferenceBackend` (it must have
+    ``info`` and ``device``).
+    """
+
+    def __init__(
+        self,
+        model_or_backend: InferenceBackend,
+        config: MonitorConfig | None = None,
+        sink: Sink | None = None,
+    ) -> None:
+        self.backend = model_or_backend
+        self.info: ModelInfo = model_or_backend.info
+        self.device: str = str(getattr(model_or_backend, "device", "cpu"))
+        self.config = config or MonitorConfig()
+        self.scheduler_config = self.config.scheduler or scheduler_config_for(self.info, self.config.hop_s)
+        self.sink: Sink = sink or (lambda event: None)
+        self._sink_lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._registry_lock = threading.Lock()
+        self._dirty: deque[_Stream] = deque()
+        self._wake = threading.Event()
+        self._batcher = BatchFormer(
+            max_batch=self.config.max_batch,
+            max_pending=self.config.max_pending,
+            final_wait_s=self.config.final_wait_s,
+            partial_wait_s=self.config.partial_wait_s,
+        )
+        self._worker = InferenceWorker(
+            self.backend,
+            self._on_result,
+            max_queue=self.config.worker_queue,
+            state_for=self._state_for if self.info.state_inputs else None,
+        )
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain_on_stop = True
+        self._started_at = time.monotonic()
+        self._next_request = 0
+        # Counters: the pipeline thread writes `_pipe`, the inference thread `_infer`;
+        # stats() only reads. Latency and rates are shared, so they take `_stats_lock`.
+        self._pipe = Counters(
+            streams_opened=0, streams_closed=0, streams_failed=0, audio_samples=0,
+            bad_samples=0, source_overflows=0, batches_sent=0, batches_refused=0,
+            windows_sent=0, pipeline_errors=0,
+        )
+        self._infer = Counters(
+            results=0, inference_failures=0, windows_failed=0, events_emitted=0,
+            result_errors=0,
+        )
+        self._sink_failures = 0
+        self._stats_lock = threading.Lock()
+        self._latency = LatencyTracker(4096)
+        self._final_latency = LatencyTracker(4096)
+        self._rate = RateMeter(window_s=10.0)
+        self._batch_sizes: deque[int] = deque(maxlen=1024)
+        self._removed_audio_drops = 0
+        self._removed_bad = 0
+        self._bus_drops: Callable[[], int] | None = None
+        self._next_stats = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the inference worker and the pipeline thread."""
+        if self._thread is not None:
+            raise MonitorError("monitor already started")
+        self._started_at = time.monotonic()
+        self._next_stats = self._started_at + self.config.stats_interval_s
+        self._worker.start()
+        self._thread = threading.Thread(target=self._run, name="serstream-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float = 10.0) -> None:
+        """Stop. ``drain``: close every stream first so open segments get their final estimates."""
+        if self._thread is None:
+            return
+        self._drain_on_stop = drain
+        with self._registry_lock:
+            streams = list(self._streams.values())
+        for st in streams:
+            if not st.closing:
+                st.close_reason = st.close_reason or "monitor stopped"
+                st.closing = True
+                self._mark(st)
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._worker.stop(drain=drain, timeout=timeout)
+        self._thread = None
+
+    def set_bus_drop_counter(self, counter: Callable[[], int]) -> None:
+        """Where ``stats`` reads the events dropped for slow clients (the server's bus)."""
+        self._bus_drops = counter
+
+    # ------------------------------------------------------------------ streams
+
+    def open_stream(
+        self,
+        stream_id: str,
+        *,
+        source: str,
+        codec: str,
+        sample_rate: int,
+        channels: int,
+        detail: str | None = None,
+    ) -> StreamHandle:
+        """Register a stream and emit its ``stream`` open event; MonitorError on bad parameters."""
+        try:
+            rate = validate_rate(sample_rate)
+        except ValueError as exc:
+            raise MonitorError(f"stream {stream_id!r}: {exc}") from None
+        if source not in events.STREAM_SOURCES:
+            raise MonitorError(f"stream {stream_id!r}: unknown source {source!r}")
+        if not isinstance(channels, int) or channels < 1:
+            raise MonitorError(f"stream {stream_id!r}: channels must be >= 1, got {channels!r}")
+        if not stream_id or len(stream_id) > 200:
+            raise MonitorError("stream id must be 1 to 200 characters")
+        ring = max(1, int(math.ceil(self.config.ring_seconds * rate)))
+        with self._registry_lock:
+            if self._stopping:
+                raise MonitorError("monitor is stopping")
+            if stream_id in self._streams:
+                raise MonitorError(f"stream {stream_id!r} is already open")
+            if len(self._streams) >= self.config.max_streams:
+                raise MonitorError(f"too many streams (max {self.config.max_streams})")
+            st = _Stream(self, stream_id, source, codec, rate, channels, detail, ring)
+            self._streams[stream_id] = st
+            self._pipe.inc("streams_opened")
+        self._emit(
+            events.stream_opened(
+                stream_id, source=source, codec=codec, sample_rate=rate, channels=channels,
+                ts=time.time(), detail=detail,
+            )
+        )
+        return StreamHandle(self, st)
+
+    @property
+    def stream_ids(self) -> list[str]:
+        with self._registry_lock:
+            return list(self._streams)
+
+    def _mark(self, st: _Stream) -> None:
+        # Called from audio threads: two attribute checks, a deque append and an Event.set at most.
+        if not st.queued_for_wake:
+            st.queued_for_wake = True
+            self._dirty.append(st)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    # ------------------------------------------------------------------ idle / stats / health
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until all pushed audio is processed and every result emitted; True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._idle():
+                # Confirm over a second look: a result callback may have just woken the pipeline.
+                time.sleep(0.005)
+                if self._idle():
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+    def _idle(self) -> bool:
+        if self._dirty or self._wake.is_set():
+            return False
+        with self._registry_lock:
+            streams = list(self._streams.values())
+        for st in streams:
+            if st.ring.available or st.in_flight != st.done or st.closing:
+                return False
+        return self._batcher.pending == 0 and self._worker.idle
+
+    def stats(self) -> dict[str, Any]:
+        """The counters of a ``stats`` event, as a plain dict (also for /metrics)."""
+        now = time.monotonic()
+        with self._registry_lock:
+            streams = list(self._streams.values())
+        worker = self._worker.stats()
+        audio_dropped = self._removed_audio_drops + sum(st.ring.dropped for st in streams)
+        bad = self._removed_bad + sum(st.bad_samples for st in streams)
+        batcher = self._batcher.counters
+        with self._stats_lock:
+            pct = self._latency.percentiles((50, 95, 99))
+            final_pct = self._final_latency.percentiles((50, 95, 99))
+            rate = self._rate.rate(now)
+            sizes = list(self._batch_sizes)
+            latency_count = self._latency.count
+            final_count = self._final_latency.count
+        return {
+            "uptime_s": now - self._started_at,
+            "streams": len(streams),
+            "windows_per_s": rate,
+            "batches": {
+                "count": worker.batches,
+                "mean_size": (sum(sizes) / len(sizes)) if sizes else 0.0,
+                "max_size": max(sizes, default=0),
+            },
+            "queues": {
+                "batcher_pending": self._batcher.pending,
+                "worker_queue": worker.queue_depth,
+                "ring_samples": sum(st.ring.available for st in streams),
+            },
+            "drops": {
+                "audio_samples": audio_dropped,
+                "source_overflows": self._pipe.get("source_overflows", 0),
+                "partials_superseded": batcher.get("partials_superseded", 0),
+                "partials_dropped": batcher.get("partials_dropped", 0),
+                "finals_dropped": batcher.get("finals_dropped", 0),
+                "windows_refused": worker.dropped_windows,
+                "bad_samples": bad,
+                "events_dropped": self._bus_drops() if self._bus_drops else 0,
+                "sink_failures": self._sink_failures,
+                "inference_failures": worker.failures,
+                "stream_failures": self._pipe.get("streams_failed", 0),
+            },
+            "latency_ms": {
+                "p50": _ms(pct[50]), "p95": _ms(pct[95]), "p99": _ms(pct[99]), "count": latency_count,
+            },
+            "final_latency_ms": {
+                "p50": _ms(final_pct[50]), "p95": _ms(final_pct[95]), "p99": _ms(final_pct[99]),
+                "count": final_count,
+            },
+            "inference_ms": {"p50": worker.infer_ms_p50, "p95": worker.infer_ms_p95},
+            "device": self.device,
+            "model": self.info.version,
+            "windows": worker.windows,
+            "events": self._infer.get("events_emitted", 0),
+        }
+
+    def stats_event(self) -> dict[str, Any]:
+        """The ``stats`` event for now."""
+        s = self.stats()
+        return events.stats_event(
+            uptime_s=s["uptime_s"], streams=s["streams"], windows_per_s=s["windows_per_s"],
+            batches=s["batches"], queues=s["queues"], drops=s["drops"], latency_ms=s["latency_ms"],
+            device=s["device"] if s["device"] in ("cpu", "cuda") else "cpu", ts=time.time(),
+        )
+
+    def health(self) -> dict[str, Any]:
+        """A small dict for /healthz: is the pipeline alive, how many streams."""
+        pipeline_alive = self._thread is not None and self._thread.is_alive()
+        worker_alive = self._worker.running
+        return {
+            "status": "ok" if pipeline_alive and worker_alive else "down",
+            "pipeline": pipeline_alive,
+            "inference": worker_alive,
+            "streams": len(self.stream_ids),
+            "device": self.device,
+            "model": self.info.version,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+        }
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        with self._sink_lock:
+            try:
+                self.sink(event)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the pipeline
+                self._sink_failures += 1
+
+    def _report(self, st: _Stream, code: str, message: str, count: int) -> None:
+        """An ``error`` event the first time ``code`` happens on ``st`` (later only counted)."""
+        if code in st.reported:
+            return
+        st.reported[code] = count
+        self._emit(events.error_event(st.id, code=code, message=message, count=count, ts=time.time()))
+
+    # ------------------------------------------------------------------ pipeline thread
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._wake.wait(self._timeout(now))
+            self._wake.clear()
+            now = time.monotonic()
+            self._process_dirty(now)
+            self._check_closing(now)
+            self._dispatch(time.monotonic())
+            if now >= self._next_stats:
+                self._next_stats = now + self.config.stats_interval_s
+                self._emit_stats()
+            if self._stopping and self._all_done():
+                break
+
+    def _timeout(self, now: float) -> float:
+        timeout = self._next_stats - now
+        deadline = self._batcher.next_deadline()
+        if deadline is not None and self._worker.queue_depth == 0:
+            timeout = min(timeout, deadline - now)
+        if self._closing_waiters():
+            timeout = min(timeout, 0.05)
+        return max(0.0, min(timeout, 0.25))
+
+    def _closing_waiters(self) -> bool:
+        return any(st.closing and not st.gone for st in self._streams.values())
+
+    def _all_done(self) -> bool:
+        with self._registry_lock:
+            return not self._streams
+
+    def _process_dirty(self, now: float) -> None:
+        dirty = self._dirty
+        while dirty:
+            st = dirty.popleft()
+            st.queued_for_wake = False
+            if st.gone:
+                continue
+            try:
+                self._process_stream(st, now)
+            except Exception as exc:  # noqa: BLE001 - one stream's failure stays its own
+                self._pipe.inc("pipeline_errors")
+                self._fail(st, "stream_error", f"stream pipeline failed: {_one_line(exc)}", now)
+
+    def _process_stream(self, st: _Stream, now: float) -> None:
+        if st.push_error is not None and not st.failed:
+            self._fail(st, "bad_samples" if st.push_error.startswith("unusable") else "device_error",
+                       st.push_error, now)
+            return
+        if st.failed:
+            return
+        with st.lock:
+            index, block = st.ring.read()
+            bad = st.bad_samples
+        if st.space is not None:
+            st.space.set()
+        if bad != st.seen_bad:
+            st.seen_bad = bad
+            self._report(st, "bad_samples", f"{bad} non-finite (NaN or infinite) samples replaced by 0", bad)
+        if st.overflow_notes != st.seen_overflow_notes:
+            n = st.overflow_notes - st.seen_overflow_notes
+            st.seen_overflow_notes = st.overflow_notes
+            self._pipe.inc("source_overflows", n)
+            self._report(st, "overflow", "the audio source reported an input overflow (audio lost before capture)",
+                         st.overflow_notes)
+        dropped = st.ring.dropped
+        if dropped != st.ring_dropped_seen:
+            st.ring_dropped_seen = dropped
+            self._report(st, "overflow", f"stream ring overflowed: {dropped} samples dropped (processing fell behind)",
+                         dropped)
+        if block.size:
+            if index != st.native_next:
+                self._gap(st, index, now)
+            st.native_next = index + block.size
+            self._pipe.inc("audio_samples", int(block.size))
+            self._feed(st, st.resampler.process(block), now)
+            self._trim_marks(st)
+        if st.closing and not st.flushed and st.ring.available == 0:
+            self._feed(st, st.resampler.flush(), now)
+            self._speech_events(st, st.vad.flush(), now)
+            st.flushed = True
+            st.flushed_at = now
+
+    def _gap(self, st: _Stream, index: int, now: float) -> None:
+        """Samples were overwritten in the ring: jump the 16 kHz clock over them."""
+        self._feed(st, st.resampler.flush(), now)
+        missing = index - st.native_next
+        st.out_next += int(round(missing * SAMPLE_RATE / st.rate))
+        st.map_native, st.map_out = index, st.out_next
+
+    def _feed(self, st: _Stream, audio16: np.ndarray, now: float) -> None:
+        if audio16.size == 0:
+            return
+        speech = st.vad.push(audio16, index=st.out_next)
+        st.out_next += int(audio16.size)
+        if speech:
+            self._speech_events(st, speech, now)
+
+    def _speech_events(self, st: _Stream, speech: list[Any], now: float) -> None:
+        for ev in speech:
+            if isinstance(ev, SpeechStart):
+                st.speech_start = ev.index
+                self._emit(events.speech_start(st.id, t=ev.index / SAMPLE_RATE, ts=time.time()))
+            elif isinstance(ev, SpeechEnd):
+                start = st.speech_start if st.speech_start is not None else ev.index
+                st.speech_start = None
+                self._emit(
+                    events.speech_end(
+                        st.id, t=ev.index / SAMPLE_RATE, duration=(ev.index - start) / SAMPLE_RATE,
+                        reason=ev.reason, ts=time.time(),
+                    )
+                )
+            for window in st.scheduler.feed(ev):
+                self._queue_window(st, window, now)
+
+    def _queue_window(self, st: _Stream, window: Window, now: float) -> None:
+        request_id = self._next_request
+        self._next_request += 1
+        context = _WindowContext(st, self._pushed_at(st, window.end), request_id)
+        request = Request(stream=st.id, window=window, submitted=now, context=context)
+        # The batch former drops this stream's waiting partial when this request arrives.
+        if st.pending_partial is not None:
+            st.queued.discard(st.pending_partial)
+            st.pending_partial = None
+        st.queued.add(request_id)
+        if not window.final:
+            st.pending_partial = request_id
+        self._batcher.add(request, now, close=False)
+
+    def _pushed_at(self, st: _Stream, end16: int) -> float:
+        """When the block holding 16 kHz sample ``end16 - 1`` was pushed (its push completed the window)."""
+        native = st.map_native + int(math.ceil((end16 - st.map_out) * st.rate / SAMPLE_RATE))
+        marks = st.marks
+        for written, at in marks:
+            if written >= native:
+                return at
+        return marks[-1][1] if marks else time.monotonic()
+
+    def _trim_marks(self, st: _Stream) -> None:
+        # Future windows end at or after what the VAD has been fed, less the resampler's
+        # delay; 50 ms of slack covers that delay at any rate.
+        keep_from = st.native_next - st.rate // 20
+        marks = st.marks
+        while len(marks) > 1 and marks[0][0] < keep_from:
+            marks.popleft()
+
+    def _dispatch(self, now: float) -> None:
+        """Pull mode: hand the worker a ready batch only when its queue is empty."""
+        while self._worker.queue_depth == 0:
+            batches = self._batcher.poll(now, max_batches=1)
+            if not batches:
+                return
+            self._send(batches[0])
+
+    def _send(self, batch: Batch) -> None:
+        for request in batch.requests:
+            context: _WindowContext = request.context  # type: ignore[assignment]
+            context.stream.queued.discard(context.request_id)
+            if context.stream.pending_partial == context.request_id:
+                context.stream.pending_partial = None
+        accepted = self._worker.submit(batch)
+        if accepted:
+            self._pipe.inc("batches_sent")
+            self._pipe.inc("windows_sent", batch.size)
+            for request in batch.requests:
+                request.context.stream.in_flight += 1  # type: ignore[union-attr]
+        else:
+            self._pipe.inc("batches_refused")
+
+    def _check_closing(self, now: float) -> None:
+        with self._registry_lock:
+            closing = [st for st in self._streams.values() if (st.closing or st.failed) and not st.gone]
+        for st in closing:
+            if st.failed or (self._stopping and not self._drain_on_stop):
+                self._remove(st, "error")
+                continue
+            if not st.flushed:
+                if st.ring.available == 0:
+                    # Nothing was pushed since close; flush here (no push will wake us).
+                    self._process_stream(st, now)
+                continue
+            waiting = (st.queued and self._batcher.pending) or st.in_flight != st.done
+            if waiting and now - st.flushed_at < self.config.close_timeout_s:
+                continue
+            self._remove(st, st.close_reason or "closed")
+
+    def _fail(self, st: _Stream, code: str, message: str, now: float) -> None:
+        st.failed = True
+        self._pipe.inc("streams_failed")
+        self._report(st, code, message, 1)
+        self._remove(st, "error: " + message)
+
+    def _remove(self, st: _Stream, reason: str) -> None:
+        if st.gone:
+            return
+        st.gone = True
+        st.space.set()
+        with self._registry_lock:
+            self._streams.pop(st.id, None)
+            self._removed_audio_drops += st.ring.dropped
+            self._removed_bad += st.bad_samples
+        self._pipe.inc("streams_closed")
+        self._emit(
+            events.stream_closed(
+                st.id, source=st.source, codec=st.codec, sample_rate=st.rate, channels=st.channels,
+                ts=time.time(), detail=st.detail, reason=reason,
+            )
+        )
+
+    def _emit_stats(self) -> None:
+        try:
+            self._emit(self.stats_event())
+        except Exception:  # noqa: BLE001 - stats must never stop the pipeline
+            self._pipe.inc("pipeline_errors")
+
+    # ------------------------------------------------------------------ inference thread
+
+    def _state_for(self, batch: Batch) -> Mapping[str, list[np.ndarray | None]]:
+        state: dict[str, list[np.ndarray | None]] = {}
+        for spec in self.info.state_inputs:
+            rows: list[np.ndarray | None] = []
+            for request in batch.requests:
+                speaker = request.context.stream.states.get(spec.name)  # type: ignore[union-attr]
+                rows.append(None if speaker is None or speaker.empty else speaker.value())
+            state[spec.name] = rows
+        return state
+
+    def _on_result(self, batch: Batch, output: InferenceOutput | None, error: str | None) -> None:
+        now = time.monotonic()
+        if output is None:
+            self._infer.inc("inference_failures")
+            self._infer.inc("windows_failed", batch.size)
+            for request in batch.requests:
+                request.context.stream.done += 1  # type: ignore[union-attr]
+            if error is not None:
+                self._emit(
+                    events.error_event(events.STATS_STREAM, code="inference_error", message=error,
+                                       count=1, ts=time.time())
+                )
+            self._wake.set()
+            return
+        labels = self.info.labels
+        latencies: list[float] = []
+        finals: list[float] = []
+        for row, request in enumerate(batch.requests):
+            context: _WindowContext = request.context  # type: ignore[assignment]
+            st = context.stream
+            try:
+                if not (st.failed or st.gone):
+                    self._emit_estimate(st, request.window, output, row, labels, now, context)
+                    latency = time.monotonic() - context.pushed_at
+                    latencies.append(latency)
+                    if request.window.final:
+                        finals.append(latency)
+            except Exception as exc:  # noqa: BLE001 - a bad row fails its stream only
+                self._infer.inc("result_errors")
+                st.push_error = f"result handling failed: {_one_line(exc)}"
+                self._mark(st)
+            finally:
+                st.done += 1
+        with self._stats_lock:
+            for value in latencies:
+                self._latency.record(value)
+            for value in finals:
+                self._final_latency.record(value)
+            self._rate.record(now, batch.size)
+            self._batch_sizes.append(batch.size)
+        self._infer.inc("results", batch.size)
+        # Closing streams and pull-mode dispatch both wait on results.
+        self._wake.set()
+
+    def _emit_estimate(
+        self,
+        st: _Stream,
+        window: Window,
+        output: InferenceOutput,
+        row: int,
+        labels: tuple[str, ...],
+        now: float,
+        context: _WindowContext,
+    ) -> None:
+        final = window.final
+        t1 = window.end / SAMPLE_RATE
+        mood = st.smoother.update(output.probs[row], output.avd[row], t1, final)
+        if final:
+            for name, speaker in st.states.items():
+                update = output.state_updates.get(name)
+                if update is not None:
+                    speaker.update(update[row])
+        seq = st.seq
+        st.seq += 1
+        emitted = time.monotonic()
+        event = events.emotion_event(
+            st.id, seq=seq, kind=window.kind, utterance=window.utterance,
+            t0=window.start / SAMPLE_RATE, t1=t1, labels=labels, probs=output.probs[row],
+            avd=output.avd[row], smoothed=mood, latency_ms=(emitted - context.pushed_at) * 1000.0,
+            ts=time.time(), gender=output.gender_probs[row], model=self.info.version,
+        )
+        self._emit(event)
+        self._infer.inc("events_emitted")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,514 @@
+"""The WebSocket server: events out to clients, audio in from clients, health and metrics.
+
+One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
+
+* ``/events`` (WebSocket): the event stream, every event as one text message;
+  ``?stream=ID`` keeps only that stream's events (``stats`` events reach
+  every client regardless).
+* ``/ingest`` (WebSocket): handed to the ``ingest_handler`` given to
+  :class:`MonitorServer` (a client pushes audio there); closed with 1008
+  "ingest not enabled" when there is none.
+* ``/healthz`` (HTTP GET): ``health()`` as JSON; ``/metrics`` (HTTP GET):
+  ``metrics()`` as Prometheus text; ``/`` and the files of the dashboard
+  directory (HTTP GET, no path traversal). Anything else is 404.
+
+The plain HTTP routes are answered from ``process_request`` during the
+opening handshake, so one ``websockets`` server serves everything.
+
+:class:`EventBus` is the fan-out: :meth:`EventBus.publish` serialises an
+event once and offers the same bytes to every matching
+:class:`Subscription`. Each subscription is a bounded drop-oldest buffer, so
+a slow client loses its oldest events (counted per subscription and in
+``EventBus.events_dropped``) and never slows the publisher or the other
+clients. The bus lives on the event loop: call ``publish`` in the loop, or
+:meth:`EventBus.publish_threadsafe` from any other thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import math
+import mimetypes
+from collections import deque
+from pathlib import Path, PurePosixPath
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from serstream.events import STATS_STREAM, dumps
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "ServerError",
+    "Subscription",
+    "EventBus",
+    "MonitorServer",
+    "IngestHandler",
+    "default_dashboard_dir",
+    "prometheus_text",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Called with the ``/ingest`` connection and its handshake request; runs until the client is done.
+IngestHandler = Callable[[ServerConnection, Request], Awaitable[None]]
+
+
+class ServerError(RuntimeError):
+    """The server cannot start (e.g. the port is taken); the message is one line for the user."""
+
+
+def default_dashboard_dir() -> Path:
+    """The dashboard shipped inside the package (``serstream/dashboard``)."""
+    return Path(__file__).with_name("dashboard")
+
+
+# --------------------------------------------------------------------------- bus
+
+
+class Subscription:
+    """One consumer's bounded, drop-oldest buffer of serialised events (UTF-8 JSON bytes)."""
+
+    def __init__(self, bus: "EventBus", stream: str | None, maxlen: int) -> None:
+        if maxlen <= 0:
+            raise ValueError(f"subscription buffer must hold at least 1 event, got {maxlen}")
+        self.bus = bus
+        #: Only this stream's events (plus stats); None: every event.
+        self.stream = stream
+        self.maxlen = int(maxlen)
+        self.dropped = 0
+        self.delivered = 0
+        self.closed = False
+        self._buffer: deque[bytes] = deque()
+        self._wakeup = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"Subscription(stream={self.stream!r}, pending={len(self._buffer)}, "
+            f"dropped={self.dropped}, closed={self.closed})"
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def wants(self, stream: str, is_stats: bool) -> bool:
+        return self.stream is None or is_stats or stream == self.stream
+
+    def offer(self, payload: bytes) -> None:
+        """Buffer one event; when full, the oldest buffered event is dropped (and counted)."""
+        if self.closed:
+            return
+        if len(self._buffer) >= self.maxlen:
+            self._buffer.popleft()
+            self.dropped += 1
+            self.bus.events_dropped += 1
+        self._buffer.append(payload)
+        self._wakeup.set()
+
+    def get_nowait(self) -> bytes | None:
+        """The oldest buffered event, or None when there is none."""
+        if not self._buffer:
+            return None
+        self.delivered += 1
+        return self._buffer.popleft()
+
+    async def get(self) -> bytes | None:
+        """Wait for the next event; None once the subscription is closed."""
+        while not self.closed:
+            if self._buffer:
+                self.delivered += 1
+                return self._buffer.popleft()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return None
+
+    def close(self) -> None:
+        """Stop receiving; wakes a waiting :meth:`get` (which returns None)."""
+        if not self.closed:
+            self.closed = True
+            self._buffer.clear()
+            self._wakeup.set()
+            self.bus.unsubscribe(self)
+
+    def __aiter__(self) -> "Subscription":
+        return self
+
+    async def __anext__(self) -> bytes:
+        payload = await self.get()
+        if payload is None:
+            raise StopAsyncIteration
+        return payload
+
+
+class EventBus:
+    """Fan-out of events to subscriptions; lives on one asyncio event loop."""
+
+    def __init__(self) -> None:
+        self._subscriptions: set[Subscription] = set()
+        self.events_published = 0
+        #: Events dropped for slow consumers, summed over every subscription ever made.
+        self.events_dropped = 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions)
+
+    def subscribe(self, stream: str | None = None, maxlen: int = 1000) -> Subscription:
+        """A new subscription to ``stream``'s events (None: all streams); stats always included."""
+        sub = Subscription(self, stream or None, maxlen)
+        self._subscriptions.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+
+    def publish(self, event: Mapping[str, Any]) -> None:
+        """Serialise ``event`` once and offer it to every matching subscription (in the loop)."""
+        self.publish_payload(
+            dumps(event).encode("utf-8"),
+            str(event.get("stream", "")),
+            event.get("type") == "stats",
+        )
+
+    def publish_payload(self, payload: bytes, stream: str, is_stats: bool = False) -> None:
+        """Offer already-serialised JSON (UTF-8) to every matching subscription (in the loop)."""
+        self.events_published += 1
+        for sub in tuple(self._subscriptions):
+            if sub.wants(stream, is_stats):
+                sub.offer(payload)
+
+    def publish_threadsafe(self, loop: asyncio.AbstractEventLoop, event: Mapping[str, Any]) -> bool:
+        """Publish from another thread: serialise here, deliver on ``loop``.
+
+        Returns False (and counts the event in ``events_dropped``) when the
+        loop is already closed.
+        """
+        payload = dumps(event).encode("utf-8")
+        stream = str(event.get("stream", ""))
+        is_stats = event.get("type") == "stats"
+        try:
+            loop.call_soon_threadsafe(self.publish_payload, payload, stream, is_stats)
+        except RuntimeError:  # loop closed: nobody left to deliver to
+            self.events_dropped += 1
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------- server
+
+
+class MonitorServer:
+    """The one-port WebSocket + HTTP server around an :class:`EventBus`."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        health: Callable[[], Mapping[str, Any]],
+        metrics: Callable[[], str],
+        dashboard_dir: Path | None = None,
+        max_message_bytes: int = 1 << 20,
+        ingest_handler: IngestHandler | None = None,
+        client_buffer: int = 1000,
+        close_timeout: float = 2.0,
+    ) -> None:
+        self.bus = bus
+        self.host = host
+        self.requested_port = int(port)
+        self.health = health
+        self.metrics = metrics
+        self.dashboard_dir = Path(dashboard_dir).resolve() if dashboard_dir is not None else None
+        self.max_message_bytes = int(max_message_bytes)
+        self.ingest_handler = ingest_handler
+        self.client_buffer = int(client_buffer)
+        self.close_timeout = float(close_timeout)
+        self._server: Server | None = None
+        self._port: int | None = None
+        self.event_clients = 0
+        self.ingest_clients = 0
+        #: Messages that /events clients sent (they are ignored).
+        self.ignored_messages = 0
+        self.http_requests = 0
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``port=0``); the requested one before start."""
+        return self._port if self._port is not None else self.requested_port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start serving. Raises :class:`ServerError` with a one-line reason."""
+        if self._server is not None:
+            raise ServerError("server already started")
+        try:
+            self._server = await serve(
+                self._handle_connection,
+                self.host,
+                self.requested_port,
+                process_request=self._process_request,
+                max_size=self.max_message_bytes,
+                # Every client gets the same serialised bytes; per-connection
+                # compression would cost CPU per client for small messages.
+                compression=None,
+                close_timeout=self.close_timeout,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerError(
+                    f"port {self.requested_port} on {self.host} is already in use; "
+                    "pick another with --port"
+                ) from None
+            reason = exc.strerror or str(exc)
+            raise ServerError(f"cannot listen on {self.host}:{self.requested_port}: {reason}") from None
+        sockets = list(self._server.sockets)
+        self._port = sockets[0].getsockname()[1] if sockets else self.requested_port
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection (1001), and wait for the handlers."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def __aenter__(self) -> "MonitorServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ WebSocket
+
+    async def _handle_connection(self, conn: ServerConnection) -> None:
+        assert conn.request is not None
+        parts = urlsplit(conn.request.path)
+        if parts.path == "/events":
+            stream = parse_qs(parts.query).get("stream", [""])[0]
+            await self._serve_events(conn, stream or None)
+        elif parts.path == "/ingest":
+            await self._serve_ingest(conn)
+        else:  # process_request answers every other path; this is a safety net
+            await conn.close(1008, "unknown endpoint")
+
+    async def _serve_events(self, conn: ServerConnection, stream: str | None) -> None:
+        sub = self.bus.subscribe(stream, self.client_buffer)
+        self.event_clients += 1
+        # Reading keeps pings and the close handshake flowing, enforces max_size
+        # (1009) and tells us the client left while no event is coming.
+        reader = asyncio.create_task(self._discard_incoming(conn))
+        reader.add_done_callback(lambda _task: sub.close())
+        try:
+            async for payload in sub:
+                await conn.send(payload, text=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.event_clients -= 1
+            sub.close()
+            reader.cancel()
+
+    async def _discard_incoming(self, conn: ServerConnection) -> None:
+        try:
+            async for _message in conn:
+                self.ignored_messages += 1
+        except ConnectionClosed:
+            pass
+
+    async def _serve_ingest(self, conn: ServerConnection) -> None:
+        if self.ingest_handler is None:
+            await conn.close(1008, "ingest not enabled")
+            return
+        assert conn.request is not None
+        self.ingest_clients += 1
+        try:
+            await self.ingest_handler(conn, conn.request)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # one client's failure must not reach the others
+            log.error("ingest handler failed: %s: %s", type(exc).__name__, exc)
+            await conn.close(1011, "internal error")
+        finally:
+            self.ingest_clients -= 1
+
+    # ------------------------------------------------------------ plain HTTP
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        parts = urlsplit(request.path)
+        path = parts.path
+        if request.method != "GET":
+            self.http_requests += 1
+            response = _response(405, "text/plain; charset=utf-8", b"method not allowed\n")
+            response.headers["Allow"] = "GET"
+            return response
+        if path in ("/events", "/ingest"):
+            return None  # the WebSocket handshake goes on (426 when it is not one)
+        self.http_requests += 1
+        if path == "/healthz":
+            return self._json_route(self.health)
+        if path == "/metrics":
+            try:
+                text = self.metrics()
+            except Exception as exc:
+                return _error_response(500, f"metrics failed: {type(exc).__name__}")
+            return _response(200, PROMETHEUS_CONTENT_TYPE, text.encode("utf-8"))
+        return self._static(path)
+
+    def _json_route(self, producer: Callable[[], Mapping[str, Any]]) -> Response:
+        try:
+            body = json.dumps(producer(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+        except Exception as exc:
+            return _error_response(500, f"health check failed: {type(exc).__name__}")
+        return _response(200, "application/json", body)
+
+    def _static(self, url_path: str) -> Response:
+        root = self.dashboard_dir
+        if root is None:
+            return _error_response(404, "not found")
+        relative = unquote(url_path).lstrip("/") or "index.html"
+        parts = PurePosixPath(relative).parts
+        if (
+            "\\" in relative
+            or "\x00" in relative
+            or any(part in ("..", ".") for part in parts)
+            or PurePosixPath(relative).is_absolute()
+        ):
+            return _error_response(403, "forbidden")
+        if any(part.startswith(".") for part in parts):
+            return _error_response(404, "not found")
+        target = (root / relative).resolve()
+        if not target.is_relative_to(root):  # e.g. a symlink pointing outside
+            return _error_response(403, "forbidden")
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.is_file():
+            return _error_response(404, "not found")
+        try:
+            body = target.read_bytes()
+        except OSError:
+            return _error_response(404, "not found")
+        return _response(200, _content_type(target), body)
+
+
+def _content_type(path: Path) -> str:
+    if path.suffix in (".js", ".mjs"):
+        return "text/javascript; charset=utf-8"
+    guessed, _ = mimetypes.guess_type(path.name)
+    kind = guessed or "application/octet-stream"
+    if kind.startswith("text/") or kind in ("application/json", "image/svg+xml"):
+        kind += "; charset=utf-8"
+    return kind
+
+
+def _response(status: int, content_type: str, body: bytes) -> Response:
+    reasons = {200: "OK", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+               500: "Internal Server Error"}
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status, reasons.get(status, "Error"), headers, body)
+
+
+def _error_response(status: int, text: str) -> Response:
+    return _response(status, "text/plain; charset=utf-8", (text + "\n").encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _escape_label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: Any) -> str:
+    x = float(value)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    return repr(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def prometheus_text(stats: Mapping[str, Any]) -> str:
+    """Render a ``stats`` event (see :func:`serstream.events.stats_event`) as Prometheus text.
+
+    Fields absent from ``stats`` are left out, so an empty dict gives an
+    empty exposition.
+    """
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, Any]]) -> None:
+        rows = list(samples)
+        if not rows:
+            return
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for suffix, value in rows:
+            lines.append(f"{name}{suffix} {_number(value)}")
+
+    def labelled(label: str, values: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        return [(f'{{{label}="{_escape_label(k)}"}}', v) for k, v in sorted(values.items())]
+
+    if "uptime_s" in stats:
+        family("serstream_uptime_seconds", "gauge", "Seconds since the monitor started.",
+               [("", stats["uptime_s"])])
+    if "streams" in stats:
+        family("serstream_streams", "gauge", "Streams open now.", [("", stats["streams"])])
+    if "windows_per_s" in stats:
+        family("serstream_windows_per_second", "gauge",
+               "Windows run through the model per second (recent average).",
+               [("", stats["windows_per_s"])])
+    batches = stats.get("batches") or {}
+    if "count" in batches:
+        family("serstream_batches_total", "counter", "Batches run since start.",
+               [("", batches["count"])])
+    if "mean_size" in batches:
+        family("serstream_batch_size_mean", "gauge", "Mean windows per batch.",
+               [("", batches["mean_size"])])
+    if "max_size" in batches:
+        family("serstream_batch_size_max", "gauge", "Largest batch so far.",
+               [("", batches["max_size"])])
+    family("serstream_queue_depth", "gauge", "Items waiting in each queue now.",
+           labelled("queue", stats.get("queues") or {}))
+    family("serstream_drops_total", "counter", "Items dropped since start, by cause.",
+           labelled("cause", stats.get("drops") or {}))
+    latency = stats.get("latency_ms") or {}
+    quantiles = [
+        (f'{{quantile="{q}"}}', latency[key])
+        for key, q in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
+        if latency.get(key) is not None
+    ]
+    if quantiles or "count" in latency:
+        rows = quantiles + ([("_count", latency["count"])] if "count" in latency else [])
+        family("serstream_latency_ms", "summary",
+               "End-to-end latency of emotion estimates, milliseconds.", rows)
+    if "device" in stats:
+        family("serstream_device_info", "gauge", "Where the model runs (label), always 1.",
+               [(f'{{device="{_escape_label(stats["device"])}"}}', 1)])
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,162 @@
+"""Tests for serstream.core.batcher.BatchFormer: closing rules, padding, and the bounded queue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serstream.core.batcher import BatchFormer, Request
+from serstream.core.scheduler import Window
+
+
+def request(stream: str, kind: str = "partial", n: int = 4, value: float = 1.0, t: float = 0.0, context=None):
+    window = Window(kind=kind, utterance=0, start=0, end=n, audio=np.full(n, value, dtype=np.float32))
+    return Request(stream=stream, window=window, submitted=t, context=context)
+
+
+def streams_of(batch):
+    return [r.stream for r in batch.requests]
+
+
+def test_batch_closes_when_full():
+    former = BatchFormer(max_batch=4)
+    for i in range(3):
+        assert former.add(request(f"s{i}"), now=0.0) == []
+    batches = former.add(request("s3"), now=0.0)
+    assert len(batches) == 1 and batches[0].reason == "full"
+    assert streams_of(batches[0]) == ["s0", "s1", "s2", "s3"]
+    assert former.pending == 0 and former.counters["closed_full"] == 1
+
+
+def test_partials_wait_for_their_deadline():
+    former = BatchFormer(partial_wait_s=0.020, final_wait_s=0.002)
+    former.add(request("a"), now=1.0)
+    assert former.next_deadline() == pytest.approx(1.020)
+    assert former.poll(1.019) == []
+    batches = former.poll(1.020)
+    assert len(batches) == 1 and batches[0].reason == "deadline" and batches[0].closed == 1.020
+    assert former.next_deadline() is None
+
+
+def test_finals_have_the_shorter_deadline_and_go_first():
+    former = BatchFormer(partial_wait_s=0.020, final_wait_s=0.002)
+    former.add(request("a"), now=0.0)
+    former.add(request("b", kind="final"), now=0.010)
+    assert former.next_deadline() == pytest.approx(0.012)
+    assert former.poll(0.0119) == []
+    (batch,) = former.poll(0.012)
+    assert streams_of(batch) == ["b", "a"]  # the waiting partial rides along, behind the final
+
+
+def test_rows_are_zero_padded_with_their_lengths():
+    former = BatchFormer(max_batch=3)
+    former.add(request("a", n=3, value=0.1), now=0.0)
+    former.add(request("b", kind="final", n=5, value=0.2), now=0.0)
+    (batch,) = former.add(request("c", n=2, value=0.3), now=0.0)
+    assert batch.audio.dtype == np.float32 and batch.audio.shape == (3, 5)
+    assert batch.lengths.dtype == np.int64
+    assert streams_of(batch) == ["b", "a", "c"]
+    np.testing.assert_array_equal(batch.lengths, [5, 3, 2])
+    expected = np.array([[0.2] * 5, [0.1] * 3 + [0, 0], [0.3] * 2 + [0, 0, 0]], dtype=np.float32)
+    np.testing.assert_array_equal(batch.audio, expected)
+    assert batch.padding == 5
+
+
+def test_a_new_partial_replaces_the_streams_pending_partial():
+    former = BatchFormer()
+    former.add(request("a", value=1.0, context="old"), now=0.0)
+    former.add(request("b"), now=0.0)
+    former.add(request("a", value=2.0, context="new"), now=0.001)
+    assert former.pending == 2 and former.counters["partials_superseded"] == 1
+    (batch,) = former.flush(now=0.002)
+    assert streams_of(batch) == ["b", "a"]
+    assert batch.requests[1].context == "new" and batch.audio[1, 0] == 2.0
+
+
+def test_a_final_replaces_the_streams_pending_partial():
+    former = BatchFormer()
+    former.add(request("a"), now=0.0)
+    former.add(request("a", kind="final"), now=0.0)
+    assert former.pending == 1 and former.counters["partials_superseded"] == 1
+    (batch,) = former.poll(0.002)
+    assert [r.window.kind for r in batch.requests] == ["final"]
+
+
+def test_full_queue_drops_the_oldest_partial_first():
+    former = BatchFormer(max_pending=3)
+    for name in ("a", "b", "c"):
+        former.add(request(name), now=0.0)
+    former.add(request("d"), now=0.0)
+    assert former.pending == 3 and former.counters["partials_dropped"] == 1
+    former.add(request("e", kind="final"), now=0.0)
+    assert former.counters["partials_dropped"] == 2 and former.counters["finals_dropped"] == 0
+    (batch,) = former.flush(now=0.0)
+    assert streams_of(batch) == ["e", "c", "d"]
+
+
+def test_finals_are_dropped_only_when_nothing_but_finals_waits():
+    former = BatchFormer(max_pending=2, final_wait_s=1.0)
+    former.add(request("a", kind="final"), now=0.0)
+    former.add(request("b", kind="final"), now=0.0)
+    former.add(request("c"), now=0.0)
+    assert former.counters["partials_dropped"] == 1 and former.pending == 2
+    former.add(request("d", kind="final"), now=0.0)
+    assert former.counters["finals_dropped"] == 1 and former.pending == 2
+    (batch,) = former.flush(now=0.0)
+    assert streams_of(batch) == ["a", "b"]
+
+
+def test_batch_closes_before_padding_exceeds_the_sample_budget():
+    former = BatchFormer(max_batch=8, max_batch_samples=10)
+    assert former.add(request("a", n=4), now=0.0) == []
+    assert former.add(request("b", n=4), now=0.0) == []
+    (batch,) = former.add(request("c", n=4), now=0.0)
+    assert batch.reason == "samples" and streams_of(batch) == ["a", "b"]
+    assert former.pending == 1
+    # A row over the budget on its own still goes out, alone.
+    batches = former.add(request("d", n=25), now=0.0)
+    assert [streams_of(b) for b in batches] == [["c"]]
+    assert [streams_of(b) for b in former.flush(0.0)] == [["d"]]
+
+
+def test_default_sample_budget_is_three_seconds_per_row():
+    former = BatchFormer(max_batch=4)
+    assert former.config.batch_samples == 4 * 3 * 16000
+
+
+def test_pull_mode_queues_and_hands_out_one_batch_at_a_time():
+    former = BatchFormer(max_batch=4, partial_wait_s=0.020)
+    for i in range(10):
+        assert former.add(request(f"s{i}"), now=0.0, close=False) == []
+    assert former.pending == 10
+    first = former.poll(0.0, max_batches=1)
+    assert len(first) == 1 and first[0].size == 4 and streams_of(first[0])[0] == "s0"
+    second = former.poll(0.0)
+    assert [b.size for b in second] == [4]  # the last 2 are not due yet
+    assert [b.size for b in former.poll(0.020)] == [2]
+    assert former.counters["rows"] == 10 and former.counters["batches"] == 3
+
+
+def test_context_and_submitted_pass_through():
+    former = BatchFormer(max_batch=1)
+    (batch,) = former.add(request("a", t=12.5, context={"seq": 7}), now=13.0)
+    assert batch.requests[0].context == {"seq": 7} and batch.requests[0].submitted == 12.5
+
+
+def test_max_wait_s_sets_both_waits():
+    former = BatchFormer(max_wait_s=0.5)
+    assert former.config.final_wait_s == former.config.partial_wait_s == 0.5
+
+
+def test_bad_requests_and_config_raise():
+    former = BatchFormer()
+    with pytest.raises(ValueError, match="kind"):
+        former.add(request("a", kind="other"), now=0.0)
+    empty = Request("a", Window("partial", 0, 0, 0, np.zeros(0, np.float32)), 0.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        former.add(empty, now=0.0)
+    assert former.pending == 0
+    with pytest.raises(ValueError):
+        BatchFormer(max_batch=0)
+    with pytest.raises(ValueError):
+        BatchFormer(max_pending=0)
