@@ -92,6 +92,8 @@ class MonitorConfig:
     max_streams: int = 1024
     #: Seconds a closing stream waits for its last estimates before it is closed anyway.
     close_timeout_s: float = 2.0
+    #: Keep each stream's recent RMS level for :meth:`Monitor.levels` (the CLI's meter).
+    track_levels: bool = False
 
     def __post_init__(self) -> None:
         if self.ring_seconds <= 0:
@@ -183,6 +185,7 @@ class _Stream:
         self.ring_dropped_seen = 0
         self.flushed = False
         self.flushed_at = 0.0
+        self.level = 0.0
         self.failed = False
         self.gone = False  # removed from the registry
 
@@ -531,6 +534,11 @@ class Monitor:
             device=s["device"] if s["device"] in ("cpu", "cuda") else "cpu", ts=time.time(),
         )
 
+    def levels(self) -> dict[str, float]:
+        """Each stream's RMS level of its latest audio (0..1; with ``track_levels``)."""
+        with self._registry_lock:
+            return {sid: st.level for sid, st in self._streams.items()}
+
     def health(self) -> dict[str, Any]:
         """A small dict for /healthz: is the pipeline alive, how many streams."""
         pipeline_alive = self._thread is not None and self._thread.is_alive()
@@ -638,6 +646,8 @@ class Monitor:
                 self._gap(st, index, now)
             st.native_next = index + block.size
             self._pipe.inc("audio_samples", int(block.size))
+            if self.config.track_levels:
+                st.level = float(np.sqrt(np.mean(block * block)))
             self._feed(st, st.resampler.process(block), now)
             self._trim_marks(st)
         if st.closing and not st.flushed and st.ring.available == 0:

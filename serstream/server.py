@@ -52,6 +52,7 @@ __all__ = [
     "EventBus",
     "MonitorServer",
     "IngestHandler",
+    "send_events",
     "default_dashboard_dir",
     "prometheus_text",
 ]
@@ -210,6 +211,23 @@ class EventBus:
         return True
 
 
+async def send_events(conn: ServerConnection, sub: Subscription) -> None:
+    """Send ``sub``'s events to ``conn`` as text messages until either closes.
+
+    The ``/events`` route uses it, and so can an ingest handler that streams
+    its own stream's events back. It closes ``sub`` when it returns. Someone
+    must read ``conn`` meanwhile (the ingest handler does; ``/events`` runs a
+    reader that discards), or a closed client is noticed only at the next send.
+    """
+    try:
+        async for payload in sub:
+            await conn.send(payload, text=True)
+    except ConnectionClosed:
+        pass
+    finally:
+        sub.close()
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -320,10 +338,7 @@ class MonitorServer:
         reader = asyncio.create_task(self._discard_incoming(conn))
         reader.add_done_callback(lambda _task: sub.close())
         try:
-            async for payload in sub:
-                await conn.send(payload, text=True)
-        except ConnectionClosed:
-            pass
+            await send_events(conn, sub)
         finally:
             self.event_clients -= 1
             sub.close()

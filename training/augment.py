@@ -52,9 +52,11 @@ __all__ = [
 SAMPLE_RATE = 16_000
 NOISE_KINDS = ("white", "pink", "babble")
 
-# Phase-vocoder analysis: 32 ms window, 75 % overlap at 16 kHz.
+# Phase-vocoder analysis: 32 ms window, 10 ms hop (69 % overlap) at 16 kHz; the
+# usual 75 % costs a third more for a difference augmentation does not need.
 _PV_N_FFT = 512
-_PV_HOP = 128
+_PV_HOP = 160
+_PV_CHUNK = 8
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,10 +161,13 @@ def _babble(
     groups: Tensor | None,
     n_sources: tuple[int, int],
 ) -> tuple[Tensor, Tensor]:
-    """Sum of other rows (each at unit power, circularly shifted within its own length).
+    """Sum of other rows, each at unit power and circularly shifted.
 
+    Each source row is first tiled over the batch width (so a short utterance
+    repeats instead of leaving silent gaps), then rolled by a random offset.
     Returns (noise [R, N], ok [R]); ``ok`` is False where no other row could
-    serve (a batch of one, or every other row from the same group/speaker).
+    serve (a batch of one, or every other row from the same group/speaker);
+    rows with fewer usable others than asked get as many as there are.
     """
     batch, n = x.shape
     device = x.device
@@ -179,13 +184,14 @@ def _babble(
         n_sources[0], n_sources[1] + 1, (n_rows,), generator=generator, device=generator.device
     ).to(device)
     use = (torch.arange(k_max, device=device)[None, :] < wanted[:, None]) & (top >= 0)
-    source_len = lengths[sources].clamp(min=1)
-    shift = (_rand((n_rows, k_max), generator, device) * source_len).long()
-    positions = (torch.arange(n, device=device)[None, None, :] + shift[..., None]) % source_len[..., None]
-    flat_index = sources[..., None] * n + positions
-    voices = torch.take(x, flat_index)
-    voices = voices / voices.pow(2).mean(dim=-1, keepdim=True).add(1e-12).sqrt()
-    noise = (voices * use[..., None]).sum(dim=1)
+    period = lengths.clamp(min=1)
+    tiled = x.gather(1, torch.arange(n, device=device)[None, :] % period[:, None])
+    tiled = tiled / tiled.pow(2).mean(dim=1, keepdim=True).add(1e-12).sqrt()
+    shifts = (_rand((k_max,), generator, device) * n).long().tolist()
+    noise = torch.zeros((n_rows, n), dtype=x.dtype, device=device)
+    for k, shift in enumerate(shifts):
+        voice = torch.roll(tiled.index_select(0, sources[:, k]), shifts=shift, dims=1)
+        noise += voice * use[:, k : k + 1]
     return noise, use.any(dim=1)
 
 
@@ -404,6 +410,20 @@ def _resample_rows(x: Tensor, lengths: Tensor, factor: Tensor) -> tuple[Tensor, 
 def _phase_vocoder_rows(x: Tensor, lengths: Tensor, target_lengths: Tensor) -> Tensor:
     """Time-stretch each row to ``target_lengths`` samples keeping its pitch (batched).
 
+    Runs in chunks of rows: the [rows, bins, frames] intermediates of a small
+    chunk stay in cache, which roughly halves the CPU time of one big batch.
+    """
+    width = max(int(target_lengths.max()), 1)
+    chunks = [
+        _phase_vocoder_chunk(x[part], lengths[part], target_lengths[part], width)
+        for part in (slice(i, i + _PV_CHUNK) for i in range(0, x.shape[0], _PV_CHUNK))
+    ]
+    return torch.cat(chunks, dim=0)
+
+
+def _phase_vocoder_chunk(x: Tensor, lengths: Tensor, target_lengths: Tensor, width: int) -> Tensor:
+    """One chunk of :func:`_phase_vocoder_rows`, output ``width`` samples wide.
+
     STFT, then for output frame j read the input at frame ``j * rate`` (rate =
     length / target, per row): magnitudes interpolated, phases advanced by the
     measured instantaneous frequency, then ISTFT.
@@ -414,7 +434,6 @@ def _phase_vocoder_rows(x: Tensor, lengths: Tensor, target_lengths: Tensor) -> T
     )
     n_rows, n_bins, n_frames = spec.shape
     rate = lengths.float().clamp(min=1) / target_lengths.float().clamp(min=1)
-    width = max(int(target_lengths.max()), 1)
     n_out = width // _PV_HOP + 1
     steps = torch.arange(n_out, device=x.device, dtype=torch.float32)[None, :] * rate[:, None]
     first = steps.floor().long().clamp(max=n_frames - 1)
@@ -613,6 +632,7 @@ class AugmentConfig:
     p_telephony: float = 0.15
     p_gain: float = 0.8
     gain_db: tuple[float, float] = (-24.0, 12.0)
+    chunk_rows: int = 8
 
     @classmethod
     def disabled(cls) -> "AugmentConfig":
@@ -648,30 +668,52 @@ class WaveAugment:
         generator: torch.Generator,
         groups: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Augment a padded batch; ``groups`` (speaker ids as ints) keeps babble to other speakers."""
+        """Augment a padded batch; ``groups`` (speaker ids as ints) keeps babble to other speakers.
+
+        The batch is processed in chunks of ``config.chunk_rows`` rows (babble
+        draws its voices from the same chunk): small chunks keep the
+        intermediates in cache, which is most of the speed on CPU.
+        """
+        _check(x, lengths)
+        step = max(1, self.config.chunk_rows)
+        with torch.no_grad():
+            parts = [
+                self._chunk(
+                    x[rows], lengths[rows], generator, None if groups is None else groups[rows]
+                )
+                for rows in (slice(i, i + step) for i in range(0, x.shape[0], step))
+            ]
+        if not parts:
+            return x, lengths
+        width = max(part.shape[1] for part, _ in parts)
+        out = torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part, _ in parts])
+        return out, torch.cat([part_lengths for _, part_lengths in parts])
+
+    def _chunk(
+        self, x: Tensor, lengths: Tensor, generator: torch.Generator, groups: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         c = self.config
         crop = int(round(c.crop_s * c.sample_rate)) if c.crop_s else None
-        with torch.no_grad():
-            if crop is not None:
-                x, lengths = random_crop(x, lengths, generator, crop)
-            if c.p_speed > 0:
-                x, lengths = speed(x, lengths, generator, c.p_speed, c.speed_factors)
-            if c.p_time_stretch > 0:
-                x, lengths = time_stretch(x, lengths, generator, c.p_time_stretch, c.stretch_rates)
-            if crop is not None and x.shape[1] > crop:
-                x, lengths = random_crop(x, lengths, generator, crop)
-            if c.p_pitch > 0:
-                x, lengths = pitch_shift(x, lengths, generator, c.p_pitch, c.semitones)
-            if c.p_reverb > 0:
-                x, lengths = reverb(
-                    x, lengths, generator, c.p_reverb, c.rt60_s, c.drr_db, sample_rate=c.sample_rate
-                )
-            if c.p_noise > 0:
-                x, lengths = add_noise(
-                    x, lengths, generator, c.p_noise, c.snr_db, c.noise_kinds, groups=groups
-                )
-            if c.p_telephony > 0:
-                x, lengths = telephony(x, lengths, generator, c.p_telephony, sample_rate=c.sample_rate)
-            if c.p_gain > 0:
-                x, lengths = random_gain(x, lengths, generator, c.p_gain, c.gain_db)
+        if crop is not None:
+            x, lengths = random_crop(x, lengths, generator, crop)
+        if c.p_speed > 0:
+            x, lengths = speed(x, lengths, generator, c.p_speed, c.speed_factors)
+        if c.p_time_stretch > 0:
+            x, lengths = time_stretch(x, lengths, generator, c.p_time_stretch, c.stretch_rates)
+        if crop is not None and x.shape[1] > crop:
+            x, lengths = random_crop(x, lengths, generator, crop)
+        if c.p_pitch > 0:
+            x, lengths = pitch_shift(x, lengths, generator, c.p_pitch, c.semitones)
+        if c.p_reverb > 0:
+            x, lengths = reverb(
+                x, lengths, generator, c.p_reverb, c.rt60_s, c.drr_db, sample_rate=c.sample_rate
+            )
+        if c.p_noise > 0:
+            x, lengths = add_noise(
+                x, lengths, generator, c.p_noise, c.snr_db, c.noise_kinds, groups=groups
+            )
+        if c.p_telephony > 0:
+            x, lengths = telephony(x, lengths, generator, c.p_telephony, sample_rate=c.sample_rate)
+        if c.p_gain > 0:
+            x, lengths = random_gain(x, lengths, generator, c.p_gain, c.gain_db)
         return x, lengths

@@ -200,8 +200,8 @@ class EmotionModel:
         if not model_path.is_file():
             raise ContractError(f"{model_path}: model file not found")
 
-        want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
-        if device == "cuda" and not cuda_usable():
+        want_cuda = device != "cpu" and cuda_usable()
+        if device == "cuda" and not want_cuda:
             raise DeviceError(
                 "device 'cuda' requested but no usable CUDA GPU was found "
                 "(no driver, no device, or onnxruntime without CUDA); use --device cpu"

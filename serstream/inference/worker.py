@@ -61,11 +61,16 @@ class InferenceBackend(Protocol):
 
 
 class BatchLike(Protocol):
-    """The fields of :class:`serstream.core.batcher.Batch` the worker uses."""
+    """The fields of :class:`serstream.core.batcher.Batch` the worker uses (read only)."""
 
-    requests: Sequence[Any]
-    audio: np.ndarray
-    lengths: np.ndarray
+    @property
+    def requests(self) -> Sequence[Any]: ...
+
+    @property
+    def audio(self) -> np.ndarray: ...
+
+    @property
+    def lengths(self) -> np.ndarray: ...
 
 
 #: ``on_result(batch, output, error)``: output on success; on failure output is
@@ -81,12 +86,17 @@ StateProvider = Callable[[Any], Mapping[str, np.ndarray | Sequence[np.ndarray | 
 class WorkerStats:
     """A snapshot of the worker's counters (safe to hand to any thread)."""
 
+    #: submit() calls, accepted or not.
     submitted: int
+    #: Batches run (failed ones included) and the windows in them.
     batches: int
     windows: int
+    #: Batches whose infer raised.
     failures: int
+    #: Refused by submit() (queue full, not started, stopped) or discarded by stop(drain=False).
     dropped_batches: int
     dropped_windows: int
+    #: on_result calls that raised (logged once, then only counted).
     callback_failures: int
     queue_depth: int
     max_queue: int
@@ -119,7 +129,7 @@ class InferenceWorker:
         self.max_queue = int(max_queue)
         self.state_for = state_for
         self._clock = clock
-        self._queue: deque[Any] = deque()
+        self._queue: deque[BatchLike] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -177,7 +187,7 @@ class InferenceWorker:
         with self._cond:
             return not self._queue and not self._busy
 
-    def submit(self, batch: Any) -> bool:
+    def submit(self, batch: BatchLike) -> bool:
         """Queue ``batch`` without blocking. False (and a counted drop) when full or stopped."""
         with self._cond:
             self._submitted += 1
@@ -216,7 +226,7 @@ class InferenceWorker:
 
     # ------------------------------------------------------------------ thread
 
-    def _count_drop(self, batch: Any) -> None:
+    def _count_drop(self, batch: BatchLike) -> None:
         # Called with the lock held.
         self._dropped_batches += 1
         self._dropped_windows += len(batch.requests)
@@ -236,7 +246,7 @@ class InferenceWorker:
                 with self._cond:
                     self._busy = False
 
-    def _process(self, batch: Any) -> None:
+    def _process(self, batch: BatchLike) -> None:
         size = len(batch.requests)
         output: InferenceOutput | None = None
         error: str | None = None

@@ -1,0 +1,609 @@
+"""The ``serstream`` command: listen, devices, analyze, serve, bench.
+
+Every error a user can cause (a missing or broken model, a missing file, a
+taken port, a device that does not exist) ends the command with exit code 2
+and one line on stderr starting with ``serstream: error:``; no traceback.
+Human output (where to connect, the live status per stream) goes to stderr;
+stdout carries only data (``--json`` events, ``analyze`` JSON lines,
+``devices`` and ``bench`` tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence, TextIO
+
+from serstream import __version__, events
+from serstream.contract import ContractError
+
+__all__ = ["main", "build_parser", "UserError", "ConsoleOutput", "load_model"]
+
+PROG = "serstream"
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one ``serstream: error:`` line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH", help="ONNX model (default: $SERSTREAM_MODEL, "
+                        "else models/serstream-default.onnx)")
+    parser.add_argument("--device-backend", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where ONNX Runtime runs the model (default: auto = CUDA when usable)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vad-aggressiveness", type=int, choices=(0, 1, 2, 3), default=2,
+                        help="webrtcvad aggressiveness, 0 (keeps most) to 3 (default 2)")
+    parser.add_argument("--hop", type=float, default=0.5, metavar="SECONDS",
+                        help="a partial estimate every SECONDS of speech (default 0.5)")
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port for WebSocket and HTTP (default 8765)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog=PROG, description="Real-time speech emotion monitor.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    listen = sub.add_parser("listen", help="monitor live audio (microphone, files, RTP) and serve events")
+    listen.add_argument("--device", metavar="DEV", help="input device index or name (default: the default input)")
+    listen.add_argument("--file", action="append", default=[], metavar="PATH",
+                        help="replay an audio file in real time instead of a device (repeatable)")
+    listen.add_argument("--fast", action="store_true", help="replay files as fast as possible (no audio dropped)")
+    listen.add_argument("--loop", action="store_true", help="replay files in a loop")
+    listen.add_argument("--exit-when-done", action="store_true",
+                        help="exit once every file has been replayed and its estimates sent")
+    listen.add_argument("--wait-for-client", action="store_true",
+                        help="start the sources only once a client is connected to /events")
+    listen.add_argument("--rtp", action="append", default=[], metavar="HOST:PORT",
+                        help="receive RTP audio on HOST:PORT (repeatable)")
+    listen.add_argument("--rtp-map", action="append", default=[], metavar="PT=ENC/RATE/CH",
+                        help="dynamic RTP payload type, as SDP gives it (e.g. 96=L16/16000/1)")
+    listen.add_argument("--sample-rate", type=int, default=None, metavar="HZ",
+                        help="capture rate for the device (default: the device's default rate)")
+    listen.add_argument("--channels", type=int, default=1, help="channels to capture (mixed to mono)")
+    listen.add_argument("--json", action="store_true", help="write every event as a JSON line on stdout")
+    listen.add_argument("--quiet", action="store_true", help="no status lines on stderr")
+    listen.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                        help="stop after SECONDS")
+    _add_server_options(listen)
+    _add_model_options(listen)
+    _add_pipeline_options(listen)
+
+    sub.add_parser("devices", help="list audio input devices")
+
+    analyze = sub.add_parser("analyze", help="analyse files offline, JSON lines out")
+    analyze.add_argument("files", nargs="*", metavar="FILE", help="audio files (each its own stream)")
+    analyze.add_argument("--csv", metavar="LIST.csv",
+                         help="CSV with columns file,stream: files of one stream are analysed in order "
+                         "as one speaker (state carries over)")
+    analyze.add_argument("--output", "-o", metavar="OUT.jsonl", help="write JSON lines here (default stdout)")
+    analyze.add_argument("--partials", action="store_true", help="also write partial estimates")
+    analyze.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a TTY")
+    analyze.add_argument("--batch", type=int, default=32, help="windows per inference batch (default 32)")
+    _add_model_options(analyze)
+    _add_pipeline_options(analyze)
+
+    serve = sub.add_parser("serve", help="serve events and network ingest, no local sources")
+    serve.add_argument("--json", action="store_true", help="write every event as a JSON line on stdout")
+    serve.add_argument("--quiet", action="store_true", help="no status lines on stderr")
+    serve.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
+    _add_server_options(serve)
+    _add_model_options(serve)
+    _add_pipeline_options(serve)
+
+    bench = sub.add_parser("bench", help="measure inference speed, latency, capacity and memory")
+    bench.add_argument("--quick", action="store_true", help="small settings: a smoke test in about a minute")
+    bench.add_argument("--max-streams", type=int, default=None, metavar="N",
+                       help="highest stream count of the capacity ramp")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _add_model_options(bench)
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load_model(path: str | None, device: str = "auto", threads: int | None = None) -> Any:
+    """Resolve and load the model; UserError with one line on any problem."""
+    from serstream.inference.session import DeviceError, EmotionModel
+    from serstream.models import ModelNotFoundError, resolve_model_path
+
+    try:
+        resolved = resolve_model_path(path)
+        return EmotionModel.load(resolved, device=device, threads=threads)
+    except (ModelNotFoundError, ContractError, DeviceError) as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _one_line(exc: BaseException | str) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _monitor_config(args: argparse.Namespace, track_levels: bool) -> Any:
+    from serstream.core.vad import VadConfig
+    from serstream.monitor import MonitorConfig
+
+    if not args.hop > 0:
+        raise UserError(f"--hop must be > 0, got {args.hop}")
+    return MonitorConfig(vad=VadConfig(aggressiveness=args.vad_aggressiveness), hop_s=args.hop,
+                         track_levels=track_levels)
+
+
+def _info(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- console output
+
+
+def _meter(level: float | None, width: int = 8) -> str:
+    """A small level meter: -60 dBFS empty, 0 dBFS full."""
+    if level is None or level <= 0:
+        return "[" + " " * width + "]"
+    import math
+
+    db = 20 * math.log10(max(level, 1e-9))
+    filled = int(round(max(0.0, min(1.0, (db + 60) / 60)) * width))
+    return "[" + "#" * filled + " " * (width - filled) + "]"
+
+
+class ConsoleOutput:
+    """Events to the terminal on a thread of its own, so a slow terminal never stalls the monitor.
+
+    ``--json`` lines go to ``out``; the human status goes to ``err``: one line
+    per stream redrawn in place on a TTY, plain lines otherwise. The queue is
+    bounded; what does not fit is dropped oldest-first and counted.
+    """
+
+    def __init__(
+        self,
+        json_lines: bool,
+        quiet: bool,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+        levels: Callable[[], dict[str, float]] | None = None,
+        max_queue: int = 10000,
+    ) -> None:
+        self.json_lines = json_lines
+        self.quiet = quiet
+        self.out = out
+        self.err = err
+        self.live = (not quiet) and (not json_lines) and bool(getattr(err, "isatty", lambda: False)())
+        self.levels = levels
+        self.max_queue = max_queue
+        self.dropped = 0
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._status: dict[str, str] = {}
+        self._drawn = 0
+        self._thread = threading.Thread(target=self._run, name="serstream-console", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, event: dict[str, Any]) -> None:
+        """Queue an event (from any thread); never blocks."""
+        if len(self._queue) >= self.max_queue:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(event)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        last_draw = 0.0
+        while True:
+            self._wake.wait(0.1)
+            self._wake.clear()
+            while self._queue:
+                self._write(self._queue.popleft())
+            if self.json_lines:
+                with contextlib.suppress(OSError, ValueError):
+                    self.out.flush()
+            now = time.monotonic()
+            if self.live and now - last_draw >= 0.1:
+                last_draw = now
+                self._draw()
+            if self._stop and not self._queue:
+                if self.live and self._drawn:
+                    self._safe_write(self.err, "\n")
+                return
+
+    def _safe_write(self, stream: TextIO, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            stream.write(text)
+            stream.flush()
+
+    def _write(self, event: dict[str, Any]) -> None:
+        if self.json_lines:
+            with contextlib.suppress(OSError, ValueError):
+                self.out.write(events.dumps(event) + "\n")
+        if self.quiet:
+            return
+        kind = event.get("type")
+        stream = str(event.get("stream"))
+        line: str | None = None
+        if kind == "emotion":
+            s = event["smoothed"]
+            status = (f"{event['kind']:<7} {s['label']:<9} {s['confidence']:4.2f}  "
+                      f"A{s['arousal']:+.2f} V{s['valence']:+.2f}  t={event['t1']:.1f}s")
+            self._status[stream] = status
+            line = f"[{stream}] {status}"
+        elif kind == "speech":
+            line = f"[{stream}] speech {event['state']} at {event['t']:.2f}s"
+            if event["state"] == "start":
+                self._status.setdefault(stream, "speaking")
+        elif kind == "stream":
+            line = f"[{stream}] stream {event['state']} ({event['source']}, {event['codec']}, " \
+                   f"{event['sample_rate']} Hz, {event['channels']} ch)"
+            if event["state"] == "open":
+                self._status.setdefault(stream, "waiting for speech")
+            if event.get("reason"):
+                line += f": {event['reason']}"
+        elif kind == "error":
+            line = f"[{stream}] {event['code']}: {event['message']}"
+        if line is None:
+            return
+        if self.live:
+            if kind in ("stream", "error"):
+                self._clear_block()
+                self._safe_write(self.err, line + "\n")
+            if kind == "stream" and event.get("state") == "closed":
+                self._status.pop(stream, None)
+        else:
+            self._safe_write(self.err, line + "\n")
+
+    def _clear_block(self) -> None:
+        if self._drawn:
+            self._safe_write(self.err, f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+
+    def _draw(self) -> None:
+        if not self._status:
+            return
+        levels = self.levels() if self.levels else {}
+        lines = [f"{name:<24.24} {_meter(levels.get(name))} {text}" for name, text in self._status.items()]
+        prefix = f"\x1b[{self._drawn}F" if self._drawn else ""
+        self._safe_write(self.err, prefix + "".join(f"\x1b[2K{ln}\n" for ln in lines) + "\x1b[J")
+        self._drawn = len(lines)
+
+
+# --------------------------------------------------------------------------- listen / serve
+
+
+def _ingest_handler(monitor: Any) -> Any:
+    """The /ingest hook: ``serstream.sources.ingest.make_ingest_handler(monitor)`` once issue 3 lands."""
+    try:
+        module = importlib.import_module("serstream.sources.ingest")
+    except ImportError:
+        return None
+    factory = getattr(module, "make_ingest_handler", None)
+    return factory(monitor) if factory is not None else None
+
+
+def _rtp_sources(monitor: Any, listen: Sequence[str], rtp_map: Sequence[str]) -> list[Any]:
+    """The --rtp hook: ``serstream.sources.rtp.start_from_cli(monitor, listen, rtp_map)``.
+
+    It returns objects with ``stop()``; until that module exists, --rtp is a clean error.
+    """
+    if not listen:
+        return []
+    try:
+        module = importlib.import_module("serstream.sources.rtp")
+    except ImportError:
+        raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)") from None
+    starter = getattr(module, "start_from_cli", None)
+    if starter is None:
+        raise UserError("serstream/sources/rtp.py has no start_from_cli(monitor, listen, rtp_map) hook")
+    return list(starter(monitor, list(listen), list(rtp_map)))
+
+
+async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) -> int:
+    from serstream.monitor import Monitor, MonitorError
+    from serstream.server import EventBus, MonitorServer, ServerError, default_dashboard_dir, prometheus_text
+    from serstream.sources.file import FileSource
+    from serstream.sources.microphone import MicrophoneSource
+
+    loop = asyncio.get_running_loop()
+    bus = EventBus()
+    quiet = bool(args.quiet)
+    console = ConsoleOutput(json_lines=bool(args.json), quiet=quiet)
+
+    def sink(event: dict[str, Any]) -> None:
+        bus.publish_threadsafe(loop, event)
+        console.offer(event)
+
+    monitor = Monitor(model, _monitor_config(args, track_levels=console.live), sink)
+    console.levels = monitor.levels
+    monitor.set_bus_drop_counter(lambda: bus.events_dropped + console.dropped)
+
+    # Build the sources first: a bad file or device is reported before anything starts.
+    files: list[Any] = []
+    mic: Any = None
+    if with_sources:
+        used: set[str] = set()
+        for path in args.file:
+            stream_id = f"file:{Path(path).name}"
+            while stream_id in used:
+                stream_id += "'"
+            used.add(stream_id)
+            files.append(FileSource(monitor, path, realtime=not args.fast, loop=args.loop, stream_id=stream_id))
+        if not files and not args.rtp:
+            mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
+                                   channels=args.channels)
+        elif args.device is not None:
+            mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
+                                   channels=args.channels)
+
+    server = MonitorServer(
+        bus, args.host, args.port, health=monitor.health,
+        metrics=lambda: prometheus_text(monitor.stats()), dashboard_dir=default_dashboard_dir(),
+        ingest_handler=_ingest_handler(monitor),
+    )
+    try:
+        await server.start()
+    except ServerError as exc:
+        raise UserError(_one_line(exc)) from None
+    console.start()
+    monitor.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    started: list[Any] = []
+    try:
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        base = f"{host}:{server.port}"
+        _info(f"model {model.info.version} on {model.device} ({model.path})", quiet)
+        _info(f"events    ws://{base}/events   (one stream: ws://{base}/events?stream=ID)", quiet)
+        _info(f"dashboard http://{base}/   health http://{base}/healthz   metrics http://{base}/metrics", quiet)
+        if with_sources and getattr(args, "wait_for_client", False):
+            _info("waiting for a client on /events before starting the sources", quiet)
+            while bus.subscribers == 0 and not stop.is_set():
+                await asyncio.sleep(0.02)
+        try:
+            if mic is not None:
+                mic.start()
+                started.append(mic)
+                _info(f"listening to {mic.device.describe()} at {mic.sample_rate} Hz; Ctrl-C to stop", quiet)
+            for source in files:
+                source.start()
+                started.append(source)
+            if with_sources:
+                started.extend(_rtp_sources(monitor, args.rtp, args.rtp_map))
+        except MonitorError as exc:
+            raise UserError(_one_line(exc)) from None
+        if not with_sources:
+            _info("serving; Ctrl-C to stop", quiet)
+        await _wait_until_done(args, stop, files, with_sources)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        for source in started:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(source.stop)
+        await asyncio.to_thread(monitor.stop, True)
+        # Give connected clients a moment to receive the last events (finals, stream closed).
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(s.pending for s in bus.subscriptions()):
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        await server.close()
+        console.close()
+    return 0
+
+
+def _device_arg(device: str | None) -> int | str | None:
+    if device is None:
+        return None
+    return int(device) if device.strip().isdigit() else device
+
+
+async def _wait_until_done(
+    args: argparse.Namespace, stop: asyncio.Event, files: Sequence[Any], with_sources: bool
+) -> None:
+    deadline = None if args.duration is None else time.monotonic() + max(0.0, args.duration)
+    exit_when_done = with_sources and getattr(args, "exit_when_done", False) and files
+    while not stop.is_set():
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        if exit_when_done and all(f.done.is_set() for f in files):
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.05)
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    if args.duration is not None and args.duration < 0:
+        raise UserError("--duration must be >= 0")
+    if args.exit_when_done and not args.file:
+        raise UserError("--exit-when-done needs at least one --file")
+    if args.rtp:
+        # Fail early (before the model loads) when the RTP source is not there yet.
+        try:
+            importlib.import_module("serstream.sources.rtp")
+        except ImportError:
+            raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)") from None
+    model = load_model(args.model, args.device_backend, args.threads)
+    return asyncio.run(_run_server(args, model, with_sources=True))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.device_backend, args.threads)
+    return asyncio.run(_run_server(args, model, with_sources=False))
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from serstream.monitor import MonitorError
+    from serstream.sources.microphone import list_input_devices, resolve_input_device
+
+    try:
+        devices = list_input_devices()
+        if not devices:
+            resolve_input_device(None, devices)  # raises the "no input device" error
+        default = resolve_input_device(None, devices).index
+    except MonitorError as exc:
+        raise UserError(_one_line(exc)) from None
+    width = max(len(d.name) for d in devices)
+    print(f"   {'index':>5}  {'name':<{width}}  {'host API':<10}  {'channels':>8}  {'default rate':>12}")
+    for d in devices:
+        mark = "*" if d.index == default else " "
+        print(f" {mark} {d.index:>5}  {d.name:<{width}}  {d.hostapi:<10}  {d.max_input_channels:>8}  "
+              f"{d.default_samplerate:>9.0f} Hz")
+    return 0
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+class _Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.done = 0
+        self.failed = 0
+        self.started = time.monotonic()
+
+    def step(self, path: Path, error: str | None) -> None:
+        self.done += 1
+        self.failed += error is not None
+        if error is not None:
+            print(f"\r\x1b[2K{PROG}: {error}" if self.enabled else f"{PROG}: {error}", file=sys.stderr, flush=True)
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        rate = self.done / max(time.monotonic() - self.started, 1e-6)
+        sys.stderr.write(
+            f"\r\x1b[2K[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} files"
+            f"  {rate:.1f} files/s  {self.failed} failed"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from serstream.analyze import AnalyzeConfig, AnalyzeError, analyze, streams_from_args
+    from serstream.core.vad import VadConfig
+
+    if not args.files and not args.csv:
+        raise UserError("analyze needs FILE arguments or --csv LIST.csv")
+    if args.batch < 1:
+        raise UserError("--batch must be >= 1")
+    if not args.hop > 0:
+        raise UserError(f"--hop must be > 0, got {args.hop}")
+    try:
+        streams = streams_from_args(args.files, args.csv)
+    except AnalyzeError as exc:
+        raise UserError(_one_line(exc)) from None
+    model = load_model(args.model, args.device_backend, args.threads)
+    total = sum(len(s.files) for s in streams)
+    progress = _Progress(total, enabled=args.progress or (total > 1 and sys.stderr.isatty()))
+    try:
+        out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as exc:
+        raise UserError(f"cannot write {args.output}: {exc.strerror}") from None
+    config = AnalyzeConfig(vad=VadConfig(aggressiveness=args.vad_aggressiveness), hop_s=args.hop,
+                           partials=args.partials, max_batch=args.batch)
+    try:
+        summary = analyze(model, streams, lambda e: out.write(events.dumps(e) + "\n"), config, progress.step)
+    finally:
+        progress.close()
+        if out is not sys.stdout:
+            out.close()
+        else:
+            out.flush()
+    return 1 if summary.failed else 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from serstream import bench
+
+    model = load_model(args.model, args.device_backend, args.threads)
+    return bench.run_cli(model, quick=args.quick, max_streams=args.max_streams, as_json=args.json)
+
+
+# --------------------------------------------------------------------------- main
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "listen": _cmd_listen,
+    "serve": _cmd_serve,
+    "devices": _cmd_devices,
+    "analyze": _cmd_analyze,
+    "bench": _cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``serstream`` console script; returns the exit code."""
+    from serstream.monitor import MonitorError
+
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except MonitorError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside the running monitor (e.g. while the model loads): a clean stop.
+        return 0
+    except BrokenPipeError:
+        # stdout closed by the reader (e.g. `| head`); nothing left to say.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return 0

@@ -1,0 +1,306 @@
+"""The monitor end to end in-process: real webrtcvad, real ONNX Runtime (the factory model).
+
+Audio is pushed in 20 ms chunks as fast as the test can; ``wait_idle`` then
+waits until every window has gone through the model and every event is out.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+
+from serstream import events
+from serstream.inference.session import EmotionModel
+from serstream.monitor import Monitor, MonitorConfig, MonitorError
+from tests.audio import SAMPLE_RATE, silence, speech_with_pauses, voiced
+
+CHUNK = 320  # 20 ms at 16 kHz
+
+
+class Collector:
+    """A thread-safe sink that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def of(self, stream: str | None = None, type_: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                e for e in self.events
+                if (stream is None or e["stream"] == stream) and (type_ is None or e["type"] == type_)
+            ]
+
+
+@pytest.fixture(scope="module")
+def model(factory_model: Path) -> EmotionModel:
+    return EmotionModel.load(factory_model, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def state_emotion_model(state_model: Path) -> EmotionModel:
+    return EmotionModel.load(state_model, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(events.load_schema())
+
+
+def push_all(
+    handles: dict[str, Any],
+    audio: dict[str, np.ndarray],
+    chunk: int = CHUNK,
+    monitor: Monitor | None = None,
+    settle_s: float = 0.25,
+) -> None:
+    """Push every stream's audio, interleaved chunk by chunk as live sources would.
+
+    With ``monitor``, wait for it to go idle after every ``settle_s`` of audio:
+    faster than real time, a newer partial would otherwise replace a waiting
+    one (as it should under load), and a test could not count on partials.
+    """
+    longest = max(a.size for a in audio.values())
+    settle = int(settle_s * SAMPLE_RATE)
+    for start in range(0, longest, chunk):
+        for name, handle in handles.items():
+            block = audio[name][start:start + chunk]
+            if block.size:
+                handle.push(block)
+        if monitor is not None and (start // settle) != ((start + chunk) // settle):
+            assert monitor.wait_idle(timeout=30)
+
+
+def run(model: Any, audio: dict[str, np.ndarray], config: MonitorConfig | None = None) -> tuple[Collector, dict]:
+    sink = Collector()
+    monitor = Monitor(model, config or MonitorConfig(), sink)
+    monitor.start()
+    try:
+        handles = {
+            name: monitor.open_stream(name, source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+            for name in audio
+        }
+        push_all(handles, audio, monitor=monitor)
+        for handle in handles.values():
+            handle.close(reason="end")
+        assert monitor.wait_idle(timeout=30), "monitor did not become idle"
+        stats = monitor.stats()
+    finally:
+        monitor.stop()
+    return sink, stats
+
+
+def test_one_stream_gives_ordered_events(model: EmotionModel, validator: jsonschema.Draft202012Validator) -> None:
+    audio = speech_with_pauses(((0.5, 2.0), (1.0, 1.5)), tail_s=1.0)
+    sink, stats = run(model, {"a": audio})
+    for event in sink.events:
+        validator.validate(event)
+    stream = sink.of("a")
+    kinds = [(e["type"], e.get("state") or e.get("kind")) for e in stream]
+    assert kinds[0] == ("stream", "open")
+    assert kinds[-1] == ("stream", "closed")
+    starts = [e for e in stream if e["type"] == "speech" and e["state"] == "start"]
+    ends = [e for e in stream if e["type"] == "speech" and e["state"] == "end"]
+    assert len(starts) == len(ends) == 2
+    emotions = [e for e in stream if e["type"] == "emotion"]
+    assert [e["seq"] for e in emotions] == list(range(len(emotions)))
+    finals = [e for e in emotions if e["kind"] == "final"]
+    assert [f["utterance"] for f in finals] == [0, 1]
+    assert any(e["kind"] == "partial" for e in emotions)
+    duration = audio.size / SAMPLE_RATE
+    for e in emotions:
+        assert 0 <= e["t0"] < e["t1"] <= duration
+        assert e["latency_ms"] >= 0
+    # Each final covers its utterance and ends where the speech ended; it comes after that end.
+    for final, start, end in zip(finals, starts, ends):
+        assert final["t0"] == pytest.approx(start["t"], abs=1e-3)
+        assert final["t1"] == pytest.approx(end["t"], abs=1e-3)
+        assert stream.index(final) > stream.index(end)
+    # Utterance 1 starts at 0.5 s (less pre-roll), utterance 2 at 3.5 s.
+    assert 0.1 <= starts[0]["t"] <= 0.55
+    assert 3.1 <= starts[1]["t"] <= 3.55
+    assert stats["drops"]["audio_samples"] == 0
+    assert stats["latency_ms"]["count"] == len(emotions)
+
+
+def test_streams_share_batches(model: EmotionModel) -> None:
+    audio = speech_with_pauses(((0.3, 2.0),), tail_s=0.8)
+    # Long waits: a batch closes when full or after 0.3 s, so the six streams' windows meet.
+    config = MonitorConfig(max_batch=6, partial_wait_s=0.3, final_wait_s=0.3)
+    sink, stats = run(model, {f"s{i}": audio for i in range(6)}, config)
+    assert stats["batches"]["max_size"] > 1
+    for i in range(6):
+        finals = [e for e in sink.of(f"s{i}", "emotion") if e["kind"] == "final"]
+        assert len(finals) == 1
+    # Identical audio, identical model: every stream gets the same estimate.
+    labels = {e["label"] for e in sink.of(type_="emotion") if e["kind"] == "final"}
+    assert len(labels) == 1
+
+
+def test_nan_samples_are_counted_and_reported_without_killing_streams(model: EmotionModel) -> None:
+    audio = speech_with_pauses(((0.3, 2.0),), tail_s=0.8)
+    bad = audio.copy()
+    bad[8000:8010] = np.nan
+    bad[9000:9005] = np.inf
+    sink, stats = run(model, {"bad": bad, "good": audio})
+    errors = sink.of("bad", "error")
+    assert [e["code"] for e in errors] == ["bad_samples"]
+    assert errors[0]["count"] >= 10
+    assert stats["drops"]["bad_samples"] == 15
+    for name in ("bad", "good"):
+        assert [e["kind"] for e in sink.of(name, "emotion")][-1] == "final"
+        closed = sink.of(name, "stream")[-1]
+        assert closed["state"] == "closed" and closed["reason"] == "end"
+    assert sink.of("good", "error") == []
+
+
+def test_unusable_block_fails_only_its_stream(model: EmotionModel) -> None:
+    sink = Collector()
+    monitor = Monitor(model, MonitorConfig(), sink)
+    monitor.start()
+    try:
+        good = monitor.open_stream("good", source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+        broken = monitor.open_stream("broken", source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+        audio = speech_with_pauses(((0.3, 2.0),), tail_s=0.8)
+        broken.push(np.zeros((10, 2, 2), np.float32))  # not [frames] or [frames, channels]
+        push_all({"good": good}, {"good": audio})
+        good.close()
+        assert monitor.wait_idle(timeout=30)
+        assert broken.closed
+    finally:
+        monitor.stop()
+    assert [e["code"] for e in sink.of("broken", "error")] == ["bad_samples"]
+    closed = sink.of("broken", "stream")[-1]
+    assert closed["state"] == "closed" and closed["reason"].startswith("error")
+    assert [e["kind"] for e in sink.of("good", "emotion")][-1] == "final"
+
+
+def test_ring_overflow_is_counted(model: EmotionModel) -> None:
+    sink = Collector()
+    # A 0.5 s ring and 2 s pushed before the pipeline runs: 1.5 s must be dropped and counted.
+    monitor = Monitor(model, MonitorConfig(ring_seconds=0.5), sink)
+    handle = monitor.open_stream("a", source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+    for start in range(0, 2 * SAMPLE_RATE, CHUNK):
+        handle.push(voiced(0.02, seed=start))
+    monitor.start()
+    try:
+        handle.close()
+        assert monitor.wait_idle(timeout=30)
+        stats = monitor.stats()
+    finally:
+        monitor.stop()
+    assert stats["drops"]["audio_samples"] == 2 * SAMPLE_RATE - SAMPLE_RATE // 2
+    overflow = sink.of("a", "error")
+    assert [e["code"] for e in overflow] == ["overflow"]
+    assert overflow[0]["count"] == 2 * SAMPLE_RATE - SAMPLE_RATE // 2
+
+
+def test_stop_flushes_open_speech(model: EmotionModel) -> None:
+    sink = Collector()
+    monitor = Monitor(model, MonitorConfig(), sink)
+    monitor.start()
+    handle = monitor.open_stream("a", source="microphone", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+    # Speech that never pauses: only the stop can end it.
+    push_all({"a": handle}, {"a": np.concatenate([silence(0.3), voiced(2.0)])})
+    assert monitor.wait_idle(timeout=30)
+    monitor.stop(drain=True)
+    ends = [e for e in sink.of("a", "speech") if e["state"] == "end"]
+    assert [e["reason"] for e in ends] == ["flush"]
+    finals = [e for e in sink.of("a", "emotion") if e["kind"] == "final"]
+    assert len(finals) == 1
+    assert sink.of("a", "stream")[-1]["state"] == "closed"
+
+
+def test_resampled_stereo_stream(model: EmotionModel) -> None:
+    """A 44.1 kHz stereo int16 source: down-mixed, resampled, times on the 16 kHz clock."""
+    sink = Collector()
+    monitor = Monitor(model, MonitorConfig(), sink)
+    monitor.start()
+    try:
+        mono = speech_with_pauses(((0.5, 2.0),), tail_s=1.0, rate=44100)
+        stereo = (np.stack([mono, mono], axis=1) * 32767).astype(np.int16)
+        handle = monitor.open_stream("cd", source="file", codec="pcm_s16le", sample_rate=44100, channels=2)
+        for start in range(0, stereo.shape[0], 882):
+            handle.push(stereo[start:start + 882])
+        handle.close()
+        assert monitor.wait_idle(timeout=30)
+    finally:
+        monitor.stop()
+    start = [e for e in sink.of("cd", "speech") if e["state"] == "start"]
+    assert len(start) == 1 and 0.1 <= start[0]["t"] <= 0.55
+    finals = [e for e in sink.of("cd", "emotion") if e["kind"] == "final"]
+    assert len(finals) == 1 and finals[0]["t1"] <= mono.size / 44100
+
+
+def test_state_model_feeds_and_updates_speaker_state(state_emotion_model: EmotionModel) -> None:
+    """The first final sees no state; the second sees the first one's frame_stats."""
+    quiet = 0.15 * voiced(1.5, seed=1)
+    loud = voiced(1.5, seed=2) * 3.0
+    audio = np.concatenate([silence(0.3), quiet, silence(1.0), np.clip(loud, -1, 1), silence(1.0)])
+    sink, _ = run(state_emotion_model, {"a": audio})
+    finals = [e for e in sink.of("a", "emotion") if e["kind"] == "final"]
+    assert len(finals) == 2
+    model = state_emotion_model
+    for final, expect_state in zip(finals, (False, True)):
+        start, end = round(final["t0"] * SAMPLE_RATE), round(final["t1"] * SAMPLE_RATE)
+        window = audio[start:end][None, :]
+        stateless = model.infer(window, np.array([window.shape[1]]))
+        probs = np.array(list(final["probs"].values()))
+        same = np.allclose(probs, stateless.probs[0], atol=2e-4)
+        assert same is (not expect_state)
+    # With the quiet speaker's statistics, the loud utterance reads as aroused (z-score > 0).
+    assert finals[1]["arousal"] > 0.5
+
+
+def test_bad_stream_parameters_are_one_line_errors(model: EmotionModel) -> None:
+    monitor = Monitor(model, MonitorConfig(max_streams=1), Collector())
+    with pytest.raises(MonitorError, match="sample rate"):
+        monitor.open_stream("x", source="file", codec="pcm", sample_rate=1000, channels=1)
+    monitor.open_stream("a", source="file", codec="pcm", sample_rate=SAMPLE_RATE, channels=1)
+    with pytest.raises(MonitorError, match="already open"):
+        monitor.open_stream("a", source="file", codec="pcm", sample_rate=SAMPLE_RATE, channels=1)
+    with pytest.raises(MonitorError, match="too many streams"):
+        monitor.open_stream("b", source="file", codec="pcm", sample_rate=SAMPLE_RATE, channels=1)
+
+
+def test_failing_sink_is_counted_not_fatal(model: EmotionModel) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def flaky(event: dict[str, Any]) -> None:
+        if event["type"] == "speech":
+            raise RuntimeError("consumer bug")
+        seen.append(event)
+
+    monitor = Monitor(model, MonitorConfig(), flaky)
+    monitor.start()
+    try:
+        handle = monitor.open_stream("a", source="file", codec="pcm", sample_rate=SAMPLE_RATE, channels=1)
+        push_all({"a": handle}, {"a": speech_with_pauses(((0.3, 1.5),), tail_s=0.8)})
+        handle.close()
+        assert monitor.wait_idle(timeout=30)
+        stats = monitor.stats()
+    finally:
+        monitor.stop()
+    assert stats["drops"]["sink_failures"] == 2
+    assert any(e["type"] == "emotion" and e["kind"] == "final" for e in seen)
+
+
+def test_stats_event_and_health_validate(model: EmotionModel, validator: jsonschema.Draft202012Validator) -> None:
+    monitor = Monitor(model, MonitorConfig(), Collector())
+    monitor.start()
+    try:
+        health = monitor.health()
+        assert health["status"] == "ok" and health["device"] == "cpu"
+        validator.validate(monitor.stats_event())
+    finally:
+        monitor.stop()
+    assert monitor.health()["status"] == "down"
