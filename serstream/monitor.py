@@ -585,6 +585,8 @@ class Monitor:
                 self._emit_stats()
             if self._stopping and self._all_done():
                 break
+        # A last stats event: the totals of the run (a file replay's figures, for instance).
+        self._emit_stats()
 
     def _timeout(self, now: float) -> float:
         timeout = self._next_stats - now

@@ -42,7 +42,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from serstream.events import STATS_STREAM, dumps
+from serstream.events import dumps
 
 __all__ = [
     "DEFAULT_HOST",

@@ -77,25 +77,55 @@ def _utterance_view(corpus):
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on every speaker (no held-out test set) and export; the epoch count comes from the CV."""
     import numpy as np
+    import torch
 
-    from . import metrics as M
-    from .export import export_onnx
-    from .train import predict, train_model
+    from .train import train_model
 
     corpus = _load(args)
     config = _config(args)
     idx = np.arange(len(corpus))
     result = train_model(corpus, idx, None, config, Path(args.out))
+    torch.save({"model": result.model.state_dict(), "config": config.to_dict()}, Path(args.out) / "model.pt")
+    if args.export:
+        return _export(result.model, corpus, config, args)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a trained ``model.pt`` (from ``train``) to ONNX with its metadata."""
+    import torch
+
+    from .model import EmotionNet, ModelConfig
+    from .train import TrainConfig
+
+    saved = torch.load(Path(args.checkpoint), weights_only=False)
+    model_config = ModelConfig.from_dict(saved["config"]["model"])
+    model = EmotionNet(model_config)
+    model.load_state_dict(saved["model"])
+    config = TrainConfig(**{k: v for k, v in saved["config"].items() if k != "model"}, model=model_config)
+    corpus = _load(args) if args.temperature is None else None
+    return _export(model.eval(), corpus, config, args)
+
+
+def _export(model, corpus, config, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .export import export_onnx
+    from .train import predict
+
     temperature = args.temperature
     if temperature is None:
-        pred = predict(result.model, corpus, idx[corpus.corpus == "ravdess"], mode="online", order_seed=config.seed)
+        from . import metrics as M
+
+        idx = np.flatnonzero(corpus.corpus == "ravdess")
+        pred = predict(model, corpus, idx, mode="online", order_seed=config.seed)
         temperature = M.fit_temperature(pred["emotion_logits"], pred["label"])
         print(f"temperature fitted on training RAVDESS speakers: {temperature:.3f} (prefer --temperature from the CV)", file=sys.stderr)
     if args.export:
         extra = {"training_data": f"{args.corpora} from {args.data}", "train_config": config.to_dict()}
         if args.cv_summary:
             extra["cv_results"] = json.loads(Path(args.cv_summary).read_text())
-        export_onnx(result.model, Path(args.export), temperature=temperature, version=args.version, extra=extra)
+        export_onnx(model, Path(args.export), temperature=temperature, version=args.version, extra=extra)
         print(f"exported {args.export}", file=sys.stderr)
     return 0
 
@@ -131,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--version", default="0.1.0")
     tr.add_argument("--cv-summary", default=None, help="summary.json of a CV run, embedded in the metadata")
     sub.choices["baseline"].add_argument("--speaker-norm", action="store_true")
+    ex = sub.add_parser("export", help="export a trained model.pt to ONNX")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--export", required=True, help="ONNX file to write")
+    ex.add_argument("--data", default=None, help="corpora, only to fit the temperature when --temperature is not given")
+    ex.add_argument("--corpora", default="ravdess,tess")
+    ex.add_argument("--cache", default=None)
+    ex.add_argument("--temperature", type=float, default=None)
+    ex.add_argument("--version", default="0.1.0")
+    ex.add_argument("--cv-summary", default=None)
     return parser
 
 
@@ -139,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import DatasetError
 
     try:
-        return {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline}[args.command](args)
+        return {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export}[args.command](args)
     except DatasetError as exc:
         print(f"training: error: {exc}", file=sys.stderr)
         return 2

@@ -88,6 +88,12 @@ def _valid(lengths: Tensor, n: int) -> Tensor:
     return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def _zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
+    # masked_fill, not a multiply by the bool mask: the multiply converts the mask
+    # to float first, which costs several times the arithmetic itself.
+    return x.masked_fill(~_valid(lengths, x.shape[1]), 0.0)
+
+
 def _check(x: Tensor, lengths: Tensor) -> None:
     if x.dim() != 2 or lengths.dim() != 1 or lengths.shape[0] != x.shape[0]:
         raise ValueError(
@@ -116,11 +122,11 @@ def _assemble(
     new_keep = min(width, new_rows.shape[1])
     out[rows] = 0.0
     out[rows, :new_keep] = new_rows[:, :new_keep].to(x.dtype)
-    return out * _valid(lengths_out, width), lengths_out
+    return _zero_padding(out, lengths_out), lengths_out
 
 
 def _rms(x: Tensor, lengths: Tensor) -> Tensor:
-    power = (x * x * _valid(lengths, x.shape[1])).sum(dim=1) / lengths.clamp(min=1)
+    power = _zero_padding(x * x, lengths).sum(dim=1) / lengths.clamp(min=1)
     return power.sqrt()
 
 
@@ -241,8 +247,7 @@ def add_noise(
         noise[sel] = _pink(sel.numel(), n, generator, device).to(x.dtype)
 
     sub, sub_len = x[rows], lengths[rows]
-    valid = _valid(sub_len, n)
-    noise = noise * valid
+    noise = _zero_padding(noise, sub_len)
     signal_power = _rms(sub, sub_len).pow(2)
     noise_power = _rms(noise, sub_len).pow(2)
     scale = torch.where(
@@ -250,7 +255,7 @@ def add_noise(
         (signal_power / (noise_power.clamp(min=1e-20) * 10.0 ** (snr / 10.0))).sqrt(),
         torch.zeros_like(noise_power),
     )
-    noisy = (sub + noise * scale[:, None]).clamp(-1.0, 1.0) * valid
+    noisy = _zero_padding((sub + noise * scale[:, None]).clamp(-1.0, 1.0), sub_len)
     return _put_rows(x, rows, noisy), lengths
 
 
@@ -310,7 +315,7 @@ def telephony(
     phone_band = (phone_freqs >= band_hz[0]) & (phone_freqs <= band_hz[1])
     up = torch.fft.irfft(phone_spectrum * phone_band, n=n_phone * factor, dim=1) * factor
     up = up[:, :n] if up.shape[1] >= n else torch.nn.functional.pad(up, (0, n - up.shape[1]))
-    return _put_rows(x, rows, up * _valid(sub_len, n)), lengths
+    return _put_rows(x, rows, _zero_padding(up, sub_len)), lengths
 
 
 # --------------------------------------------------------------------------- reverberation
@@ -379,7 +384,7 @@ def reverb(
         n=n_fft,
         dim=1,
     )[:, :n]
-    wet = wet * _valid(sub_len, n)
+    wet = _zero_padding(wet, sub_len)
     gain = _rms(sub.float(), sub_len) / _rms(wet, sub_len).clamp(min=1e-12)
     return _put_rows(x, rows, (wet * gain[:, None]).clamp(-1.0, 1.0)), lengths
 
@@ -404,7 +409,7 @@ def _resample_rows(x: Tensor, lengths: Tensor, factor: Tensor) -> tuple[Tensor, 
     left_c = left.clamp(max=n - 1)
     right_c = (left + 1).clamp(max=n - 1)
     out = x.gather(1, left_c) * (1.0 - frac) + x.gather(1, right_c) * frac
-    return out * _valid(new_lengths, width), new_lengths
+    return _zero_padding(out, new_lengths), new_lengths
 
 
 def _phase_vocoder_rows(x: Tensor, lengths: Tensor, target_lengths: Tensor) -> Tensor:
@@ -458,7 +463,7 @@ def _phase_vocoder_chunk(x: Tensor, lengths: Tensor, target_lengths: Tensor, wid
     phase = torch.remainder(phase + math.pi, 2.0 * math.pi) - math.pi
     stretched = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
     out = torch.istft(stretched, _PV_N_FFT, _PV_HOP, window=window, center=True, length=width)
-    return (out * _valid(target_lengths, width)).to(x.dtype)
+    return _zero_padding(out, target_lengths).to(x.dtype)
 
 
 def speed(
@@ -538,7 +543,7 @@ def random_crop(
     start = (_rand((x.shape[0],), generator, x.device) * (slack + 1).float()).long().clamp(max=slack)
     index = (start[:, None] + torch.arange(width, device=x.device)[None, :]).clamp(max=x.shape[1] - 1)
     new_lengths = lengths.clamp(max=max_len)
-    return x.gather(1, index) * _valid(new_lengths, width), new_lengths
+    return _zero_padding(x.gather(1, index), new_lengths), new_lengths
 
 
 # --------------------------------------------------------------------------- SpecAugment
