@@ -7,7 +7,9 @@ the tool's name, never faked.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -120,6 +122,19 @@ def _pulse_env(root: Path) -> dict[str, str]:
     return env
 
 
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait for the daemon we started to exit; kill it (by its pid) if it does not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture()
 def pulse_null_sink() -> Iterator[dict[str, str]]:
     """A private PulseAudio daemon whose null sink ``micsink`` stands in for a microphone.
@@ -144,6 +159,7 @@ def pulse_null_sink() -> Iterator[dict[str, str]]:
         "--load=module-native-protocol-unix",
         "--load=module-null-sink sink_name=micsink rate=16000 channels=1",
     ]
+    pid: int | None = None
     try:
         subprocess.run(cmd, env=env, check=True, timeout=20, capture_output=True)
         deadline = time.monotonic() + 10
@@ -152,14 +168,12 @@ def pulse_null_sink() -> Iterator[dict[str, str]]:
                 log = (root / "pulseaudio.log").read_text(errors="replace")[-2000:]
                 pytest.fail(f"pulseaudio did not come up; log tail:\n{log}")
             time.sleep(0.1)
+        pid_text = (root / "run" / "pulse" / "pid").read_text().strip()
+        pid = int(pid_text) if pid_text.isdigit() else None
         subprocess.run(["pactl", "set-default-source", "micsink.monitor"], env=env, check=True)
         yield env
     finally:
         subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True, timeout=20)
-        pid_file = root / "run" / "pulse" / "pid"
-        if pid_file.exists():
-            try:
-                os.kill(int(pid_file.read_text().split()[0]), 15)
-            except (ProcessLookupError, ValueError):
-                pass
+        if pid is not None:
+            _wait_gone(pid, 5.0)
         shutil.rmtree(root, ignore_errors=True)

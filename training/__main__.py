@@ -130,6 +130,20 @@ def _export(model, corpus, config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the CV figures of a (possibly partial) run as a Markdown table and write summary.json."""
+    from .cv import collect, markdown_report, summarise
+
+    results = collect(Path(args.cv))
+    if not results:
+        print(f"training: error: no finished folds in {args.cv}", file=sys.stderr)
+        return 2
+    (Path(args.cv) / "summary.json").write_text(json.dumps(summarise(results), indent=1))
+    print(f"{len(results)} fold(s) finished: {sorted(r['fold'] for r in results)}")
+    print(markdown_report(results))
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from . import baseline
 
@@ -161,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--version", default="0.1.0")
     tr.add_argument("--cv-summary", default=None, help="summary.json of a CV run, embedded in the metadata")
     sub.choices["baseline"].add_argument("--speaker-norm", action="store_true")
+    rep = sub.add_parser("report", help="figures of a CV run as a Markdown table")
+    rep.add_argument("--cv", required=True, help="the --out folder of a cv run")
     ex = sub.add_parser("export", help="export a trained model.pt to ONNX")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--export", required=True, help="ONNX file to write")
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import DatasetError
 
     try:
-        return {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export}[args.command](args)
+        return {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export, "report": cmd_report}[args.command](args)
     except DatasetError as exc:
         print(f"training: error: {exc}", file=sys.stderr)
         return 2

@@ -142,3 +142,48 @@ def summarise(results: Sequence[dict]) -> dict:
                 summary[mode][k] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4),
                                     "folds": vals}
     return summary
+
+
+def rescore_fold(fold_dir: Path) -> dict:
+    """Figures from a fold's saved predictions (after a metrics change, without retraining)."""
+    from . import metrics as M
+
+    z = np.load(Path(fold_dir) / "predictions.npz", allow_pickle=False)
+    split = lambda prefix: {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith(prefix + ".")}
+    val = split("val")
+    temperature = M.fit_temperature(val["emotion_logits"], val["label"])
+    figures = {"fold": int(Path(fold_dir).name.split("-")[1]), "temperature": round(float(temperature), 4)}
+    for mode in MODES:
+        figures[mode] = fold_metrics(split(mode), temperature)
+    return figures
+
+
+def collect(cv_dir: Path) -> list[dict]:
+    """Every finished fold of a CV run: its fold-K.json, or a re-score of its saved predictions."""
+    results = []
+    for fold_dir in sorted(Path(cv_dir).glob("fold-*/")):
+        js = Path(cv_dir) / f"{fold_dir.name}.json"
+        if js.exists():
+            results.append(json.loads(js.read_text()))
+        elif (fold_dir / "predictions.npz").exists():
+            figures = rescore_fold(fold_dir)
+            js.write_text(json.dumps(figures, indent=1))
+            results.append(figures)
+    return results
+
+
+def markdown_report(results: Sequence[dict]) -> str:
+    """The model card's table: per fold and mean +/- std, for each adaptation mode."""
+    cols = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated", "gender_accuracy")
+    lines = []
+    for mode in MODES:
+        lines.append(f"\n**Speaker history: {mode}**\n")
+        lines.append("| fold (test actors) | " + " | ".join(cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for r in sorted(results, key=lambda r: r["fold"]):
+            actors = f"{4 * r['fold'] - 3}-{4 * r['fold']}"
+            lines.append(f"| {r['fold']} ({actors}) | " + " | ".join(f"{r[mode].get(c, float('nan')):.3f}" for c in cols) + " |")
+        means = [np.mean([r[mode][c] for r in results]) for c in cols]
+        stds = [np.std([r[mode][c] for r in results]) for c in cols]
+        lines.append("| **mean +/- std** | " + " | ".join(f"{m:.3f} +/- {s:.3f}" for m, s in zip(means, stds)) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""serstream speech emotion for Pipecat pipelines (placeholder while building)."""
