@@ -569,6 +569,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from serstream import bench
 
+    if args.max_streams is not None and args.max_streams < 1:
+        raise UserError("--max-streams must be >= 1")
     model = load_model(args.model, args.device_backend, args.threads)
     return bench.run_cli(model, quick=args.quick, max_streams=args.max_streams, as_json=args.json)
 

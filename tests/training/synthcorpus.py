@@ -23,6 +23,7 @@ from serstream.contract import LABELS
 
 __all__ = [
     "CREMA_D_BAD",
+    "CREMA_D_DEMOGRAPHICS",
     "CREMA_D_GOOD",
     "EMODB_BAD",
     "EMODB_GOOD",
@@ -94,7 +95,8 @@ def emotion_signal(
 
 def write_clip(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio, sample_rate, subtype="PCM_16")
+    kind = "FLAC" if path.suffix.lower() == ".flac" else "WAV"
+    sf.write(str(path), audio, sample_rate, format=kind, subtype="PCM_16")
     return path
 
 
@@ -120,9 +122,11 @@ def make_ravdess_like(
         base_f0 = (115.0 if male else 205.0) * (1.0 + 0.04 * ((actor % 5) - 2))
         speaker_db = -4.0 * ((actor * 7) % 3)
         for emotion in emotions:
-            for take, (intensity, statement, repetition) in enumerate(_ravdess_takes(emotion)[:n_per]):
+            takes = _ravdess_takes(emotion)[:n_per]
+            for take, (intensity, statement, repetition) in enumerate(takes):
                 strong_db = 4.0 if intensity == "02" else 0.0
-                name = f"03-01-{_RAVDESS_CODE[emotion]}-{intensity}-{statement}-{repetition}-{actor:02d}"
+                code = _RAVDESS_CODE[emotion]
+                name = f"03-01-{code}-{intensity}-{statement}-{repetition}-{actor:02d}"
                 seed = actor * 1000 + LABELS.index(emotion) * 10 + take
                 audio = emotion_signal(
                     emotion, base_f0, speaker_db + strong_db, seconds, seed, sample_rate
@@ -140,7 +144,10 @@ def make_tess_like(
     suffix: str = ".flac",
     sample_rate: int = SAMPLE_RATE,
 ) -> Path:
-    """Write ``root/OAF_angry/OAF_back_angry.flac`` etc. (surprised as ``ps`` in ``*_pleasant_surprise/``)."""
+    """Write ``root/OAF_angry/OAF_back_angry.flac`` etc.
+
+    Surprised is written as ``ps`` inside ``<SPEAKER>_pleasant_surprise/``, as in TESS.
+    """
     root = Path(root)
     for s_index, speaker in enumerate(speakers):
         base_f0 = 190.0 if speaker == "OAF" else 230.0
@@ -150,7 +157,8 @@ def make_tess_like(
                 seed = 50_000 + s_index * 1000 + LABELS.index(emotion) * 10 + w_index
                 # TESS is recorded about 10 dB louder than RAVDESS.
                 audio = emotion_signal(emotion, base_f0, 8.0, seconds, seed, sample_rate)
-                write_clip(folder / f"{speaker}_{word}_{_TESS_CODE[emotion]}{suffix}", audio, sample_rate)
+                name = f"{speaker}_{word}_{_TESS_CODE[emotion]}{suffix}"
+                write_clip(folder / name, audio, sample_rate)
     return root
 
 
@@ -163,12 +171,9 @@ def write_named_tree(
     for name in names:
         audio = (0.05 * rng.standard_normal(int(seconds * sample_rate))).astype(np.float32)
         path = root / name
-        if path.suffix.lower() == ".flac":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), audio, sample_rate, format="FLAC", subtype="PCM_16")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), audio, sample_rate, format="WAV", subtype="PCM_16")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kind = "FLAC" if path.suffix.lower() == ".flac" else "WAV"
+        sf.write(str(path), audio, sample_rate, format=kind, subtype="PCM_16")
     return root
 
 

@@ -1,0 +1,342 @@
+"""The classical baseline, in the same harness as the CNN: utterance statistics + a linear model.
+
+Features per utterance (librosa): MFCC and delta-MFCC statistics (mean, std,
+10/50/90th percentiles), log-mel band means and stds, and cheap prosody
+proxies in the spirit of eGeMAPS (log-F0 from ``librosa.yin`` on the louder
+frames, frame energy, their spread and slope, the voiced fraction). Then
+standardisation and a class-weighted logistic regression (or a linear SVM),
+trained on each fold's training and validation speakers and tested on its
+test speakers, exactly the folds the CNN uses.
+
+``speaker_norm=True`` z-scores each speaker's features by that speaker's own
+mean and std first (no labels used; test speakers are normalised by their own
+statistics too), the label-free adaptation the issue asks to measure.
+
+Features are cached under ``~/.cache/serstream/`` (outside the repository:
+they are derived from licensed corpora and must never be committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from serstream.contract import LABELS, SAMPLE_RATE
+from training.datasets import DatasetError, Utterance, load_audio, scan_corpora
+from training.folds import Fold, make_split, partition, ravdess_actor_folds
+from training.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    format_comparison,
+    format_table,
+    plot_confusion,
+    softmax,
+)
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "FeatureConfig",
+    "add_baseline_arguments",
+    "evaluate_baseline",
+    "extract_features",
+    "run_baseline",
+    "run_baseline_command",
+    "speaker_normalise",
+    "utterance_features",
+]
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("SERSTREAM_CACHE", Path.home() / ".cache" / "serstream"))
+TABLE_METRICS = ("accuracy", "uar", "macro_f1", "top3_accuracy", "uar_gap", "ece")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature extraction settings; any change gives a new cache file."""
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = 512
+    hop_length: int = 160
+    n_mels: int = 40
+    n_mfcc: int = 20
+    f0_min_hz: float = 60.0
+    f0_max_hz: float = 500.0
+    #: Frames within this many dB of the loudest frame count as voiced for F0 stats.
+    voiced_range_db: float = 25.0
+    version: int = 1
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _stats(values: np.ndarray) -> np.ndarray:
+    """mean, std, 10th, 50th, 90th percentile along the last axis."""
+    if values.shape[-1] == 0:
+        return np.zeros(values.shape[:-1] + (5,))
+    percentiles = np.percentile(values, (10, 50, 90), axis=-1)
+    return np.stack([values.mean(-1), values.std(-1), *percentiles], axis=-1)
+
+
+def _slope(values: np.ndarray) -> float:
+    if values.size < 2:
+        return 0.0
+    t = np.linspace(-1.0, 1.0, values.size)
+    return float(np.dot(t - t.mean(), values - values.mean()) / np.dot(t - t.mean(), t - t.mean()))
+
+
+def utterance_features(audio: np.ndarray, config: FeatureConfig = FeatureConfig()) -> np.ndarray:
+    """One fixed-length float32 feature vector for a mono 16 kHz clip."""
+    import librosa
+
+    audio = np.asarray(audio, dtype=np.float32)
+    frame = 2 * config.n_fft
+    if audio.size < frame:
+        audio = np.pad(audio, (0, frame - audio.size))
+    mel = librosa.feature.melspectrogram(
+        y=audio,
+        sr=config.sample_rate,
+        n_fft=config.n_fft,
+        hop_length=config.hop_length,
+        n_mels=config.n_mels,
+        power=2.0,
+    )
+    log_mel = np.log(mel + 1e-10)
+    mfcc = librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=config.n_mfcc)
+    n_frames = mfcc.shape[1]
+    delta = librosa.feature.delta(mfcc, width=min(9, n_frames if n_frames % 2 else n_frames - 1))
+    rms = librosa.feature.rms(y=audio, frame_length=frame, hop_length=config.hop_length)[0]
+    energy_db = 20.0 * np.log10(rms + 1e-8)
+    f0 = librosa.yin(
+        audio,
+        fmin=config.f0_min_hz,
+        fmax=config.f0_max_hz,
+        sr=config.sample_rate,
+        frame_length=frame,
+        hop_length=config.hop_length,
+    )
+    n = min(f0.size, energy_db.size)
+    loud = energy_db[:n] >= energy_db[:n].max() - config.voiced_range_db
+    log_f0 = np.log2(f0[:n][loud])
+    prosody = np.concatenate(
+        [_stats(log_f0), [_slope(log_f0)], _stats(energy_db), [_slope(energy_db), loud.mean()]]
+    )
+    parts = [
+        _stats(mfcc).ravel(),
+        _stats(delta).ravel(),
+        log_mel.mean(axis=1),
+        log_mel.std(axis=1),
+        prosody,
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def extract_features(
+    utterances: Sequence[Utterance],
+    cache_dir: Path | str | None = None,
+    config: FeatureConfig = FeatureConfig(),
+    progress: bool = False,
+) -> np.ndarray:
+    """[N, D] features for the utterances, computed once and cached by file path, size and mtime.
+
+    ``cache_dir`` None uses DEFAULT_CACHE_DIR (~/.cache/serstream); the cache
+    holds one ``baseline-features-<config>.npz`` file.
+    """
+    cache_root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_root.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_root / f"baseline-features-{config.key()}.npz"
+    cached: dict[str, np.ndarray] = {}
+    if cache_file.exists():
+        try:
+            with np.load(cache_file, allow_pickle=False) as data:
+                cached = dict(zip(data["keys"].tolist(), data["features"]))
+        except (OSError, ValueError, KeyError):
+            cached = {}  # a damaged cache is rebuilt, not trusted
+    keys = [_file_key(u.path) for u in utterances]
+    missing = [i for i, k in enumerate(keys) if k not in cached]
+    iterator: Sequence[int] | object = missing
+    if progress and missing:
+        from tqdm import tqdm
+
+        iterator = tqdm(missing, desc="baseline features", unit="file")
+    for i in iterator:  # type: ignore[union-attr]
+        audio = load_audio(utterances[i].path, config.sample_rate)
+        cached[keys[i]] = utterance_features(audio, config)
+    if missing:
+        all_keys = sorted(cached)
+        tmp = cache_file.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=np.array(all_keys), features=np.stack([cached[k] for k in all_keys]))
+        os.replace(tmp, cache_file)
+    return np.stack([cached[k] for k in keys]).astype(np.float64)
+
+
+def speaker_normalise(features: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
+    """Z-score each speaker's rows by that speaker's own mean and std (label-free)."""
+    out = np.empty_like(features, dtype=np.float64)
+    speaker_array = np.asarray(speakers)
+    for speaker in np.unique(speaker_array):
+        rows = speaker_array == speaker
+        block = features[rows]
+        out[rows] = (block - block.mean(axis=0)) / (block.std(axis=0) + 1e-6)
+    return out
+
+
+def _sample_weights(utterances: Sequence[Utterance]) -> np.ndarray:
+    """Equal total weight per (corpus, class) group, so TESS's neutral cannot swamp RAVDESS's."""
+    groups = [(u.corpus, u.label) for u in utterances]
+    counts: dict[tuple[str, str], int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    weights = np.array([1.0 / counts[g] for g in groups])
+    return weights * (len(weights) / weights.sum())
+
+
+def _make_classifier(kind: str, seed: int) -> object:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    if kind == "logreg":
+        model = LogisticRegression(C=0.1, max_iter=3000, random_state=seed)
+    elif kind == "svm":
+        model = LinearSVC(C=0.01, max_iter=20000, random_state=seed)
+    else:
+        raise ValueError(f"classifier must be 'logreg' or 'svm', not {kind!r}")
+    return make_pipeline(StandardScaler(), model)
+
+
+def evaluate_baseline(
+    utterances: Sequence[Utterance],
+    features: np.ndarray,
+    folds: Sequence[Fold],
+    speaker_norm: bool,
+    classifier: str = "logreg",
+    seed: int = 0,
+    n_val_actors: int = 2,
+) -> list[dict]:
+    """Train and test on each fold; one dict of metrics per fold (see metrics.classification_metrics).
+
+    The baseline has no early stopping, so it trains on training and validation speakers together.
+    """
+    if features.shape[0] != len(utterances):
+        raise ValueError(f"{features.shape[0]} feature rows for {len(utterances)} utterances")
+    x = speaker_normalise(features, [u.speaker for u in utterances]) if speaker_norm else features
+    label_index = {label: i for i, label in enumerate(LABELS)}
+    y = np.array([label_index[u.label] for u in utterances])
+    row_of = {id(u): i for i, u in enumerate(utterances)}
+    results = []
+    for fold_spec in folds:
+        fold = fold_spec
+        if not fold.train_speakers:
+            fold = make_split(utterances, fold_spec, n_val_actors=n_val_actors, seed=seed)
+        data = partition(utterances, fold)
+        train_utts = data.train + data.val
+        train_rows = np.array([row_of[id(u)] for u in train_utts])
+        test_rows = np.array([row_of[id(u)] for u in data.test])
+        model = _make_classifier(classifier, seed)
+        last_step = model.steps[-1][0]  # type: ignore[attr-defined]
+        weights = {f"{last_step}__sample_weight": _sample_weights(train_utts)}
+        model.fit(x[train_rows], y[train_rows], **weights)  # type: ignore[attr-defined]
+        scores = model.decision_function(x[test_rows])  # type: ignore[attr-defined]
+        # Scatter the classes the model saw into the full label order.
+        full = np.full((test_rows.size, len(LABELS)), -1e9)
+        full[:, model.classes_] = scores  # type: ignore[attr-defined]
+        probs = softmax(full)
+        y_test = y[test_rows]
+        metrics = classification_metrics(y_test, probs, genders=[u.gender for u in data.test])
+        if classifier != "logreg":
+            metrics["ece"] = float("nan")  # SVM margins are not probabilities
+        cm = confusion_matrix(y_test, probs.argmax(axis=1), n_classes=len(LABELS))
+        results.append(
+            {
+                "fold": fold.index,
+                "test_speakers": sorted(fold.test_speakers),
+                "n_train": int(train_rows.size),
+                "n_test": int(test_rows.size),
+                **metrics,
+                "confusion": cm.tolist(),
+            }
+        )
+    return results
+
+
+def run_baseline(
+    data_root: Path | str,
+    folds: Sequence[Fold] | None = None,
+    speaker_norm: bool = False,
+    cache_dir: Path | str | None = None,
+    corpora: Sequence[str] = ("ravdess", "tess"),
+    classifier: str = "logreg",
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:
+    """Scan the corpora under ``data_root``, extract (cached) features, evaluate on ``folds``.
+
+    ``folds`` None means the six RAVDESS actor folds.
+    """
+    scan = scan_corpora(data_root, corpora, check_audio=True)
+    features = extract_features(scan.utterances, cache_dir, progress=progress)
+    return evaluate_baseline(
+        scan.utterances, features, folds or ravdess_actor_folds(), speaker_norm, classifier, seed
+    )
+
+
+def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m training baseline``."""
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder holding ravdess/, tess/, ..."
+    )
+    parser.add_argument("--corpora", default="ravdess,tess", help="comma-separated corpus names")
+    parser.add_argument("--out", type=Path, default=Path("runs/baseline"), help="output folder")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"feature cache (default {DEFAULT_CACHE_DIR})"
+    )
+    parser.add_argument("--classifier", choices=("logreg", "svm"), default="logreg")
+    parser.add_argument("--folds", default="1,2,3,4,5,6", help="RAVDESS actor folds to run")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_baseline_command(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
+    """Run the baseline with and without speaker normalisation; write JSON, Markdown and PNGs.
+
+    Returns a process exit code; dataset problems print one line and return 2.
+    """
+    wanted = {int(k) for k in str(args.folds).split(",") if k.strip()}
+    folds = [f for f in ravdess_actor_folds() if f.index in wanted]
+    corpora = [c for c in str(args.corpora).split(",") if c.strip()]
+    out: Path = args.out
+    try:
+        scan = scan_corpora(args.data, corpora, check_audio=True)
+        echo(scan.summary())
+        features = extract_features(scan.utterances, args.cache_dir, progress=True)
+    except DatasetError as exc:
+        echo(f"error: {exc}")
+        return 2
+    settings = {}
+    for name, norm in (("per-utterance features", False), ("per-speaker normalisation", True)):
+        settings[name] = evaluate_baseline(
+            scan.utterances, features, folds, norm, args.classifier, args.seed
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    sections = ["# Classical baseline", "", format_comparison(settings, TABLE_METRICS), ""]
+    for name, results in settings.items():
+        sections += [f"## {name}", "", format_table(results, TABLE_METRICS), ""]
+        total = np.sum([np.array(r["confusion"]) for r in results], axis=0)
+        slug = "speaker-norm" if "speaker" in name else "utterance"
+        plot_confusion(total, LABELS, out / f"confusion-{slug}.png", f"baseline, {name}")
+    report = "\n".join(sections)
+    (out / "baseline.md").write_text(report, encoding="utf-8")
+    (out / "baseline.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    echo(report)
+    return 0
