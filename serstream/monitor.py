@@ -92,6 +92,8 @@ class MonitorConfig:
     max_streams: int = 1024
     #: Seconds a closing stream waits for its last estimates before it is closed anyway.
     close_timeout_s: float = 2.0
+    #: Least time between two drains of the rings; None: automatic (grows with the stream count).
+    coalesce_s: float | None = None
     #: Keep each stream's recent RMS level for :meth:`Monitor.levels` (the CLI's meter).
     track_levels: bool = False
 
@@ -166,6 +168,7 @@ class _Stream:
         self.closing = False
         self.close_reason: str | None = None
         self.space = threading.Event()
+        self.space_wanted = False
 
         # Pipeline thread only.
         self.resampler = StreamResampler(sample_rate, SAMPLE_RATE)
@@ -183,6 +186,7 @@ class _Stream:
         self.seen_bad = 0
         self.seen_overflow_notes = 0
         self.ring_dropped_seen = 0
+        self.samples_in = 0
         self.flushed = False
         self.flushed_at = 0.0
         self.level = 0.0
@@ -237,21 +241,17 @@ class StreamHandle:
         if st.closing or st.failed or st.gone:
             return
         try:
-            data = np.asarray(block)
-            if data.dtype == np.int16:
-                data = pcm16_to_float(data.reshape(-1)).reshape(data.shape)
-            mono = to_mono(data)
-            clean, bad = sanitize(mono)
+            mono = _mono_view(block)
         except (ValueError, TypeError) as exc:
-            st.push_error = f"unusable audio block: {exc}"
+            st.push_error = f"unusable audio block: {_one_line(exc)}"
             self._monitor._mark(st)
             return
         now = time.monotonic()
+        # The ring copies (and casts to float32); NaN/inf are replaced and counted by the
+        # pipeline thread, once per drained stretch rather than once per block.
         with st.lock:
-            st.ring.write(clean)
+            st.ring.write(mono)
             st.marks.append((st.ring.written, now))
-            if bad:
-                st.bad_samples += bad
         self._monitor._mark(st)
 
     def note_overflow(self, count: int = 1) -> None:
@@ -271,6 +271,7 @@ class StreamHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             st.space.clear()
+            st.space_wanted = True
             if st.ring.capacity - st.ring.available >= needed:
                 return True
             if st.failed or st.gone:
@@ -314,6 +315,8 @@ class Monitor:
         self._streams: dict[str, _Stream] = {}
         self._registry_lock = threading.Lock()
         self._dirty: deque[_Stream] = deque()
+        # Streams closing or failed (pipeline thread only): checked each tick until removed.
+        self._closing: set[_Stream] = set()
         self._wake = threading.Event()
         self._batcher = BatchFormer(
             max_batch=self.config.max_batch,
@@ -336,7 +339,7 @@ class Monitor:
         # stats() only reads. Latency and rates are shared, so they take `_stats_lock`.
         self._pipe = Counters(
             streams_opened=0, streams_closed=0, streams_failed=0, audio_samples=0,
-            bad_samples=0, source_overflows=0, batches_sent=0, batches_refused=0,
+            source_overflows=0, batches_sent=0, batches_refused=0,
             windows_sent=0, pipeline_errors=0,
         )
         self._infer = Counters(
@@ -351,8 +354,10 @@ class Monitor:
         self._batch_sizes: deque[int] = deque(maxlen=1024)
         self._removed_audio_drops = 0
         self._removed_bad = 0
+        self._removed_samples = 0
         self._bus_drops: Callable[[], int] | None = None
         self._next_stats = 0.0
+        self._next_drain = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -475,6 +480,7 @@ class Monitor:
             streams = list(self._streams.values())
         worker = self._worker.stats()
         audio_dropped = self._removed_audio_drops + sum(st.ring.dropped for st in streams)
+        audio_in = self._removed_samples + sum(st.samples_in for st in streams)
         bad = self._removed_bad + sum(st.bad_samples for st in streams)
         batcher = self._batcher.counters
         with self._stats_lock:
@@ -522,6 +528,7 @@ class Monitor:
             "device": self.device,
             "model": self.info.version,
             "windows": worker.windows,
+            "audio_samples": audio_in,
             "events": self._infer.get("events_emitted", 0),
         }
 
@@ -574,10 +581,17 @@ class Monitor:
     def _run(self) -> None:
         while True:
             now = time.monotonic()
-            self._wake.wait(self._timeout(now))
+            timeout = self._timeout(now)
+            if self._dirty and now < self._next_drain:
+                # Coalescing: let more audio gather so each drain handles several blocks.
+                time.sleep(min(timeout, self._next_drain - now))
+            else:
+                self._wake.wait(timeout)
             self._wake.clear()
             now = time.monotonic()
-            self._process_dirty(now)
+            if now >= self._next_drain:
+                self._process_dirty(now)
+                self._next_drain = now + self._coalesce_s()
             self._check_closing(now)
             self._dispatch(time.monotonic())
             if now >= self._next_stats:
@@ -588,17 +602,26 @@ class Monitor:
         # A last stats event: the totals of the run (a file replay's figures, for instance).
         self._emit_stats()
 
+    def _coalesce_s(self) -> float:
+        """Least time between drains: about none with few streams, up to 100 ms with hundreds.
+
+        With many streams the fixed cost of a drain (ring read, VAD call, framing)
+        dominates; draining each stream every few blocks instead of every block
+        keeps the pipeline thread's cost per second of audio down, at the price
+        of a few more milliseconds of latency that few streams do not need to pay.
+        """
+        if self.config.coalesce_s is not None:
+            return self.config.coalesce_s
+        return min(0.1, 0.0003 * len(self._streams))
+
     def _timeout(self, now: float) -> float:
         timeout = self._next_stats - now
         deadline = self._batcher.next_deadline()
         if deadline is not None and self._worker.queue_depth == 0:
             timeout = min(timeout, deadline - now)
-        if self._closing_waiters():
+        if self._closing:
             timeout = min(timeout, 0.05)
         return max(0.0, min(timeout, 0.25))
-
-    def _closing_waiters(self) -> bool:
-        return any(st.closing and not st.gone for st in self._streams.values())
 
     def _all_done(self) -> bool:
         with self._registry_lock:
@@ -616,47 +639,52 @@ class Monitor:
             except Exception as exc:  # noqa: BLE001 - one stream's failure stays its own
                 self._pipe.inc("pipeline_errors")
                 self._fail(st, "stream_error", f"stream pipeline failed: {_one_line(exc)}", now)
+            if st.failed or st.closing:
+                self._closing.add(st)
 
     def _process_stream(self, st: _Stream, now: float) -> None:
-        if st.push_error is not None and not st.failed:
-            self._fail(st, "bad_samples" if st.push_error.startswith("unusable") else "device_error",
-                       st.push_error, now)
-            return
         if st.failed:
             return
+        if st.push_error is not None:
+            code = "bad_samples" if st.push_error.startswith("unusable") else "device_error"
+            self._fail(st, code, st.push_error, now)
+            return
         with st.lock:
-            index, block = st.ring.read()
-            bad = st.bad_samples
-        if st.space is not None:
+            index, raw = st.ring.read()
+        if st.space_wanted:
+            st.space_wanted = False
             st.space.set()
-        if bad != st.seen_bad:
-            st.seen_bad = bad
-            self._report(st, "bad_samples", f"{bad} non-finite (NaN or infinite) samples replaced by 0", bad)
         if st.overflow_notes != st.seen_overflow_notes:
             n = st.overflow_notes - st.seen_overflow_notes
             st.seen_overflow_notes = st.overflow_notes
             self._pipe.inc("source_overflows", n)
             self._report(st, "overflow", "the audio source reported an input overflow (audio lost before capture)",
                          st.overflow_notes)
-        dropped = st.ring.dropped
-        if dropped != st.ring_dropped_seen:
-            st.ring_dropped_seen = dropped
-            self._report(st, "overflow", f"stream ring overflowed: {dropped} samples dropped (processing fell behind)",
-                         dropped)
-        if block.size:
+        if raw.size:
+            block, bad = _clean(raw)
+            if bad:
+                st.bad_samples += bad
+                self._report(st, "bad_samples", f"{bad} non-finite (NaN or infinite) samples replaced by 0", bad)
+            dropped = st.ring.dropped
+            if dropped != st.ring_dropped_seen:
+                st.ring_dropped_seen = dropped
+                self._report(st, "overflow",
+                             f"stream ring overflowed: {dropped} samples dropped (processing fell behind)", dropped)
             if index != st.native_next:
                 self._gap(st, index, now)
             st.native_next = index + block.size
-            self._pipe.inc("audio_samples", int(block.size))
+            st.samples_in += block.size
             if self.config.track_levels:
                 st.level = float(np.sqrt(np.mean(block * block)))
             self._feed(st, st.resampler.process(block), now)
             self._trim_marks(st)
-        if st.closing and not st.flushed and st.ring.available == 0:
-            self._feed(st, st.resampler.flush(), now)
-            self._speech_events(st, st.vad.flush(), now)
-            st.flushed = True
-            st.flushed_at = now
+        if st.closing:
+            self._closing.add(st)
+            if not st.flushed and st.ring.available == 0:
+                self._feed(st, st.resampler.flush(), now)
+                self._speech_events(st, st.vad.flush(), now)
+                st.flushed = True
+                st.flushed_at = now
 
     def _gap(self, st: _Stream, index: int, now: float) -> None:
         """Samples were overwritten in the ring: jump the 16 kHz clock over them."""
@@ -745,17 +773,16 @@ class Monitor:
             self._pipe.inc("batches_refused")
 
     def _check_closing(self, now: float) -> None:
-        with self._registry_lock:
-            closing = [st for st in self._streams.values() if (st.closing or st.failed) and not st.gone]
-        for st in closing:
-            if st.failed or (self._stopping and not self._drain_on_stop):
-                self._remove(st, "error")
+        """Remove closing streams once their last estimates are out (or they waited too long)."""
+        for st in list(self._closing):
+            if st.gone:
+                self._closing.discard(st)
+                continue
+            if self._stopping and not self._drain_on_stop:
+                self._remove(st, st.close_reason or "monitor stopped")
                 continue
             if not st.flushed:
-                if st.ring.available == 0:
-                    # Nothing was pushed since close; flush here (no push will wake us).
-                    self._process_stream(st, now)
-                continue
+                continue  # the stream is still in the dirty queue; its drain flushes it
             waiting = (st.queued and self._batcher.pending) or st.in_flight != st.done
             if waiting and now - st.flushed_at < self.config.close_timeout_s:
                 continue
@@ -771,11 +798,13 @@ class Monitor:
         if st.gone:
             return
         st.gone = True
+        self._closing.discard(st)
         st.space.set()
         with self._registry_lock:
             self._streams.pop(st.id, None)
             self._removed_audio_drops += st.ring.dropped
             self._removed_bad += st.bad_samples
+            self._removed_samples += st.samples_in
         self._pipe.inc("streams_closed")
         self._emit(
             events.stream_closed(
@@ -875,6 +904,35 @@ class Monitor:
         )
         self._emit(event)
         self._infer.inc("events_emitted")
+
+
+def _clean(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """Clip ``raw`` (our own float32 copy from the ring) to [-1, 1] in place; NaN/inf to 0, counted.
+
+    The dot product is finite exactly when every sample is finite (for audio-range
+    values), so the common case costs two vector operations and no allocation.
+    """
+    if math.isfinite(float(np.dot(raw, raw))):
+        np.clip(raw, -1.0, 1.0, out=raw)
+        return raw, 0
+    return sanitize(raw)
+
+
+def _mono_view(block: np.ndarray) -> np.ndarray:
+    """A 1-D view (or a cheap conversion) of a ``[frames]`` or ``[frames, channels]`` block.
+
+    Float blocks of one channel are not copied here: the ring's write is the copy.
+    """
+    data = np.asarray(block)
+    if data.dtype == np.int16:
+        data = pcm16_to_float(data.reshape(-1)).reshape(data.shape)
+    elif data.dtype.kind != "f":
+        raise ValueError(f"audio must be float or int16 samples, got dtype {data.dtype}")
+    if data.ndim == 1:
+        return data
+    if data.ndim == 2 and data.shape[1] == 1:
+        return data[:, 0]
+    return to_mono(data)
 
 
 def _ms(seconds: float | None) -> float | None:

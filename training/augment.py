@@ -597,13 +597,15 @@ def spec_augment(
     all_mels = torch.full((n_rows,), n_mels, dtype=torch.long, device=device)
     freq_mask = spans(freq_masks, max_freq_width, all_mels, mel_axis, freq_mask)
     sub = features[rows]
+    valid = (time_axis < valid_frames[:, None])[:, None, :]
     if fill is None:
-        valid = (time_axis < valid_frames[:, None])[:, None, :].to(sub.dtype)
         count = (valid_frames.clamp(min=1) * n_mels).to(sub.dtype)
-        value = ((sub * valid).sum(dim=(1, 2)) / count)[:, None, None]
+        value = (sub.masked_fill(~valid, 0.0).sum(dim=(1, 2)) / count)[:, None, None]
     else:
         value = torch.full((n_rows, 1, 1), float(fill), dtype=sub.dtype, device=device)
-    masked = torch.where(time_mask[:, None, :] | freq_mask[:, :, None], value, sub)
+    # Padding frames stay as they are: the masks only cover real frames.
+    masked_cells = (time_mask[:, None, :] | freq_mask[:, :, None]) & valid
+    masked = torch.where(masked_cells, value, sub)
     out = features.clone()
     out[rows] = masked
     return out

@@ -43,11 +43,10 @@ from training.metrics import (
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "FeatureConfig",
-    "add_baseline_arguments",
     "evaluate_baseline",
     "extract_features",
+    "main_from_args",
     "run_baseline",
-    "run_baseline_command",
     "speaker_normalise",
     "utterance_features",
 ]
@@ -292,44 +291,45 @@ def run_baseline(
     )
 
 
-def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m training baseline``."""
-    parser.add_argument(
-        "--data", type=Path, required=True, help="folder holding ravdess/, tess/, ..."
-    )
-    parser.add_argument("--corpora", default="ravdess,tess", help="comma-separated corpus names")
-    parser.add_argument("--out", type=Path, default=Path("runs/baseline"), help="output folder")
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help=f"feature cache (default {DEFAULT_CACHE_DIR})"
-    )
-    parser.add_argument("--classifier", choices=("logreg", "svm"), default="logreg")
-    parser.add_argument("--folds", default="1,2,3,4,5,6", help="RAVDESS actor folds to run")
-    parser.add_argument("--seed", type=int, default=0)
+def _fold_selection(text: str) -> list[Fold]:
+    folds = ravdess_actor_folds()
+    if text.strip().lower() in ("", "all"):
+        return folds
+    wanted = {int(k) for k in text.split(",") if k.strip()}
+    unknown = wanted - {f.index for f in folds}
+    if unknown:
+        raise DatasetError(f"no RAVDESS fold {sorted(unknown)}; folds are 1..{len(folds)}")
+    return [f for f in folds if f.index in wanted]
 
 
-def run_baseline_command(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
-    """Run the baseline with and without speaker normalisation; write JSON, Markdown and PNGs.
+def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print) -> int:
+    """``python -m training baseline``: the figures with and without speaker normalisation.
 
-    Returns a process exit code; dataset problems print one line and return 2.
+    Reads ``args.data``, ``args.corpora`` (comma-separated), ``args.out``,
+    ``args.cache`` (feature cache folder; None = ~/.cache/serstream),
+    ``args.folds`` ("all" or "1,3,5"), ``args.seed`` and, when present,
+    ``args.speaker_norm`` (only the speaker-normalised setting) and
+    ``args.classifier`` ("logreg" or "svm"). Writes ``baseline.md``,
+    ``baseline.json`` and one summed confusion PNG per setting to ``args.out``.
+    Raises DatasetError for corpus problems (the CLI prints it as one line).
     """
-    wanted = {int(k) for k in str(args.folds).split(",") if k.strip()}
-    folds = [f for f in ravdess_actor_folds() if f.index in wanted]
+    folds = _fold_selection(str(getattr(args, "folds", "all")))
     corpora = [c for c in str(args.corpora).split(",") if c.strip()]
-    out: Path = args.out
-    try:
-        scan = scan_corpora(args.data, corpora, check_audio=True)
-        echo(scan.summary())
-        features = extract_features(scan.utterances, args.cache_dir, progress=True)
-    except DatasetError as exc:
-        echo(f"error: {exc}")
-        return 2
-    settings = {}
-    for name, norm in (("per-utterance features", False), ("per-speaker normalisation", True)):
-        settings[name] = evaluate_baseline(
-            scan.utterances, features, folds, norm, args.classifier, args.seed
-        )
+    classifier = getattr(args, "classifier", None) or "logreg"
+    seed = int(getattr(args, "seed", 0) or 0)
+    out = Path(getattr(args, "out", None) or "runs/baseline")
+    scan = scan_corpora(args.data, corpora, check_audio=True)
+    echo(scan.summary())
+    features = extract_features(scan.utterances, getattr(args, "cache", None), progress=True)
+    choices = [("per-utterance features", False), ("per-speaker normalisation", True)]
+    if getattr(args, "speaker_norm", False):
+        choices = choices[1:]
+    settings = {
+        name: evaluate_baseline(scan.utterances, features, folds, norm, classifier, seed)
+        for name, norm in choices
+    }
     out.mkdir(parents=True, exist_ok=True)
-    sections = ["# Classical baseline", "", format_comparison(settings, TABLE_METRICS), ""]
+    sections = [f"# Classical baseline ({classifier})", "", format_comparison(settings, TABLE_METRICS), ""]
     for name, results in settings.items():
         sections += [f"## {name}", "", format_table(results, TABLE_METRICS), ""]
         total = np.sum([np.array(r["confusion"]) for r in results], axis=0)

@@ -274,13 +274,22 @@ def _tess_emotion(tokens: list[str]) -> tuple[str, int] | None:
 
 def _parse_tess(path: Path, root: Path) -> Utterance:
     tokens = path.stem.lower().split("_")
-    speaker = _TESS_SPEAKERS.get(tokens[0].upper()) if tokens else None
-    from_name = _tess_emotion(tokens[1:]) if speaker else None
     folder_tokens = path.parent.name.lower().split("_")
     folder_speaker = _TESS_SPEAKERS.get(folder_tokens[0].upper())
     from_folder = _tess_emotion(folder_tokens[1:]) if folder_speaker else None
 
-    if from_name is not None and speaker is not None:
+    if len(tokens) == 1:
+        # A file named by the word alone inside a <SPEAKER>_<emotion>/ folder.
+        if from_folder is None or folder_speaker is None:
+            raise _Skip("bad name: a bare word needs a <SPEAKER>_<emotion> folder")
+        speaker, label, word = folder_speaker, from_folder[0], tokens[0]
+    else:
+        speaker = _TESS_SPEAKERS.get(tokens[0].upper())
+        if speaker is None:
+            raise _Skip(f"unknown speaker: {tokens[0].upper()!r} (TESS has OAF and YAF)")
+        from_name = _tess_emotion(tokens[1:])
+        if from_name is None:
+            raise _Skip(f"unknown emotion: {tokens[-1]!r}")
         label, used = from_name
         word = "_".join(tokens[1 : len(tokens) - used])
         if not word:
@@ -290,13 +299,6 @@ def _parse_tess(path: Path, root: Path) -> Utterance:
                 f"name and folder disagree: file says {speaker}/{label}, "
                 f"folder {path.parent.name} says {folder_speaker}/{from_folder[0]}"
             )
-    elif from_folder is not None and folder_speaker is not None:
-        # Files named by the word alone inside <SPEAKER>_<emotion>/ folders.
-        speaker, label, word = folder_speaker, from_folder[0], path.stem.lower()
-    elif speaker is not None and len(tokens) >= 3:
-        raise _Skip(f"unknown emotion: {tokens[-1]!r}")
-    else:
-        raise _Skip("bad name: expected <SPEAKER>_<word>_<emotion> (speaker OAF or YAF)")
     return Utterance(
         path=path,
         corpus="tess",

@@ -35,6 +35,7 @@ __all__ = [
     "summarise",
     "top_k_accuracy",
     "uar",
+    "uar_by_gender",
 ]
 
 
@@ -183,13 +184,10 @@ def ccc(x: Sequence[float], y: Sequence[float]) -> float:
     return float(2.0 * covariance / denominator)
 
 
-def gender_uar_gap(
+def uar_by_gender(
     y_true: Sequence[int], y_pred: Sequence[int], genders: Sequence[str | None]
 ) -> dict[str, float]:
-    """UAR on female and on male speakers, and the gap (female minus male).
-
-    Samples with no gender are left out; a gender with no samples gives NaN.
-    """
+    """{"uar_female", "uar_male"}; other or missing genders are left out, an absent gender is NaN."""
     t, p = _pair(y_true, y_pred)
     g = np.asarray([str(x) if x is not None else "" for x in genders])
     if g.size != t.size:
@@ -198,8 +196,15 @@ def gender_uar_gap(
     for gender in ("female", "male"):
         mask = g == gender
         result[f"uar_{gender}"] = uar(t[mask], p[mask]) if mask.any() else float("nan")
-    result["uar_gap"] = result["uar_female"] - result["uar_male"]
     return result
+
+
+def gender_uar_gap(
+    y_true: Sequence[int], y_pred: Sequence[int], genders: Sequence[str | None]
+) -> float:
+    """UAR on female speakers minus UAR on male speakers (NaN if either is absent)."""
+    by_gender = uar_by_gender(y_true, y_pred, genders)
+    return by_gender["uar_female"] - by_gender["uar_male"]
 
 
 def classification_metrics(
@@ -219,7 +224,8 @@ def classification_metrics(
         "ece": ece(p, y_true),
     }
     if genders is not None:
-        result.update(gender_uar_gap(y_true, y_pred, genders))
+        result.update(uar_by_gender(y_true, y_pred, genders))
+        result["uar_gap"] = result["uar_female"] - result["uar_male"]
     return result
 
 

@@ -101,9 +101,9 @@ def write_clip(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) ->
 
 
 def _ravdess_takes(emotion: str) -> list[tuple[str, str, str]]:
-    """(intensity, statement, repetition) codes; neutral has no strong intensity."""
+    """(intensity, statement, repetition) codes, alternating intensity; neutral has no strong one."""
     intensities = ("01",) if emotion == "neutral" else ("01", "02")
-    return [(i, s, r) for i in intensities for s in ("01", "02") for r in ("01", "02")]
+    return [(i, s, r) for s in ("01", "02") for r in ("01", "02") for i in intensities]
 
 
 def make_ravdess_like(

@@ -1,0 +1,98 @@
+"""The classical baseline end to end on a synthetic corpus: features, cache, folds, above chance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("librosa")
+
+from serstream.contract import LABELS  # noqa: E402
+from tests.training.synthcorpus import make_ravdess_like, make_tess_like  # noqa: E402
+from training.baseline import (  # noqa: E402
+    FeatureConfig,
+    main_from_args,
+    run_baseline,
+    speaker_normalise,
+    utterance_features,
+)
+from training.datasets import DatasetError  # noqa: E402
+from training.folds import ravdess_actor_folds  # noqa: E402
+
+CHANCE = 1 / len(LABELS)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    make_ravdess_like(root / "ravdess", actors=range(1, 9), n_per=1, seconds=0.6)
+    make_tess_like(root / "tess", seconds=0.6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One feature cache for the module: features are extracted once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_features_are_finite_and_fixed_length() -> None:
+    rng = np.random.default_rng(0)
+    long = utterance_features(0.1 * rng.standard_normal(16000).astype(np.float32))
+    short = utterance_features(0.1 * rng.standard_normal(300).astype(np.float32))
+    assert long.shape == short.shape and long.ndim == 1
+    assert np.isfinite(long).all() and np.isfinite(short).all()
+    assert FeatureConfig().key() != FeatureConfig(n_mels=64).key()
+
+
+def test_speaker_normalise_zscores_each_speaker() -> None:
+    features = np.array([[1.0, 10.0], [3.0, 30.0], [100.0, 0.0], [300.0, 2.0]])
+    out = speaker_normalise(features, ["a", "a", "b", "b"])
+    assert np.allclose(out.mean(axis=0), 0.0)
+    assert np.allclose(out[:2], [[-1, -1], [1, 1]], atol=1e-4)
+
+
+def test_baseline_beats_chance_with_and_without_speaker_norm(corpus: Path, cache: Path) -> None:
+    folds = ravdess_actor_folds()[:2]
+    plain = run_baseline(corpus, folds, speaker_norm=False, cache_dir=cache)
+    cache_files = list(cache.glob("baseline-features-*.npz"))
+    assert len(cache_files) == 1
+    stamp = cache_files[0].stat().st_mtime_ns
+    adapted = run_baseline(corpus, folds, speaker_norm=True, cache_dir=cache)
+    assert cache_files[0].stat().st_mtime_ns == stamp  # second run read the cache, wrote nothing
+    for results in (plain, adapted):
+        assert [r["fold"] for r in results] == [1, 2]
+        for r in results:
+            assert r["n_test"] == 4 * 8
+            assert r["uar"] > 2.5 * CHANCE, r
+            assert np.array(r["confusion"]).sum() == r["n_test"]
+            assert 0.0 <= r["ece"] <= 1.0
+    assert plain == run_baseline(corpus, folds, speaker_norm=False, cache_dir=cache)
+
+
+def test_cli_entry_writes_tables_and_pngs(corpus: Path, cache: Path, tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        data=str(corpus),
+        corpora="ravdess,tess",
+        out=str(tmp_path / "out"),
+        cache=str(cache),
+        folds="1",
+        seed=0,
+        speaker_norm=False,
+    )
+    lines: list[str] = []
+    assert main_from_args(args, echo=lines.append) == 0
+    out = tmp_path / "out"
+    report = (out / "baseline.md").read_text()
+    assert "per-speaker normalisation" in report and "per-utterance features" in report
+    settings = json.loads((out / "baseline.json").read_text())
+    assert set(settings) == {"per-utterance features", "per-speaker normalisation"}
+    assert (out / "confusion-utterance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "confusion-speaker-norm.png").exists()
+    with pytest.raises(DatasetError, match="fold"):
+        main_from_args(argparse.Namespace(**{**vars(args), "folds": "9"}), echo=lines.append)
