@@ -188,6 +188,9 @@ class _StreamJob:
     def _run(self) -> Iterator[_Group | _FileDone | _FileFailed]:
         for path in self.spec.files:
             self.weights, self.probs, self.avds = [], [], []
+            if not path.is_file():
+                yield _FileFailed(path, f"audio file not found: {path}")
+                continue
             try:
                 handle = sf.SoundFile(str(path))
             except Exception as exc:  # noqa: BLE001 - libsndfile raises several types; all mean unreadable

@@ -52,7 +52,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-backend", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where ONNX Runtime runs the model (default: auto = CUDA when usable)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="ONNX Runtime intra-op threads (default: all cores)")
+                        help="ONNX Runtime intra-op threads (default: half the cores for the live "
+                        "commands, which leave the rest to the audio pipeline; all cores for analyze)")
 
 
 def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,16 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port for WebSocket and HTTP (default 8765)")
+
+
+def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
+    """Options of the network ingest modules (issue 3), when they are installed."""
+    ingest = _optional_module("serstream.ingest")
+    if ingest is not None and hasattr(ingest, "add_ingest_arguments"):
+        ingest.add_ingest_arguments(parser)
+    rtp_module = _optional_module("serstream.sources.rtp") if rtp else None
+    if rtp_module is not None and hasattr(rtp_module, "add_rtp_arguments"):
+        rtp_module.add_rtp_arguments(parser)  # leaves --rtp and --rtp-map as defined here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(listen)
     _add_model_options(listen)
     _add_pipeline_options(listen)
+    _add_network_options(listen, rtp=True)
 
     sub.add_parser("devices", help="list audio input devices")
 
@@ -120,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_options(serve)
     _add_model_options(serve)
     _add_pipeline_options(serve)
+    _add_network_options(serve, rtp=False)
 
     bench = sub.add_parser("bench", help="measure inference speed, latency, capacity and memory")
     bench.add_argument("--quick", action="store_true", help="small settings: a smoke test in about a minute")
@@ -143,6 +156,19 @@ def load_model(path: str | None, device: str = "auto", threads: int | None = Non
         return EmotionModel.load(resolved, device=device, threads=threads)
     except (ModelNotFoundError, ContractError, DeviceError) as exc:
         raise UserError(_one_line(exc)) from None
+
+
+def _live_threads(requested: int | None) -> int:
+    """Inference threads for the live commands: the pipeline and its audio threads need a core.
+
+    ONNX Runtime's pool threads spin while waiting, so giving it every core
+    takes CPU from the pipeline thread exactly when many streams need it.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--threads must be >= 1, got {requested}")
+        return requested
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _one_line(exc: BaseException | str) -> str:
@@ -222,10 +248,11 @@ class ConsoleOutput:
         self._wake.set()
 
     def close(self) -> None:
-        """Write what is queued and stop the thread."""
+        """Write what is queued and stop the thread (nothing is written if it never started)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         last_draw = 0.0
@@ -308,31 +335,34 @@ class ConsoleOutput:
 # --------------------------------------------------------------------------- listen / serve
 
 
-def _ingest_handler(monitor: Any) -> Any:
-    """The /ingest hook: ``serstream.sources.ingest.make_ingest_handler(monitor)`` once issue 3 lands."""
+def _optional_module(name: str) -> Any:
+    """A module of a feature that may not be installed (network ingest); None when absent."""
     try:
-        module = importlib.import_module("serstream.sources.ingest")
+        return importlib.import_module(name)
     except ImportError:
         return None
-    factory = getattr(module, "make_ingest_handler", None)
-    return factory(monitor) if factory is not None else None
 
 
-def _rtp_sources(monitor: Any, listen: Sequence[str], rtp_map: Sequence[str]) -> list[Any]:
-    """The --rtp hook: ``serstream.sources.rtp.start_from_cli(monitor, listen, rtp_map)``.
-
-    It returns objects with ``stop()``; until that module exists, --rtp is a clean error.
-    """
-    if not listen:
-        return []
+def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace) -> Any:
+    """The /ingest hook: ``serstream.ingest.ingest_handler_from_args(monitor, bus, args)``."""
+    module = _optional_module("serstream.ingest")
+    if module is None:
+        return None
     try:
-        module = importlib.import_module("serstream.sources.rtp")
-    except ImportError:
-        raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)") from None
-    starter = getattr(module, "start_from_cli", None)
-    if starter is None:
-        raise UserError("serstream/sources/rtp.py has no start_from_cli(monitor, listen, rtp_map) hook")
-    return list(starter(monitor, list(listen), list(rtp_map)))
+        return module.ingest_handler_from_args(monitor, bus, args)
+    except ValueError as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _rtp_sources(monitor: Any, args: argparse.Namespace) -> list[Any]:
+    """The --rtp hook: ``serstream.sources.rtp.start_from_cli``; objects with ``stop()``."""
+    if not args.rtp:
+        return []
+    module = _optional_module("serstream.sources.rtp")
+    if module is None:
+        raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)")
+    config = module.config_from_args(args) if hasattr(module, "config_from_args") else None
+    return list(module.start_from_cli(monitor, list(args.rtp), list(args.rtp_map), config))
 
 
 async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) -> int:
@@ -365,23 +395,22 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                 stream_id += "'"
             used.add(stream_id)
             files.append(FileSource(monitor, path, realtime=not args.fast, loop=args.loop, stream_id=stream_id))
-        if not files and not args.rtp:
-            mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
-                                   channels=args.channels)
-        elif args.device is not None:
+        # The microphone when asked for, or when nothing else is: `serstream listen` alone listens.
+        if args.device is not None or not (files or args.rtp):
             mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
                                    channels=args.channels)
 
     server = MonitorServer(
         bus, args.host, args.port, health=monitor.health,
         metrics=lambda: prometheus_text(monitor.stats()), dashboard_dir=default_dashboard_dir(),
-        ingest_handler=_ingest_handler(monitor),
+        ingest_handler=_ingest_handler(monitor, bus, args),
+        # The ingest's frame limit must fit in a WebSocket message.
+        max_message_bytes=max(1 << 20, int(getattr(args, "max_frame_bytes", 0) or 0)),
     )
     try:
         await server.start()
     except ServerError as exc:
         raise UserError(_one_line(exc)) from None
-    console.start()
     monitor.start()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -389,25 +418,35 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
             loop.add_signal_handler(sig, stop.set)
     started: list[Any] = []
     try:
+        try:
+            # Live sources first: a device or port problem is the one line the user sees.
+            if mic is not None:
+                mic.start()
+                started.append(mic)
+            if with_sources:
+                started.extend(_rtp_sources(monitor, args))
+        except MonitorError as exc:
+            raise UserError(_one_line(exc)) from None
+        # Events queued so far (a stream opened) print from here on; on a start-up error
+        # above the console never starts, so the error stays the only line.
+        console.start()
         host = f"[{args.host}]" if ":" in args.host else args.host
         base = f"{host}:{server.port}"
         _info(f"model {model.info.version} on {model.device} ({model.path})", quiet)
         _info(f"events    ws://{base}/events   (one stream: ws://{base}/events?stream=ID)", quiet)
         _info(f"dashboard http://{base}/   health http://{base}/healthz   metrics http://{base}/metrics", quiet)
-        if with_sources and getattr(args, "wait_for_client", False):
+        if mic is not None:
+            _info(f"listening to {mic.device.describe()} at {mic.sample_rate} Hz; Ctrl-C to stop", quiet)
+        for rtp in (s for s in started if s is not mic):
+            _info(f"receiving RTP on {getattr(rtp, 'host', '?')}:{getattr(rtp, 'port', '?')}", quiet)
+        if files and getattr(args, "wait_for_client", False):
             _info("waiting for a client on /events before starting the sources", quiet)
             while bus.subscribers == 0 and not stop.is_set():
                 await asyncio.sleep(0.02)
         try:
-            if mic is not None:
-                mic.start()
-                started.append(mic)
-                _info(f"listening to {mic.device.describe()} at {mic.sample_rate} Hz; Ctrl-C to stop", quiet)
             for source in files:
                 source.start()
                 started.append(source)
-            if with_sources:
-                started.extend(_rtp_sources(monitor, args.rtp, args.rtp_map))
         except MonitorError as exc:
             raise UserError(_one_line(exc)) from None
         if not with_sources:
@@ -456,18 +495,15 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         raise UserError("--duration must be >= 0")
     if args.exit_when_done and not args.file:
         raise UserError("--exit-when-done needs at least one --file")
-    if args.rtp:
-        # Fail early (before the model loads) when the RTP source is not there yet.
-        try:
-            importlib.import_module("serstream.sources.rtp")
-        except ImportError:
-            raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)") from None
-    model = load_model(args.model, args.device_backend, args.threads)
+    if args.rtp and _optional_module("serstream.sources.rtp") is None:
+        # Fail early (before the model loads) when the RTP source is not there.
+        raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)")
+    model = load_model(args.model, args.device_backend, _live_threads(args.threads))
     return asyncio.run(_run_server(args, model, with_sources=True))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.device_backend, args.threads)
+    model = load_model(args.model, args.device_backend, _live_threads(args.threads))
     return asyncio.run(_run_server(args, model, with_sources=False))
 
 
@@ -571,7 +607,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.max_streams is not None and args.max_streams < 1:
         raise UserError("--max-streams must be >= 1")
-    model = load_model(args.model, args.device_backend, args.threads)
+    model = load_model(args.model, args.device_backend, _live_threads(args.threads))
     return bench.run_cli(model, quick=args.quick, max_streams=args.max_streams, as_json=args.json)
 
 

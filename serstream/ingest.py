@@ -235,7 +235,8 @@ class IngestHandler:
     """The ``ingest_handler`` of :class:`~serstream.server.MonitorServer`; see the module docstring.
 
     ``counters`` (totals since start, read from any thread): ``connections``,
-    ``streams_opened``, ``refused_token``, ``bad_hello``, ``refused_busy``,
+    ``streams_opened``, ``refused_token``, ``bad_hello``, ``no_hello`` (left before
+    the hello), ``refused_busy``,
     ``bad_messages``, ``bad_frames``, ``bad_frame_bytes``, ``oversized_frames``,
     ``disconnects``, ``client_closes``, ``ended``, ``frames``, ``bytes``,
     ``backpressure_waits``, ``speed_waits``; ``active`` is the number of live
@@ -248,7 +249,7 @@ class IngestHandler:
         self.config = config or IngestConfig()
         self.counters: dict[str, int] = dict.fromkeys(
             (
-                "connections", "streams_opened", "refused_token", "bad_hello", "refused_busy",
+                "connections", "streams_opened", "refused_token", "bad_hello", "no_hello", "refused_busy",
                 "bad_messages", "bad_frames", "bad_frame_bytes", "oversized_frames", "disconnects",
                 "client_closes", "ended", "frames", "bytes", "backpressure_waits", "speed_waits",
             ),
@@ -297,7 +298,11 @@ class IngestHandler:
         except _Refused as refused:
             await conn.close(refused.code, refused.reason)
             return
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == CLOSE_TOO_BIG:
+                self._count("oversized_frames")
+            else:
+                self._count("no_hello")  # the client left before its hello
             return
         state = _Connection(stream_id, handle, FORMATS[hello.format], hello.channels, hello.sample_rate,
                             started=time.monotonic())
@@ -473,8 +478,8 @@ class IngestHandler:
             return
         self._log_once(code, f"stream {state.stream_id}: {message}")
         try:
-            self.monitor.sink(events.error_event(state.stream_id, code=code, message=message, count=count,
-                                                 ts=time.time()))
+            emit = getattr(self.monitor, "emit", None) or self.monitor.sink
+            emit(events.error_event(state.stream_id, code=code, message=message, count=count, ts=time.time()))
         except Exception:  # noqa: BLE001 - a consumer's failure must not end this client
             pass
 

@@ -6,9 +6,10 @@ Threading model::
     one pipeline thread:  ring -> StreamResampler -> VadSegmenter -> WindowScheduler -> BatchFormer
     one inference thread: InferenceWorker -> EmotionModel -> MoodSmoother/SpeakerState -> sink
 
-``StreamHandle.push`` (called on an audio thread) only converts the block to
-float32 mono, writes it into the stream's ring under a short lock and wakes
-the pipeline thread. The pipeline thread owns every pure state machine except
+``StreamHandle.push`` (called on an audio thread) only takes a mono view of
+the block, copies it into the stream's ring under a short lock and wakes the
+pipeline thread; NaN/inf samples are replaced and counted by the pipeline
+thread when it drains the ring. The pipeline thread owns every pure state machine except
 the per-stream smoother and speaker state, which the inference thread owns
 (they are only touched with results). Batches are *pulled*: the pipeline hands
 the worker a batch only when the worker's queue is empty, so while the model
@@ -18,19 +19,18 @@ run.
 
 Every event goes through ``sink(event)``, called from the pipeline and the
 inference threads under one lock (events arrive in order). The server's sink
-is ``loop.call_soon_threadsafe(bus.publish, event)``; the CLI printer is
-another. A failing sink or a failing stream is counted and reported; it
+is ``EventBus.publish_threadsafe`` (serialise here, deliver on the event
+loop); the CLI's console is another. A failing sink or a failing stream is counted and reported; it
 never stops the other streams.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -45,7 +45,7 @@ from serstream.core.ringbuffer import AudioRing
 from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
 from serstream.core.smoother import MoodSmoother, SmootherConfig
 from serstream.core.stats import Counters, LatencyTracker, RateMeter
-from serstream.core.vad import SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VadSegmenter
+from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadSegmenter
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
 
@@ -164,7 +164,8 @@ class _Stream:
         self.queued_for_wake = False
         self.bad_samples = 0
         self.overflow_notes = 0
-        self.push_error: str | None = None
+        # (error code, one-line message) set by any thread; the pipeline thread fails the stream.
+        self.trouble: tuple[str, str] | None = None
         self.closing = False
         self.close_reason: str | None = None
         self.space = threading.Event()
@@ -243,7 +244,7 @@ class StreamHandle:
         try:
             mono = _mono_view(block)
         except (ValueError, TypeError) as exc:
-            st.push_error = f"unusable audio block: {_one_line(exc)}"
+            st.trouble = ("bad_samples", f"unusable audio block: {_one_line(exc)}")
             self._monitor._mark(st)
             return
         now = time.monotonic()
@@ -258,10 +259,10 @@ class StreamHandle:
         """The source lost audio before it reached us (e.g. a PortAudio input overflow)."""
         self._stream.overflow_notes += count
 
-    def fail(self, message: str) -> None:
-        """Report a source failure on this stream; the stream is closed."""
+    def fail(self, message: str, code: str = "source_error") -> None:
+        """Report a source failure on this stream (an ``error`` event with ``code``); it is closed."""
         st = self._stream
-        st.push_error = message
+        st.trouble = (code, message)
         self._monitor._mark(st)
 
     def wait_for_space(self, samples: int, timeout: float | None = None) -> bool:
@@ -310,7 +311,7 @@ class Monitor:
         self.device: str = str(getattr(model_or_backend, "device", "cpu"))
         self.config = config or MonitorConfig()
         self.scheduler_config = self.config.scheduler or scheduler_config_for(self.info, self.config.hop_s)
-        self.sink: Sink = sink or (lambda event: None)
+        self._sink: Sink = sink or (lambda event: None)
         self._sink_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._registry_lock = threading.Lock()
@@ -318,6 +319,7 @@ class Monitor:
         # Streams closing or failed (pipeline thread only): checked each tick until removed.
         self._closing: set[_Stream] = set()
         self._wake = threading.Event()
+        self._result_wake = threading.Event()
         self._batcher = BatchFormer(
             max_batch=self.config.max_batch,
             max_pending=self.config.max_pending,
@@ -338,7 +340,7 @@ class Monitor:
         # Counters: the pipeline thread writes `_pipe`, the inference thread `_infer`;
         # stats() only reads. Latency and rates are shared, so they take `_stats_lock`.
         self._pipe = Counters(
-            streams_opened=0, streams_closed=0, streams_failed=0, audio_samples=0,
+            streams_opened=0, streams_closed=0, streams_failed=0,
             source_overflows=0, batches_sent=0, batches_refused=0,
             windows_sent=0, pipeline_errors=0,
         )
@@ -356,6 +358,7 @@ class Monitor:
         self._removed_bad = 0
         self._removed_samples = 0
         self._bus_drops: Callable[[], int] | None = None
+        self._stats_providers: list[Callable[[], Mapping[str, int]]] = []
         self._next_stats = 0.0
         self._next_drain = 0.0
 
@@ -377,13 +380,13 @@ class Monitor:
             return
         self._drain_on_stop = drain
         with self._registry_lock:
+            self._stopping = True  # under the lock: no stream opens after this
             streams = list(self._streams.values())
         for st in streams:
             if not st.closing:
                 st.close_reason = st.close_reason or "monitor stopped"
                 st.closing = True
                 self._mark(st)
-        self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
         self._worker.stop(drain=drain, timeout=timeout)
@@ -392,6 +395,19 @@ class Monitor:
     def set_bus_drop_counter(self, counter: Callable[[], int]) -> None:
         """Where ``stats`` reads the events dropped for slow clients (the server's bus)."""
         self._bus_drops = counter
+
+    def add_stats_provider(self, provider: Callable[[], Mapping[str, int]]) -> None:
+        """Merge ``provider()`` (cause -> count) into ``stats()["drops"]`` (sources' own counters)."""
+        self._stats_providers.append(provider)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Send an event to the sink from any thread (sources report their own errors this way)."""
+        self._emit(event)
+
+    @property
+    def sink(self) -> Sink:
+        """The sink as sources should call it: serialised with the monitor's own events."""
+        return self._emit
 
     # ------------------------------------------------------------------ streams
 
@@ -412,8 +428,9 @@ class Monitor:
             raise MonitorError(f"stream {stream_id!r}: {exc}") from None
         if source not in events.STREAM_SOURCES:
             raise MonitorError(f"stream {stream_id!r}: unknown source {source!r}")
-        if not isinstance(channels, int) or channels < 1:
-            raise MonitorError(f"stream {stream_id!r}: channels must be >= 1, got {channels!r}")
+        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+            raise MonitorError(f"stream {stream_id!r}: channels must be an integer >= 1, got {channels!r}")
+        channels = int(channels)
         if not stream_id or len(stream_id) > 200:
             raise MonitorError("stream id must be 1 to 200 characters")
         ring = max(1, int(math.ceil(self.config.ring_seconds * rate)))
@@ -490,6 +507,27 @@ class Monitor:
             sizes = list(self._batch_sizes)
             latency_count = self._latency.count
             final_count = self._final_latency.count
+        drops = {
+            "audio_samples": audio_dropped,
+            "source_overflows": self._pipe.get("source_overflows", 0),
+            "partials_superseded": batcher.get("partials_superseded", 0),
+            "partials_dropped": batcher.get("partials_dropped", 0),
+            "finals_dropped": batcher.get("finals_dropped", 0),
+            "windows_refused": worker.dropped_windows,
+            "bad_samples": bad,
+            "events_dropped": self._bus_drops() if self._bus_drops else 0,
+            "sink_failures": self._sink_failures,
+            "inference_failures": worker.failures,
+            "stream_failures": self._pipe.get("streams_failed", 0),
+        }
+        for provider in self._stats_providers:
+            try:
+                extra = provider()
+            except Exception:  # noqa: BLE001 - a source's counter bug must not break /metrics
+                self._pipe.inc("stats_provider_failures")
+                continue
+            for key, value in extra.items():
+                drops[str(key)] = drops.get(str(key), 0) + int(value)
         return {
             "uptime_s": now - self._started_at,
             "streams": len(streams),
@@ -504,19 +542,7 @@ class Monitor:
                 "worker_queue": worker.queue_depth,
                 "ring_samples": sum(st.ring.available for st in streams),
             },
-            "drops": {
-                "audio_samples": audio_dropped,
-                "source_overflows": self._pipe.get("source_overflows", 0),
-                "partials_superseded": batcher.get("partials_superseded", 0),
-                "partials_dropped": batcher.get("partials_dropped", 0),
-                "finals_dropped": batcher.get("finals_dropped", 0),
-                "windows_refused": worker.dropped_windows,
-                "bad_samples": bad,
-                "events_dropped": self._bus_drops() if self._bus_drops else 0,
-                "sink_failures": self._sink_failures,
-                "inference_failures": worker.failures,
-                "stream_failures": self._pipe.get("streams_failed", 0),
-            },
+            "drops": drops,
             "latency_ms": {
                 "p50": _ms(pct[50]), "p95": _ms(pct[95]), "p99": _ms(pct[99]), "count": latency_count,
             },
@@ -565,7 +591,7 @@ class Monitor:
     def _emit(self, event: dict[str, Any]) -> None:
         with self._sink_lock:
             try:
-                self.sink(event)
+                self._sink(event)
             except Exception:  # noqa: BLE001 - a consumer's bug must not stop the pipeline
                 self._sink_failures += 1
 
@@ -583,8 +609,10 @@ class Monitor:
             now = time.monotonic()
             timeout = self._timeout(now)
             if self._dirty and now < self._next_drain:
-                # Coalescing: let more audio gather so each drain handles several blocks.
-                time.sleep(min(timeout, self._next_drain - now))
+                # Coalescing: let more audio gather so each drain handles several blocks;
+                # meanwhile only results (the worker wants its next batch) wake us.
+                self._result_wake.wait(min(timeout, self._next_drain - now))
+                self._result_wake.clear()
             else:
                 self._wake.wait(timeout)
             self._wake.clear()
@@ -629,7 +657,9 @@ class Monitor:
 
     def _process_dirty(self, now: float) -> None:
         dirty = self._dirty
-        while dirty:
+        # Only the streams dirty now: one pushed to again meanwhile waits for the next drain,
+        # so each drain takes the audio gathered since the last one in one piece.
+        for _ in range(len(dirty)):
             st = dirty.popleft()
             st.queued_for_wake = False
             if st.gone:
@@ -645,9 +675,8 @@ class Monitor:
     def _process_stream(self, st: _Stream, now: float) -> None:
         if st.failed:
             return
-        if st.push_error is not None:
-            code = "bad_samples" if st.push_error.startswith("unusable") else "device_error"
-            self._fail(st, code, st.push_error, now)
+        if st.trouble is not None:
+            self._fail(st, *st.trouble, now)
             return
         with st.lock:
             index, raw = st.ring.read()
@@ -844,6 +873,7 @@ class Monitor:
                                        count=1, ts=time.time())
                 )
             self._wake.set()
+            self._result_wake.set()
             return
         labels = self.info.labels
         latencies: list[float] = []
@@ -860,7 +890,7 @@ class Monitor:
                         finals.append(latency)
             except Exception as exc:  # noqa: BLE001 - a bad row fails its stream only
                 self._infer.inc("result_errors")
-                st.push_error = f"result handling failed: {_one_line(exc)}"
+                st.trouble = ("stream_error", f"result handling failed: {_one_line(exc)}")
                 self._mark(st)
             finally:
                 st.done += 1
@@ -874,6 +904,7 @@ class Monitor:
         self._infer.inc("results", batch.size)
         # Closing streams and pull-mode dispatch both wait on results.
         self._wake.set()
+        self._result_wake.set()
 
     def _emit_estimate(
         self,

@@ -92,13 +92,26 @@ def test_bad_arguments_are_one_line(factory_model: Path) -> None:
     assert_one_line_error(run_cli("analyze", "--csv", "/nonexistent/list.csv"), "list.csv")
 
 
-def test_rtp_option_is_accepted_and_explained(factory_model: Path) -> None:
-    proc = run_cli("listen", "--model", str(factory_model), "--rtp", "127.0.0.1:5004", "--duration", "0.5",
-                   "--port", "0")
-    if (REPO / "serstream" / "sources" / "rtp.py").exists():
-        assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr
-    else:
+def test_rtp_option_reaches_the_rtp_source(factory_model: Path) -> None:
+    """--rtp is handed to serstream/sources/rtp.py when it is there, else explained in one line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        udp_port = probe.getsockname()[1]
+    args = ["listen", "--model", str(factory_model), "--rtp", f"127.0.0.1:{udp_port}", "--duration", "0.5",
+            "--port", "0"]
+    proc = run_cli(*args)
+    if not (REPO / "serstream" / "sources" / "rtp.py").exists():
         assert_one_line_error(proc, "issue 3")
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    # A UDP port already taken is the RTP source's one-line error, through the CLI.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        proc = run_cli("listen", "--model", str(factory_model), "--rtp", f"127.0.0.1:{busy}", "--no-rtcp",
+                       "--duration", "0.5", "--port", "0")
+    assert_one_line_error(proc, str(busy))
 
 
 def test_devices_and_bad_device_with_pulseaudio(pulse_null_sink: dict[str, str], factory_model: Path) -> None:

@@ -306,3 +306,12 @@ def test_stats_event_and_health_validate(model: EmotionModel, validator: jsonsch
     finally:
         monitor.stop()
     assert monitor.health()["status"] == "down"
+
+
+def test_source_counters_are_merged_into_drops(model: EmotionModel) -> None:
+    monitor = Monitor(model, MonitorConfig(), Collector())
+    monitor.add_stats_provider(lambda: {"rtp_lost_packets": 7, "bad_samples": 2})
+    monitor.add_stats_provider(lambda: 1 / 0)  # a broken provider is skipped, not fatal
+    drops = monitor.stats()["drops"]
+    assert drops["rtp_lost_packets"] == 7
+    assert drops["bad_samples"] == 2  # added to the monitor's own count (0 here)

@@ -29,7 +29,7 @@ so a CPU generator drives CUDA tensors too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -180,7 +180,8 @@ def _babble(
     n_rows = rows.numel()
     k_max = min(n_sources[1], batch)
     scores = _rand((n_rows, batch), generator, device)
-    unusable = (torch.arange(batch, device=device)[None, :] == rows[:, None]) | (lengths[None, :] <= 0)
+    itself = torch.arange(batch, device=device)[None, :] == rows[:, None]
+    unusable = itself | (lengths[None, :] <= 0)
     if groups is not None:
         groups = groups.to(device)
         unusable |= groups[None, :] == groups[rows][:, None]
@@ -346,7 +347,8 @@ def _room_impulses(
         if last > first:
             where = first + (_rand((n_rows, n_early), generator, device) * (last - first)).long()
             sign = torch.where(_rand((n_rows, n_early), generator, device) < 0.5, -1.0, 1.0)
-            level = 3.0 * envelope.gather(1, where) * (0.5 + 0.5 * _rand((n_rows, n_early), generator, device))
+            spread = 0.5 + 0.5 * _rand((n_rows, n_early), generator, device)
+            level = 3.0 * envelope.gather(1, where) * spread
             tail.scatter_add_(1, where, sign * level)
     tail[:, 0] = 0.0
     tail_energy = tail.pow(2).sum(dim=1).clamp(min=1e-12)
@@ -389,7 +391,7 @@ def reverb(
     return _put_rows(x, rows, (wet * gain[:, None]).clamp(-1.0, 1.0)), lengths
 
 
-# --------------------------------------------------------------------------- resampling and phase vocoder
+# --------------------------------------------------------------------------- resampling, vocoder
 
 
 def _resample_rows(x: Tensor, lengths: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
@@ -540,8 +542,10 @@ def random_crop(
         raise ValueError("max_len must be positive")
     width = min(x.shape[1], max_len)
     slack = (lengths - max_len).clamp(min=0)
-    start = (_rand((x.shape[0],), generator, x.device) * (slack + 1).float()).long().clamp(max=slack)
-    index = (start[:, None] + torch.arange(width, device=x.device)[None, :]).clamp(max=x.shape[1] - 1)
+    draw = _rand((x.shape[0],), generator, x.device)
+    start = (draw * (slack + 1).float()).long().clamp(max=slack)
+    index = start[:, None] + torch.arange(width, device=x.device)[None, :]
+    index = index.clamp(max=x.shape[1] - 1)
     new_lengths = lengths.clamp(max=max_len)
     return _zero_padding(x.gather(1, index), new_lengths), new_lengths
 
@@ -654,9 +658,6 @@ class AugmentConfig:
             p_gain=0.0,
         )
 
-    def with_(self, **changes: object) -> "AugmentConfig":
-        return replace(self, **changes)
-
 
 class WaveAugment:
     """Composes the waveform ops in the order a recording happens.
@@ -693,7 +694,8 @@ class WaveAugment:
         if not parts:
             return x, lengths
         width = max(part.shape[1] for part, _ in parts)
-        out = torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part, _ in parts])
+        padded = [torch.nn.functional.pad(part, (0, width - part.shape[1])) for part, _ in parts]
+        out = torch.cat(padded)
         return out, torch.cat([part_lengths for _, part_lengths in parts])
 
     def _chunk(

@@ -53,6 +53,7 @@ __all__ = [
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SERSTREAM_CACHE", Path.home() / ".cache" / "serstream"))
 TABLE_METRICS = ("accuracy", "uar", "macro_f1", "top3_accuracy", "uar_gap", "ece")
+_SAVE_EVERY = 500
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,21 @@ def extract_features(
         from tqdm import tqdm
 
         iterator = tqdm(missing, desc="baseline features", unit="file")
-    for i in iterator:  # type: ignore[union-attr]
+    for done, i in enumerate(iterator, start=1):  # type: ignore[arg-type]
         audio = load_audio(utterances[i].path, config.sample_rate)
         cached[keys[i]] = utterance_features(audio, config)
+        if done % _SAVE_EVERY == 0:  # an interrupted extraction keeps what it has done
+            _save_cache(cache_file, cached)
     if missing:
-        all_keys = sorted(cached)
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(all_keys), features=np.stack([cached[k] for k in all_keys]))
-        os.replace(tmp, cache_file)
+        _save_cache(cache_file, cached)
     return np.stack([cached[k] for k in keys]).astype(np.float64)
+
+
+def _save_cache(cache_file: Path, cached: dict[str, np.ndarray]) -> None:
+    keys = sorted(cached)
+    tmp = cache_file.with_suffix(".tmp.npz")
+    np.savez(tmp, keys=np.array(keys), features=np.stack([cached[k] for k in keys]))
+    os.replace(tmp, cache_file)
 
 
 def speaker_normalise(features: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
@@ -224,7 +231,7 @@ def evaluate_baseline(
     seed: int = 0,
     n_val_actors: int = 2,
 ) -> list[dict]:
-    """Train and test on each fold; one dict of metrics per fold (see metrics.classification_metrics).
+    """Train and test on each fold; one dict of metrics per fold (metrics.classification_metrics).
 
     The baseline has no early stopping, so it trains on training and validation speakers together.
     """
@@ -329,7 +336,8 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
         for name, norm in choices
     }
     out.mkdir(parents=True, exist_ok=True)
-    sections = [f"# Classical baseline ({classifier})", "", format_comparison(settings, TABLE_METRICS), ""]
+    comparison = format_comparison(settings, TABLE_METRICS)
+    sections = [f"# Classical baseline ({classifier})", "", comparison, ""]
     for name, results in settings.items():
         sections += [f"## {name}", "", format_table(results, TABLE_METRICS), ""]
         total = np.sum([np.array(r["confusion"]) for r in results], axis=0)

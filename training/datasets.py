@@ -474,9 +474,9 @@ _EMODB_EMOTIONS = {
 _EMODB_OUTSIDE = {"L": "boredom"}  # Langeweile
 # From the corpus documentation (Burkhardt et al. 2005).
 _EMODB_GENDERS = {
-    "03": "male", "10": "male", "11": "male", "12": "male", "15": "male",
-    "08": "female", "09": "female", "13": "female", "14": "female", "16": "female",
-}  # fmt: skip
+    **{speaker: "male" for speaker in ("03", "10", "11", "12", "15")},
+    **{speaker: "female" for speaker in ("08", "09", "13", "14", "16")},
+}
 
 
 def _parse_emodb(path: Path, root: Path) -> Utterance:

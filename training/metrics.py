@@ -94,7 +94,7 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
 
 
 def top_k_accuracy(y_true: Sequence[int], scores: np.ndarray, k: int = 3) -> float:
-    """Fraction of samples whose true class is among the k highest scores (ties: lower index first)."""
+    """Share of samples whose true class is among the k highest scores (ties: lower index first)."""
     t = _labels(y_true)
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != t.size:
@@ -187,7 +187,7 @@ def ccc(x: Sequence[float], y: Sequence[float]) -> float:
 def uar_by_gender(
     y_true: Sequence[int], y_pred: Sequence[int], genders: Sequence[str | None]
 ) -> dict[str, float]:
-    """{"uar_female", "uar_male"}; other or missing genders are left out, an absent gender is NaN."""
+    """{"uar_female", "uar_male"}; other or missing genders are left out, absent ones are NaN."""
     t, p = _pair(y_true, y_pred)
     g = np.asarray([str(x) if x is not None else "" for x in genders])
     if g.size != t.size:
@@ -296,8 +296,14 @@ def summarise(folds: Sequence[Mapping[str, object]]) -> dict[str, dict[str, floa
 
 #: Metrics that are shares and print as percentages in the tables.
 PERCENT_METRICS = (
-    "accuracy", "uar", "macro_f1", "top3_accuracy", "uar_female", "uar_male", "uar_gap",
-)  # fmt: skip
+    "accuracy",
+    "uar",
+    "macro_f1",
+    "top3_accuracy",
+    "uar_female",
+    "uar_male",
+    "uar_gap",
+)
 
 
 def _cell(value: object, percent: bool) -> str:
@@ -340,7 +346,7 @@ def format_comparison(
     metrics: Sequence[str],
     percent: Sequence[str] = PERCENT_METRICS,
 ) -> str:
-    """Markdown: one row per setting (e.g. with and without adaptation), cells mean ± std over folds."""
+    """Markdown: one row per setting (e.g. with/without adaptation), cells mean ± std over folds."""
     lines = ["| setting | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     for name, folds in settings.items():
         summary = summarise(folds)

@@ -277,6 +277,13 @@
     st.trail.push({ valence: last.valence, arousal: last.arousal });
     if (st.trail.length > TRAIL_POINTS) st.trail.shift();
     st.planeUpdates += 1;
+    const openSegment = st.speech.length && st.speech[st.speech.length - 1].end === null;
+    if (last.kind === "partial" && !openSegment) {
+      // Partials only come while someone speaks: joined mid-utterance, the start was missed.
+      const previousEnd = st.speech.length ? st.speech[st.speech.length - 1].end : -Infinity;
+      st.speech.push({ start: Math.max(t0, previousEnd), end: null });
+      st.speaking = true;
+    }
     // Each estimate colours the timeline from the previous one's end, so the
     // overlapping partial windows do not paint over each other.
     const previous = st.history.length ? st.history[st.history.length - 1].t1 : -Infinity;
@@ -379,10 +386,8 @@
   // ------------------------------------------------------------------ connection
 
   let socket = null;
-  let retryTimer = null;
 
   function connect() {
-    retryTimer = null;
     state.retryAt = null;
     let ws;
     try {
@@ -399,7 +404,7 @@
       state.connects += 1;
       state.attempt = 0;
       state.lastCloseReason = "";
-      dirty.connection = true;
+      dirty.connection = dirty.status = true;
       scheduleRender();
     };
     ws.onmessage = function (message) {
@@ -427,8 +432,8 @@
     const delay = base * (0.8 + 0.4 * Math.random());
     state.attempt += 1;
     state.retryAt = performance.now() + delay * 1000;
-    retryTimer = setTimeout(connect, delay * 1000);
-    dirty.connection = true;
+    setTimeout(connect, delay * 1000);
+    dirty.connection = dirty.status = true;
     scheduleRender();
   }
 
@@ -943,7 +948,8 @@
       if (point.t1 < start) continue;
       const x0 = x(Math.max(point.t0, start));
       ctx.fillStyle = colorOf(point.label);
-      ctx.fillRect(x0, band.top, Math.max(1.5, x(point.t1) - x0), band.height);
+      // Half a pixel of overlap: adjacent estimates meet without anti-aliased seams.
+      ctx.fillRect(x0, band.top, Math.max(1.5, x(point.t1) - x0 + 0.5), band.height);
     }
     // Arousal and valence lines, a point per estimate at its end time.
     const visible = st.history.filter((p) => p.t1 >= start);

@@ -110,7 +110,7 @@ class FileSource:
                 reason = "stopped"
         except Exception as exc:  # noqa: BLE001 - any read failure is this stream's, reported on it
             self.error = f"cannot read audio file {self.path}: {' '.join(str(exc).split()) or type(exc).__name__}"
-            handle.fail(self.error)
+            handle.fail(self.error, code="decode_error")
             reason = "error"
         finally:
             self._file.close()

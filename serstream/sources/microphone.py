@@ -166,7 +166,7 @@ class MicrophoneSource:
         self._handle = self.monitor.open_stream(
             self.stream_id,
             source="microphone",
-            codec="f32",
+            codec="pcm_f32",
             sample_rate=self.sample_rate,
             channels=self.channels,
             detail=self.device.describe(),
@@ -202,7 +202,7 @@ class MicrophoneSource:
     def _finished(self) -> None:
         # PortAudio ended the stream without being asked (device unplugged, driver error).
         if not self._stopping and self._handle is not None:
-            self._handle.fail("input device stopped delivering audio (PortAudio stream finished)")
+            self._handle.fail("input device stopped delivering audio (PortAudio stream finished)", code="device_error")
 
     def stop(self) -> None:
         """Stop capture and close the monitor stream (its open segment is flushed)."""

@@ -22,8 +22,9 @@ buffer was full are counted (Linux ``SO_RXQ_OVFL``), every datagram the demux
 refused is counted per cause, lost / duplicate / late packets per stream come
 from the jitter buffers, and audio of an SSRC the monitor refused to open is
 counted too. :meth:`RtpSource.stats` has them all; :meth:`RtpSource.drop_counters`
-gives flat totals for the monitor's ``stats.drops`` (see
-:func:`register_stats_provider`).
+gives flat totals that each source registers with
+``Monitor.add_stats_provider``, so they appear in ``stats.drops`` and
+``/metrics`` (``serstream_drops_total{cause="rtp_lost"}``, ...).
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ class RtpSource:
         self.sink_failures = 0
         self._announced: set[str] = set()
         self.error: str | None = None
+        # The monitor sums the counters of every source that registers (several ports).
+        register_stats_provider(monitor, self.drop_counters)
 
     # ------------------------------------------------------------ sockets
 
@@ -474,7 +477,8 @@ class RtpSource:
         count = self.open_failures if cause == "stream_refused" else self._demux.rejects.get(cause, 1)
         try:
             event = events.error_event(self.label, code=cause, message=message, count=count, ts=time.time())
-            self.monitor.sink(event)
+            emit = getattr(self.monitor, "emit", None) or self.monitor.sink
+            emit(event)
         except Exception:  # noqa: BLE001 - a consumer's failure must not stop the receiver
             self.sink_failures += 1
 
@@ -495,17 +499,6 @@ def register_stats_provider(monitor: "Monitor", provider: Callable[[], Mapping[s
         return False
     add(provider)
     return True
-
-
-def _combined_drops(sources: Sequence[RtpSource]) -> Callable[[], dict[str, int]]:
-    def provider() -> dict[str, int]:
-        total: dict[str, int] = {}
-        for source in sources:
-            for key, value in source.drop_counters().items():
-                total[key] = total.get(key, 0) + value
-        return total
-
-    return provider
 
 
 # --------------------------------------------------------------------------- command line
@@ -562,10 +555,8 @@ def _build_sources(
         for source in sources:
             source.stop()
         raise
-    register_stats_provider(monitor, _combined_drops(sources))
     for source in sources:
         source.start()
-        log.info("receiving RTP on %s:%d (RTCP %s)", source.host, source.port, source.rtcp_port or "off")
     return sources
 
 

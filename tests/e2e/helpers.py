@@ -7,7 +7,6 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tests.conftest import REPO, serstream_command
@@ -77,5 +76,3 @@ class Background:
             self.proc.wait()
 
 
-def model_args(model: Path) -> list[str]:
-    return ["--model", str(model)]

@@ -101,7 +101,7 @@ def write_clip(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) ->
 
 
 def _ravdess_takes(emotion: str) -> list[tuple[str, str, str]]:
-    """(intensity, statement, repetition) codes, alternating intensity; neutral has no strong one."""
+    """(intensity, statement, repetition) codes, alternating intensity; neutral has no strong."""
     intensities = ("01",) if emotion == "neutral" else ("01", "02")
     return [(i, s, r) for s in ("01", "02") for r in ("01", "02") for i in intensities]
 

@@ -92,7 +92,7 @@ def test_tess_reads_names_and_folders(tmp_path: Path) -> None:
     assert (ps.label, ps.text, ps.intensity) == ("surprised", "Say the word back", None)
 
 
-def test_tess_word_only_files_take_the_folder_label_and_bad_names_are_skipped(tmp_path: Path) -> None:
+def test_tess_word_only_files_and_bad_names(tmp_path: Path) -> None:
     names = [
         "YAF_pleasant_surprised/youth.wav",  # label from the folder
         "OAF_Fear/OAF_dog_fear.wav",  # folder case ignored
@@ -115,7 +115,10 @@ def test_crema_d_with_demographics(tmp_path: Path) -> None:
     write_named_tree(tmp_path, [*CREMA_D_GOOD, *CREMA_D_BAD])
     (tmp_path / "VideoDemographics.csv").write_text(CREMA_D_DEMOGRAPHICS)
     scan = read_crema_d(tmp_path)
-    found = {f"AudioWAV/{u.path.name}": (u.speaker, u.label, u.gender, u.intensity) for u in scan.utterances}
+    found = {
+        f"AudioWAV/{u.path.name}": (u.speaker, u.label, u.gender, u.intensity)
+        for u in scan.utterances
+    }
     assert found == dict(CREMA_D_GOOD)
     reasons = _skip_reasons(scan)
     assert len(reasons) == len(CREMA_D_BAD)
@@ -146,7 +149,10 @@ def test_crema_d_malformed_demographics_is_a_clear_error(tmp_path: Path) -> None
 def test_savee_and_emodb_names(tmp_path: Path, reader, good, bad) -> None:
     write_named_tree(tmp_path, [*good, *bad])
     scan = reader(tmp_path)
-    found = {str(u.path.relative_to(tmp_path)): (u.speaker, u.label, u.gender, u.intensity) for u in scan.utterances}
+    found = {
+        str(u.path.relative_to(tmp_path)): (u.speaker, u.label, u.gender, u.intensity)
+        for u in scan.utterances
+    }
     assert found == dict(good)
     reasons = {str(p.relative_to(tmp_path)): r for p, r in scan.skipped}
     assert set(reasons) == set(bad)
@@ -155,7 +161,9 @@ def test_savee_and_emodb_names(tmp_path: Path, reader, good, bad) -> None:
 
 
 def test_unreadable_and_too_short_audio_are_skipped_only_when_checking(tmp_path: Path) -> None:
-    root = make_ravdess_like(tmp_path / "ravdess", actors=(3,), emotions=("sad",), n_per=1, seconds=0.2)
+    root = make_ravdess_like(
+        tmp_path / "ravdess", actors=(3,), emotions=("sad",), n_per=1, seconds=0.2
+    )
     folder = root / "Actor_03"
     (folder / "03-01-04-01-02-01-03.wav").write_bytes(b"RIFF....not a wave file")
     sf.write(str(folder / "03-01-04-01-01-02-03.wav"), np.zeros(10, dtype=np.float32), 16000)
@@ -197,7 +205,8 @@ def test_scan_corpora_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_load_audio_resamples_to_16k_mono(tmp_path: Path) -> None:
     t = np.arange(44100) / 44100
-    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 440 * t)], axis=1)
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([tone, tone], axis=1)
     path = tmp_path / "tone.wav"
     sf.write(str(path), stereo, 44100)
     audio = load_audio(path)

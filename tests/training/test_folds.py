@@ -1,4 +1,4 @@
-"""Speaker-independent folds: six RAVDESS folds, validation one male one female, no shared speakers."""
+"""Speaker-independent folds: six RAVDESS folds, one male and one female validation actor."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ def _corpus(actors=range(1, 25), tess=True, crema=False) -> list[Utterance]:
         gender = "male" if actor % 2 else "female"
         for label in ("angry", "sad"):
             path = Path(f"03-01-{actor:02d}-{label}.wav")
-            utterances.append(Utterance(path, "ravdess", f"ravdess:{actor:02d}", label, gender, "normal"))
+            speaker = f"ravdess:{actor:02d}"
+            utterances.append(Utterance(path, "ravdess", speaker, label, gender, "normal"))
     if tess:
         for speaker in ("OAF", "YAF"):
-            utterances.append(Utterance(Path(f"{speaker}.wav"), "tess", f"tess:{speaker}", "happy", "female"))
+            path = Path(f"{speaker}.wav")
+            utterances.append(Utterance(path, "tess", f"tess:{speaker}", "happy", "female"))
     if crema:
         utterances.append(Utterance(Path("1001.wav"), "crema-d", "crema-d:1001", "sad", "male"))
     return utterances

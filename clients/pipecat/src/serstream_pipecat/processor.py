@@ -171,7 +171,9 @@ class SerstreamEmotionProcessor(FrameProcessor):
         base = settings or SerstreamSettings()
         self.settings = SerstreamSettings(**{**base.__dict__, **own})
         super().__init__(**kwargs)
-        self.stream_id = self.settings.stream or f"pipecat-{uuid.uuid4().hex[:8]}"
+        self._requested_stream = self.settings.stream or f"pipecat-{uuid.uuid4().hex[:8]}"
+        #: The monitor's id of this pipeline's stream (the requested name, or the one the monitor gave).
+        self.stream_id = self._requested_stream
         self.ingest_url = _ingest_url(self.settings.url)
         self._tracker = TurnTracker(self.stream_id, self.settings.turns)
         self._turn_source: str | None = None  # "user" once a User*SpeakingFrame was seen
@@ -224,12 +226,10 @@ class SerstreamEmotionProcessor(FrameProcessor):
         elif isinstance(frame, UserStoppedSpeakingFrame):
             self._turn_source = "user"
             self._tracker.user_stopped(now)
-            self._wake_settler()
         elif isinstance(frame, VADUserStartedSpeakingFrame) and self._turn_source is None:
             self._tracker.user_started(now)
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._turn_source is None:
             self._tracker.user_stopped(now)
-            self._wake_settler()
         elif isinstance(frame, TranscriptionFrame) and self.settings.attach_to_transcription:
             reading = self._tracker.current()
             if reading is not None:
@@ -294,13 +294,10 @@ class SerstreamEmotionProcessor(FrameProcessor):
         self._connected = False
 
     async def cleanup(self) -> None:
-        await super().cleanup()
         await self._stop(flush=False)
+        await super().cleanup()
 
     # ------------------------------------------------------------ readings
-
-    def _wake_settler(self) -> None:
-        self._wake.set()
 
     async def _settle_loop(self) -> None:
         while True:
@@ -356,7 +353,7 @@ class SerstreamEmotionProcessor(FrameProcessor):
         rate, channels = self._audio_format
         async with connect(self.ingest_url, open_timeout=self.settings.open_timeout_s,
                            max_size=1 << 20, close_timeout=1.0) as ws:
-            hello: dict[str, Any] = {"type": "hello", "stream": self.stream_id, "sample_rate": rate,
+            hello: dict[str, Any] = {"type": "hello", "stream": self._requested_stream, "sample_rate": rate,
                                      "format": "s16le", "channels": channels}
             if self.settings.token:
                 hello["token"] = self.settings.token
@@ -419,10 +416,11 @@ class SerstreamEmotionProcessor(FrameProcessor):
             self._warned_version = True
             logger.warning(f"serstream: the monitor sends event schema v{version}; this plugin knows "
                            f"v{SUPPORTED_SCHEMA_VERSION} and reads only the fields it knows")
-        stream = event.get("stream")
-        if stream not in (None, self.stream_id):
-            return
         kind = event.get("type")
+        if kind == "stream" and event.get("state") == "open" and isinstance(event.get("stream"), str):
+            # The monitor may rename a stream whose name is taken (``name-2``): use its id.
+            self.stream_id = self._tracker.stream = event["stream"]
+            return
         if kind == "error":
             self.counters["monitor_errors"] += 1
             code = str(event.get("code", "error"))
@@ -430,7 +428,6 @@ class SerstreamEmotionProcessor(FrameProcessor):
                            f"{event.get('message', '')}")
         elif kind in ("speech", "emotion"):
             self._tracker.monitor_event(event)
-            self._wake.set()
 
     def _log_once(self, key: str, message: str) -> None:
         if key in self._logged:

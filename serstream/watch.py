@@ -1,0 +1,262 @@
+"""``serstream watch ws://HOST:PORT``: a monitor's events, live, in the terminal.
+
+Readable by default: one line per final estimate, speech start and end,
+stream open and close, and error; partial estimates are one line redrawn in
+place when stdout is a terminal (with ``--partials``, printed as lines
+otherwise). ``--json`` prints every event as the JSON line the monitor sent.
+
+The reading is :func:`serstream.client.events`: it reconnects with backoff
+when the monitor goes away and logs one line when it does and when it is
+back. A monitor that is not running is said once and retried, or, with
+``--no-retry``, ends the command with exit code 2 and one line.
+
+The CLI wires it in with two lines in :mod:`serstream.cli`::
+
+    watch = sub.add_parser("watch", help="print a monitor's events live"); add_watch_arguments(watch)
+    _COMMANDS["watch"] = run_watch
+
+It can also run on its own: ``python -m serstream.watch ws://127.0.0.1:8765``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from serstream.events import dumps
+
+__all__ = [
+    "add_watch_arguments",
+    "run_watch",
+    "events_url",
+    "WatchOptions",
+    "format_event",
+    "format_partial",
+    "Printer",
+    "main",
+]
+
+PROG = "serstream"
+
+
+def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``serstream watch``."""
+    parser.add_argument("url", nargs="?", default="ws://127.0.0.1:8765", metavar="ws://HOST:PORT",
+                        help="the monitor (default ws://127.0.0.1:8765; /events is added when no path is given)")
+    parser.add_argument("--stream", metavar="ID", default=None,
+                        help="only this stream's events (stats still come with --stats)")
+    parser.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    parser.add_argument("--partials", action="store_true",
+                        help="print partial estimates as lines even when stdout is not a terminal")
+    parser.add_argument("--stats", action="store_true", help="also print the monitor's periodic stats")
+    parser.add_argument("--no-retry", action="store_true",
+                        help="exit (code 2) when the monitor cannot be reached or goes away")
+    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
+
+
+class WatchError(Exception):
+    """A problem the user can fix: one line, exit code 2."""
+
+
+def events_url(url: str) -> str:
+    """``ws://HOST:PORT`` -> ``ws://HOST:PORT/events``; WatchError for what cannot be a monitor URL."""
+    text = url.strip()
+    if "://" not in text:
+        text = "ws://" + text  # HOST:PORT alone
+    parts = urlsplit(text)
+    if parts.scheme in ("http", "https"):
+        parts = parts._replace(scheme="ws" if parts.scheme == "http" else "wss")
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise WatchError(f"{url!r} is not a monitor URL; expected ws://HOST:PORT")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/events")
+    return urlunsplit(parts)
+
+
+# --------------------------------------------------------------------------- formatting (pure)
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """What to show."""
+
+    json_lines: bool = False
+    partials_as_lines: bool = False
+    stats: bool = False
+
+
+def _clock(ts: Any) -> str:
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0:
+        return time.strftime("%H:%M:%S", time.localtime(ts))
+    return "--:--:--"
+
+
+def _f(value: Any, spec: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return "?"
+
+
+def _emotion_text(e: dict[str, Any]) -> str:
+    mood = e.get("smoothed") if isinstance(e.get("smoothed"), dict) else {}
+    text = (f"{e.get('kind', '?'):<7} {str(e.get('label', '?')):<9} {_f(e.get('confidence'), '.2f')}  "
+            f"A{_f(e.get('arousal'), '+.2f')} V{_f(e.get('valence'), '+.2f')} D{_f(e.get('dominance'), '+.2f')}  "
+            f"{_f(e.get('t0'), '.1f')}-{_f(e.get('t1'), '.1f')}s")
+    if mood:
+        text += f"  mood {mood.get('label', '?')} {_f(mood.get('confidence'), '.2f')}"
+    if "latency_ms" in e:
+        text += f"  {_f(e.get('latency_ms'), '.0f')} ms"
+    return text
+
+
+def format_partial(event: dict[str, Any]) -> str:
+    """The compact in-place line of a partial estimate."""
+    return f"{_clock(event.get('ts'))} [{event.get('stream', '?')}] {_emotion_text(event)}"
+
+
+def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) -> str | None:
+    """One readable line for an event, or None for what is not shown (partials, stats, unknown types)."""
+    kind = event.get("type")
+    head = f"{_clock(event.get('ts'))} [{event.get('stream', '?')}]"
+    if kind == "emotion":
+        if event.get("kind") != "final" and not options.partials_as_lines:
+            return None
+        return f"{head} {_emotion_text(event)}"
+    if kind == "speech":
+        if event.get("state") == "end":
+            return (f"{head} speech end at {_f(event.get('t'), '.2f')}s "
+                    f"({_f(event.get('duration'), '.2f')} s, {event.get('reason', '?')})")
+        return f"{head} speech {event.get('state', '?')} at {_f(event.get('t'), '.2f')}s"
+    if kind == "stream":
+        line = (f"{head} stream {event.get('state', '?')} ({event.get('source', '?')}, {event.get('codec', '?')}, "
+                f"{event.get('sample_rate', '?')} Hz, {event.get('channels', '?')} ch)")
+        if event.get("detail"):
+            line += f" {event['detail']}"
+        if event.get("reason"):
+            line += f": {event['reason']}"
+        return line
+    if kind == "error":
+        return f"{head} error {event.get('code', '?')}: {event.get('message', '')} (x{event.get('count', '?')})"
+    if kind == "stats" and options.stats:
+        latency = event.get("latency_ms") if isinstance(event.get("latency_ms"), dict) else {}
+        batches = event.get("batches") if isinstance(event.get("batches"), dict) else {}
+        drops = event.get("drops") if isinstance(event.get("drops"), dict) else {}
+        dropped = sum(v for v in drops.values() if isinstance(v, (int, float)))
+        return (f"{head} stats {event.get('streams', '?')} streams, {_f(event.get('windows_per_s'), '.1f')} windows/s, "
+                f"latency p50 {_f(latency.get('p50'), '.0f')} p95 {_f(latency.get('p95'), '.0f')} ms, "
+                f"batch mean {_f(batches.get('mean_size'), '.1f')} max {batches.get('max_size', '?')}, "
+                f"{dropped} dropped, {event.get('device', '?')}")
+    return None
+
+
+class Printer:
+    """Writes events to ``out``: lines, plus one partial line redrawn in place on a terminal."""
+
+    def __init__(self, out: TextIO, options: WatchOptions, tty: bool) -> None:
+        self.out = out
+        self.options = options
+        self.tty = tty
+        self.lines = 0
+        self._partial_shown = False
+
+    def show(self, event: dict[str, Any]) -> None:
+        if self.options.json_lines:
+            self._write(dumps(event) + "\n")
+            return
+        if (event.get("type") == "emotion" and event.get("kind") == "partial" and self.tty
+                and not self.options.partials_as_lines):
+            self._write("\r\x1b[2K" + format_partial(event))
+            self._partial_shown = True
+            return
+        line = format_event(event, self.options)
+        if line is not None:
+            self._write(("\r\x1b[2K" if self._partial_shown else "") + line + "\n")
+            self._partial_shown = False
+
+    def close(self) -> None:
+        if self._partial_shown:
+            self._write("\n")
+            self._partial_shown = False
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+        self.lines += text.count("\n")
+
+
+# --------------------------------------------------------------------------- the command
+
+
+async def _watch(url: str, args: argparse.Namespace, printer: Printer) -> None:
+    from serstream.client import UnknownEvent, events
+
+    async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry):
+        if isinstance(event, UnknownEvent):
+            # Newer schema versions and unknown types still print raw with --json;
+            # the client has logged once what it could not read.
+            if args.json and event.raw:
+                printer.show(dict(event.raw))
+            continue
+        printer.show(dict(event.raw))
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """``serstream watch``: returns the exit code (0 on Ctrl-C or --duration, 2 on a user error)."""
+    from serstream.client import ClientError
+
+    try:
+        url = events_url(args.url)
+        if args.duration is not None and args.duration < 0:
+            raise WatchError("--duration must be >= 0")
+    except WatchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    options = WatchOptions(json_lines=args.json, partials_as_lines=args.partials, stats=args.stats)
+    printer = Printer(sys.stdout, options, tty=bool(getattr(sys.stdout, "isatty", lambda: False)()))
+    if not args.json:
+        where = f"{url} (stream {args.stream})" if args.stream else url
+        print(f"{PROG}: watching {where}; Ctrl-C to stop", file=sys.stderr, flush=True)
+
+    async def bounded() -> None:
+        if args.duration is None:
+            await _watch(url, args, printer)
+        else:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_watch(url, args, printer), args.duration)
+
+    try:
+        asyncio.run(bounded())
+    except ClientError as exc:
+        printer.close()
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        # stdout closed by the reader (e.g. `| head`): nothing left to say, not even at exit.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+    with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+        printer.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serstream.watch``: the same command without the rest of the CLI."""
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    parser = argparse.ArgumentParser(prog=f"{PROG} watch", description="Print a monitor's events live.")
+    add_watch_arguments(parser)
+    return run_watch(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

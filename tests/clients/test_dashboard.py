@@ -1,0 +1,209 @@
+"""The dashboard (clients/dashboard) in headless Chromium against a real monitor replaying speech.
+
+``serstream listen --file speech.wav --loop`` with the factory model; the page
+is opened from the monitor itself when it serves this dashboard, or else
+from the checkout with ``?monitor=ws://127.0.0.1:PORT`` (the same page and
+script; see test_monitor_serves_this_dashboard). Assertions read the state
+the page exposes (``window.serstreamDashboard`` and data-* attributes), not
+pixels. A screenshot is kept in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from serstream.contract import LABELS
+from tests.conftest import REPO
+from tests.clients.helpers import start_monitor
+from tests.e2e.helpers import Background
+
+pytestmark = pytest.mark.slow
+
+DASHBOARD = REPO / "clients" / "dashboard"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
+]
+STREAM = "file:speech.wav"
+
+
+def _start_monitor(model: Path, wav: Path, port: int) -> Background:
+    return start_monitor(["listen", "--model", str(model), "--file", str(wav), "--loop", "--port", str(port)])
+
+
+def _served_page(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        return response.read().decode("utf-8", "replace")
+
+
+def _is_this_dashboard(html: str) -> bool:
+    return '<script src="app.js"></script>' in html and 'id="timeline"' in html
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs /usr/bin/chromium (Debian package chromium)")
+    with sync_api.sync_playwright() as playwright:
+        # executable_path: Playwright must never download a browser of its own.
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def _state(page: Any, expression: str) -> Any:
+    return page.evaluate(f"() => {expression}")
+
+
+def _bars(page: Any) -> dict[str, float]:
+    return page.evaluate(
+        "() => Object.fromEntries([...document.querySelectorAll('#bars .bar')]"
+        ".map(el => [el.dataset.label, parseFloat(el.dataset.value)]))"
+    )
+
+
+def _plane(page: Any) -> dict[str, str]:
+    return page.evaluate("() => ({...document.getElementById('plane').dataset})")
+
+
+def test_dashboard_live_view_and_recovery_after_monitor_restart(
+    browser: Any, factory_model: Path, speech_wav: Path, free_port: int
+) -> None:
+    monitor = _start_monitor(factory_model, speech_wav, free_port)
+    try:
+        served = _is_this_dashboard(_served_page(free_port))
+        url = (f"http://127.0.0.1:{free_port}/" if served
+               else (DASHBOARD / "index.html").as_uri() + f"?monitor=ws://127.0.0.1:{free_port}")
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page_errors: list[str] = []
+        page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+        page.goto(url)
+
+        page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
+        assert page.get_attribute("body", "data-connected") == "true"
+        page.wait_for_function(
+            f"() => (window.serstreamDashboard.streams[{json.dumps(STREAM)}] || {{}}).emotions >= 2",
+            timeout=30_000,
+        )
+        # The stream is listed, selected, and has a small multiple.
+        assert page.locator(f'#stream-list li[data-stream="{STREAM}"]').count() == 1
+        assert page.locator(f'#multiples .card[data-stream="{STREAM}"]').count() == 1
+        assert _state(page, "window.serstreamDashboard.selected") == STREAM
+        # Bars: one per label the events carry (nothing hard-coded), in the model's order.
+        assert list(_bars(page)) == list(LABELS)
+        assert _state(page, "window.serstreamDashboard.labels") == list(LABELS)
+        mood = page.get_attribute("#mood-label", "data-label")
+        assert mood in LABELS
+
+        # Bars and plane move as estimates come in.
+        bars_before, plane_before = _bars(page), _plane(page)
+        page.wait_for_function(
+            "([updates, bars]) => {"
+            " const plane = document.getElementById('plane').dataset;"
+            " const now = [...document.querySelectorAll('#bars .bar')].map(el => el.dataset.value);"
+            " return Number(plane.updates) >= updates + 3 && now.join() !== bars; }",
+            arg=[int(plane_before["updates"]), ",".join(f"{v:.4f}" for v in bars_before.values())],
+            timeout=30_000,
+        )
+        plane_after = _plane(page)
+        assert int(plane_after["trail"]) >= 3
+        assert -1.0 <= float(plane_after["valence"]) <= 1.0 and -1.0 <= float(plane_after["arousal"]) <= 1.0
+        assert sum(_bars(page).values()) == pytest.approx(1.0, abs=0.02)
+
+        # The timeline has estimates and shaded speech; stats arrive (every 5 s).
+        page.wait_for_function("() => Number(document.getElementById('timeline').dataset.speech) >= 1",
+                               timeout=10_000)
+        timeline = page.evaluate("() => ({...document.getElementById('timeline').dataset})")
+        assert int(timeline["points"]) >= 3
+        page.wait_for_function("() => window.serstreamDashboard.stats !== null", timeout=15_000)
+        stats = _state(page, "window.serstreamDashboard.stats")
+        assert stats["streams"] == 1 and stats["device"] == "cpu" and stats["dropTotal"] >= 0
+        assert page.locator('[data-stat="p95"]').inner_text().endswith("ms")
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        # The monitor dies: the page says so and keeps retrying.
+        emotions_before = _state(page, f"window.serstreamDashboard.streams[{json.dumps(STREAM)}].emotions")
+        monitor.kill()
+        page.wait_for_function("() => window.serstreamDashboard.connected === false", timeout=15_000)
+        page.wait_for_selector("#banner:not([hidden])", timeout=5_000)
+        banner = page.locator("#banner").inner_text()
+        assert "Disconnected" in banner and "retrying" in banner
+        assert page.get_attribute("#banner", "data-state") == "disconnected"
+        page.screenshot(path=str(ARTIFACTS / "dashboard-disconnected.png"))
+
+        # It comes back on the same port: the page reconnects and receives events again.
+        monitor = _start_monitor(factory_model, speech_wav, free_port)
+        page.wait_for_function("() => window.serstreamDashboard.connects >= 2 && window.serstreamDashboard.connected",
+                               timeout=30_000)
+        page.wait_for_selector("#banner[hidden]", state="attached", timeout=5_000)
+        page.wait_for_function(
+            f"() => window.serstreamDashboard.streams[{json.dumps(STREAM)}].emotions >= {emotions_before + 2}",
+            timeout=30_000,
+        )
+        assert _state(page, "window.serstreamDashboard.malformed") == 0
+        assert page_errors == []
+    finally:
+        monitor.kill()
+
+
+def test_dashboard_survives_bad_and_newer_messages(browser: Any) -> None:
+    """Messages fed through the page's own handler (no monitor needed: the page is retrying meanwhile)."""
+    page = browser.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    # Port 9 (discard) has no WebSocket server: the page keeps retrying while we feed it.
+    page.goto((DASHBOARD / "index.html").as_uri() + "?monitor=ws://127.0.0.1:9")
+    page.wait_for_selector("#banner:not([hidden])", timeout=10_000)
+    assert "retrying" in page.locator("#banner").inner_text()
+
+    probs = {label: (0.65 if label == "sad" else 0.05) for label in LABELS}
+    good = {"type": "emotion", "v": 1, "stream": "a", "ts": 1.0, "seq": 0, "kind": "final", "utterance": 0,
+            "t0": 0.5, "t1": 2.0, "label": "sad", "confidence": 0.65, "probs": probs, "arousal": -0.4,
+            "valence": -0.5, "dominance": -0.2, "latency_ms": 12.0, "a_field_from_the_future": [1, 2],
+            "smoothed": {"label": "sad", "confidence": 0.6, "probs": probs, "arousal": -0.4, "valence": -0.5,
+                         "dominance": -0.2}}
+    newer = {**good, "v": 2, "stream": "b"}
+    for message in [
+        "this is not JSON",
+        "[1, 2, 3]",
+        json.dumps({"type": "emotion", "v": 1, "stream": "a", "probs": "broken"}),
+        json.dumps(good),
+        json.dumps({"type": "gossip", "v": 1, "stream": "a", "ts": 2.0}),
+        json.dumps(newer),
+    ]:
+        page.evaluate("(m) => window.serstreamDashboard.inject(m)", message)
+    page.wait_for_function("() => document.body.dataset.malformed === '3'", timeout=5_000)
+    state = page.evaluate("() => ({m: window.serstreamDashboard.malformed,"
+                          " u: window.serstreamDashboard.unknownTypes, v: window.serstreamDashboard.newerSchema,"
+                          " s: window.serstreamDashboard.streams})")
+    assert state["m"] == 3 and state["u"] == 1 and state["v"] == 2
+    assert state["s"]["a"]["label"] == "sad" and state["s"]["b"]["label"] == "sad"
+    assert "3 malformed" in page.locator("#status-line").inner_text()
+    notice = page.locator("#notice")
+    assert notice.is_visible() and "v2" in notice.inner_text()
+    page.wait_for_function("() => document.getElementById('mood-label').dataset.label === 'sad'", timeout=5_000)
+    assert page_errors == []
+
+
+def test_monitor_serves_this_dashboard(factory_model: Path, speech_wav: Path, free_port: int) -> None:
+    monitor = _start_monitor(factory_model, speech_wav, free_port)
+    try:
+        html = _served_page(free_port)
+    finally:
+        monitor.kill()
+    if not _is_this_dashboard(html):
+        pytest.skip("the monitor still serves the placeholder serstream/dashboard: the server's default "
+                    "dashboard_dir must become <repo>/clients/dashboard when present")
+    assert "serstream dashboard" in html

@@ -1,0 +1,298 @@
+"""WebSocket ingest against a live server: real sockets, real monitor, the factory model.
+
+Two clients push different espeak-ng speech at once and each gets only its
+own stream's events; tokens are enforced with close code 1008; a bad hello
+is refused with a one-line reason; text and partial-sample frames mid-stream
+are counted and reported once while the stream goes on; a client that drops
+mid-frame is reported "disconnected" and the other client keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from serstream.client import EmotionEvent, Event, IngestClient, IngestRefused, StreamEvent, parse_event
+from serstream.ingest import HelloError, parse_hello
+from tests.audio import speech_with_pauses
+from tests.net.conftest import LiveServer, wait_until
+
+TOKEN = "s3cret-token"
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return audio, int(rate)
+
+
+async def push_and_collect(client: IngestClient, audio: np.ndarray, block: int) -> list[Event]:
+    """Send ``audio`` as fast as the server takes it, end, and return every event received."""
+    received: list[Event] = []
+
+    async def gather() -> None:
+        async for event in client.events():
+            received.append(event)
+
+    reader = asyncio.create_task(gather())
+    for start in range(0, audio.shape[0], block):
+        await client.send(audio[start:start + block])
+    await client.end()
+    await asyncio.wait_for(reader, 60)
+    return received
+
+
+async def hello_then(url: str, hello: dict[str, Any] | str | bytes, headers: dict[str, str] | None = None) -> Any:
+    """Open a raw connection, send ``hello``, and return the connection after its first reply or close."""
+    ws = await connect(url, additional_headers=headers or {})
+    await ws.send(hello if isinstance(hello, (str, bytes)) else json.dumps(hello))
+    try:
+        first = await asyncio.wait_for(ws.recv(), 10)
+    except ConnectionClosed:
+        return ws, None
+    return ws, json.loads(first)
+
+
+def test_parse_hello_accepts_a_full_hello_and_names_each_problem() -> None:
+    hello = parse_hello('{"type":"hello","stream":"call-1","sample_rate":8000,"format":"f32le","channels":2,"x":1}')
+    assert (hello.stream, hello.sample_rate, hello.format, hello.channels) == ("call-1", 8000, "f32le", 2)
+    cases = {
+        b"\x00\x01": (1003, "binary"),
+        "not json": (1002, "not valid JSON"),
+        '{"type":"hi"}': (1002, '"type": "hello"'),
+        '{"type":"hello","stream":"","sample_rate":16000}': (1002, "'stream'"),
+        '{"type":"hello","stream":"a b","sample_rate":16000}': (1002, "'stream'"),
+        '{"type":"hello","stream":"rtp:123","sample_rate":16000}': (1003, "reserved"),
+        '{"type":"hello","stream":"a"}': (1002, "lacks 'sample_rate'"),
+        '{"type":"hello","stream":"a","sample_rate":"16000"}': (1002, "integer"),
+        '{"type":"hello","stream":"a","sample_rate":12}': (1003, "outside"),
+        '{"type":"hello","stream":"a","sample_rate":16000,"format":"mp3"}': (1003, "not supported"),
+        '{"type":"hello","stream":"a","sample_rate":16000,"channels":0}': (1003, "channels"),
+        '{"type":"hello","stream":"a","sample_rate":16000,"token":5}': (1002, "token"),
+    }
+    for message, (code, fragment) in cases.items():
+        with pytest.raises(HelloError) as info:
+            parse_hello(message)
+        assert info.value.code == code, message
+        assert fragment in info.value.reason, (message, info.value.reason)
+        assert "\n" not in info.value.reason
+
+
+def test_two_clients_get_only_their_own_events(
+    live_server_factory: Any, speech_wav: Path, speech_wav_44k_stereo: Path
+) -> None:
+    server: LiveServer = live_server_factory(token=TOKEN)
+    mono, mono_rate = read_audio(speech_wav)
+    stereo, stereo_rate = read_audio(speech_wav_44k_stereo)
+    url = server.url("/ingest")
+
+    async def run() -> tuple[tuple[str | None, list[Event]], tuple[str | None, list[Event]]]:
+        # Both ask for the same name: one gets it, the other a suffix.
+        first = IngestClient(url, "caller", mono_rate, "s16le", TOKEN)
+        second = IngestClient(url, "caller", stereo_rate, "f32le", TOKEN, channels=2)
+        async with first, second:
+            got_first, got_second = await asyncio.gather(
+                push_and_collect(first, mono[:, 0], 1600),
+                push_and_collect(second, stereo, 4410),
+            )
+        return (first.stream_id, got_first), (second.stream_id, got_second)
+
+    (id_a, events_a), (id_b, events_b) = asyncio.run(run())
+    assert {id_a, id_b} == {"caller", "caller-2"}
+    for stream_id, received, codec, rate, channels in (
+        (id_a, events_a, "pcm_s16le", mono_rate, 1),
+        (id_b, events_b, "pcm_f32le", stereo_rate, 2),
+    ):
+        assert received, stream_id
+        assert {e.stream for e in received} == {stream_id}, "a client got another stream's events"
+        opened = received[0]
+        assert isinstance(opened, StreamEvent) and opened.state == "open"
+        assert (opened.source, opened.codec, opened.sample_rate, opened.channels) == ("websocket", codec, rate, channels)
+        assert any(isinstance(e, EmotionEvent) for e in received), f"{stream_id} got no emotion event"
+        last = received[-1]
+        assert isinstance(last, StreamEvent) and last.state == "closed" and last.reason == "end of stream"
+        assert not any(e.type == "stats" for e in received)
+    # The monitor-side view agrees: each stream's emotion events are its own.
+    assert server.collector.of(id_a, "emotion") and server.collector.of(id_b, "emotion")
+    assert server.handler is not None and server.handler.counters["ended"] == 2
+
+
+def test_token_is_required_and_checked(live_server_factory: Any) -> None:
+    server: LiveServer = live_server_factory(token=TOKEN)
+    url = server.url("/ingest")
+    hello = {"type": "hello", "stream": "t", "sample_rate": 16000, "format": "s16le"}
+
+    async def run() -> None:
+        with pytest.raises(IngestRefused) as info:
+            async with IngestClient(url, "t", 16000, token="wrong"):
+                pass
+        assert (info.value.code, info.value.reason) == (1008, "invalid token")
+        assert "invalid token" in str(info.value)
+        # Missing token, and a wrong one in the hello instead of the header.
+        for sent in (hello, {**hello, "token": "nope"}):
+            ws, first = await hello_then(url, sent)
+            assert first is None
+            assert (ws.close_code, ws.close_reason) == (1008, "invalid token")
+        # The right token in the hello is as good as the header.
+        ws, first = await hello_then(url, {**hello, "token": TOKEN})
+        assert first is not None and first["type"] == "stream" and first["state"] == "open"
+        await ws.close()
+
+    asyncio.run(run())
+    assert server.handler is not None and server.handler.counters["refused_token"] == 3
+
+
+@pytest.mark.parametrize(
+    ("first", "code", "fragment"),
+    [
+        (b"\x01\x02\x03\x04", 1003, "JSON text hello"),
+        ("{", 1002, "not valid JSON"),
+        ({"type": "hello", "stream": "x", "sample_rate": 16000, "format": "u8"}, 1003, "format"),
+    ],
+)
+def test_a_bad_hello_is_refused_with_a_reason(live_server_factory: Any, first: Any, code: int, fragment: str) -> None:
+    server: LiveServer = live_server_factory()
+
+    async def run() -> None:
+        ws, reply = await hello_then(server.url("/ingest"), first)
+        assert reply is None
+        assert ws.close_code == code
+        assert fragment in ws.close_reason
+
+    asyncio.run(run())
+    assert server.handler is not None and server.handler.counters["bad_hello"] == 1
+    assert server.monitor is not None and server.monitor.stream_ids == []
+
+
+def test_text_and_partial_frames_mid_stream_are_counted_and_reported_once(live_server_factory: Any) -> None:
+    server: LiveServer = live_server_factory()
+    speech = speech_with_pauses(((0.3, 1.5),), tail_s=0.8)
+    pcm = (speech * 32767).astype("<i2").tobytes()
+
+    async def run() -> list[dict[str, Any]]:
+        ws, opened = await hello_then(server.url("/ingest"), {"type": "hello", "stream": "chat", "sample_rate": 16000})
+        assert opened is not None and opened["stream"] == "chat"
+        half = len(pcm) // 2 // 640 * 640
+        for start in range(0, half, 640):
+            await ws.send(pcm[start:start + 640])
+        for text in ("hello?", '{"type":"pause"}', "x" * 1000):
+            await ws.send(text)
+        for odd in (b"\x01", b"\x01\x02\x03"):
+            await ws.send(odd)
+        for start in range(half, len(pcm), 640):
+            await ws.send(pcm[start:start + 640])
+        await ws.send(json.dumps({"type": "end"}))
+        received = [json.loads(message) async for message in ws]
+        assert ws.close_code == 1000
+        return received
+
+    received = asyncio.run(run())
+    errors = [e for e in received if e["type"] == "error"]
+    assert sorted(e["code"] for e in errors) == ["bad_frame", "bad_message"]
+    assert all(e["count"] == 1 for e in errors)
+    assert any(e["type"] == "emotion" for e in received), "the stream stopped after the bad messages"
+    assert received[-1]["type"] == "stream" and received[-1]["state"] == "closed"
+    counters = server.handler.counters if server.handler else {}
+    assert counters["bad_messages"] == 3
+    assert counters["bad_frames"] == 2 and counters["bad_frame_bytes"] == 4
+    assert server.monitor is not None
+    drops = server.monitor.stats()["drops"]
+    assert (drops["ingest_bad_messages"], drops["ingest_bad_frames"]) == (3, 2)
+
+
+def _partial_masked_frame(declared: int, sent: int) -> bytes:
+    """The start of a masked binary frame that claims ``declared`` payload bytes but carries ``sent``."""
+    header = bytes([0x82, 0x80 | 126]) + struct.pack("!H", declared) + b"\x11\x22\x33\x44"
+    return header + bytes(sent)
+
+
+def test_a_client_dropping_mid_frame_is_reported_and_others_continue(live_server_factory: Any) -> None:
+    server: LiveServer = live_server_factory()
+    url = server.url("/ingest")
+    speech = speech_with_pauses(((0.3, 2.0), (1.0, 1.5)), tail_s=0.8)
+
+    async def run() -> list[Event]:
+        steady = IngestClient(url, "steady", 16000)
+        await steady.open()
+        received: list[Event] = []
+
+        async def gather() -> None:
+            async for event in steady.events():
+                received.append(event)
+
+        reader = asyncio.create_task(gather())
+        half = speech.size // 2
+        for start in range(0, half, 1600):
+            await steady.send(speech[start:start + 1600])
+        ws, opened = await hello_then(url, {"type": "hello", "stream": "flaky", "sample_rate": 16000})
+        assert opened is not None
+        await ws.send(bytes(3200))
+        # Half a frame on the wire, then the TCP connection is gone.
+        ws.transport.write(_partial_masked_frame(4000, 100))
+        ws.transport.abort()
+        await asyncio.to_thread(
+            wait_until, lambda: bool(server.collector.of("flaky", "stream", state="closed")), 10, "flaky closed"
+        )
+        for start in range(half, speech.size, 1600):
+            await steady.send(speech[start:start + 1600])
+        await steady.end()
+        await asyncio.wait_for(reader, 60)
+        await steady.close()
+        return received
+
+    received = asyncio.run(run())
+    closed = server.collector.of("flaky", "stream", state="closed")
+    assert [e["reason"] for e in closed] == ["disconnected"]
+    assert server.handler is not None and server.handler.counters["disconnects"] == 1
+    finals = [e for e in received if isinstance(e, EmotionEvent) and e.kind == "final"]
+    assert len({e.utterance for e in finals}) == 2, "the other client lost an utterance"
+    assert {e.stream for e in received} == {"steady"}
+    assert isinstance(received[-1], StreamEvent) and received[-1].reason == "end of stream"
+
+
+def test_an_oversized_frame_closes_with_1009_and_is_counted(live_server_factory: Any) -> None:
+    server: LiveServer = live_server_factory(max_frame_bytes=4096)
+
+    async def run() -> int | None:
+        ws, opened = await hello_then(server.url("/ingest"), {"type": "hello", "stream": "big", "sample_rate": 16000})
+        assert opened is not None
+        await ws.send(bytes(2048))
+        with pytest.raises(ConnectionClosed):
+            await ws.send(bytes(8192))
+            await asyncio.wait_for(ws.recv(), 10)
+            await asyncio.wait_for(ws.recv(), 10)
+        return ws.close_code
+
+    code = asyncio.run(run())
+    assert code == 1009
+    wait_until(lambda: bool(server.collector.of("big", "stream", state="closed")), 10, "big closed")
+    assert server.handler is not None and server.handler.counters["oversized_frames"] == 1
+    assert server.handler.counters["frames"] == 1
+
+
+def test_a_fast_sender_is_held_back_not_dropped(live_server_factory: Any) -> None:
+    # A ring of 1 s: 6 s of audio sent at once must wait for room instead of overwriting.
+    from serstream.monitor import MonitorConfig
+
+    server: LiveServer = live_server_factory(monitor_config=MonitorConfig(ring_seconds=1.0), max_speed=None)
+    speech = speech_with_pauses(((0.3, 2.0), (1.0, 2.5)), tail_s=0.8)
+
+    async def run() -> list[Event]:
+        async with IngestClient(server.url("/ingest"), "replay", 16000, "f32le") as client:
+            return await push_and_collect(client, speech, 16000)
+
+    received = asyncio.run(run())
+    assert server.handler is not None and server.handler.counters["backpressure_waits"] > 0
+    assert server.monitor is not None
+    assert server.monitor.stats()["drops"]["audio_samples"] == 0
+    finals = [e for e in received if isinstance(e, EmotionEvent) and e.kind == "final"]
+    assert len({e.utterance for e in finals}) == 2
+    assert parse_event(json.dumps(server.collector.of("replay", "stream")[-1])).reason == "end of stream"  # type: ignore[union-attr]
