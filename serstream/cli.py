@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_options(serve)
     _add_network_options(serve, rtp=False)
 
+    from serstream.watch import add_watch_arguments
+
+    add_watch_arguments(sub.add_parser("watch", help="print a monitor's events live"))
     bench = sub.add_parser("bench", help="measure inference speed, latency, capacity and memory")
     bench.add_argument("--quick", action="store_true", help="small settings: a smoke test in about a minute")
     bench.add_argument("--max-streams", type=int, default=None, metavar="N",
@@ -620,6 +623,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "devices": _cmd_devices,
     "analyze": _cmd_analyze,
     "bench": _cmd_bench,
+    "watch": lambda args: __import__("serstream.watch", fromlist=["run_watch"]).run_watch(args),
 }
 
 

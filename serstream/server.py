@@ -72,8 +72,9 @@ class ServerError(RuntimeError):
 
 
 def default_dashboard_dir() -> Path:
-    """The dashboard shipped inside the package (``serstream/dashboard``)."""
-    return Path(__file__).with_name("dashboard")
+    """The real dashboard of a checkout (``clients/dashboard``), else the packaged placeholder."""
+    checkout = Path(__file__).resolve().parent.parent / "clients" / "dashboard"
+    return checkout if (checkout / "index.html").is_file() else Path(__file__).with_name("dashboard")
 
 
 # --------------------------------------------------------------------------- bus
