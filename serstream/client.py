@@ -418,10 +418,11 @@ async def events(
     while True:
         try:
             ws = await _open(target, None, open_timeout_s, None)
-        except BadURL:
-            raise
-        except MonitorUnavailable as exc:
-            if not reconnect:
+        except ClientError as exc:
+            # A server that has answered before and now fails the handshake is
+            # most likely half-way through a restart (socket bound, handler not
+            # yet serving), so after a first success every failure is retried.
+            if not reconnect or (isinstance(exc, BadURL) and not was_connected):
                 raise
             if not outage_logged:
                 log.warning("%s; retrying (up to every %.0f s)", exc, max_backoff_s)
