@@ -62,3 +62,30 @@ def test_bad_quality_and_shape_raise():
         StreamResampler(48000, quality="VHQ-ish")
     with pytest.raises(ValueError, match="1-D"):
         StreamResampler(48000).process(np.zeros((10, 2), dtype=np.float32))
+
+
+@pytest.mark.parametrize("rate", [8000, 32000, 48000])
+def test_integer_ratios_hold_back_almost_nothing(rate):
+    # A click in the first 20 ms block comes out of that same block's output,
+    # at its own time: live telephony cannot afford soxr's ~90 ms stream delay.
+    resampler = StreamResampler(rate)
+    block = np.zeros(rate // 50, dtype=np.float32)
+    block[rate // 100] = 1.0  # at 10 ms
+    out = resampler.process(block)
+    assert 320 - 32 <= out.size <= 320  # at most 2 ms held back
+    assert abs(int(np.argmax(np.abs(out))) - 160) <= 1
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_integer_ratio_output_is_block_size_independent_and_exact_in_length(rate):
+    tone = _tone(300, rate, 1.0)[: rate - 7]  # a length that is not a multiple of anything handy
+    whole = StreamResampler(rate)
+    one_shot = np.concatenate([whole.process(tone), whole.flush()])
+    chunked = StreamResampler(rate)
+    cuts = np.sort(np.random.default_rng(2).choice(tone.size, 50, replace=False))
+    parts = [chunked.process(p) for p in np.split(tone, cuts)] + [chunked.flush()]
+    np.testing.assert_allclose(np.concatenate(parts), one_shot, atol=1e-5)
+    assert one_shot.size == tone.size * 16000 // rate
+    middle = one_shot[1000:-1000]
+    reference = _tone(300, 16000, 1.0)[1000 : 1000 + middle.size]
+    np.testing.assert_allclose(middle, reference, atol=0.02)
