@@ -357,13 +357,7 @@ def _run_groups(
 
 def _file_summary(job: _StreamJob, done: _FileDone, info: ModelInfo) -> dict[str, Any]:
     if not job.weights:
-        # No speech found: nothing to average. The schema's summary fields are null here.
-        return {
-            "type": "file", "v": events.SCHEMA_VERSION, "stream": job.spec.stream, "ts": round(time.time(), 4),
-            "file": str(done.file), "label": None, "probs": None, "arousal": None, "valence": None,
-            "dominance": None, "segments": 0, "duration_s": round(done.duration_s, 4),
-            "note": "no speech found",
-        }
+        return events.file_event_no_speech(job.spec.stream, file=str(done.file), duration_s=done.duration_s, ts=time.time())
     weights = np.asarray(job.weights, np.float64)
     weights = weights / weights.sum()
     probs = (np.stack(job.probs) * weights[:, None]).sum(axis=0)

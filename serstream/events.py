@@ -42,6 +42,7 @@ __all__ = [
     "stats_event",
     "error_event",
     "file_event",
+    "file_event_no_speech",
     "probs_dict",
 ]
 
@@ -335,6 +336,16 @@ def error_event(
         raise ValueError(f"error count must be >= 1 (the event reports an occurrence), got {count}")
     event = _base("error", stream, ts)
     event.update(code=code, message=_one_line(message) or code, count=int(count))
+    return event
+
+
+def file_event_no_speech(stream: str, *, file: str, duration_s: float, ts: float) -> dict[str, Any]:
+    """The summary of a file in which the VAD found no speech: nothing to average, so nulls and a note."""
+    event = _base("file", stream, ts)
+    event.update(
+        file=str(file), label=None, probs=None, arousal=None, valence=None, dominance=None,
+        segments=0, duration_s=_num(duration_s, "duration_s"), note="no speech found",
+    )
     return event
 
 

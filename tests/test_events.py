@@ -226,3 +226,12 @@ def test_unknown_fields_are_allowed(validator: jsonschema.Draft202012Validator) 
 
 def test_unknown_type_is_rejected(validator: jsonschema.Draft202012Validator) -> None:
     assert not validator.is_valid({"type": "hello", "v": 1, "stream": "s", "ts": TS})
+
+
+def test_a_file_without_speech_has_null_figures_and_a_note(validator: jsonschema.Draft202012Validator) -> None:
+    empty = events.file_event_no_speech("f", file="silence.wav", duration_s=2.0, ts=1.0)
+    assert list(validator.iter_errors(empty)) == []
+    assert empty["label"] is None and empty["segments"] == 0 and empty["note"]
+    # Nulls are only allowed when nothing was heard.
+    assert list(validator.iter_errors(dict(empty, segments=3)))
+    assert list(validator.iter_errors(dict(empty, label="angry")))
