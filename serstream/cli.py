@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -69,13 +68,14 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
-    """Options of the network ingest modules (issue 3), when they are installed."""
-    ingest = _optional_module("serstream.ingest")
-    if ingest is not None and hasattr(ingest, "add_ingest_arguments"):
-        ingest.add_ingest_arguments(parser)
-    rtp_module = _optional_module("serstream.sources.rtp") if rtp else None
-    if rtp_module is not None and hasattr(rtp_module, "add_rtp_arguments"):
-        rtp_module.add_rtp_arguments(parser)  # leaves --rtp and --rtp-map as defined here
+    """Options of the /ingest endpoint and, for ``listen``, of the RTP source (defined beside their code)."""
+    from serstream.ingest import add_ingest_arguments
+
+    add_ingest_arguments(parser)
+    if rtp:
+        from serstream.sources.rtp import add_rtp_arguments
+
+        add_rtp_arguments(parser)  # leaves --rtp and --rtp-map as defined here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,34 +338,23 @@ class ConsoleOutput:
 # --------------------------------------------------------------------------- listen / serve
 
 
-def _optional_module(name: str) -> Any:
-    """A module of a feature that may not be installed (network ingest); None when absent."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace) -> Any:
-    """The /ingest hook: ``serstream.ingest.ingest_handler_from_args(monitor, bus, args)``."""
-    module = _optional_module("serstream.ingest")
-    if module is None:
-        return None
+    """The /ingest endpoint's handler, from the ingest options."""
+    from serstream.ingest import ingest_handler_from_args
+
     try:
-        return module.ingest_handler_from_args(monitor, bus, args)
+        return ingest_handler_from_args(monitor, bus, args)
     except ValueError as exc:
         raise UserError(_one_line(exc)) from None
 
 
 def _rtp_sources(monitor: Any, args: argparse.Namespace) -> list[Any]:
-    """The --rtp hook: ``serstream.sources.rtp.start_from_cli``; objects with ``stop()``."""
+    """The RTP sources of the --rtp options; objects with ``stop()``."""
     if not args.rtp:
         return []
-    module = _optional_module("serstream.sources.rtp")
-    if module is None:
-        raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)")
-    config = module.config_from_args(args) if hasattr(module, "config_from_args") else None
-    return list(module.start_from_cli(monitor, list(args.rtp), list(args.rtp_map), config))
+    from serstream.sources.rtp import config_from_args, start_from_cli
+
+    return list(start_from_cli(monitor, list(args.rtp), list(args.rtp_map), config_from_args(args)))
 
 
 async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) -> int:
@@ -498,9 +487,6 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         raise UserError("--duration must be >= 0")
     if args.exit_when_done and not args.file:
         raise UserError("--exit-when-done needs at least one --file")
-    if args.rtp and _optional_module("serstream.sources.rtp") is None:
-        # Fail early (before the model loads) when the RTP source is not there.
-        raise UserError("RTP ingest lands with issue 3 (serstream/sources/rtp.py is not there yet)")
     model = load_model(args.model, args.device_backend, _live_threads(args.threads))
     return asyncio.run(_run_server(args, model, with_sources=True))
 
