@@ -314,10 +314,10 @@ def parse_event(message: str | bytes | Mapping[str, Any]) -> Event:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         return _unknown(obj, f"an event without a valid schema version 'v' ({version!r})", "bad-version")
     if version > EVENT_SCHEMA_VERSION:
-        return _unknown(
-            obj, f"events of schema version {version}; this client reads version {EVENT_SCHEMA_VERSION} "
-            "(upgrade serstream)", f"version-{version}",
-        )
+        # The versioning rule (docs/events.md): warn once, then read the fields we know;
+        # if those no longer parse, the event falls through to UnknownEvent below.
+        _warn_once(f"version-{version}", f"serstream client: events of schema version {version}; this client "
+                   f"reads version {EVENT_SCHEMA_VERSION} and keeps the fields it knows (upgrade serstream)")
     spec = _SPECS.get(kind) if isinstance(kind, str) else None
     if spec is None:
         return _unknown(obj, f"an unknown event type {kind!r}", f"type-{kind!r}"[:80])
