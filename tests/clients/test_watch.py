@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,45 +14,18 @@ import pytest
 from serstream import events
 from serstream.watch import Printer, WatchOptions, events_url, format_event
 from tests.clients.helpers import start_monitor
-from tests.conftest import REPO
+from tests.conftest import REPO, serstream_command
 from tests.e2e.helpers import Background
 
 
-def _watch_command() -> list[str]:
-    """``serstream watch`` once the CLI has it; until then the module's own entry point."""
-    wired = subprocess.run([sys.executable, "-m", "serstream", "watch", "--help"], cwd=REPO,
-                           capture_output=True, text=True)
-    if wired.returncode == 0:
-        return [sys.executable, "-m", "serstream", "watch"]
-    return [sys.executable, "-m", "serstream.watch"]
-
-
 def _watch(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*_watch_command(), *args], cwd=REPO, text=True,
+    return subprocess.Popen([*serstream_command(), "watch", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
-
-
-class _WatchProcess(Background):
-    """Background, but running the watch command."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen([*_watch_command(), *args], cwd=REPO, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
 
 
 # --------------------------------------------------------------------------- pure formatting
@@ -159,7 +129,7 @@ def test_watch_reconnects_when_the_monitor_restarts(factory_model: Path, speech_
     monitor = start_monitor(args)
     watcher = None
     try:
-        watcher = _WatchProcess([f"ws://127.0.0.1:{free_port}", "--json", "--duration", "40"])
+        watcher = Background(["watch", f"ws://127.0.0.1:{free_port}", "--json", "--duration", "40"])
         watcher.wait_for(lambda: any('"type":"emotion"' in line for line in watcher.stdout), 30, "first events")
         monitor.kill()
         watcher.wait_for(lambda: watcher.stderr_has("disconnected from"), 15, "the disconnect notice")
