@@ -217,6 +217,9 @@ class EmotionModel:
         options.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Pool threads that spin between batches burn the core the audio pipeline
+        # needs; a live monitor waits for audio most of the time, so they sleep.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             session = ort.InferenceSession(str(model_path), options, providers=providers)
