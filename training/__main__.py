@@ -1,8 +1,11 @@
 """``python -m training`` (also ``serstream-train``): train, cross-validate, export, baseline.
 
 Examples:
-  python -m training cv --data ../shared/data --out runs/cv
+  python -m training cv --data ../shared/data --out runs/cv [--tta]
+  python -m training crosscorpus --data ../shared/data --out runs/cross
+  python -m training report --cv runs/cv [--crosscorpus runs/cross]
   python -m training train --data ../shared/data --out runs/final --export models/serstream-default.onnx
+  python -m training onnx-eval --model models/serstream-default.onnx --data ../shared/data --speakers fold:3 --out runs/onnx-eval
   python -m training baseline --data ../shared/data
 """
 
@@ -14,7 +17,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
+
+
+class UsageError(Exception):
+    """A bad argument that is not about a corpus (a missing checkpoint, a wrong corpus role); one line."""
 
 
 def _config(args: argparse.Namespace):
@@ -28,11 +35,11 @@ def _config(args: argparse.Namespace):
     return replace(cfg, **updates)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, corpora: list[str] | None = None):
     from .cache import build_cache
     from .datasets import scan_corpora
 
-    scan = scan_corpora(Path(args.data), args.corpora.split(","), check_audio=False)
+    scan = scan_corpora(Path(args.data), corpora or args.corpora.split(","), check_audio=False)
     print(scan.summary(), file=sys.stderr)
     corpus = build_cache(scan.utterances, Path(args.data), Path(args.cache) if args.cache else None)
     return corpus
@@ -47,31 +54,39 @@ def _cache_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from .cv import run_cv, summarise
+    from .cv import run_cv, summarise, utterance_view
     from .folds import make_split, ravdess_actor_folds
 
     corpus = _load(args)
     config = _config(args)
     folds = ravdess_actor_folds()
     wanted = [int(f) for f in args.folds.split(",")] if args.folds != "all" else [f.index for f in folds]
-    splits = [make_split(_utterance_view(corpus), f, seed=args.seed or 0) for f in folds if f.index in wanted]
-    results = run_cv(_cache_path(args), splits, config, Path(args.out), workers=args.workers)
+    splits = [make_split(utterance_view(corpus), f, seed=args.seed or 0) for f in folds if f.index in wanted]
+    results = run_cv(_cache_path(args), splits, config, Path(args.out), workers=args.workers, tta=args.tta)
     summary = summarise(results)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
-    for mode in ("none", "online", "full"):
-        s = summary[mode]
-        print(f"{mode:>6}: UAR {s['uar']['mean']:.3f} +/- {s['uar']['std']:.3f}  accuracy {s['accuracy']['mean']:.3f}  "
+    for mode, s in summary.items():
+        print(f"{mode:>10}: UAR {s['uar']['mean']:.3f} +/- {s['uar']['std']:.3f}  accuracy {s['accuracy']['mean']:.3f}  "
               f"folds {s['uar']['folds']}")
     return 0
 
 
-def _utterance_view(corpus):
-    """Lightweight stand-ins for Utterance objects, enough for fold construction."""
-    from types import SimpleNamespace
+def cmd_crosscorpus(args: argparse.Namespace) -> int:
+    """Train on RAVDESS alone, score the test corpus (TESS) per speaker-history mode."""
+    from .crosscorpus import crosscorpus_markdown, run_crosscorpus
+    from .datasets import canonical_corpus_name
 
-    genders = {0: "female", 1: "male", -1: None}
-    return [SimpleNamespace(speaker=str(s), corpus=str(c), gender=genders[int(g)])
-            for s, c, g in zip(corpus.speaker, corpus.corpus, corpus.gender)]
+    if canonical_corpus_name(args.test_corpus) == "ravdess":
+        raise UsageError("crosscorpus trains on ravdess: --test-corpus must name another corpus")
+    corpus = _load(args, ["ravdess", canonical_corpus_name(args.test_corpus)])
+    config = _config(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # Beside crosscorpus.json, as a CV run keeps it: `export` reads it for the model's shape.
+    (Path(args.out) / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    figures = run_crosscorpus(corpus, config, Path(args.out), test_corpus=canonical_corpus_name(args.test_corpus),
+                              seed=args.seed or 0, tta=args.tta)
+    print(crosscorpus_markdown(figures))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -92,13 +107,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a trained ``model.pt`` (from ``train``) to ONNX with its metadata."""
+    """Export a trained ``model.pt`` to ONNX with its metadata.
+
+    From ``train`` the file holds the weights and the config; a CV fold's or
+    the cross-corpus run's ``model.pt`` holds only weights, and the config
+    comes from ``--train-config`` (default: the run's ``config.json``, two
+    folders up), so a fold's model can go through ``onnx-eval``.
+    """
     import torch
 
     from .model import EmotionNet, ModelConfig
     from .train import TrainConfig
 
-    saved = torch.load(Path(args.checkpoint), weights_only=False)
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise UsageError(f"checkpoint {checkpoint} not found")
+    saved = torch.load(checkpoint, weights_only=False)
+    if "model" not in saved:  # a bare state dict from a CV fold or the cross-corpus run
+        config_path = Path(args.train_config) if args.train_config else checkpoint.parent.parent / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"{checkpoint} holds only weights; its run's config.json ({config_path}) is missing "
+                               f"(give --train-config)")
+        saved = {"model": saved, "config": json.loads(config_path.read_text())}
     model_config = ModelConfig.from_dict(saved["config"]["model"])
     model = EmotionNet(model_config)
     model.load_state_dict(saved["model"])
@@ -131,16 +161,52 @@ def _export(model, corpus, config, args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the CV figures of a (possibly partial) run as a Markdown table and write summary.json."""
+    """Print the CV figures of a (possibly partial) run and the cross-corpus figures as Markdown tables.
+
+    Writes summary.json in the CV folder. The cross-corpus table comes from
+    ``--crosscorpus`` (a crosscorpus.json or its folder), else from a
+    crosscorpus.json inside the ``--cv`` folder.
+    """
+    from .crosscorpus import crosscorpus_markdown, find_crosscorpus
     from .cv import collect, markdown_report, summarise
 
-    results = collect(Path(args.cv))
-    if not results:
-        print(f"training: error: no finished folds in {args.cv}", file=sys.stderr)
+    if not args.cv and not args.crosscorpus:
+        print("training: error: report needs --cv DIR and/or --crosscorpus PATH", file=sys.stderr)
         return 2
-    (Path(args.cv) / "summary.json").write_text(json.dumps(summarise(results), indent=1))
-    print(f"{len(results)} fold(s) finished: {sorted(r['fold'] for r in results)}")
-    print(markdown_report(results))
+    cross = None
+    if args.crosscorpus:
+        cross = find_crosscorpus(Path(args.crosscorpus))
+        if cross is None:
+            print(f"training: error: no crosscorpus.json at {args.crosscorpus}", file=sys.stderr)
+            return 2
+    elif args.cv:
+        cross = find_crosscorpus(Path(args.cv))
+    results = collect(Path(args.cv)) if args.cv and Path(args.cv).is_dir() else []
+    if not results and cross is None:
+        print(f"training: error: no finished folds and no crosscorpus.json in {args.cv}", file=sys.stderr)
+        return 2
+    if results:
+        (Path(args.cv) / "summary.json").write_text(json.dumps(summarise(results), indent=1))
+        print(f"{len(results)} fold(s) finished: {sorted(r['fold'] for r in results)}")
+        print(markdown_report(results))
+    if cross is not None:
+        try:
+            figures = json.loads(cross.read_text())
+            table = crosscorpus_markdown(figures)
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"training: error: {cross} is not a crosscorpus.json: {type(exc).__name__} {exc}", file=sys.stderr)
+            return 2
+        print(table)
+    return 0
+
+
+def cmd_onnx_eval(args: argparse.Namespace) -> int:
+    """Score an ONNX model through the monitor's analysis path; one summary line out."""
+    from .onnxeval import run_onnx_eval, summary_line
+
+    result = run_onnx_eval(Path(args.model), Path(args.data), args.speakers, Path(args.out), order_seed=args.seed,
+                           threads=args.threads, cv_dir=Path(args.cv) if args.cv else None)
+    print(summary_line(result))
     return 0
 
 
@@ -153,10 +219,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("cv", "train", "baseline"):
-        p = sub.add_parser(name)
+    for name in ("cv", "train", "baseline", "crosscorpus"):
+        p = sub.add_parser(name, help=_HELP.get(name), description=_HELP.get(name))
         p.add_argument("--data", required=True, help="folder holding corpus subfolders (ravdess/, tess/, ...)")
-        p.add_argument("--corpora", default="ravdess,tess")
+        if name != "crosscorpus":  # its corpora are fixed: RAVDESS and --test-corpus
+            p.add_argument("--corpora", default="ravdess,tess")
         p.add_argument("--cache", default=None, help="decoded-audio cache folder (default ~/.cache/serstream)")
         p.add_argument("--out", default=f"runs/{name}")
         p.add_argument("--seed", type=int, default=0)
@@ -167,16 +234,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float)
         p.add_argument("--crop-s", dest="crop_s", type=float)
         p.add_argument("--no-augment", action="store_true")
-        p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1)")
-        p.add_argument("--workers", type=int, default=2, help="folds trained in parallel processes")
+        if name != "crosscorpus":  # cv and baseline use them; crosscorpus has one split
+            p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1)")
+            p.add_argument("--workers", type=int, default=2, help="folds trained in parallel processes")
+        if name in ("cv", "crosscorpus"):
+            p.add_argument("--tta", action="store_true",
+                           help="also score online history with test-time augmentation (mode 'online_tta': "
+                                "mean logits over a 5 ms shift, a 90%% centre crop and +/-6 dB)")
+    sub.choices["crosscorpus"].add_argument("--test-corpus", default="tess",
+                                            help="corpus to test on, never trained on (default tess)")
     tr = sub.choices["train"]
     tr.add_argument("--export", default=None, help="write the ONNX model here")
     tr.add_argument("--temperature", type=float, default=None)
     tr.add_argument("--version", default="0.1.0")
     tr.add_argument("--cv-summary", default=None, help="summary.json of a CV run, embedded in the metadata")
     sub.choices["baseline"].add_argument("--speaker-norm", action="store_true")
-    rep = sub.add_parser("report", help="figures of a CV run as a Markdown table")
-    rep.add_argument("--cv", required=True, help="the --out folder of a cv run")
+    rep = sub.add_parser("report", help="figures of a CV run and a cross-corpus run as Markdown tables",
+                         description="Print a CV run's figures per fold and mode (writes its summary.json) and, "
+                         "when found, the cross-corpus figures: from --crosscorpus, else from a crosscorpus.json "
+                         "inside the --cv folder.")
+    rep.add_argument("--cv", default=None, help="the --out folder of a cv run")
+    rep.add_argument("--crosscorpus", default=None, metavar="PATH",
+                     help="crosscorpus.json, or the --out folder of a crosscorpus run")
     ex = sub.add_parser("export", help="export a trained model.pt to ONNX")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--export", required=True, help="ONNX file to write")
@@ -186,16 +265,42 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--temperature", type=float, default=None)
     ex.add_argument("--version", default="0.1.0")
     ex.add_argument("--cv-summary", default=None)
+    ex.add_argument("--train-config", default=None,
+                    help="config.json of the run, for a weights-only model.pt (default: two folders up)")
+    oe = sub.add_parser("onnx-eval", help=_HELP["onnx-eval"], description=_HELP["onnx-eval"])
+    oe.add_argument("--model", required=True, help="ONNX model (from export)")
+    oe.add_argument("--data", required=True, help="folder holding corpus subfolders (ravdess/, tess/, ...)")
+    oe.add_argument("--speakers", required=True,
+                    help="fold:K (RAVDESS fold K's test actors), or RAVDESS actor numbers and ranges and "
+                    "corpus:speaker ids, e.g. 1,2,5-8 or tess:OAF")
+    oe.add_argument("--out", default="runs/onnx-eval")
+    oe.add_argument("--seed", type=int, default=0, help="the --seed of the cv run: it fixes the online order")
+    oe.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    oe.add_argument("--cv", default=None, help="a cv run's --out folder: print its figures for the fold beside")
     return parser
+
+
+_HELP = {
+    "cv": "speaker-independent cross-validation over the six RAVDESS actor folds",
+    "train": "train on every speaker and optionally export",
+    "baseline": "classical baseline (utterance statistics + a linear model) on the same folds",
+    "crosscorpus": "train on RAVDESS alone (2 of its actors validate), test on another corpus (default TESS); "
+                   "UAR over the classes the test corpus holds (TESS: 7, no calm); writes OUT/crosscorpus.json",
+    "onnx-eval": "score an exported ONNX model through serstream analyze (VAD, windows, online speaker state), "
+                 "one stream per speaker in the order the CV's online mode uses",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .datasets import DatasetError
+    from .onnxeval import OnnxEvalError
 
+    commands = {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export, "report": cmd_report,
+                "crosscorpus": cmd_crosscorpus, "onnx-eval": cmd_onnx_eval}
     try:
-        return {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export, "report": cmd_report}[args.command](args)
-    except DatasetError as exc:
+        return commands[args.command](args)
+    except (DatasetError, OnnxEvalError, UsageError) as exc:
         print(f"training: error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,10 @@ Each fold trains on every speaker but its test actors (TESS and any other
 corpus always train), picks the epoch on two validation actors, fits the
 calibration temperature on them, and scores the test actors three ways:
 no speaker history, online history (the monitor's way), and full history.
+With ``tta`` a fourth mode, ``online_tta``, scores online history with
+test-time augmentation (:data:`training.train.TTA_VARIANTS`); its temperature
+is fitted on the validation actors scored the same way. Run folders from
+before TTA simply lack that mode.
 """
 
 from __future__ import annotations
@@ -11,9 +15,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -22,9 +25,15 @@ from serstream.contract import LABELS
 from .cache import CachedCorpus
 from .train import TrainConfig, predict, train_model
 
-__all__ = ["fold_metrics", "run_fold", "run_cv"]
+if TYPE_CHECKING:
+    from .model import EmotionNet
+
+__all__ = ["MODES", "TTA_MODE", "fold_metrics", "result_modes", "run_fold", "run_cv", "score_split", "utterance_view"]
 
 MODES = ("none", "online", "full")
+#: Online history with test-time augmentation: an extra mode, present only when asked for.
+TTA_MODE = "online_tta"
+ALL_MODES = (*MODES, TTA_MODE)
 
 
 def fold_metrics(pred: dict, temperature: float) -> dict:
@@ -67,7 +76,42 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, progress: bool = False) -> dict:
+def score_split(model: EmotionNet, corpus: CachedCorpus, val_idx: np.ndarray, test_idx: np.ndarray, seed: int,
+                run_dir: Path, tta: bool = False) -> dict:
+    """Predict validation and test utterances, save the predictions, and score every mode.
+
+    Returns ``{"temperature", ["temperature_tta",] mode: figures, ...}``.
+    Predictions are saved first (``run_dir/predictions.npz``), figures second: a
+    metrics change can be re-scored without retraining (:func:`rescore_fold`).
+    """
+    val = {"val": predict(model, corpus, val_idx, mode="online", order_seed=seed)}
+    preds = {mode: predict(model, corpus, test_idx, mode=mode, order_seed=seed) for mode in MODES}
+    if tta:
+        val["val_tta"] = predict(model, corpus, val_idx, mode="online", order_seed=seed, tta=True)
+        preds[TTA_MODE] = predict(model, corpus, test_idx, mode="online", order_seed=seed, tta=True)
+    np.savez(Path(run_dir) / "predictions.npz", **{f"{s}.{k}": v for s, p in val.items() for k, v in p.items()},
+             **{f"{m}.{k}": v for m, p in preds.items() for k, v in p.items()})
+    return _figures(val, preds)
+
+
+def _figures(val: dict[str, dict], preds: dict[str, dict]) -> dict:
+    """Temperatures from the validation predictions, then every mode's figures."""
+    from . import metrics as M  # imported late: a metrics bug must not cost a training run
+
+    temperature = M.fit_temperature(val["val"]["emotion_logits"], val["val"]["label"])
+    figures: dict = {"temperature": round(float(temperature), 4)}
+    temperature_tta = temperature
+    if TTA_MODE in preds and "val_tta" in val:
+        temperature_tta = M.fit_temperature(val["val_tta"]["emotion_logits"], val["val_tta"]["label"])
+        figures["temperature_tta"] = round(float(temperature_tta), 4)
+    for mode in ALL_MODES:
+        if mode in preds:
+            figures[mode] = fold_metrics(preds[mode], temperature_tta if mode == TTA_MODE else temperature)
+    return figures
+
+
+def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, progress: bool = False,
+             tta: bool = False) -> dict:
     """Train and evaluate one fold; writes ``fold-K.json`` and confusion PNGs in ``out_dir``."""
     import torch
 
@@ -85,35 +129,29 @@ def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, pr
     log(f"train {len(train_idx)} utterances, val {len(val_idx)}, test {len(test_idx)}")
     result = train_model(corpus, train_idx, val_idx, config, fold_dir, progress=progress, log=log)
     torch.save(result.model.state_dict(), fold_dir / "model.pt")
-    val_pred = predict(result.model, corpus, val_idx, mode="online", order_seed=config.seed)
-    preds = {mode: predict(result.model, corpus, test_idx, mode=mode, order_seed=config.seed) for mode in MODES}
-    # Predictions first, figures second: a metrics change can be re-scored without retraining.
-    np.savez(fold_dir / "predictions.npz", **{f"val.{k}": v for k, v in val_pred.items()},
-             **{f"{m}.{k}": v for m, p in preds.items() for k, v in p.items()})
+    scores = score_split(result.model, corpus, val_idx, test_idx, config.seed, fold_dir, tta=tta)
     from . import metrics as M  # imported late: a metrics bug must not cost a training run
 
-    temperature = M.fit_temperature(val_pred["emotion_logits"], val_pred["label"])
     figures = {"fold": split.index, "test_speakers": list(split.test_speakers), "val_speakers": list(split.val_speakers),
-               "best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar, "temperature": round(float(temperature), 4),
-               "history": result.history}
-    for mode in MODES:
-        figures[mode] = fold_metrics(preds[mode], temperature)
-        if mode == "online":
-            cm = np.asarray(figures[mode]["confusion"])
-            M.plot_confusion(cm, list(LABELS), fold_dir / "confusion-online.png", f"fold {split.index} (online adaptation)")
+               "best_epoch": result.best_epoch, "best_val_uar": result.best_val_uar, "history": result.history, **scores}
+    cm = np.asarray(figures["online"]["confusion"])
+    M.plot_confusion(cm, list(LABELS), fold_dir / "confusion-online.png", f"fold {split.index} (online adaptation)")
     (Path(out_dir) / f"fold-{split.index}.json").write_text(json.dumps(figures, indent=1))
-    log(f"test UAR none={figures['none']['uar']} online={figures['online']['uar']} full={figures['full']['uar']}")
+    log("test UAR " + " ".join(f"{m}={figures[m]['uar']}" for m in ALL_MODES if m in figures))
     return figures
 
 
 def _fold_worker(args) -> dict:
-    corpus_path, split, config, out_dir = args
+    # A pool spawns a fresh process per fold, which imports the code as it is
+    # on disk then: jobs from a run_cv started before TTA have four fields.
+    corpus_path, split, config, out_dir, *rest = args
     z = np.load(corpus_path, allow_pickle=False)
     corpus = CachedCorpus(**{k: z[k] for k in z.files})
-    return run_fold(corpus, split, config, Path(out_dir))
+    return run_fold(corpus, split, config, Path(out_dir), tta=bool(rest[0]) if rest else False)
 
 
-def run_cv(corpus_path: Path, splits: Sequence, config: TrainConfig, out_dir: Path, workers: int = 2) -> list[dict]:
+def run_cv(corpus_path: Path, splits: Sequence, config: TrainConfig, out_dir: Path, workers: int = 2,
+           tta: bool = False) -> list[dict]:
     """Run folds in ``workers`` processes of ``config.threads`` threads each.
 
     On a 2-core machine two single-thread processes outran one two-thread
@@ -122,7 +160,7 @@ def run_cv(corpus_path: Path, splits: Sequence, config: TrainConfig, out_dir: Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    jobs = [(str(corpus_path), s, config, str(out_dir)) for s in splits]
+    jobs = [(str(corpus_path), s, config, str(out_dir), tta) for s in splits]
     if workers <= 1:
         return [_fold_worker(j) for j in jobs]
     ctx = mp.get_context("spawn")
@@ -130,14 +168,20 @@ def run_cv(corpus_path: Path, splits: Sequence, config: TrainConfig, out_dir: Pa
         return list(pool.imap(_fold_worker, jobs))
 
 
+def result_modes(results: Sequence[dict]) -> list[str]:
+    """The adaptation modes that at least one result holds, in report order."""
+    return [m for m in ALL_MODES if any(m in r for r in results)]
+
+
 def summarise(results: Sequence[dict]) -> dict:
+    """Mean, std and per-fold values of every figure, per mode (``online_tta`` over the folds that have it)."""
     keys = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated",
             "gender_accuracy", "uar_gap_female_minus_male")
     summary = {}
-    for mode in MODES:
+    for mode in result_modes(results):
         summary[mode] = {}
         for k in keys:
-            vals = [r[mode][k] for r in results if k in r[mode]]
+            vals = [r[mode][k] for r in results if mode in r and k in r[mode]]
             if vals:
                 summary[mode][k] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4),
                                     "folds": vals}
@@ -146,16 +190,14 @@ def summarise(results: Sequence[dict]) -> dict:
 
 def rescore_fold(fold_dir: Path) -> dict:
     """Figures from a fold's saved predictions (after a metrics change, without retraining)."""
-    from . import metrics as M
-
     z = np.load(Path(fold_dir) / "predictions.npz", allow_pickle=False)
-    split = lambda prefix: {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith(prefix + ".")}
-    val = split("val")
-    temperature = M.fit_temperature(val["emotion_logits"], val["label"])
-    figures = {"fold": int(Path(fold_dir).name.split("-")[1]), "temperature": round(float(temperature), 4)}
-    for mode in MODES:
-        figures[mode] = fold_metrics(split(mode), temperature)
-    return figures
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key in z.files:
+        prefix, name = key.split(".", 1)
+        groups.setdefault(prefix, {})[name] = z[key]
+    val = {k: v for k, v in groups.items() if k in ("val", "val_tta")}
+    preds = {k: v for k, v in groups.items() if k in ALL_MODES}
+    return {"fold": int(Path(fold_dir).name.split("-")[1]), **_figures(val, preds)}
 
 
 def collect(cv_dir: Path) -> list[dict]:
@@ -173,17 +215,34 @@ def collect(cv_dir: Path) -> list[dict]:
 
 
 def markdown_report(results: Sequence[dict]) -> str:
-    """The model card's table: per fold and mean +/- std, for each adaptation mode."""
+    """The model card's table: mean UAR/accuracy per mode, then per fold and mean +/- std, for each mode."""
     cols = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated", "gender_accuracy")
-    lines = []
-    for mode in MODES:
+    modes = result_modes(results)
+    lines = ["\n**Speaker history modes side by side** (mean +/- std over the folds that have the mode)\n",
+             "| speaker history | folds | uar | accuracy | macro_f1 |", "|---|---|---|---|---|"]
+    for mode in modes:
+        have = [r for r in results if mode in r]
+        cells = [f"{np.mean([r[mode][c] for r in have]):.3f} +/- {np.std([r[mode][c] for r in have]):.3f}"
+                 for c in ("uar", "accuracy", "macro_f1")]
+        lines.append(f"| {mode} | {len(have)} | " + " | ".join(cells) + " |")
+    for mode in modes:
+        have = sorted((r for r in results if mode in r), key=lambda r: r["fold"])
         lines.append(f"\n**Speaker history: {mode}**\n")
         lines.append("| fold (test actors) | " + " | ".join(cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
-        for r in sorted(results, key=lambda r: r["fold"]):
+        for r in have:
             actors = f"{4 * r['fold'] - 3}-{4 * r['fold']}"
             lines.append(f"| {r['fold']} ({actors}) | " + " | ".join(f"{r[mode].get(c, float('nan')):.3f}" for c in cols) + " |")
-        means = [np.mean([r[mode][c] for r in results]) for c in cols]
-        stds = [np.std([r[mode][c] for r in results]) for c in cols]
+        means = [np.mean([r[mode][c] for r in have]) for c in cols]
+        stds = [np.std([r[mode][c] for r in have]) for c in cols]
         lines.append("| **mean +/- std** | " + " | ".join(f"{m:.3f} +/- {s:.3f}" for m, s in zip(means, stds)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def utterance_view(corpus: CachedCorpus) -> list:
+    """Lightweight stand-ins for Utterance objects (speaker, corpus, gender), enough for fold construction."""
+    from types import SimpleNamespace
+
+    genders = {0: "female", 1: "male", -1: None}
+    return [SimpleNamespace(speaker=str(s), corpus=str(c), gender=genders[int(g)])
+            for s, c, g in zip(corpus.speaker, corpus.corpus, corpus.gender)]

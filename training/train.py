@@ -18,19 +18,33 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from serstream.contract import LABELS
+from serstream.contract import LABELS, SAMPLE_RATE
 
 from .cache import CachedCorpus
 from .channel import GroupChannelAugment, spec_mask
 from .model import EmotionNet, ModelConfig, MultitaskLoss
 
-__all__ = ["TrainConfig", "TrainResult", "train_model", "predict", "history_matrix"]
+__all__ = [
+    "ADAPTATION_MODES",
+    "TTA_VARIANTS",
+    "TrainConfig",
+    "TrainResult",
+    "TtaVariant",
+    "history_matrix",
+    "predict",
+    "speaker_orders",
+    "train_model",
+    "tta_view",
+]
+
+#: Speaker-history modes of :func:`predict`.
+ADAPTATION_MODES = ("none", "online", "full")
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,11 @@ def crop_batch(corpus: CachedCorpus, idx: np.ndarray, crop: int | None, rng: np.
             start = int(rng.integers(0, len(a) - crop + 1)) if rng is not None else (len(a) - crop) // 2
             a = a[start : start + crop]
         clips.append(a)
+    return pad_batch(clips)
+
+
+def pad_batch(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded float audio [B, N] and lengths [B] of ``clips``."""
     n = max(len(a) for a in clips)
     audio = np.zeros((len(clips), n), dtype=np.float32)
     for r, a in enumerate(clips):
@@ -155,54 +174,152 @@ def avd_lookup() -> np.ndarray:
     return table
 
 
-@torch.no_grad()
-def predict(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, mode: str = "online", order_seed: int = 0, batch: int = 32) -> dict[str, np.ndarray]:
-    """Score utterances ``idx``; speaker statistics per ``mode``.
+@dataclass(frozen=True)
+class TtaVariant:
+    """One deterministic test-time view of an utterance: drop ``shift_s`` from the start,
+    keep the centre ``keep`` share of the rest, then change the level by ``gain_db``."""
 
-    none: no history (per-utterance normalisation). online: each speaker's
-    utterances in a fixed shuffled order, each one normalised with the
-    statistics of the ones before it, as the monitor does live. full: every
-    other utterance of the speaker (transductive, still label-free).
+    shift_s: float = 0.0
+    keep: float = 1.0
+    gain_db: float = 0.0
+
+
+#: Plain; a 5 ms shift (half a 10 ms hop: every STFT frame moves); the centre 90 %
+#: (where a VAD might cut the segment); +/-6 dB (recording level, which speaker
+#: history does not cancel: the history was heard at the plain level). Five
+#: forward passes, no randomness, so TTA figures are reproducible.
+TTA_VARIANTS: tuple[TtaVariant, ...] = (
+    TtaVariant(),
+    TtaVariant(shift_s=0.005),
+    TtaVariant(keep=0.9),
+    TtaVariant(gain_db=6.0),
+    TtaVariant(gain_db=-6.0),
+)
+
+#: Shifts and crops never cut a clip below this many seconds (the monitor's shortest window).
+TTA_MIN_S = 0.5
+
+
+def tta_view(audio: np.ndarray, variant: TtaVariant, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``audio`` as ``variant`` sees it; a clip too short to cut keeps its length."""
+    a = audio
+    shortest = int(TTA_MIN_S * sample_rate)
+    shift = int(round(variant.shift_s * sample_rate))
+    if shift > 0 and len(a) - shift >= shortest:
+        a = a[shift:]
+    if variant.keep < 1.0:
+        keep = max(int(round(variant.keep * len(a))), shortest)
+        if keep < len(a):
+            start = (len(a) - keep) // 2
+            a = a[start : start + keep]
+    if variant.gain_db != 0.0:
+        # Clipped at full scale, as a louder recording would be.
+        a = np.clip(a * np.float32(10.0 ** (variant.gain_db / 20.0)), -1.0, 1.0).astype(np.float32)
+    return a
+
+
+def speaker_orders(speakers: np.ndarray, order_seed: int = 0) -> dict[str, np.ndarray]:
+    """Per speaker (in sorted order), the positions in ``speakers`` in the order online adaptation hears them.
+
+    One generator walks the speakers in sorted order, so an order depends on
+    the seed and on which speakers are scored together: ``onnx-eval`` calls
+    this with the same speakers to feed the monitor the same sequence.
     """
-    model.eval()
+    rng = np.random.default_rng(order_seed)
+    orders = {}
+    for spk in np.unique(speakers):
+        rows = np.flatnonzero(speakers == spk)
+        orders[str(spk)] = rows[rng.permutation(len(rows))]
+    return orders
+
+
+def _own_stats(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, order: np.ndarray, batch: int) -> torch.Tensor:
+    """Front-end statistics [n, 2M+1] of each plain utterance (what a speaker history sums)."""
     front = model.frontend
-    n = len(idx)
-    own = torch.zeros(n, 2 * front.config.n_mels + 1)
-    order = np.argsort([corpus.offsets[i + 1] - corpus.offsets[i] for i in idx])  # similar lengths share a batch
-    for s in range(0, n, batch):
+    own = torch.zeros(len(idx), 2 * front.config.n_mels + 1)
+    for s in range(0, len(idx), batch):
         rows = order[s : s + batch]
         audio, lengths = crop_batch(corpus, idx[rows], None, None)
         logmel, mask = front.log_mel(audio, lengths)
         own[rows] = front.own_stats(logmel, mask)
+    return own
+
+
+def _history(own: torch.Tensor, speakers: np.ndarray, mode: str, order_seed: int) -> torch.Tensor:
+    """Speaker statistics fed with each utterance under ``mode``."""
     history = torch.zeros_like(own)
-    if mode != "none":
-        rng = np.random.default_rng(order_seed)
-        for spk in np.unique(corpus.speaker[idx]):
-            rows = np.flatnonzero(corpus.speaker[idx] == spk)
-            if mode == "online":
-                rows = rows[rng.permutation(len(rows))]
-                running = torch.zeros(own.shape[1])
-                for r in rows:
-                    history[r] = running
-                    running = running + own[r]
-            elif mode == "full":
-                total = own[rows].sum(dim=0)
-                history[rows] = total - own[rows]
-            else:
-                raise ValueError(f"unknown adaptation mode {mode!r}")
-    out = {k: [] for k in ("emotion_logits", "avd", "gender_logits")}
-    for s in range(0, n, batch):
+    if mode == "online":
+        for rows in speaker_orders(speakers, order_seed).values():
+            running = torch.zeros(own.shape[1])
+            for r in rows:
+                history[r] = running
+                running = running + own[r]
+    elif mode == "full":
+        for spk in np.unique(speakers):
+            rows = np.flatnonzero(speakers == spk)
+            total = own[rows].sum(dim=0)
+            history[rows] = total - own[rows]
+    return history
+
+
+def _forward(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, order: np.ndarray, history: torch.Tensor,
+             batch: int, variant: TtaVariant) -> dict[str, np.ndarray]:
+    """Model outputs [n, ...] for one view of every utterance."""
+    out: dict[str, np.ndarray] = {}
+    rate = model.frontend.config.sample_rate
+    for s in range(0, len(idx), batch):
         rows = order[s : s + batch]
-        audio, lengths = crop_batch(corpus, idx[rows], None, None)
+        if variant == TtaVariant():
+            audio, lengths = crop_batch(corpus, idx[rows], None, None)
+        else:
+            audio, lengths = pad_batch([tta_view(corpus.clip(int(i)), variant, rate) for i in idx[rows]])
         logits, avd, gender, _, _ = model(audio, lengths, history[rows])
-        for k, v in zip(out, (logits, avd, gender)):
-            out[k].append((rows, v.float().numpy()))
-    result = {}
-    for k, parts in out.items():
-        arr = np.zeros((n, parts[0][1].shape[1]), dtype=np.float32)
-        for rows, v in parts:
-            arr[rows] = v
-        result[k] = arr
+        for k, v in zip(("emotion_logits", "avd", "gender_logits"), (logits, avd, gender)):
+            v = v.float().numpy()
+            if k not in out:
+                out[k] = np.zeros((len(idx), v.shape[1]), dtype=np.float32)
+            out[k][rows] = v
+    return out
+
+
+@torch.no_grad()
+def predict(
+    model: EmotionNet,
+    corpus: CachedCorpus,
+    idx: np.ndarray,
+    mode: str = "online",
+    order_seed: int = 0,
+    batch: int = 32,
+    tta: bool | Sequence[TtaVariant] = False,
+) -> dict[str, np.ndarray]:
+    """Score utterances ``idx``; speaker statistics per ``mode``.
+
+    none: no history (per-utterance normalisation). online: each speaker's
+    utterances in a fixed shuffled order (:func:`speaker_orders`), each one
+    normalised with the statistics of the ones before it, as the monitor does
+    live. full: every other utterance of the speaker (transductive, still
+    label-free).
+
+    ``tta``: True for :data:`TTA_VARIANTS`, or a sequence of variants; the
+    outputs are averaged over the variants. Logits are averaged (a normalised
+    geometric mean of the probabilities), so the result is still a logit that
+    temperature scaling and the calibration figures treat like a plain one.
+    The speaker history is always built from the plain utterances: that is
+    what the monitor has heard.
+    """
+    if mode not in ADAPTATION_MODES:
+        raise ValueError(f"unknown adaptation mode {mode!r}")
+    variants = tuple(TTA_VARIANTS if tta is True else (tta or (TtaVariant(),)))
+    model.eval()
+    order = np.argsort([corpus.offsets[i + 1] - corpus.offsets[i] for i in idx])  # similar lengths share a batch
+    own = _own_stats(model, corpus, idx, order, batch)
+    history = _history(own, corpus.speaker[idx], mode, order_seed)
+    result: dict[str, np.ndarray] = {}
+    for variant in variants:
+        for k, v in _forward(model, corpus, idx, order, history, batch, variant).items():
+            result[k] = result[k] + v if k in result else v
+    if len(variants) > 1:
+        result = {k: v / np.float32(len(variants)) for k, v in result.items()}
     result["label"] = corpus.label[idx]
     result["gender"] = corpus.gender[idx]
     result["intensity"] = corpus.intensity[idx]
