@@ -210,6 +210,22 @@ def cmd_onnx_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_tta(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cv import add_tta, collect, markdown_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.cv, "config.json").is_file():
+        raise UsageError(f"{args.cv} is not a cv run folder (no config.json)")
+    corpus = _load(args)
+    if not add_tta(corpus, Path(args.cv)):
+        raise UsageError(f"{args.cv} has no finished folds (fold-K.json with fold-K/model.pt)")
+    print(markdown_report(collect(Path(args.cv))))
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from . import baseline
 
@@ -256,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--cv", default=None, help="the --out folder of a cv run")
     rep.add_argument("--crosscorpus", default=None, metavar="PATH",
                      help="crosscorpus.json, or the --out folder of a crosscorpus run")
+    rs = sub.add_parser("add-tta", help="score a finished cv run's folds again from their weights, adding the TTA mode",
+                        description="For a cv run made without --tta: reload each fold's model.pt, score the same "
+                        "validation and test actors with and without test-time augmentation, and update fold-K.json.")
+    rs.add_argument("--cv", required=True, help="the --out folder of a cv run")
+    rs.add_argument("--data", required=True, help="folder holding corpus subfolders (ravdess/, tess/, ...)")
+    rs.add_argument("--corpora", default="ravdess,tess")
+    rs.add_argument("--cache", default=None)
+    rs.add_argument("--threads", type=int, default=None)
     ex = sub.add_parser("export", help="export a trained model.pt to ONNX")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--export", required=True, help="ONNX file to write")
@@ -297,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from .onnxeval import OnnxEvalError
 
     commands = {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export, "report": cmd_report,
-                "crosscorpus": cmd_crosscorpus, "onnx-eval": cmd_onnx_eval}
+                "crosscorpus": cmd_crosscorpus, "onnx-eval": cmd_onnx_eval, "add-tta": cmd_add_tta}
     try:
         return commands[args.command](args)
     except (DatasetError, OnnxEvalError, UsageError) as exc:

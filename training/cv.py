@@ -141,6 +141,39 @@ def run_fold(corpus: CachedCorpus, split, config: TrainConfig, out_dir: Path, pr
     return figures
 
 
+def add_tta(corpus: CachedCorpus, cv_dir: Path) -> list[dict]:
+    """Score every finished fold of ``cv_dir`` again from its saved weights, now with the TTA mode.
+
+    For a CV run made without ``--tta``: no retraining, the same validation and
+    test actors (from ``fold-K.json``), the same seed; ``fold-K.json`` keeps its
+    training history and gains ``online_tta`` and ``temperature_tta``.
+    """
+    import torch
+
+    from .model import EmotionNet, ModelConfig
+
+    cv_dir = Path(cv_dir)
+    config = json.loads((cv_dir / "config.json").read_text())
+    model_config = ModelConfig.from_dict(config["model"])
+    results = []
+    for fold_json in sorted(cv_dir.glob("fold-*.json")):
+        figures = json.loads(fold_json.read_text())
+        fold_dir = cv_dir / fold_json.stem
+        if not (fold_dir / "model.pt").is_file():
+            continue
+        model = EmotionNet(model_config)
+        model.load_state_dict(torch.load(fold_dir / "model.pt", weights_only=True))
+        model.eval()
+        val_idx = corpus.indices(figures["val_speakers"])
+        test_idx = corpus.indices(figures["test_speakers"])
+        figures.update(score_split(model, corpus, val_idx, test_idx, int(config.get("seed", 0)), fold_dir, tta=True))
+        fold_json.write_text(json.dumps(figures, indent=1))
+        print(f"[{fold_json.stem}] " + " ".join(f"{m}={figures[m]['uar']}" for m in ALL_MODES if m in figures),
+              file=sys.stderr, flush=True)
+        results.append(figures)
+    return results
+
+
 def _fold_worker(args) -> dict:
     # A pool spawns a fresh process per fold, which imports the code as it is
     # on disk then: jobs from a run_cv started before TTA have four fields.

@@ -100,3 +100,22 @@ def test_fold_with_tta_reports_and_rescores_it(trained, tmp_path) -> None:
     assert f"| {TTA_MODE} | 1 |" in report and "| online | 2 |" in report
     old_only = markdown_report([by_fold[2]])
     assert TTA_MODE not in old_only and TTA_MODE not in summarise([by_fold[2]])
+
+
+def test_add_tta_rescores_a_finished_run_from_its_weights(trained, tmp_path) -> None:
+    from training.cv import add_tta
+
+    corpus, _, _, _, config, _ = trained
+    speakers = set(map(str, np.unique(corpus.speaker)))
+    test, val = {"ravdess:01", "ravdess:02"}, {"ravdess:03", "ravdess:04"}
+    split = Fold(index=1, test_speakers=test, val_speakers=val, train_speakers=speakers - test - val)
+    config = replace(config, epochs=1)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    plain = run_fold(corpus, split, config, tmp_path, tta=False)
+    assert TTA_MODE not in plain
+    [added] = add_tta(corpus, tmp_path)
+    saved = json.loads((tmp_path / "fold-1.json").read_text())
+    assert saved == added and saved["history"] == plain["history"]
+    for mode in MODES:  # the same weights give the same plain figures
+        assert saved[mode] == plain[mode]
+    assert saved[TTA_MODE]["n"] == plain["online"]["n"] and "temperature_tta" in saved
