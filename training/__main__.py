@@ -28,7 +28,8 @@ def _config(args: argparse.Namespace):
     from .train import TrainConfig
 
     cfg = TrainConfig()
-    updates = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s")
+    updates = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
+                                                  "patience", "pitch_prob", "stretch_prob")
                if getattr(args, k, None) is not None}
     if args.no_augment:
         updates["augment"] = False
@@ -250,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float)
         p.add_argument("--crop-s", dest="crop_s", type=float)
         p.add_argument("--no-augment", action="store_true")
+        p.add_argument("--patience", type=int, help="epochs without a better validation UAR before stopping (default 6)")
+        p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
+                       help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
+        p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
+                       help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
         if name != "crosscorpus":  # cv and baseline use them; crosscorpus has one split
             p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1)")
             p.add_argument("--workers", type=int, default=2, help="folds trained in parallel processes")

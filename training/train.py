@@ -70,6 +70,11 @@ class TrainConfig:
     augment: bool = True
     spec_time_masks: int = 2
     spec_freq_masks: int = 2
+    # Per-row chance of a pitch shift (+/-2 semitones, duration kept) and of a
+    # tempo change (0.9-1.1x, pitch kept), by the phase vocoder of augment.py.
+    # Off by default: the shipped model's CV ran without them (see the model card).
+    pitch_prob: float = 0.0
+    stretch_prob: float = 0.0
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:
@@ -327,6 +332,18 @@ def predict(
     return result
 
 
+def _voice_augment(audio: torch.Tensor, lengths: torch.Tensor, config: TrainConfig,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pitch shift and tempo change of chosen rows (the speaker's voice, before the channel)."""
+    from .augment import pitch_shift, time_stretch
+
+    if config.pitch_prob > 0:
+        audio, lengths = pitch_shift(audio, lengths, gen, p=config.pitch_prob)
+    if config.stretch_prob > 0:
+        audio, lengths = time_stretch(audio, lengths, gen, p=config.stretch_prob)
+    return audio, lengths
+
+
 def _uar(y: np.ndarray, pred: np.ndarray) -> float:
     recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
     return float(np.mean(recalls))
@@ -403,6 +420,8 @@ def train_model(
                 group["lr"] = _lr_at(global_step, total_steps, config)
             idx, groups = sampler.sample()
             audio, lengths = crop_batch(corpus, idx, crop, rng)
+            if config.augment and (config.pitch_prob > 0 or config.stretch_prob > 0):
+                audio, lengths = _voice_augment(audio, lengths, config, gen)
             if augment is not None:
                 audio = augment(audio, lengths, torch.from_numpy(groups))
             audio, lengths = audio.to(device), lengths.to(device)

@@ -78,3 +78,16 @@ def test_export_parity_and_analyze(trained, exported) -> None:
     summaries = [e for e in lines if e["type"] == "file"]
     assert len(summaries) == 2
     assert all(abs(sum(s["probs"].values()) - 1.0) < 1e-3 for s in summaries if s["label"] is not None)
+
+
+def test_voice_augmentation_changes_training_and_stays_finite(trained, tmp_path) -> None:
+    corpus, _, test, _, config, _ = trained
+    val = corpus.indices(["ravdess:03", "ravdess:04"])
+    train = np.setdiff1d(np.arange(len(corpus)), np.concatenate([test, val]))
+    short = replace(config, epochs=1, steps_per_epoch=2)
+    plain = train_model(corpus, train, val, short, tmp_path / "plain", progress=False)
+    voiced = train_model(corpus, train, val, replace(short, pitch_prob=1.0, stretch_prob=1.0), tmp_path / "voiced",
+                         progress=False)
+    assert np.isfinite(voiced.history[0]["loss_emotion"])
+    # Same seed, so only the pitch and tempo changes can make the losses differ.
+    assert voiced.history[0]["loss_emotion"] != plain.history[0]["loss_emotion"]
