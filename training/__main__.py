@@ -153,7 +153,8 @@ def _export(model, corpus, config, args: argparse.Namespace) -> int:
         temperature = M.fit_temperature(pred["emotion_logits"], pred["label"])
         print(f"temperature fitted on training RAVDESS speakers: {temperature:.3f} (prefer --temperature from the CV)", file=sys.stderr)
     if args.export:
-        extra = {"training_data": f"{args.corpora} from {args.data}", "train_config": config.to_dict()}
+        # Corpus names only: a local path says nothing to the model's users.
+        extra = {"training_data": args.corpora, "train_config": config.to_dict()}
         if args.cv_summary:
             extra["cv_results"] = json.loads(Path(args.cv_summary).read_text())
         export_onnx(model, Path(args.export), temperature=temperature, version=args.version, extra=extra)
