@@ -20,7 +20,9 @@ and an extra ``file`` field; one ``file`` summary per file (the
 segment-duration-weighted mean of its finals' probabilities and
 arousal/valence/dominance). A file with no speech gets ``label: null``,
 ``probs: null`` and ``segments: 0``. A file that cannot be read gets an
-``error`` event and the run goes on.
+``error`` event (``decode_error``) and the run goes on; so does a file whose
+audio the model fails on (``inference_error``: a failing batch is rerun one
+stream at a time, so only the files the model fails on are lost).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
 from serstream.core.smoother import MoodSmoother, SmootherConfig
 from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadSegmenter
 from serstream.inference.worker import InferenceBackend
+from serstream.monitor import check_model_info, scheduler_config_for
 
 __all__ = [
     "AnalyzeConfig",
@@ -174,6 +177,8 @@ class _StreamJob:
         self.smoother = MoodSmoother(info.labels, config.smoother)
         self.states = {s.name: SpeakerState(s) for s in info.state_inputs}
         self.seq = 0
+        #: Why the current file's windows failed in the model (first message), if they did.
+        self.file_error: str | None = None
         self.utterances = 0  # utterances of earlier files, so numbering continues in the stream
         self.time_offset = 0.0  # stream time of the current file's start (for the smoother)
         # Per-file summary accumulators.
@@ -188,6 +193,7 @@ class _StreamJob:
     def _run(self) -> Iterator[_Group | _FileDone | _FileFailed]:
         for path in self.spec.files:
             self.weights, self.probs, self.avds = [], [], []
+            self.file_error = None
             if not path.is_file():
                 yield _FileFailed(path, f"audio file not found: {path}")
                 continue
@@ -260,13 +266,9 @@ def analyze(
     """Analyse every stream; ``emit`` gets each event dict. ``on_file_done(path, error)`` for progress."""
     cfg = config or AnalyzeConfig()
     info = model.info
-    scheduler = cfg.scheduler or SchedulerConfig(
-        sample_rate=int(info.sample_rate),
-        window_s=float(info.window_s),
-        hop_s=cfg.hop_s,
-        min_window_s=min(float(info.min_window_s), float(info.window_s)),
-        max_window_s=max(float(info.max_window_s), float(info.window_s)),
-    )
+    # The same metadata checks and window sizes as the live monitor (MonitorError: one line).
+    check_model_info(info, getattr(model, "path", None))
+    scheduler = cfg.scheduler or scheduler_config_for(info, cfg.hop_s)
     summary = AnalyzeSummary()
     started = time.perf_counter()
     waiting = [_StreamJob(spec, info, cfg, scheduler) for spec in streams]
@@ -293,6 +295,16 @@ def analyze(
                     if on_file_done:
                         on_file_done(item.file, item.message)
                     continue
+                if isinstance(item, _FileDone) and job.file_error is not None:
+                    # Some of its windows failed in the model: a summary would silently leave them out.
+                    message = f"{item.file}: model failed on its audio: {job.file_error}"
+                    summary.files += 1
+                    summary.failed.append(str(item.file))
+                    emit(events.error_event(job.spec.stream, code="inference_error", message=message,
+                                            count=1, ts=time.time()))
+                    if on_file_done:
+                        on_file_done(item.file, message)
+                    continue
                 if isinstance(item, _FileDone):
                     summary.files += 1
                     emit(_file_summary(job, item, info))
@@ -305,20 +317,41 @@ def analyze(
             if rows >= cfg.max_batch:
                 break
         if groups:
-            _run_groups(model, groups, info, emit, summary)
+            _run_isolated(model, groups, info, emit, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _run_groups(
+def _run_isolated(
     model: InferenceBackend,
     groups: list[_Group],
     info: ModelInfo,
     emit: Callable[[dict[str, Any]], None],
     summary: AnalyzeSummary,
 ) -> None:
+    """Run the groups in one batch; when the model fails on it, each group alone.
+
+    A model that fails on one file's audio (non-finite outputs, a run error)
+    then fails that file only: the others in the batch still get their results.
+    """
     windows = [w for g in groups for w in g.windows]
     owners = [g for g in groups for _ in g.windows]
+    try:
+        output = _infer(model, windows, owners, info)
+    except (RuntimeError, ValueError) as exc:  # InferenceError is a RuntimeError
+        if len(groups) == 1:
+            job = groups[0].job
+            if job.file_error is None:
+                job.file_error = _reason(exc)
+            return
+        for group in groups:
+            _run_isolated(model, [group], info, emit, summary)
+        return
+    _emit_results(output, windows, owners, info, emit, summary)
+
+
+def _infer(model: InferenceBackend, windows: list[Window], owners: list[_Group], info: ModelInfo) -> Any:
+    """One padded batch through the model, each row with its stream's state; changes nothing."""
     lengths = np.array([w.audio.size for w in windows], np.int64)
     audio = np.zeros((len(windows), int(lengths.max())), np.float32)
     for row, window in enumerate(windows):
@@ -328,7 +361,17 @@ def _run_groups(
         state[spec.name] = [
             None if g.job.states[spec.name].empty else g.job.states[spec.name].value() for g in owners
         ]
-    output = model.infer(audio, lengths, state or None)
+    return model.infer(audio, lengths, state or None)
+
+
+def _emit_results(
+    output: Any,
+    windows: list[Window],
+    owners: list[_Group],
+    info: ModelInfo,
+    emit: Callable[[dict[str, Any]], None],
+    summary: AnalyzeSummary,
+) -> None:
     summary.batches += 1
     summary.windows += len(windows)
     for row, (window, group) in enumerate(zip(windows, owners)):

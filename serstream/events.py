@@ -59,6 +59,8 @@ ERROR_CODES = (
     "bad_message",
     "bad_packet",
     "overflow",
+    "source_error",
+    "stream_error",
 )
 #: ``stats`` events are about the whole monitor, not one stream.
 STATS_STREAM = "*"

@@ -56,6 +56,7 @@ __all__ = [
     "Monitor",
     "StreamHandle",
     "scheduler_config_for",
+    "check_model_info",
 ]
 
 Sink = Callable[[dict[str, Any]], None]
@@ -108,6 +109,32 @@ class MonitorConfig:
             raise ValueError(f"worker_queue must be >= 1, got {self.worker_queue}")
         if self.vad.sample_rate != SAMPLE_RATE:
             raise ValueError(f"the VAD runs at the model rate {SAMPLE_RATE} Hz, got {self.vad.sample_rate}")
+
+
+def check_model_info(info: ModelInfo, where: object = None) -> None:
+    """Raise MonitorError (one line) when the model's metadata cannot drive this pipeline.
+
+    The session checks the tensors; this checks what the monitor and
+    ``analyze`` take from the metadata: the pipeline resamples every source to
+    the contract's rate, so a model declaring another rate would silently get
+    the wrong audio; labels key the probabilities and the smoother, so they
+    must be distinct; window lengths and the temperature must be finite and
+    positive. ``where`` (the model path, say) prefixes the message.
+    """
+    prefix = f"{where}: " if where is not None else ""
+    if int(info.sample_rate) != SAMPLE_RATE:
+        raise MonitorError(
+            f"{prefix}model metadata says sample_rate {info.sample_rate} Hz; the monitor feeds "
+            f"models {SAMPLE_RATE} Hz audio (the model contract)"
+        )
+    labels = tuple(info.labels)
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise MonitorError(f"{prefix}model metadata lists the labels {duplicates} more than once")
+    for name in ("window_s", "min_window_s", "max_window_s", "temperature"):
+        value = float(getattr(info, name))
+        if not (math.isfinite(value) and value > 0):
+            raise MonitorError(f"{prefix}model metadata {name} must be a finite number > 0, got {value}")
 
 
 def scheduler_config_for(info: ModelInfo, hop_s: float = 0.5) -> SchedulerConfig:
@@ -310,7 +337,11 @@ class Monitor:
         self.info: ModelInfo = model_or_backend.info
         self.device: str = str(getattr(model_or_backend, "device", "cpu"))
         self.config = config or MonitorConfig()
-        self.scheduler_config = self.config.scheduler or scheduler_config_for(self.info, self.config.hop_s)
+        check_model_info(self.info, getattr(model_or_backend, "path", None))
+        try:
+            self.scheduler_config = self.config.scheduler or scheduler_config_for(self.info, self.config.hop_s)
+        except ValueError as exc:
+            raise MonitorError(_one_line(exc)) from None
         self._sink: Sink = sink or (lambda event: None)
         self._sink_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

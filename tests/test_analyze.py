@@ -140,3 +140,65 @@ def test_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
     listing.write_text("path,speaker\na.wav,1\n")
     with pytest.raises(AnalyzeError, match="file.*stream"):
         read_stream_csv(listing)
+
+
+def _model_that_fails_on_quiet_audio(source: Path, target: Path) -> Path:
+    """The factory model with ``emotion_logits += 0 * log(peak - 0.5)``: NaN for rows peaking under 0.5.
+
+    A real model that breaks the contract (non-finite outputs) on some audio
+    only, so a test can tell one file's failure from its batch-mates'.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    (producer,) = [n for n in graph.node if "emotion_logits" in n.output]
+    producer.output[list(producer.output).index("emotion_logits")] = "emotion_logits_clean"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(0.5, np.float32), "poison_half"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "poison_zero"),
+    ])
+    graph.node.extend([
+        helper.make_node("Abs", ["audio"], ["poison_abs"]),
+        helper.make_node("ReduceMax", ["poison_abs"], ["poison_peak"], axes=[1], keepdims=1),
+        helper.make_node("Sub", ["poison_peak", "poison_half"], ["poison_margin"]),
+        helper.make_node("Log", ["poison_margin"], ["poison_log"]),
+        helper.make_node("Mul", ["poison_log", "poison_zero"], ["poison"]),
+        helper.make_node("Add", ["emotion_logits_clean", "poison"], ["emotion_logits"]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_file_the_model_fails_on_is_reported_and_the_others_still_run(
+    factory_model: Path, tmp_path: Path, validator: jsonschema.Draft202012Validator
+) -> None:
+    path = _model_that_fails_on_quiet_audio(factory_model, tmp_path / "fails-on-quiet.onnx")
+    quiet = write_wav(tmp_path / "quiet.wav", np.concatenate([silence(0.3), voiced(1.5, seed=5), silence(1.0)]))
+    loud = write_wav(tmp_path / "loud.wav", np.concatenate([silence(0.3), 3.0 * voiced(1.5, seed=6), silence(1.0)]))
+    model = EmotionModel.load(path, device="cpu", threads=1)
+
+    lines = run_analyze(model, streams_from_args([quiet, loud]))  # both in one batch: it fails as a whole
+    for event in lines:
+        validator.validate(event)
+    errors = [e for e in lines if e["type"] == "error"]
+    assert [(e["stream"], e["code"]) for e in errors] == [(str(quiet), "inference_error")]
+    assert "non-finite" in errors[0]["message"]
+    summaries = [e for e in lines if e["type"] == "file"]
+    assert [e["file"] for e in summaries] == [str(loud)]
+    assert summaries[0]["segments"] == 1 and summaries[0]["label"] is not None
+    assert not [e for e in lines if e["type"] == "emotion" and e["file"] == str(quiet)]
+
+    env = {k: v for k, v in os.environ.items() if k != "SERSTREAM_MODEL"}
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(
+        [*serstream_command(), "analyze", "--model", str(path), str(quiet), str(loud), "--output", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr  # one file failed
+    assert "Traceback" not in proc.stderr
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err_lines) == 1 and str(quiet) in err_lines[0] and "model failed" in err_lines[0]
+    assert [json.loads(ln)["file"] for ln in out.read_text().splitlines() if '"type":"file"' in ln] == [str(loud)]

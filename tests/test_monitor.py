@@ -6,6 +6,7 @@ waits until every window has gone through the model and every event is out.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import numpy as np
 import pytest
 
 from serstream import events
+from serstream.analyze import analyze
 from serstream.inference.session import EmotionModel
 from serstream.monitor import Monitor, MonitorConfig, MonitorError
 from tests.audio import SAMPLE_RATE, silence, speech_with_pauses, voiced
+from tests.e2e.helpers import model_with_metadata
 
 CHUNK = 320  # 20 ms at 16 kHz
 
@@ -315,3 +318,25 @@ def test_source_counters_are_merged_into_drops(model: EmotionModel) -> None:
     drops = monitor.stats()["drops"]
     assert drops["rtp_lost_packets"] == 7
     assert drops["bad_samples"] == 2  # added to the monitor's own count (0 here)
+
+
+#: Metadata the session accepts (the tensors conform) but the pipeline cannot run on.
+UNUSABLE_METADATA = [
+    ("sample_rate", "8000", "sample_rate 8000 Hz"),
+    ("labels", json.dumps(["neutral"] * 8), "more than once"),
+    ("window_s", "nan", "window_s must be a finite number"),
+    ("min_window_s", "0", "min_window_s must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("key,value,fragment", UNUSABLE_METADATA, ids=[k for k, _, _ in UNUSABLE_METADATA])
+def test_model_metadata_the_pipeline_cannot_use_is_refused_in_one_line(
+    factory_model: Path, tmp_path: Path, key: str, value: str, fragment: str
+) -> None:
+    path = model_with_metadata(factory_model, tmp_path / f"{key}.onnx", **{key: value})
+    model = EmotionModel.load(path, device="cpu", threads=1)  # the session has nothing against it
+    for build in (lambda: Monitor(model, MonitorConfig(), Collector()), lambda: analyze(model, [], lambda e: None)):
+        with pytest.raises(MonitorError) as caught:
+            build()
+        message = str(caught.value)
+        assert fragment in message and str(path) in message and "\n" not in message

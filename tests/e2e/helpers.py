@@ -7,11 +7,31 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import onnx
 
 from tests.conftest import REPO, serstream_command
 
-__all__ = ["Background"]
+__all__ = ["Background", "model_with_metadata"]
+
+
+def model_with_metadata(source: Path, target: Path, **changes: str) -> Path:
+    """Copy the ONNX model ``source`` to ``target`` with some ``metadata_props`` values replaced.
+
+    The graph is untouched, so the session still accepts the model: only what
+    the monitor reads from the metadata changes.
+    """
+    model = onnx.load(str(source))
+    missing = set(changes) - {prop.key for prop in model.metadata_props}
+    assert not missing, f"{source} has no metadata keys {sorted(missing)}"
+    for prop in model.metadata_props:
+        if prop.key in changes:
+            prop.value = changes[prop.key]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
+    return target
 
 
 class Background:
