@@ -72,6 +72,8 @@ __all__ = [
     "IngestHandler",
     "HelloError",
     "Hello",
+    "MAX_CLOSE_REASON_BYTES",
+    "fit_close_reason",
     "parse_hello",
     "make_ingest_handler",
     "add_ingest_arguments",
@@ -135,10 +137,31 @@ class IngestConfig:
             raise ValueError("token must be a non-empty string or None")
 
 
+#: RFC 6455 §5.5: a close frame's payload is at most 125 bytes, 2 of them the code.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def fit_close_reason(reason: str) -> str:
+    """``reason`` cut to fit a close frame (123 UTF-8 bytes, whole characters, "..." when cut)."""
+    data = reason.encode("utf-8")
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return data[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+def _short(value: Any, limit: int = 24) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class HelloError(ValueError):
-    """A hello the server refuses: ``code`` is the WebSocket close code, the message its reason."""
+    """A hello the server refuses: ``code`` is the WebSocket close code, the message its reason.
+
+    The reason always fits a WebSocket close frame (:func:`fit_close_reason`).
+    """
 
     def __init__(self, code: int, reason: str) -> None:
+        reason = fit_close_reason(reason)
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -186,8 +209,8 @@ def parse_hello(message: str | bytes) -> Hello:
     if not 1000 <= rate <= _MAX_RATE:
         raise HelloError(CLOSE_UNSUPPORTED, f"sample_rate {rate} Hz is outside 1000-{_MAX_RATE}")
     fmt = obj.get("format", "s16le")
-    if fmt not in FORMATS:
-        raise HelloError(CLOSE_UNSUPPORTED, f"format {fmt!r} is not supported (use s16le or f32le)")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise HelloError(CLOSE_UNSUPPORTED, f"format {_short(fmt)} is not supported (use s16le or f32le)")
     channels = _int_field(obj, "channels", 1)
     if not 1 <= channels <= _MAX_CHANNELS:
         raise HelloError(CLOSE_UNSUPPORTED, f"channels {channels} is outside 1-{_MAX_CHANNELS}")
@@ -211,6 +234,7 @@ def _token_ok(expected: str, given: str | None) -> bool:
 
 class _Refused(Exception):
     def __init__(self, code: int, reason: str) -> None:
+        reason = fit_close_reason(reason)
         super().__init__(reason)
         self.code = code
         self.reason = reason

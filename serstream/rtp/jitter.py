@@ -21,6 +21,9 @@ drops the packet (counted in ``late`` if it was behind, ``stray`` if ahead).
 Every packet pushed is accounted for exactly once::
 
     received == emitted + duplicates + late + stray + pending
+
+``reordered`` is not part of that sum: it counts the packets that arrived
+after one with a higher sequence number and were still put back in place.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class JitterStats:
     late: int = 0  # packets whose slot was declared lost, or too far behind, dropped
     stray: int = 0  # jumps far ahead not confirmed by the next packet, dropped
     resets: int = 0  # resyncs after a confirmed sequence jump (sender restart)
+    reordered: int = 0  # packets used although one with a higher sequence came first (not a drop)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -156,6 +160,8 @@ class JitterBuffer:
         if extended in self._held:
             self.stats.duplicates += 1
             return frames
+        if self._held and extended < max(self._held):
+            self.stats.reordered += 1
         self._held[extended] = (packet, now)
         self._drain(frames)
         self._release_overflow(now, frames)

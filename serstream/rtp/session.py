@@ -21,9 +21,20 @@ resampler downstream is rebuilt for the new rate.
 
 Reject causes: those of :func:`~serstream.rtp.packet.parse_rtp`, plus
 ``bad_payload`` (not a whole number of sample frames), ``unknown_payload_type``
-(not in the payload map) and ``too_many_streams`` (a new SSRC beyond
-``max_streams``, the flood guard). RTCP on a muxed port is counted under
-``rtcp`` but not announced: it is normal traffic, not an error.
+(not in the payload map), ``too_many_streams`` (a new SSRC beyond
+``max_streams``, the guard against a flood of SSRCs) and ``flood`` (one SSRC
+sending audio faster than ``max_speed`` times real time once its ``burst_s``
+of credit is spent). RTCP on a muxed port is counted under ``rtcp`` but not
+announced: it is normal traffic, not an error.
+
+The flood guard is a token bucket per stream, in seconds of stream time: it
+refills at ``max_speed`` seconds per second of arrival time, holds at most
+``burst_s``, and each packet costs how far it moves the stream's clock forward
+(its own duration plus any timestamp gap before it, which the jitter buffer
+would fill with silence; a reordered or duplicate packet costs nothing). A
+packet that costs more than the bucket holds is rejected before the jitter
+buffer, so a runaway sender gets at most ``max_speed`` times real time of the
+pipeline and the other streams keep theirs.
 """
 
 from __future__ import annotations
@@ -66,12 +77,18 @@ class DemuxConfig:
     idle_timeout_s: float = 5.0  # a stream with no packet for this long is closed
     max_streams: int = 64  # concurrent SSRCs; more are rejected ("too_many_streams")
     jitter: JitterConfig = field(default_factory=JitterConfig)
+    max_speed: float | None = 2.0  # stream time per second of arrival, after the burst ("flood"); None: off
+    burst_s: float = 5.0  # seconds of stream time a sender may run ahead of max_speed
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s <= 0:
             raise ValueError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
+        if self.max_speed is not None and self.max_speed < 1:
+            raise ValueError(f"max_speed must be >= 1 (times real time) or None, got {self.max_speed}")
+        if self.burst_s <= 0:
+            raise ValueError(f"burst_s must be > 0, got {self.burst_s}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,16 @@ class _Stream:
     fmt: PayloadFormat
     jitter: JitterBuffer
     last_seen: float
+    credit_s: float = 0.0  # flood guard: seconds of stream time this sender may still advance
+    credit_at: float = 0.0  # arrival time the credit was last topped up
+    horizon: int | None = None  # RTP timestamp just past the furthest packet accepted
+
+
+_TS_MOD = 1 << 32
+
+
+def _signed32(value: int) -> int:
+    return ((value + (_TS_MOD >> 1)) % _TS_MOD) - (_TS_MOD >> 1)
 
 
 def _describe(addr: tuple[Any, ...]) -> str:
@@ -211,8 +238,19 @@ class RtpDemux:
                 return events
             stream = self._open(packet, fmt, addr, now, events)
 
-        self.accepted += 1
         stream.last_seen = now
+        if not self._within_speed(stream, packet, fmt, now):
+            self._reject(
+                RtpError(
+                    "flood",
+                    f"SSRC {packet.ssrc:08x} sends faster than {self.config.max_speed:g}x real time "
+                    f"beyond a {self.config.burst_s:g} s burst; its excess packets are dropped",
+                ),
+                addr,
+                events,
+            )
+            return events
+        self.accepted += 1
         self._emit_audio(stream, stream.jitter.push(packet, now), events)
         return events
 
@@ -234,6 +272,34 @@ class RtpDemux:
         return events
 
     # -- internals -----------------------------------------------------------
+
+    def _within_speed(self, stream: _Stream, packet: RtpPacket, fmt: PayloadFormat, now: float) -> bool:
+        """Flood guard: charge the packet's advance of the stream clock; False when over the limit."""
+        speed = self.config.max_speed
+        if speed is None:
+            return True
+        burst = self.config.burst_s
+        duration = payload_frames(fmt, len(packet.payload))
+        end = (packet.timestamp + duration) % _TS_MOD
+        if stream.horizon is None:
+            advance = duration
+        else:
+            advance = _signed32(end - stream.horizon)
+            if advance < -int(burst * fmt.rate):
+                # Far behind the furthest packet: the sender restarted its clock; start over from here.
+                advance = duration
+                stream.horizon = None
+        # A timestamp gap becomes at most max_silence_s of inserted silence (jitter buffer).
+        cost = max(0, min(advance, duration + int(self.config.jitter.max_silence_s * fmt.rate))) / fmt.rate
+        stream.credit_s = min(burst, stream.credit_s + max(0.0, now - stream.credit_at) * speed)
+        stream.credit_at = now
+        # A full bucket lets any one packet through, so a burst_s below one packet cannot block a stream.
+        if cost > stream.credit_s and stream.credit_s < burst:
+            return False
+        stream.credit_s -= cost
+        if stream.horizon is None or advance > 0:
+            stream.horizon = end
+        return True
 
     def _reject(self, error: RtpError, addr: tuple[Any, ...], events: list[DemuxEvent]) -> None:
         first = error.cause not in self.rejects
@@ -266,6 +332,8 @@ class RtpDemux:
             fmt=fmt,
             jitter=JitterBuffer(fmt.rate, duration_of, self.config.jitter),
             last_seen=now,
+            credit_s=self.config.burst_s,
+            credit_at=now,
         )
         self._streams[packet.ssrc] = stream
         events.append(StreamOpened(packet.ssrc, stream.stream_id, fmt, tuple(addr)))

@@ -94,6 +94,8 @@ class RtpSourceConfig:
     rtcp: bool = True  # bind port+1 and count (ignore) RTCP there
     receive_buffer_bytes: int = 4 << 20  # SO_RCVBUF asked for (the kernel may cap it)
     jitter: JitterConfig = field(default_factory=JitterConfig)
+    max_speed: float | None = 2.0  # one SSRC's cap, times real time, after burst_s ("flood"); None: off
+    burst_s: float = 5.0  # seconds of audio an SSRC may send ahead of that cap
 
     def __post_init__(self) -> None:
         if not 0.005 <= self.poll_interval_s <= 0.1:
@@ -104,7 +106,8 @@ class RtpSourceConfig:
         self.demux_config()
 
     def demux_config(self) -> DemuxConfig:
-        return DemuxConfig(idle_timeout_s=self.idle_timeout_s, max_streams=self.max_streams, jitter=self.jitter)
+        return DemuxConfig(idle_timeout_s=self.idle_timeout_s, max_streams=self.max_streams, jitter=self.jitter,
+                           max_speed=self.max_speed, burst_s=self.burst_s)
 
 
 def parse_listen_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -506,7 +509,7 @@ def register_stats_provider(monitor: "Monitor", provider: Callable[[], Mapping[s
 
 def add_rtp_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the RTP options (``--rtp``, ``--rtp-map``, ``--rtp-idle-timeout``, ``--rtp-max-streams``,
-    ``--no-rtcp``) to ``parser``; options the parser already has are left as they are."""
+    ``--rtp-max-speed``, ``--no-rtcp``) to ``parser``; options the parser already has are left as they are."""
     options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         (("--rtp",), dict(action="append", default=[], metavar="HOST:PORT",
                           help="receive RTP audio on HOST:PORT, RTCP on PORT+1 (repeatable)")),
@@ -517,6 +520,9 @@ def add_rtp_arguments(parser: argparse.ArgumentParser) -> None:
         (("--rtp-max-streams",), dict(type=int, default=RtpSourceConfig.max_streams, metavar="N",
                                       help="concurrent SSRCs per RTP port; more are refused and counted "
                                            "(default 512)")),
+        (("--rtp-max-speed",), dict(type=float, default=RtpSourceConfig.max_speed, metavar="X",
+                                    help="drop an SSRC's packets beyond X times real time after a 5 s burst, "
+                                         "counted as 'flood' (default 2; 0 = no cap)")),
         (("--no-rtcp",), dict(dest="rtcp", action="store_false", default=True,
                               help="do not bind PORT+1 for RTCP")),
     ]
@@ -534,9 +540,14 @@ def config_from_args(args: argparse.Namespace) -> RtpSourceConfig:
             idle_timeout_s=float(getattr(args, "rtp_idle_timeout", RtpSourceConfig.idle_timeout_s)),
             max_streams=int(getattr(args, "rtp_max_streams", RtpSourceConfig.max_streams)),
             rtcp=bool(getattr(args, "rtcp", True)),
+            max_speed=_speed_option(getattr(args, "rtp_max_speed", RtpSourceConfig.max_speed)),
         )
     except ValueError as exc:
         raise SourceError(f"bad RTP option: {exc}") from None
+
+
+def _speed_option(value: Any) -> float | None:
+    return None if value is None or float(value) == 0 else float(value)
 
 
 def _build_sources(

@@ -156,6 +156,10 @@ def test_token_is_required_and_checked(live_server_factory: Any) -> None:
         (b"\x01\x02\x03\x04", 1003, "JSON text hello"),
         ("{", 1002, "not valid JSON"),
         ({"type": "hello", "stream": "x", "sample_rate": 16000, "format": "u8"}, 1003, "format"),
+        # A reason quoting a long or non-string value must still fit a close frame (123 bytes).
+        ({"type": "hello", "stream": "x", "sample_rate": 16000, "format": "x" * 300}, 1003, "format"),
+        ({"type": "hello", "stream": "x", "sample_rate": 16000, "format": [1]}, 1003, "format"),
+        ({"type": "hello", "stream": "x", "sample_rate": 10**200}, 1003, "sample_rate"),
     ],
 )
 def test_a_bad_hello_is_refused_with_a_reason(live_server_factory: Any, first: Any, code: int, fragment: str) -> None:
@@ -296,3 +300,24 @@ def test_a_fast_sender_is_held_back_not_dropped(live_server_factory: Any) -> Non
     finals = [e for e in received if isinstance(e, EmotionEvent) and e.kind == "final"]
     assert len({e.utterance for e in finals}) == 2
     assert parse_event(json.dumps(server.collector.of("replay", "stream")[-1])).reason == "end of stream"  # type: ignore[union-attr]
+
+
+def test_a_replay_faster_than_real_time_is_paced_to_the_speed_cap(live_server_factory: Any) -> None:
+    # 6 s of audio sent at once, a cap of 2x real time after the default 2 s burst:
+    # taking it in must last about (6 - 2) / 2 = 2 s, and nothing is dropped meanwhile.
+    server: LiveServer = live_server_factory(max_speed=2.0)
+    speech = speech_with_pauses(((0.3, 2.0), (1.0, 2.0)), tail_s=0.7)
+    assert abs(speech.size / 16000 - 6.0) < 0.05
+
+    async def run() -> tuple[float, list[Event]]:
+        async with IngestClient(server.url("/ingest"), "replay", 16000, "f32le") as client:
+            started = asyncio.get_running_loop().time()
+            received = await push_and_collect(client, speech, 1600)
+            return asyncio.get_running_loop().time() - started, received
+
+    took, received = asyncio.run(run())
+    assert server.handler is not None and server.handler.counters["speed_waits"] > 0
+    assert took >= 1.7, f"6 s of audio went in within {took:.2f} s, faster than the 2x cap allows"
+    assert server.monitor is not None and server.monitor.stats()["drops"]["audio_samples"] == 0
+    finals = [e for e in received if isinstance(e, EmotionEvent) and e.kind == "final"]
+    assert len({e.utterance for e in finals}) == 2

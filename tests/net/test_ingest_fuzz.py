@@ -12,7 +12,12 @@ Bounded, seeded loops (the same inputs every run) against a live server:
   (accepted, rejected per cause, or dropped by the kernel), and the valid
   stream must still produce emotion events.
 
-(The 100,000-packet fuzz of the pure parser and demux is tests/rtp/test_fuzz.py.)
+* hello parser: a seeded loop of 100,000 random and mutated first messages
+  through :func:`serstream.ingest.parse_hello` (no server: the pure part).
+  Each is a valid hello or a :class:`HelloError` with a close code and a
+  one-line reason that fits a WebSocket close frame; nothing else escapes.
+
+(The 100,000-packet fuzz of the pure RTP parser and demux is tests/rtp/test_fuzz.py.)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from serstream.client import EmotionEvent, IngestClient
+from serstream.ingest import FORMATS, MAX_CLOSE_REASON_BYTES, Hello, HelloError, parse_hello
 from serstream.rtp import build_rtp, encode_ulaw
 from serstream.sources.rtp import RtpSourceConfig
 from tests.audio import speech_with_pauses
@@ -166,7 +172,9 @@ def mutate(rng: np.random.Generator, packet: bytes) -> bytes:
 
 
 def test_rtp_burst_of_random_datagrams_is_counted_and_streams_go_on(live_server_factory: Any) -> None:
-    server: LiveServer = live_server_factory(rtp=RtpSourceConfig(idle_timeout_s=1.0, max_streams=16))
+    # No idle close during the test: on a busy machine the burst can outlast any short timeout, and
+    # the valid call would rightly be closed as idle in the middle. The port is stopped at the end.
+    server: LiveServer = live_server_factory(rtp=RtpSourceConfig(idle_timeout_s=600.0, max_streams=16))
     source = server.rtp
     assert source is not None and server.monitor is not None
     rng = np.random.default_rng(99)
@@ -179,13 +187,14 @@ def test_rtp_burst_of_random_datagrams_is_counted_and_streams_go_on(live_server_
     template = build_rtp(bytes(160), payload_type=0, sequence=7, timestamp=0, ssrc=0xBAD)
     target = ("127.0.0.1", source.port)
     burst = 12_000
+    # Built before sending, so the burst itself is short.
+    junk = [rng.bytes(int(rng.integers(0, 400))) if i % 2 else mutate(rng, template) for i in range(burst)]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         half = len(valid) // 2
         for packet in valid[:half]:
             sock.sendto(packet, target)
             time.sleep(0.001)
-        for i in range(burst):
-            datagram = rng.bytes(int(rng.integers(0, 400))) if i % 2 else mutate(rng, template)
+        for i, datagram in enumerate(junk):
             sock.sendto(datagram, target)
             if i % 200 == 199:
                 time.sleep(0.002)  # loopback is faster than any receiver: leave it a moment
@@ -204,7 +213,9 @@ def test_rtp_burst_of_random_datagrams_is_counted_and_streams_go_on(live_server_
     assert sum(stats["rejects"].values()) > burst // 2, stats["rejects"]
     stream_id = "rtp:00005eed"
     wait_until(lambda: bool(server.collector.of(stream_id, "emotion")), 20, "the valid stream's estimates")
+    source.stop()
     wait_until(lambda: bool(server.collector.of(stream_id, "stream", state="closed")), 20, "the valid stream to close")
+    assert [e["state"] for e in server.collector.of(stream_id, "stream")] == ["open", "closed"]
     totals = source.stats()["closed"][stream_id]
     # The valid stream lost nothing unless the kernel dropped some of its packets in the burst.
     assert totals["lost"] <= stats["kernel_drops"]
@@ -213,3 +224,61 @@ def test_rtp_burst_of_random_datagrams_is_counted_and_streams_go_on(live_server_
     codes = [e["code"] for e in server.collector.of(source.label, "error")]
     assert len(codes) == len(set(codes)) and set(codes) <= set(stats["rejects"]) | {"stream_refused"}
     assert server.monitor.health()["status"] == "ok"
+
+
+# -- the hello parser, 100,000 messages ------------------------------------------
+
+N_HELLOS = 100_000
+ODD_VALUES: list[Any] = [None, True, -1, 0, 8000, 2**70, 3.5, "", "x" * 300, "\u00e9" * 80, "s16le", "f32le",
+                         "rtp:1", [1], {"a": 1}, [[[]]], "call\n17"]
+
+
+def hello_candidate(rng: np.random.Generator, i: int) -> str | bytes:
+    """A first message: a mutated good hello (most), random text, random bytes or deep nesting."""
+    kind = i % 8
+    if kind <= 2:  # one to three fields replaced by odd values, or removed
+        hello: dict[str, Any] = {**GOOD_HELLO, "token": "t"}
+        for _ in range(int(rng.integers(1, 4))):
+            key = list(hello)[int(rng.integers(0, len(hello)))] if hello else "type"
+            if rng.random() < 0.15:
+                hello.pop(key, None)
+            else:
+                hello[key] = ODD_VALUES[int(rng.integers(0, len(ODD_VALUES)))]
+        return json.dumps(hello, ensure_ascii=bool(rng.random() < 0.5))
+    text = json.dumps({**GOOD_HELLO, "stream": f"s{i}", "channels": int(rng.integers(1, 9))})
+    if kind == 3:  # left valid: must be accepted
+        return text
+    if kind == 4:  # a few characters overwritten
+        chars = list(text)
+        for _ in range(int(rng.integers(1, 4))):
+            chars[int(rng.integers(0, len(chars)))] = chr(int(rng.integers(32, 0x3000)))
+        return "".join(chars)
+    if kind == 5:  # cut anywhere
+        return text[: int(rng.integers(0, len(text)))]
+    if kind == 6:
+        return random_text(rng, int(rng.integers(0, 120))) if rng.random() < 0.7 else rng.bytes(int(rng.integers(0, 64)))
+    return "[" * int(rng.integers(1, 5000)) + "]" * int(rng.integers(0, 3))
+
+
+def test_hello_parser_takes_100k_random_and_mutated_messages() -> None:
+    rng = np.random.default_rng(31_337)
+    outcomes: dict[Any, int] = {}
+    for i in range(N_HELLOS):
+        message = hello_candidate(rng, i)
+        try:
+            hello = parse_hello(message)
+        except HelloError as error:
+            assert error.code in (1002, 1003), (message, error.code)
+            assert len(error.reason.encode("utf-8")) <= MAX_CLOSE_REASON_BYTES, error.reason
+            assert error.reason and "\n" not in error.reason, error.reason
+            outcomes[error.code] = outcomes.get(error.code, 0) + 1
+            continue
+        # Anything else escaping (TypeError, RecursionError, ...) fails the test by itself.
+        assert isinstance(hello, Hello)
+        assert isinstance(hello.stream, str) and 1 <= len(hello.stream) <= 100 and "\n" not in hello.stream
+        assert not hello.stream.startswith(("rtp:", "file:"))
+        assert 1000 <= hello.sample_rate <= 384_000 and hello.format in FORMATS and 1 <= hello.channels <= 8
+        outcomes["ok"] = outcomes.get("ok", 0) + 1
+    assert sum(outcomes.values()) == N_HELLOS
+    # Every path was taken: the untouched hellos (1 in 8) at least are accepted.
+    assert outcomes["ok"] >= N_HELLOS // 8 and outcomes[1002] > 1000 and outcomes[1003] > 1000, outcomes

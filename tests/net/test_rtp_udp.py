@@ -10,6 +10,7 @@ reported once per cause without disturbing the streams.
 
 from __future__ import annotations
 
+import argparse
 import socket
 import time
 from typing import Any
@@ -19,7 +20,14 @@ import pytest
 
 from serstream.monitor import Monitor, MonitorConfig, SourceError
 from serstream.rtp import build_payload_map, build_rtp, encode_alaw, encode_ulaw
-from serstream.sources.rtp import RtpSource, RtpSourceConfig, parse_listen_address, start_from_cli
+from serstream.sources.rtp import (
+    RtpSource,
+    RtpSourceConfig,
+    add_rtp_arguments,
+    config_from_args,
+    parse_listen_address,
+    start_from_cli,
+)
 from tests.audio import speech_with_pauses
 from tests.net.conftest import Collector, wait_until
 
@@ -78,7 +86,8 @@ def test_each_ssrc_is_its_own_stream_and_trouble_is_counted(monitor: Any) -> Non
 
     reordered = packets_for(speech8, 0xA, 0, 8000)
     n_packets = len(reordered)
-    for i in range(5, n_packets - 2, 10):  # swap neighbours: the jitter buffer must put them back
+    swapped = list(range(5, n_packets - 2, 10))
+    for i in swapped:  # swap neighbours: the jitter buffer must put them back
         reordered[i], reordered[i + 1] = reordered[i + 1], reordered[i]
 
     with_duplicates = packets_for(speech8, 0xB, 8, 8000)
@@ -114,6 +123,7 @@ def test_each_ssrc_is_its_own_stream_and_trouble_is_counted(monitor: Any) -> Non
 
     a, b, c = (closed[i] for i in ids)
     assert (a["lost"], a["late"], a["duplicates"], a["samples"]) == (0, 0, 0, n_packets * 160)
+    assert (a["reordered"], b["reordered"], c["reordered"]) == (len(swapped), 0, 0)
     assert (b["duplicates"], b["lost"], b["samples"]) == (len(duplicated), 0, n_packets * 160)
     assert (c["lost"], c["duplicates"], c["samples"]) == (len(missing), 0, n_packets * 320)
 
@@ -135,6 +145,41 @@ def test_each_ssrc_is_its_own_stream_and_trouble_is_counted(monitor: Any) -> Non
     assert drops["rtp_rejected_truncated"] == 3 and drops["rtp_kernel_drops"] == 0
     wait_until(lambda: any(e["drops"].get("rtp_rejected_bad_version") == 3 for e in collector.of("*", "stats")),
                5, "a stats event with the RTP counters")
+
+
+def test_a_flood_from_one_ssrc_is_dropped_counted_once_and_spares_a_live_call(monitor: Any) -> None:
+    mon, collector = monitor
+    config = RtpSourceConfig(idle_timeout_s=0.6, max_speed=2.0, burst_s=1.0)
+    source = RtpSource(mon, "127.0.0.1", 0, None, config)
+    source.start()
+    call = packets_for(speech_with_pauses(((0.3, 1.5),), tail_s=0.6, rate=8000, seed=3), 0xD, 0, 8000)
+    flood = packets_for(speech_with_pauses(((0.1, 20.0),), tail_s=0.1, rate=8000, seed=4), 0xF, 0, 8000)
+    sent_flood = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        started = time.monotonic()
+        for i, packet in enumerate(call):  # the call in real time, the flood at ten times that
+            sock.sendto(packet, ("127.0.0.1", source.port))
+            for datagram in flood[i * 10:(i + 1) * 10]:
+                sock.sendto(datagram, ("127.0.0.1", source.port))
+                sent_flood += 1
+            time.sleep(max(0.0, started + (i + 1) * PACKET_MS / 1000 - time.monotonic()))
+        elapsed = time.monotonic() - started
+    wait_until(lambda: all(collector.of(i, "stream", state="closed") for i in ("rtp:0000000d", "rtp:0000000f")),
+               20, "both streams to close")
+    source.stop()
+    stats = source.stats()
+    assert stats["kernel_drops"] == 0
+    call_stats, flood_stats = stats["closed"]["rtp:0000000d"], stats["closed"]["rtp:0000000f"]
+    # The call got all its audio; the flood got a little over 2x real time, the rest was counted.
+    assert (call_stats["lost"], call_stats["samples"]) == (0, len(call) * 160)
+    assert collector.of("rtp:0000000d", "emotion"), "the live call got no estimates"
+    assert 0 < stats["rejects"]["flood"] < sent_flood
+    assert stats["rejects"]["flood"] + flood_stats["received"] == sent_flood
+    assert flood_stats["samples"] <= (config.burst_s + config.max_speed * elapsed + 0.1) * 8000
+    # Reported once, however many packets it dropped; in the monitor's drops as well.
+    (notice,) = collector.of(source.label, "error")
+    assert notice["code"] == "flood" and "0000000f" in notice["message"]
+    assert mon.stats()["drops"]["rtp_rejected_flood"] == stats["rejects"]["flood"]
 
 
 def test_rtcp_on_the_next_port_is_counted_and_ignored(monitor: Any) -> None:
@@ -194,6 +239,13 @@ def test_cli_hooks_parse_addresses_and_start_several_ports(monitor: Any) -> None
     for bad in ("localhost:http", "1.2.3.4:70000", "::1:5004"):
         with pytest.raises(SourceError):
             parse_listen_address(bad)
+    parser = argparse.ArgumentParser()
+    add_rtp_arguments(parser)
+    assert config_from_args(parser.parse_args([])).max_speed == 2.0
+    assert config_from_args(parser.parse_args(["--rtp-max-speed", "3"])).demux_config().max_speed == 3.0
+    assert config_from_args(parser.parse_args(["--rtp-max-speed", "0"])).max_speed is None
+    with pytest.raises(SourceError, match="max_speed"):
+        config_from_args(parser.parse_args(["--rtp-max-speed", "0.5"]))
     with pytest.raises(SourceError, match="bad RTP payload map"):
         start_from_cli(mon, ["127.0.0.1:0"], ["96=OPUS/48000/2"])
     sources = start_from_cli(mon, ["127.0.0.1:0", "127.0.0.1:0"], ["96=L16/16000/1"])

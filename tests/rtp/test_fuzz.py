@@ -29,7 +29,7 @@ PARSE_CAUSES = {
     "bad_padding",
     "empty_payload",
 }
-DEMUX_CAUSES = PARSE_CAUSES | {"unknown_payload_type", "bad_payload", "too_many_streams"}
+DEMUX_CAUSES = PARSE_CAUSES | {"unknown_payload_type", "bad_payload", "too_many_streams", "flood"}
 PAYLOAD_MAP = build_payload_map(["96=L16/16000/1", "97=L16/48000/2"])
 FUZZ_SETTINGS = settings(
     derandomize=True,

@@ -249,3 +249,15 @@ def test_config_rejects_nonsense(config: dict) -> None:
 def test_clock_rate_must_be_positive() -> None:
     with pytest.raises(ValueError):
         JitterBuffer(0, lambda p: 1)
+
+
+def test_reordered_packets_are_counted_but_not_as_drops() -> None:
+    buffer = make(depth_packets=4, max_delay_s=None)
+    # 2 before 1, and 6 before 4 and 5; 3 is lost once 8 overflows the depth, then comes late.
+    order = [0, 2, 1, 6, 4, 5, 7, 8, 9, 10, 11, 3]
+    frames = feed(buffer, [packet(s) for s in order])
+    assert sequences(frames)[:3] == [0, 1, 2]
+    s = buffer.stats
+    assert s.reordered == 3  # 1, 4 and 5 arrived after a higher number and were still used
+    assert (s.late, s.lost, s.duplicates) == (1, 1, 0)  # 3: declared lost, then late (not reordered)
+    assert_accounted(buffer)

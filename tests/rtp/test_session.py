@@ -243,3 +243,60 @@ def test_decoded_audio_matches_the_codec() -> None:
     payload = bytes(range(160))
     events = demux.receive(build_rtp(payload, payload_type=0, sequence=0, timestamp=0, ssrc=1), ADDR, 0.0)
     assert np.array_equal(audio(events), decode_ulaw(payload))
+
+
+def test_a_flood_from_one_ssrc_is_capped_counted_once_and_spares_the_others() -> None:
+    config = DemuxConfig(max_speed=2.0, burst_s=1.0)
+    demux = RtpDemux(config=config)
+    events = []
+    flood_sequence = 0
+    ticks = 150  # 3 s of arrival time, one 20 ms tick each
+    for tick in range(ticks):
+        now = tick * 0.02
+        events += demux.receive(pcmu_packet(tick, ssrc=1), ADDR, now)  # real time
+        for _ in range(10):  # ten times real time
+            events += demux.receive(pcmu_packet(flood_sequence, ssrc=2), ("192.0.2.66", 5004), now)
+            flood_sequence += 1
+    # The flood's stream time (its audio plus the silence standing in for its dropped packets) is
+    # at least its burst and at most burst + speed x elapsed: 4 s here, where it sent 30 s.
+    elapsed = (ticks - 1) * 0.02
+    flood_seconds = audio(events, "rtp:00000002").size / 8000
+    assert config.burst_s <= flood_seconds <= config.burst_s + config.max_speed * elapsed + 0.02
+    flood_accepted = demux.accepted - ticks
+    assert 0 < flood_accepted < ticks * 10 // 4
+    assert demux.rejects == {"flood": ticks * 10 - flood_accepted}
+    notices = of(events, RejectNotice)
+    assert [n.cause for n in notices] == ["flood"] and "00000002" in notices[0].message
+    assert "\n" not in notices[0].message
+    # The well-behaved stream lost nothing and its audio is intact.
+    assert demux.stream_stats()["rtp:00000001"]["lost"] == 0
+    assert np.max(np.abs(audio(events, "rtp:00000001") - tone(ticks * 160))) < 0.02
+    assert_counted(demux)
+
+
+def test_timestamp_jumps_are_charged_as_the_silence_they_insert() -> None:
+    # Every packet claims a 1 s pause before it (marker set): each would add 1 s of silence.
+    demux = RtpDemux(config=DemuxConfig(max_speed=2.0, burst_s=3.0))
+    for i in range(20):
+        data = build_rtp(bytes(160), payload_type=0, sequence=i, timestamp=i * 8000, ssrc=3, marker=True)
+        demux.receive(data, ADDR, i * 0.02)
+    # The first packet costs 20 ms, each later one 1 s (its pause and itself): 3 s of credit and
+    # 0.06 s earned let three of those through; the 0.04 s earned per packet never buys a fourth.
+    assert demux.stream_stats()["rtp:00000003"]["emitted"] == 4
+    assert demux.rejects == {"flood": 16}
+
+
+def test_reordered_and_duplicate_packets_cost_no_credit() -> None:
+    demux = RtpDemux(config=DemuxConfig(max_speed=1.0, burst_s=0.1, jitter=JitterConfig(max_delay_s=None)))
+    order = [0, 2, 1, 1, 2, 3, 5, 4, 6]
+    for t, sequence in enumerate(order):
+        demux.receive(pcmu_packet(sequence), ADDR, t * 0.02)
+    stats = demux.stream_stats()["rtp:00c0ffee"]
+    assert demux.rejects == {}
+    assert (stats["emitted"], stats["duplicates"], stats["reordered"]) == (7, 2, 2)
+
+
+@pytest.mark.parametrize("config", [{"max_speed": 0.5}, {"burst_s": 0}])
+def test_flood_guard_config_rejects_nonsense(config: dict) -> None:
+    with pytest.raises(ValueError):
+        DemuxConfig(**config)
