@@ -56,14 +56,24 @@ class Collector(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
-def build_frames(wav: Path, lead_s: float, tail_s: float) -> list[Frame]:
-    """Audio frames of ``wav`` with the turn frames where a VAD and turn detector would put them."""
+def build_frames(wav: Path, lead_s: float, tail_s: float, abrupt: bool = False) -> list[Frame]:
+    """Audio frames of ``wav`` with the turn frames where a VAD and turn detector would put them.
+
+    ``abrupt``: the turn ends with the audio and ``EndFrame`` follows at once
+    (no silence after it, no transcription): the pipeline stops mid-utterance
+    as far as the monitor can tell.
+    """
     with wave.open(str(wav), "rb") as f:
         assert f.getsampwidth() == 2, "the scenario needs 16-bit PCM"
         rate, channels = f.getframerate(), f.getnchannels()
         pcm = f.readframes(f.getnframes())
     step = int(rate * FRAME_S) * channels * 2
     chunks = [pcm[i:i + step] for i in range(0, len(pcm), step)]
+    if abrupt:
+        start = round((lead_s + 0.2) / FRAME_S)
+        frames = [InputAudioRawFrame(audio=c, sample_rate=rate, num_channels=channels) for c in chunks]
+        frames[start:start] = [VADUserStartedSpeakingFrame(start_secs=0.2), UserStartedSpeakingFrame()]
+        return frames + [VADUserStoppedSpeakingFrame(stop_secs=0.0), UserStoppedSpeakingFrame(), EndFrame()]
     # One more second of silence after the file, then the transcription, then half a second.
     silence = bytes(step)
     chunks += [silence] * int(1.0 / FRAME_S)
@@ -100,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     warnings: list[str] = []
     logger.remove()
     logger.add(lambda message: warnings.append(message.record["message"]), level="WARNING")
-    frames = build_frames(Path(args.wav), args.lead, args.tail)
+    frames = build_frames(Path(args.wav), args.lead, args.tail, args.abrupt)
     audio_before = [bytes(f.audio) for f in frames if isinstance(f, InputAudioRawFrame)]
     emotion = SerstreamEmotionProcessor(url=args.url, stream="pipecat-test",
                                         attach_to_transcription=args.attach)
@@ -158,6 +168,7 @@ def main() -> None:
     parser.add_argument("--lead", type=float, required=True, help="silence before the speech, seconds")
     parser.add_argument("--tail", type=float, required=True, help="silence after the speech, seconds")
     parser.add_argument("--attach", action="store_true")
+    parser.add_argument("--abrupt", action="store_true", help="EndFrame right after the turn's last audio")
     parser.add_argument("--speed", type=float, default=1.0, help="feed this many times faster than real time")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--out", required=True)

@@ -1,9 +1,9 @@
 """The dashboard (clients/dashboard) in headless Chromium against a real monitor replaying speech.
 
-``serstream listen --file speech.wav --loop`` with the factory model; the page
-is opened from the monitor itself when it serves this dashboard, or else
-from the checkout with ``?monitor=ws://127.0.0.1:PORT`` (the same page and
-script; see test_monitor_serves_this_dashboard). Assertions read the state
+``serstream listen --file speech.wav --file speech-44k.wav --loop`` with the
+factory model; the page is opened from the monitor itself (the bad-input test
+opens the checkout's file with ``?monitor=ws://127.0.0.1:PORT``, the same page
+and script). Assertions read the state
 the page exposes (``window.serstreamDashboard`` and data-* attributes), not
 pixels. A screenshot is kept in test-artifacts/.
 """
@@ -32,10 +32,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
 ]
 STREAM = "file:speech.wav"
+OTHER = "file:speech-44k.wav"
 
 
-def _start_monitor(model: Path, wav: Path, port: int) -> Background:
-    return start_monitor(["listen", "--model", str(model), "--file", str(wav), "--loop", "--port", str(port)])
+def _start_monitor(model: Path, wav: Path, port: int, *more: Path) -> Background:
+    files = [arg for path in (wav, *more) for arg in ("--file", str(path))]
+    return start_monitor(["listen", "--model", str(model), *files, "--loop", "--port", str(port)])
 
 
 def _served_page(port: int) -> str:
@@ -77,13 +79,12 @@ def _plane(page: Any) -> dict[str, str]:
 
 
 def test_dashboard_live_view_and_recovery_after_monitor_restart(
-    browser: Any, factory_model: Path, speech_wav: Path, free_port: int
+    browser: Any, factory_model: Path, speech_wav: Path, speech_wav_44k_stereo: Path, free_port: int
 ) -> None:
-    monitor = _start_monitor(factory_model, speech_wav, free_port)
+    monitor = _start_monitor(factory_model, speech_wav, free_port, speech_wav_44k_stereo)
     try:
-        served = _is_this_dashboard(_served_page(free_port))
-        url = (f"http://127.0.0.1:{free_port}/" if served
-               else (DASHBOARD / "index.html").as_uri() + f"?monitor=ws://127.0.0.1:{free_port}")
+        # The page the monitor serves itself (test_monitor_serves_this_dashboard checks it is this one).
+        url = f"http://127.0.0.1:{free_port}/"
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page_errors: list[str] = []
         page.on("pageerror", lambda exc: page_errors.append(str(exc)))
@@ -95,10 +96,24 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
             f"() => (window.serstreamDashboard.streams[{json.dumps(STREAM)}] || {{}}).emotions >= 2",
             timeout=30_000,
         )
-        # The stream is listed, selected, and has a small multiple.
-        assert page.locator(f'#stream-list li[data-stream="{STREAM}"]').count() == 1
-        assert page.locator(f'#multiples .card[data-stream="{STREAM}"]').count() == 1
-        assert _state(page, "window.serstreamDashboard.selected") == STREAM
+        # Both streams are listed, each with a small multiple; the first one heard is selected.
+        page.wait_for_function(
+            f"() => (window.serstreamDashboard.streams[{json.dumps(OTHER)}] || {{}}).emotions >= 1", timeout=30_000)
+        for stream in (STREAM, OTHER):
+            assert page.locator(f'#stream-list li[data-stream="{stream}"]').count() == 1
+            assert page.locator(f'#multiples .card[data-stream="{stream}"]').count() == 1
+        assert page.locator("#multiples .card").count() == 2
+        first = _state(page, "window.serstreamDashboard.selected")
+        assert first in (STREAM, OTHER)
+        # Picking the other stream from the list switches the detail view to it.
+        second = OTHER if first == STREAM else STREAM
+        page.locator(f'#stream-list li[data-stream="{second}"] button').click()
+        page.wait_for_function(f"() => document.getElementById('detail').dataset.stream === {json.dumps(second)}",
+                               timeout=5_000)
+        assert page.get_attribute(f'#stream-list li[data-stream="{second}"]', "aria-selected") == "true"
+        page.locator(f'#stream-list li[data-stream="{STREAM}"] button').click()
+        page.wait_for_function(f"() => document.getElementById('detail').dataset.stream === {json.dumps(STREAM)}",
+                               timeout=5_000)
         # Bars: one per label the events carry (nothing hard-coded), in the model's order.
         assert list(_bars(page)) == list(LABELS)
         assert _state(page, "window.serstreamDashboard.labels") == list(LABELS)
@@ -127,7 +142,7 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
         assert int(timeline["points"]) >= 3
         page.wait_for_function("() => window.serstreamDashboard.stats !== null", timeout=15_000)
         stats = _state(page, "window.serstreamDashboard.stats")
-        assert stats["streams"] == 1 and stats["device"] == "cpu" and stats["dropTotal"] >= 0
+        assert stats["streams"] == 2 and stats["device"] == "cpu" and stats["dropTotal"] >= 0
         assert page.locator('[data-stat="p95"]').inner_text().endswith("ms")
 
         ARTIFACTS.mkdir(exist_ok=True)
@@ -144,7 +159,7 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
         page.screenshot(path=str(ARTIFACTS / "dashboard-disconnected.png"))
 
         # It comes back on the same port: the page reconnects and receives events again.
-        monitor = _start_monitor(factory_model, speech_wav, free_port)
+        monitor = _start_monitor(factory_model, speech_wav, free_port, speech_wav_44k_stereo)
         page.wait_for_function("() => window.serstreamDashboard.connects >= 2 && window.serstreamDashboard.connected",
                                timeout=30_000)
         page.wait_for_selector("#banner[hidden]", state="attached", timeout=5_000)
@@ -203,7 +218,5 @@ def test_monitor_serves_this_dashboard(factory_model: Path, speech_wav: Path, fr
         html = _served_page(free_port)
     finally:
         monitor.kill()
-    if not _is_this_dashboard(html):
-        pytest.skip("the monitor still serves the placeholder serstream/dashboard: the server's default "
-                    "dashboard_dir must become <repo>/clients/dashboard when present")
+    assert _is_this_dashboard(html), "the monitor serves the placeholder, not clients/dashboard"
     assert "serstream dashboard" in html

@@ -163,6 +163,19 @@ def turn_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wav
 
 
+@pytest.fixture(scope="module")
+def abrupt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One espeak-ng sentence with silence before it and none after (the pipeline ends mid-utterance)."""
+    require_tools("espeak-ng", "sox")
+    work = tmp_path_factory.mktemp("pipecat-abrupt")
+    raw, wav = work / "raw.wav", work / "abrupt.wav"
+    subprocess.run(["espeak-ng", "-v", "en", "-w", str(raw), "I am really upset about this."], check=True)
+    # Trim espeak's own trailing silence, so the monitor is still in speech when the audio stops.
+    subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav), "reverse", "silence", "1",
+                    "0.02", "1%", "reverse", "pad", str(LEAD_S), "0"], check=True)
+    return wav
+
+
 def _scenario(python: Path, url: str, wav: Path, out: Path, *extra: str) -> dict[str, Any]:
     proc = subprocess.run(
         [str(python), str(SCENARIO), "--url", url, "--wav", str(wav), "--lead", str(LEAD_S),
@@ -201,9 +214,7 @@ def test_emotion_frame_and_on_emotion_for_the_turn(
     try:
         monitor.wait_for(lambda: monitor.stderr_has("serving"), 60, "serstream serve to start")
         refusal = asyncio.run(_ingest_refusal(free_port))
-        if refusal is not None:
-            pytest.skip(f"`serstream serve` does not accept /ingest yet ({refusal}): the CLI must pass "
-                        "serstream.ingest.make_ingest_handler(monitor, bus=bus) to MonitorServer")
+        assert refusal is None, f"`serstream serve` refused an /ingest stream: {refusal}"
         result = _scenario(pipecat_python, f"ws://127.0.0.1:{free_port}", turn_wav, tmp_path / "live.json",
                            "--attach")
     finally:
@@ -230,6 +241,33 @@ def test_emotion_frame_and_on_emotion_for_the_turn(
     assert result["warnings"] == []
 
 
+def test_a_turn_cut_off_by_end_frame_still_gets_its_final_reading(
+    pipecat_python: Path, factory_model: Path, abrupt_wav: Path, free_port: int, tmp_path: Path
+) -> None:
+    """EndFrame right after the turn's last audio: the plugin ends the ingest stream, so the
+    monitor closes the open utterance and sends its final estimate before the pipeline stops."""
+    monitor = Background(["serve", "--model", str(factory_model), "--port", str(free_port)])
+    try:
+        monitor.wait_for(lambda: monitor.stderr_has("serving"), 60, "serstream serve to start")
+        result = _scenario(pipecat_python, f"ws://127.0.0.1:{free_port}", abrupt_wav, tmp_path / "abrupt.json",
+                           "--abrupt")
+        monitor.wait_for(lambda: monitor.stderr_has("end of stream"), 10, "the monitor to close the stream")
+    finally:
+        monitor.kill()
+    _assert_passthrough(result)
+    sequence = [item["type"] for item in result["sequence"]]
+    assert sequence.count("EmotionFrame") == 1, sequence
+    assert sequence.index("UserStoppedSpeakingFrame") < sequence.index("EmotionFrame") < sequence.index("EndFrame")
+    emotion = next(item for item in result["sequence"] if item["type"] == "EmotionFrame")
+    assert emotion["final"] is True and emotion["turn"] == 0
+    assert emotion["t0"] < LEAD_S + 0.5 < emotion["t1"]
+    (call,) = result["on_emotion"]
+    assert call["id"] == emotion["id"]
+    # Ending the stream on purpose is not an outage: nothing is logged as a warning.
+    assert result["warnings"] == []
+    assert result["counters"]["connects"] == 1 and result["counters"]["disconnects"] == 0
+
+
 def test_pipeline_runs_to_completion_with_the_monitor_down(
     pipecat_python: Path, turn_wav: Path, free_port: int, tmp_path: Path
 ) -> None:
@@ -247,3 +285,28 @@ def test_pipeline_runs_to_completion_with_the_monitor_down(
     assert "cannot reach the monitor" in warning and str(free_port) in warning
     assert result["counters"]["connect_failures"] >= 1
     assert result["counters"]["audio_not_analysed_s"] > 5.0
+
+
+def test_bad_and_newer_monitor_messages_are_logged_once_and_the_pipeline_goes_on(
+    pipecat_python: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bad.json"
+    proc = subprocess.run([str(pipecat_python), str(Path(__file__).with_name("pipecat_bad_monitor.py")),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["passed"] == result["originals"] and result["ended"]
+    (hello,) = result["hellos"]
+    assert hello["type"] == "hello" and hello["sample_rate"] == 16000 and hello["format"] == "s16le"
+    counters = result["counters"]
+    assert counters["malformed_messages"] == 8  # four kinds, each sent twice
+    assert counters["monitor_errors"] == 3
+    assert counters["connect_failures"] == 0 and counters["audio_sent_s"] > 0.5
+    warnings = result["warnings"]
+    # One line per kind of trouble, however often it happens.
+    assert len(warnings) == 3, warnings
+    assert sum("malformed" in w for w in warnings) == 1
+    assert sum("schema v2" in w for w in warnings) == 1
+    assert sum("inference_error" in w and "the worker failed" in w for w in warnings) == 1
+    assert "ws://HOST:PORT" in result["wrong_url"] and "http://127.0.0.1:8765" in result["wrong_url"]

@@ -185,6 +185,7 @@ class SerstreamEmotionProcessor(FrameProcessor):
         self._session_connected = False
         self._force_reconnect = False
         self._running = False
+        self._ending = False  # EndFrame seen: send what is left, then {"type": "end"}
         self._link_task: asyncio.Task | None = None
         self._settle_task: asyncio.Task | None = None
         self._logged: set[str] = set()
@@ -274,6 +275,7 @@ class SerstreamEmotionProcessor(FrameProcessor):
         if self._running:
             return
         self._running = True
+        self._ending = False
         self._link_task = self.create_task(self._link_loop(), "serstream_link")
         self._settle_task = self.create_task(self._settle_loop(), "serstream_settle")
 
@@ -281,11 +283,18 @@ class SerstreamEmotionProcessor(FrameProcessor):
         if not self._running:
             return
         if flush and self._connected:
+            # Ask the monitor to finish the stream: it closes the open utterance and
+            # sends its final estimate, which is what settles the last turn.
+            self._ending = True
+            self._wake.set()
             deadline = time.monotonic() + self.settings.end_flush_s
             while self._tracker.pending() and time.monotonic() < deadline and self._connected:
                 await self._emit_due(time.monotonic())
                 await asyncio.sleep(0.02)
             await self._emit_due(time.monotonic())
+        if flush:
+            # No time left to wait: a turn that ended gives what it has (its finals, else its partial).
+            await self._emit_due(time.monotonic() + self.settings.turns.settle_timeout_s)
         self._running = False
         for task in (self._settle_task, self._link_task):
             if task is not None:
@@ -326,11 +335,14 @@ class SerstreamEmotionProcessor(FrameProcessor):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._connection_trouble(exc)
+                if not self._ending:  # after our own end the monitor closes: nothing went wrong
+                    self._connection_trouble(exc)
             finally:
                 self._connected = False
                 self._backlog.clear()
                 self._backlog_bytes = 0
+            if self._ending:
+                return  # the stream was finished on purpose; EndFrame stops the processor
             if self._session_connected:
                 failures = 0
                 self.counters["disconnects"] += 1
@@ -383,6 +395,10 @@ class SerstreamEmotionProcessor(FrameProcessor):
                 if exc is not None:
                     raise exc
                 raise ConnectionError("the monitor closed the connection")
+            if not self._backlog and self._ending:
+                await ws.send(json.dumps({"type": "end"}))
+                await reader  # the last events, then the monitor closes the connection
+                return
             if not self._backlog:
                 self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
