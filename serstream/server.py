@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import mimetypes
+import threading
 from collections import deque
 from pathlib import Path, PurePosixPath
 from typing import Any, Awaitable, Callable, Iterable, Mapping
@@ -158,11 +159,20 @@ class Subscription:
 class EventBus:
     """Fan-out of events to subscriptions; lives on one asyncio event loop."""
 
+    #: Events handed over by other threads and not yet delivered by the loop.
+    #: Past this the loop is not keeping up (stalled, or starved of CPU): newer
+    #: events are dropped and counted rather than queued without bound.
+    MAX_PENDING_HANDOFF = 4096
+
     def __init__(self) -> None:
         self._subscriptions: set[Subscription] = set()
         self.events_published = 0
-        #: Events dropped for slow consumers, summed over every subscription ever made.
+        #: Events dropped for slow consumers, summed over every subscription ever made,
+        #: plus those refused at the thread handoff (``handoff_dropped``).
         self.events_dropped = 0
+        self.handoff_dropped = 0
+        self._pending = 0
+        self._pending_lock = threading.Lock()
 
     @property
     def subscribers(self) -> int:
@@ -199,17 +209,31 @@ class EventBus:
         """Publish from another thread: serialise here, deliver on ``loop``.
 
         Returns False (and counts the event in ``events_dropped``) when the
-        loop is already closed.
+        loop is already closed, or when :data:`MAX_PENDING_HANDOFF` events
+        are already waiting for it (also counted in ``handoff_dropped``).
         """
+        with self._pending_lock:
+            if self._pending >= self.MAX_PENDING_HANDOFF:
+                self.events_dropped += 1
+                self.handoff_dropped += 1
+                return False
+            self._pending += 1
         payload = dumps(event).encode("utf-8")
         stream = str(event.get("stream", ""))
         is_stats = event.get("type") == "stats"
         try:
-            loop.call_soon_threadsafe(self.publish_payload, payload, stream, is_stats)
+            loop.call_soon_threadsafe(self._deliver_handoff, payload, stream, is_stats)
         except RuntimeError:  # loop closed: nobody left to deliver to
-            self.events_dropped += 1
+            with self._pending_lock:
+                self._pending -= 1
+                self.events_dropped += 1
             return False
         return True
+
+    def _deliver_handoff(self, payload: bytes, stream: str, is_stats: bool) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        self.publish_payload(payload, stream, is_stats)
 
 
 async def send_events(conn: ServerConnection, sub: Subscription) -> None:

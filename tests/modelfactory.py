@@ -420,3 +420,30 @@ def _native(value: str) -> object:
         return json.loads(value)
     except ValueError:
         return value
+
+
+def model_failing_on_quiet_audio(source: Path, target: Path) -> Path:
+    """The factory model with ``emotion_logits += 0 * log(peak - 0.5)``: NaN for rows peaking under 0.5.
+
+    A real model that breaks the contract (non-finite outputs) on some audio
+    only, so a test can tell one file's failure from its batch-mates'.
+    """
+    model = onnx.load(str(source))
+    graph = model.graph
+    (producer,) = [n for n in graph.node if "emotion_logits" in n.output]
+    producer.output[list(producer.output).index("emotion_logits")] = "emotion_logits_clean"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(0.5, np.float32), "poison_half"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "poison_zero"),
+    ])
+    graph.node.extend([
+        helper.make_node("Abs", ["audio"], ["poison_abs"]),
+        helper.make_node("ReduceMax", ["poison_abs"], ["poison_peak"], axes=[1], keepdims=1),
+        helper.make_node("Sub", ["poison_peak", "poison_half"], ["poison_margin"]),
+        helper.make_node("Log", ["poison_margin"], ["poison_log"]),
+        helper.make_node("Mul", ["poison_log", "poison_zero"], ["poison"]),
+        helper.make_node("Add", ["emotion_logits_clean", "poison"], ["emotion_logits"]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+    return target

@@ -17,6 +17,7 @@ from serstream.analyze import AnalyzeConfig, AnalyzeError, StreamSpec, analyze, 
 from serstream.inference.session import EmotionModel
 from tests.audio import silence, voiced, write_wav
 from tests.conftest import REPO, serstream_command
+from tests.modelfactory import model_failing_on_quiet_audio
 
 
 @pytest.fixture(scope="module")
@@ -142,40 +143,10 @@ def test_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
         read_stream_csv(listing)
 
 
-def _model_that_fails_on_quiet_audio(source: Path, target: Path) -> Path:
-    """The factory model with ``emotion_logits += 0 * log(peak - 0.5)``: NaN for rows peaking under 0.5.
-
-    A real model that breaks the contract (non-finite outputs) on some audio
-    only, so a test can tell one file's failure from its batch-mates'.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(source))
-    graph = model.graph
-    (producer,) = [n for n in graph.node if "emotion_logits" in n.output]
-    producer.output[list(producer.output).index("emotion_logits")] = "emotion_logits_clean"
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(0.5, np.float32), "poison_half"),
-        numpy_helper.from_array(np.array(0.0, np.float32), "poison_zero"),
-    ])
-    graph.node.extend([
-        helper.make_node("Abs", ["audio"], ["poison_abs"]),
-        helper.make_node("ReduceMax", ["poison_abs"], ["poison_peak"], axes=[1], keepdims=1),
-        helper.make_node("Sub", ["poison_peak", "poison_half"], ["poison_margin"]),
-        helper.make_node("Log", ["poison_margin"], ["poison_log"]),
-        helper.make_node("Mul", ["poison_log", "poison_zero"], ["poison"]),
-        helper.make_node("Add", ["emotion_logits_clean", "poison"], ["emotion_logits"]),
-    ])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(target))
-    return target
-
-
 def test_a_file_the_model_fails_on_is_reported_and_the_others_still_run(
     factory_model: Path, tmp_path: Path, validator: jsonschema.Draft202012Validator
 ) -> None:
-    path = _model_that_fails_on_quiet_audio(factory_model, tmp_path / "fails-on-quiet.onnx")
+    path = model_failing_on_quiet_audio(factory_model, tmp_path / "fails-on-quiet.onnx")
     quiet = write_wav(tmp_path / "quiet.wav", np.concatenate([silence(0.3), voiced(1.5, seed=5), silence(1.0)]))
     loud = write_wav(tmp_path / "loud.wav", np.concatenate([silence(0.3), 3.0 * voiced(1.5, seed=6), silence(1.0)]))
     model = EmotionModel.load(path, device="cpu", threads=1)

@@ -240,6 +240,29 @@ def test_publish_threadsafe_delivers_on_the_loop() -> None:
     assert bus.events_dropped == 1
 
 
+def test_threadsafe_handoff_is_bounded_while_the_loop_is_stalled() -> None:
+    """A loop that does not run its callbacks gets at most MAX_PENDING_HANDOFF events; the rest are counted."""
+
+    async def main() -> None:
+        bus = EventBus()
+        bus.MAX_PENDING_HANDOFF = 5
+        sub = bus.subscribe()
+        loop = asyncio.get_running_loop()
+        # The loop is busy in this coroutine (no await) while the thread publishes: a stalled loop.
+        thread = threading.Thread(target=lambda: [bus.publish_threadsafe(loop, speech("a", float(i))) for i in range(8)])
+        thread.start()
+        thread.join()
+        assert bus.handoff_dropped == 3 and bus.events_dropped == 3
+        got = [json.loads(await asyncio.wait_for(sub.get(), DEADLINE_S))["t"] for _ in range(5)]
+        assert got == [0.0, 1.0, 2.0, 3.0, 4.0]  # the oldest five, in order
+        # Delivered: the handoff has room again.
+        assert bus.publish_threadsafe(loop, speech("a", 9.0)) is True
+        assert json.loads(await asyncio.wait_for(sub.get(), DEADLINE_S))["t"] == 9.0
+        sub.close()
+
+    run(main())
+
+
 # ------------------------------------------------------------------ HTTP routes
 
 

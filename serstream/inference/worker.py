@@ -7,8 +7,11 @@ through ``on_result`` on the worker thread. What runs the batch is an
 today, a client of a remote serving engine (Ray Serve, Triton) later, with
 the same three members.
 
-A failing batch never stops the worker: the exception is caught, counted per
-distinct message, and reported through ``on_result(batch, None, message)``
+A failing batch never stops the worker, and one stream's audio cannot take
+the other streams' estimates down with it: a batch of several windows that
+fails is run again one window at a time (counted in ``batches_split``), so
+only the windows the model really fails on are lost. Each failure is counted
+per distinct message, and reported through ``on_result(batch, None, message)``
 the first time that message occurs; later failures with the same message
 arrive as ``on_result(batch, None, None)`` (the batch failed, its cause was
 already reported), so the caller can still release what it holds for those
@@ -108,6 +111,30 @@ class WorkerStats:
     infer_ms_p95: float | None = None
     infer_ms_p99: float | None = None
     failure_counts: dict[str, int] = field(default_factory=dict)
+    #: Failed batches of several windows that were run again one window at a time.
+    batches_split: int = 0
+
+
+@dataclass
+class _RowBatch:
+    """One window of a failed batch, run again on its own (a :class:`BatchLike`)."""
+
+    requests: list[Any]
+    audio: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.requests)
+
+
+def split_rows(batch: BatchLike) -> list[_RowBatch]:
+    """``batch`` as one single-window batch per request, each cut to its own length."""
+    rows = []
+    for i, request in enumerate(batch.requests):
+        n = int(batch.lengths[i])
+        rows.append(_RowBatch([request], batch.audio[i : i + 1, :n], batch.lengths[i : i + 1]))
+    return rows
 
 
 class InferenceWorker:
@@ -144,6 +171,7 @@ class InferenceWorker:
         self._dropped_batches = 0
         self._dropped_windows = 0
         self._callback_failures = 0
+        self._split = 0
 
     # ------------------------------------------------------------------ control
 
@@ -222,6 +250,7 @@ class InferenceWorker:
                 infer_ms_p95=_ms(pct[95]),
                 infer_ms_p99=_ms(pct[99]),
                 failure_counts=dict(self._failures),
+                batches_split=self._split,
             )
 
     # ------------------------------------------------------------------ thread
@@ -259,6 +288,13 @@ class InferenceWorker:
             failed = True
             error = _describe(exc)
         elapsed = self._clock() - started
+        if failed and size > 1:
+            # Which window broke it is unknown: run each alone, so the others still get results.
+            with self._cond:
+                self._split += 1
+            for row in split_rows(batch):
+                self._process(row)
+            return
 
         with self._cond:
             self._batches += 1

@@ -260,3 +260,28 @@ def test_start_twice_is_an_error(model: EmotionModel) -> None:
             worker.start()
     finally:
         worker.stop()
+
+
+def test_a_window_the_model_fails_on_does_not_take_its_batch_mates_down(tmp_path) -> None:
+    """A real model that gives NaN on quiet audio: the loud windows batched with a quiet one still get results."""
+    from tests.modelfactory import model_failing_on_quiet_audio
+
+    path = model_failing_on_quiet_audio(build_test_model(tmp_path / "plain.onnx"), tmp_path / "poisoned.onnx")
+    poisoned = EmotionModel.load(path, device="cpu", threads=1)
+    results = Results()
+    worker = InferenceWorker(poisoned, results)
+    worker.start()
+    try:
+        loud = tone(0.5, rms=0.5)  # peaks above 0.5: finite outputs
+        assert worker.submit(make_batch([loud, QUIET, loud]))
+        results.wait_for(3)
+    finally:
+        worker.stop()
+    rows = [(batch.requests[0].window.utterance, output is not None, error) for batch, output, error in results.calls]
+    assert [(i, ok) for i, ok, _ in rows] == [(0, True), (1, False), (2, True)]
+    assert rows[1][2] is not None  # the first failure of its kind is reported with its message
+    stats = worker.stats()
+    assert stats.batches_split == 1 and stats.failures == 1 and stats.windows == 3
+    for batch, output, _ in results.calls:
+        if output is not None:
+            assert batch.size == 1 and np.all(np.isfinite(output.probs))
