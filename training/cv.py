@@ -249,7 +249,8 @@ def collect(cv_dir: Path) -> list[dict]:
 
 def markdown_report(results: Sequence[dict]) -> str:
     """The model card's table: mean UAR/accuracy per mode, then per fold and mean +/- std, for each mode."""
-    cols = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated", "gender_accuracy")
+    cols = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated", "gender_accuracy",
+            "uar_gap_female_minus_male")
     modes = result_modes(results)
     lines = ["\n**Speaker history modes side by side** (mean +/- std over the folds that have the mode)\n",
              "| speaker history | folds | uar | accuracy | macro_f1 |", "|---|---|---|---|---|"]
@@ -266,8 +267,8 @@ def markdown_report(results: Sequence[dict]) -> str:
         for r in have:
             actors = f"{4 * r['fold'] - 3}-{4 * r['fold']}"
             lines.append(f"| {r['fold']} ({actors}) | " + " | ".join(f"{r[mode].get(c, float('nan')):.3f}" for c in cols) + " |")
-        means = [np.mean([r[mode][c] for r in have]) for c in cols]
-        stds = [np.std([r[mode][c] for r in have]) for c in cols]
+        means = [np.nanmean([r[mode].get(c, np.nan) for r in have]) for c in cols]
+        stds = [np.nanstd([r[mode].get(c, np.nan) for r in have]) for c in cols]
         lines.append("| **mean +/- std** | " + " | ".join(f"{m:.3f} +/- {s:.3f}" for m, s in zip(means, stds)) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,5 @@
-"""The emotion network: log-mel front end, a small separable CNN, attentive
-statistics pooling over time, and multitask heads.
+"""The emotion network: log-mel front end, a small 2-D CNN, attentive
+statistics pooling over time (plus per-band window statistics), and multitask heads.
 
 Heads: 8 emotion logits (contract label order), arousal/valence/dominance
 (tanh, [-1, 1]), gender (2 logits), intensity (2 logits: normal, strong).
@@ -37,6 +37,21 @@ class ModelConfig:
     attention_dim: int = 128
     dropout: float = 0.3
     n_labels: int = len(LABELS)
+    # "cnn2d": plain 3x3 convolution blocks over the log-mel image
+    # (``cnn_channels``, each block followed by its ``cnn_pools``);
+    # "sepcnn2d": the depthwise-separable stem + blocks above (v0.1.0). On the
+    # project's 2-core CPU the plain one trains 2x faster per step (0.35 s vs
+    # 0.70 s for 32 x 2 s, fp32): depthwise convolutions are memory-bound there.
+    # A 1-D (TDNN) encoder with the mel bands as channels was tried too and
+    # lost 5 points of UAR on folds 1-2 at 3.6x the steps: it gives up the
+    # frequency-shift invariance that speaker independence needs.
+    encoder: str = "cnn2d"
+    cnn_channels: tuple[int, ...] = (16, 32, 64, 128)
+    cnn_pools: tuple[tuple[int, int], ...] = ((2, 2), (2, 2), (2, 2), (2, 1))
+    # Concatenate each band's mean and std of the normalised log-mel over the
+    # window to the pooled embedding: a direct path for "this window against the
+    # speaker's usual spectrum", what the classical baseline's statistics carry.
+    utterance_stats: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +62,13 @@ class ModelConfig:
         d["frontend"] = FrontendConfig(**d["frontend"])
         d["channels"] = tuple(d["channels"])
         d["pools"] = tuple(tuple(p) for p in d["pools"])
+        # Configs written before these fields existed describe v0.1.0's network.
+        d.setdefault("encoder", "sepcnn2d")
+        d.setdefault("utterance_stats", False)
+        if "cnn_channels" in d:
+            d["cnn_channels"] = tuple(d["cnn_channels"])
+        if "cnn_pools" in d:
+            d["cnn_pools"] = tuple(tuple(p) for p in d["cnn_pools"])
         return cls(**d)
 
 
@@ -71,6 +93,15 @@ class SeparableBlock(nn.Module):
         return self.pool(y)
 
 
+def band_statistics(normed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean and standard deviation of each band over the valid frames: [B, 2M]."""
+    m = mask.unsqueeze(1)
+    count = torch.clamp(mask.sum(dim=1, keepdim=True), min=1.0)
+    mean = (normed * m).sum(dim=2) / count
+    var = (normed * normed * m).sum(dim=2) / count - mean * mean
+    return torch.cat([mean, torch.sqrt(torch.clamp(var, min=1e-5))], dim=1)
+
+
 class AttentiveStatsPool(nn.Module):
     """Attention-weighted mean and standard deviation over valid frames."""
 
@@ -89,11 +120,51 @@ class AttentiveStatsPool(nn.Module):
         return torch.cat([mean, std], dim=1)
 
 
+class PlainBlock(nn.Module):
+    """3x3 convolution, batch norm, ReLU, then max pooling."""
+
+    def __init__(self, c_in: int, c_out: int, pool: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(pool, ceil_mode=True) if pool != (1, 1) else nn.Identity()
+
+    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        # Padding frames are zeroed before pooling, so a zero-padded row of a
+        # batch scores as it would alone (ReLU output >= 0 wins every max).
+        y = self.act(self.norm(self.conv(x))) * frame_mask[:, None, None, :]
+        return self.pool(y)
+
+
 class EmotionNet(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         self.config = config
         self.frontend = LogMelFrontend(config.frontend)
+        self.pool = AttentiveStatsPool(config.embed_dim, config.attention_dim)
+        pooled = 2 * config.embed_dim + (2 * config.frontend.n_mels if config.utterance_stats else 0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.emotion_head = nn.Linear(pooled, config.n_labels)
+        self.avd_head = nn.Linear(pooled, 3)
+        self.gender_head = nn.Linear(pooled, 2)
+        self.intensity_head = nn.Linear(pooled, 2)
+        if config.encoder == "cnn2d":
+            self._build_cnn2d(config)
+        elif config.encoder == "sepcnn2d":
+            self._build_sepcnn2d(config)
+        else:
+            raise ValueError(f"unknown encoder {config.encoder!r} (expected 'cnn2d' or 'sepcnn2d')")
+
+    def _build_cnn2d(self, config: ModelConfig) -> None:
+        self.stem = nn.Identity()
+        blocks, c_in = [], 1
+        for c_out, pool in zip(config.cnn_channels, config.cnn_pools):
+            blocks.append(PlainBlock(c_in, c_out, pool))
+            c_in = c_out
+        self._finish_2d(config, blocks, c_in, config.cnn_pools, stem_pool=(1, 1))
+
+    def _build_sepcnn2d(self, config: ModelConfig) -> None:
         self.stem = nn.Sequential(
             nn.Conv2d(1, config.stem_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(config.stem_channels),
@@ -105,11 +176,15 @@ class EmotionNet(nn.Module):
         for c_out, pool in zip(config.channels, config.pools):
             blocks.append(SeparableBlock(c_in, c_out, pool))
             c_in = c_out
+        self._finish_2d(config, blocks, c_in, config.pools, stem_pool=(2, 2))
+
+    def _finish_2d(self, config: ModelConfig, blocks: list[nn.Module], c_in: int,
+                   pools: tuple[tuple[int, int], ...], stem_pool: tuple[int, int]) -> None:
+        """Blocks, then a 1x1 projection of (channels x remaining bands) per pooled frame."""
         self.blocks = nn.Sequential(*blocks)
-        freq = config.frontend.n_mels
-        self.time_stride = 2
-        freq = -(-freq // 2)
-        for pool in config.pools:
+        freq = -(-config.frontend.n_mels // stem_pool[0])
+        self.time_stride = stem_pool[1]
+        for pool in pools:
             freq = -(-freq // pool[0])
             self.time_stride *= pool[1]
         self.project = nn.Sequential(
@@ -117,13 +192,6 @@ class EmotionNet(nn.Module):
             nn.BatchNorm1d(config.embed_dim),
             nn.ReLU(inplace=True),
         )
-        self.pool = AttentiveStatsPool(config.embed_dim, config.attention_dim)
-        pooled = 2 * config.embed_dim
-        self.dropout = nn.Dropout(config.dropout)
-        self.emotion_head = nn.Linear(pooled, config.n_labels)
-        self.avd_head = nn.Linear(pooled, 3)
-        self.gender_head = nn.Linear(pooled, 2)
-        self.intensity_head = nn.Linear(pooled, 2)
 
     def encode(
         self,
@@ -131,11 +199,17 @@ class EmotionNet(nn.Module):
         mask: torch.Tensor,
         feature_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Normalised log-mel [B, M, T] + mask [B, T] -> pooled embedding [B, 2D]."""
+        """Normalised log-mel [B, M, T] + mask [B, T] -> pooled embedding [B, 2D (+ 2M)]."""
         if feature_augment is not None:
             normed = feature_augment(normed, mask)
         x = self.stem(normed.unsqueeze(1))
-        x = self.blocks(x)
+        if self.config.encoder == "cnn2d":
+            step = 1
+            for block, pool in zip(self.blocks, self.config.cnn_pools):
+                x = block(x, mask[:, ::step][:, : x.shape[3]])
+                step *= pool[1]
+        else:
+            x = self.blocks(x)
         b, c, f, t = x.shape
         h = self.project(x.reshape(b, c * f, t))
         # Frame mask at the pooled time resolution: a pooled frame is valid when
@@ -143,7 +217,10 @@ class EmotionNet(nn.Module):
         pooled_mask = mask[:, :: self.time_stride][:, :t]
         if pooled_mask.shape[1] < t:
             pooled_mask = nn.functional.pad(pooled_mask, (0, t - pooled_mask.shape[1]))
-        return self.pool(h, pooled_mask)
+        pooled = self.pool(h, pooled_mask)
+        if not self.config.utterance_stats:
+            return pooled
+        return torch.cat([pooled, band_statistics(normed, mask)], dim=1)
 
     def heads(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.dropout(embedding)

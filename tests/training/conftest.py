@@ -63,7 +63,7 @@ def trained(tmp_path_factory):
     root = make_corpus(tmp_path_factory.mktemp("corpus"))
     scan = scan_corpora(root, ("ravdess", "tess"))
     corpus = build_cache(scan.utterances, root, tmp_path_factory.mktemp("cache"), progress=False)
-    tiny = ModelConfig(stem_channels=8, channels=(16, 16, 32, 32), embed_dim=32, attention_dim=16)
+    tiny = ModelConfig(cnn_channels=(8, 8, 16, 16), embed_dim=32, attention_dim=16)
     config = replace(TrainConfig(), epochs=2, steps_per_epoch=3, speakers_per_batch=2, per_speaker=4, crop_s=0.8,
                      threads=1, model=tiny, patience=5)
     test = corpus.indices([f"ravdess:{a:02d}" for a in (1, 2)])

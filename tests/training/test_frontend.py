@@ -110,3 +110,28 @@ def test_multitask_loss_learns_task_weights_and_ignores_unknown_targets() -> Non
     assert parts["gender"] == 0.0 and parts["intensity"] > 0.0
     total.backward()
     assert loss_fn.log_vars.grad is not None and torch.all(torch.isfinite(loss_fn.log_vars.grad))
+
+
+@pytest.mark.parametrize("encoder", ["cnn2d", "sepcnn2d"])
+def test_padded_row_scores_as_it_would_alone(encoder: str) -> None:
+    """Zero padding in a batch must not change a row's outputs (the monitor pads every batch)."""
+    torch.manual_seed(0)
+    model = EmotionNet(ModelConfig(encoder=encoder)).eval()
+    audio = 0.1 * torch.randn(2, 48000)
+    lengths = torch.tensor([48000, 30000])
+    stats = torch.zeros(2, 129)
+    with torch.no_grad():
+        batched = model(audio, lengths, stats)[0]
+        alone = model(audio[1:, :30000], lengths[1:], stats[1:])[0]
+    assert torch.allclose(batched[1], alone[0], atol=1e-4)
+
+
+def test_configs_from_before_the_encoder_field_load_as_the_v010_network() -> None:
+    old = ModelConfig(encoder="sepcnn2d").to_dict()
+    for key in ("encoder", "cnn_channels", "cnn_pools", "utterance_stats"):
+        old.pop(key)
+    loaded = ModelConfig.from_dict(old)
+    assert loaded.encoder == "sepcnn2d" and not loaded.utterance_stats
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
+    with pytest.raises(ValueError, match="unknown encoder"):
+        EmotionNet(ModelConfig(encoder="transformer"))
