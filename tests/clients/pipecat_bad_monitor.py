@@ -25,12 +25,14 @@ from loguru import logger
 from pipecat.frames.frames import EndFrame, Frame, InputAudioRawFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from serstream_pipecat import SerstreamEmotionProcessor
+
+# Run as a script from tests/clients/, so its sibling scenario module is importable.
+from pipecat_scenario import Collector
 
 BAD = [
     "this is not JSON",
@@ -44,18 +46,6 @@ NEWER = [
 ]
 ERROR = json.dumps({"type": "error", "v": 1, "stream": "bad", "ts": 1.0, "code": "inference_error",
                     "message": "the worker failed", "count": 1})
-
-
-class Collector(FrameProcessor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: list[Frame] = []
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if direction == FrameDirection.DOWNSTREAM:
-            self.frames.append(frame)
-        await self.push_frame(frame, direction)
 
 
 async def run() -> dict[str, Any]:
