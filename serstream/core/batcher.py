@@ -119,7 +119,12 @@ class BatchFormer:
         final_wait_s: float = 0.002,
         partial_wait_s: float = 0.020,
         max_batch_samples: int | None = None,
+        partial_max_age_s: float | None = None,
     ) -> None:
+        if partial_max_age_s is not None and not partial_max_age_s > 0:
+            raise ValueError(f"partial_max_age_s must be > 0 or None, got {partial_max_age_s}")
+        #: A partial still waiting this long after it was submitted is stale: :meth:`expire` drops it.
+        self.partial_max_age_s = partial_max_age_s
         if max_wait_s is not None:
             final_wait_s = partial_wait_s = max_wait_s
         self.config = BatcherConfig(
@@ -140,6 +145,7 @@ class BatchFormer:
             rows=0,
             partials_superseded=0,
             partials_dropped=0,
+            partials_expired=0,
             finals_dropped=0,
             closed_full=0,
             closed_samples=0,
@@ -214,6 +220,31 @@ class BatchFormer:
         # Deadlines grow with insertion within each kind, so the oldest of each is the earliest.
         heads = [queue[next(iter(queue))].deadline for queue in (self._finals, self._partials) if queue]
         return min(heads) if heads else None
+
+    def expire(self, now: float) -> list[Request]:
+        """Drop (and return) the partials waiting longer than ``partial_max_age_s``, counted.
+
+        Under overload every speaking stream keeps one partial waiting, and they
+        are served oldest first, so without a limit a partial's latency grows
+        with the number of streams. A stale partial is worth little: its stream's
+        next partial (or its final) says the same, fresher. Finals never expire.
+        """
+        if self.partial_max_age_s is None:
+            return []
+        expired: list[Request] = []
+        limit = now - self.partial_max_age_s
+        while self._partials:
+            seq = next(iter(self._partials))
+            entry = self._partials[seq]
+            if entry.request.submitted > limit:
+                break  # insertion order: the rest are younger
+            del self._partials[seq]
+            if self._partial_of_stream.get(entry.request.stream) == seq:
+                del self._partial_of_stream[entry.request.stream]
+            expired.append(entry.request)
+        if expired:
+            self.counters.inc("partials_expired", len(expired))
+        return expired
 
     # -- internals -------------------------------------------------------------------------
 

@@ -160,3 +160,28 @@ def test_bad_requests_and_config_raise():
         BatchFormer(max_batch=0)
     with pytest.raises(ValueError):
         BatchFormer(max_pending=0)
+
+
+def test_stale_partials_expire_and_finals_never_do():
+    former = BatchFormer(max_batch=8, partial_max_age_s=0.1)
+    old = request("a", t=0.0)
+    fresh = request("b", t=0.25)
+    final = request("c", kind="final", t=0.0)
+    for r in (old, fresh, final):
+        former.add(r, now=r.submitted, close=False)
+    assert former.expire(0.15) == [old]  # only "a" waited past 0.1 s
+    assert former.counters["partials_expired"] == 1 and former.pending == 2
+    assert former.expire(0.3) == []  # "b" is 0.05 s old; the final never expires
+    (batch,) = former.poll(1.0)
+    assert sorted(streams_of(batch)) == ["b", "c"]
+    # An expired partial no longer blocks its stream's next one from being its only waiting partial.
+    former.add(request("a", t=2.0), now=2.0, close=False)
+    assert former.pending == 1 and former.counters["partials_superseded"] == 0
+
+
+def test_without_a_max_age_nothing_expires():
+    former = BatchFormer(max_batch=8)
+    former.add(request("a", t=0.0), now=0.0, close=False)
+    assert former.expire(100.0) == [] and former.pending == 1
+    with pytest.raises(ValueError):
+        BatchFormer(partial_max_age_s=0.0)
