@@ -822,21 +822,23 @@ class Monitor:
         """Pull mode: hand the worker a ready batch only when its queue is empty."""
         while self._worker.queue_depth == 0:
             for request in self._batcher.expire(now):
-                context: _WindowContext = request.context  # type: ignore[assignment]
-                context.stream.queued.discard(context.request_id)
-                if context.stream.pending_partial == context.request_id:
-                    context.stream.pending_partial = None
+                self._unqueue(request)
             batches = self._batcher.poll(now, max_batches=1)
             if not batches:
                 return
             self._send(batches[0])
 
+    @staticmethod
+    def _unqueue(request: Request) -> None:
+        """The batch former no longer holds ``request`` (sent, or expired): its stream stops waiting for it."""
+        context: _WindowContext = request.context  # type: ignore[assignment]
+        context.stream.queued.discard(context.request_id)
+        if context.stream.pending_partial == context.request_id:
+            context.stream.pending_partial = None
+
     def _send(self, batch: Batch) -> None:
         for request in batch.requests:
-            context: _WindowContext = request.context  # type: ignore[assignment]
-            context.stream.queued.discard(context.request_id)
-            if context.stream.pending_partial == context.request_id:
-                context.stream.pending_partial = None
+            self._unqueue(request)
         accepted = self._worker.submit(batch)
         if accepted:
             self._pipe.inc("batches_sent")

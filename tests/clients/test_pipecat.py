@@ -207,6 +207,18 @@ async def _ingest_refusal(port: int) -> str | None:
         return exc.rcvd.reason if exc.rcvd is not None else "connection closed"
 
 
+def _the_turns_final_emotion(result: dict) -> dict:
+    """Frames passed through; exactly one EmotionFrame, final, for turn 0, after the turn and before EndFrame."""
+    _assert_passthrough(result)
+    sequence = [item["type"] for item in result["sequence"]]
+    assert sequence.count("EmotionFrame") == 1, sequence
+    # The reading comes after the turn ended, and (attached) before the transcription that follows.
+    assert sequence.index("UserStoppedSpeakingFrame") < sequence.index("EmotionFrame") < sequence.index("EndFrame")
+    emotion = next(item for item in result["sequence"] if item["type"] == "EmotionFrame")
+    assert emotion["turn"] == 0 and emotion["final"] is True
+    return emotion
+
+
 def test_emotion_frame_and_on_emotion_for_the_turn(
     pipecat_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path
 ) -> None:
@@ -219,13 +231,7 @@ def test_emotion_frame_and_on_emotion_for_the_turn(
                            "--attach")
     finally:
         monitor.kill()
-    _assert_passthrough(result)
-    sequence = [item["type"] for item in result["sequence"]]
-    assert sequence.count("EmotionFrame") == 1, sequence
-    # The reading comes after the turn ended, and (attached) before the transcription that follows.
-    assert sequence.index("UserStoppedSpeakingFrame") < sequence.index("EmotionFrame") < sequence.index("EndFrame")
-    emotion = next(item for item in result["sequence"] if item["type"] == "EmotionFrame")
-    assert emotion["turn"] == 0 and emotion["final"] is True
+    emotion = _the_turns_final_emotion(result)
     assert emotion["stream"] == "pipecat-test"
     assert set(emotion["probs"]) == set(LABELS)
     assert sum(emotion["probs"].values()) == pytest.approx(1.0, abs=0.01)
@@ -254,12 +260,7 @@ def test_a_turn_cut_off_by_end_frame_still_gets_its_final_reading(
         monitor.wait_for(lambda: monitor.stderr_has("end of stream"), 10, "the monitor to close the stream")
     finally:
         monitor.kill()
-    _assert_passthrough(result)
-    sequence = [item["type"] for item in result["sequence"]]
-    assert sequence.count("EmotionFrame") == 1, sequence
-    assert sequence.index("UserStoppedSpeakingFrame") < sequence.index("EmotionFrame") < sequence.index("EndFrame")
-    emotion = next(item for item in result["sequence"] if item["type"] == "EmotionFrame")
-    assert emotion["final"] is True and emotion["turn"] == 0
+    emotion = _the_turns_final_emotion(result)
     assert emotion["t0"] < LEAD_S + 0.5 < emotion["t1"]
     (call,) = result["on_emotion"]
     assert call["id"] == emotion["id"]
