@@ -29,7 +29,7 @@ def _config(args: argparse.Namespace):
 
     cfg = TrainConfig()
     updates = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
-                                                  "patience", "pitch_prob", "stretch_prob")
+                                                  "patience", "pitch_prob", "stretch_prob", "ema_decay")
                if getattr(args, k, None) is not None}
     if args.no_augment:
         updates["augment"] = False
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--crop-s", dest="crop_s", type=float)
         p.add_argument("--no-augment", action="store_true")
         p.add_argument("--patience", type=int, help="epochs without a better validation UAR before stopping (default 6)")
+        p.add_argument("--ema-decay", dest="ema_decay", type=float,
+                       help="per-step decay of the weight average used for validation and the saved model "
+                            "(default 0.997; 0 = off)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,

@@ -28,6 +28,7 @@ from serstream.contract import LABELS, SAMPLE_RATE
 
 from .cache import CachedCorpus
 from .channel import GroupChannelAugment, spec_mask
+from .ema import WeightAverage
 from .model import EmotionNet, ModelConfig, MultitaskLoss
 
 __all__ = [
@@ -77,6 +78,10 @@ class TrainConfig:
     # Off by default: the shipped model's CV ran without them (see the model card).
     pitch_prob: float = 0.0
     stretch_prob: float = 0.0
+    # Decay of the per-step moving average of the weights (training/ema.py);
+    # validation, early stopping and the saved model use the averaged weights.
+    # 0 turns it off; v0.2.0 (models/README.md) trained without it.
+    ema_decay: float = 0.997
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:
@@ -393,9 +398,12 @@ def train_model(
     best = {"uar": -1.0, "epoch": -1, "state": None}
     start_epoch = 0
     ckpt_path = out_dir / "checkpoint.pt"
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ckpt["model"])
+        if average is not None and "average" in ckpt:
+            average.load_state(ckpt["average"])
         loss_fn.load_state_dict(ckpt["loss"])
         optimiser.load_state_dict(ckpt["optimiser"])
         rng.bit_generator.state = ckpt["rng"]
@@ -442,15 +450,18 @@ def train_model(
             loss.backward()
             nn.utils.clip_grad_norm_(params, 5.0)
             optimiser.step()
+            if average is not None:
+                average.update(model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         record = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1)}
         record.update({f"loss_{k}": round(v / config.steps_per_epoch, 4) for k, v in sums.items()})
+        scored = average.model if average is not None else model
         if val_idx is not None and len(val_idx):
-            pred = predict(model, corpus, val_idx, mode="online", order_seed=config.seed)
+            pred = predict(scored, corpus, val_idx, mode="online", order_seed=config.seed)
             record["val_uar"] = round(_uar(pred["label"], pred["emotion_logits"].argmax(1)), 4)
             if record["val_uar"] > best["uar"]:
-                best = {"uar": record["val_uar"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                best = {"uar": record["val_uar"], "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
                 stale = 0
             else:
                 stale += 1
@@ -463,11 +474,15 @@ def train_model(
         }
         if augment is not None:
             ckpt["augment"] = augment.state()
+        if average is not None:
+            ckpt["average"] = average.state()
         torch.save(ckpt, ckpt_path)
         if val_idx is not None and stale >= config.patience:
             log(f"early stop: validation UAR has not improved for {stale} epochs")
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    elif average is not None:  # no validation set: the averaged weights of the last step
+        model.load_state_dict(average.model.state_dict())
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=int(best["epoch"]), best_val_uar=float(best["uar"]))
