@@ -135,3 +135,33 @@ def test_configs_from_before_the_encoder_field_load_as_the_v010_network() -> Non
     assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
     with pytest.raises(ValueError, match="unknown encoder"):
         EmotionNet(ModelConfig(encoder="transformer"))
+
+
+@pytest.mark.parametrize("win_length, hop_length", [(400, 160), (512, 160), (401, 160), (320, 80)])
+def test_split_and_direct_dft_match_numpy_rfft(win_length: int, hop_length: int) -> None:
+    """The two-stage (Cooley-Tukey) DFT and the direct one both give numpy's log-mel, padded rows included."""
+    cfg = FrontendConfig(win_length=win_length, hop_length=hop_length)
+    front = LogMelFrontend(cfg)
+    assert (front.split is None) == (win_length == 401)
+    rng = np.random.default_rng(win_length)
+    audio = (0.1 * rng.standard_normal(SR + 37)).astype(np.float32)
+    padded = np.concatenate([audio, np.zeros(1234, np.float32)])
+    batch = torch.from_numpy(np.stack([padded, padded]))
+    batch[0, : len(audio)] *= 0.5
+    logmel, mask = front.log_mel(batch, torch.tensor([len(padded), len(audio)]))
+    n_frames = 1 + (len(audio) - win_length) // hop_length
+    frames = np.stack([audio[i * hop_length : i * hop_length + win_length] for i in range(n_frames)]).astype(np.float64)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_length) / win_length)
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+    reference = np.log(power @ mel_filterbank(cfg).astype(np.float64) + cfg.log_floor).T
+    np.testing.assert_allclose(logmel[1, :, :n_frames].numpy(), reference, atol=1e-3)
+    assert int(mask[1].sum()) == n_frames
+
+
+def test_dft_split_factors() -> None:
+    from training.frontend import dft_split
+
+    assert dft_split(400, 160) == (20, 20)
+    assert dft_split(512, 160) == (32, 16)  # the second factor must divide the hop
+    assert dft_split(401, 160) is None  # prime: direct DFT
+    assert dft_split(400, 7) is None  # no common factor with the hop
