@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="receive RTP audio on HOST:PORT (repeatable)")
     listen.add_argument("--rtp-map", action="append", default=[], metavar="PT=ENC/RATE/CH",
                         help="dynamic RTP payload type, as SDP gives it (e.g. 96=L16/16000/1)")
-    listen.add_argument("--sample-rate", type=int, default=None, metavar="HZ",
+    listen.add_argument("--sample-rate", type=_positive_int, default=None, metavar="HZ",
                         help="capture rate for the device (default: the device's default rate)")
-    listen.add_argument("--channels", type=int, default=1, help="channels to capture (mixed to mono)")
+    listen.add_argument("--channels", type=_positive_int, default=1, help="channels to capture (mixed to mono)")
     listen.add_argument("--json", action="store_true", help="write every event as a JSON line on stdout")
     listen.add_argument("--quiet", action="store_true", help="no status lines on stderr")
     listen.add_argument("--duration", type=float, default=None, metavar="SECONDS",
@@ -460,6 +460,17 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         await server.close()
         console.close()
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a rate or channel count of 0 is a typo, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _device_arg(device: str | None) -> int | str | None:

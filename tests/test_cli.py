@@ -88,6 +88,9 @@ def test_port_in_use(factory_model: Path, synthetic_wav: Path) -> None:
 def test_bad_arguments_are_one_line(factory_model: Path) -> None:
     assert_one_line_error(run_cli("listen", "--no-such-option"), "--no-such-option")
     assert_one_line_error(run_cli("listen", "--vad-aggressiveness", "7"), "aggressiveness")
+    # 0 used to mean "the device's default rate" without a word
+    assert_one_line_error(run_cli("listen", "--sample-rate", "0"), "--sample-rate", "positive integer")
+    assert_one_line_error(run_cli("listen", "--channels", "two"), "--channels", "'two'")
     assert_one_line_error(run_cli("analyze", "--model", str(factory_model)), "FILE")
     assert_one_line_error(run_cli("analyze", "--csv", "/nonexistent/list.csv"), "list.csv")
 

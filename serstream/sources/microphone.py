@@ -144,6 +144,8 @@ class MicrophoneSource:
         blocksize: int | None = None,
         stream_id: str | None = None,
     ) -> None:
+        if sample_rate is not None and sample_rate < 1:
+            raise SourceError(f"sample rate must be a positive number of Hz, got {sample_rate}")
         self.monitor = monitor
         self.device = resolve_input_device(device)
         self.sample_rate = int(sample_rate or round(self.device.default_samplerate))

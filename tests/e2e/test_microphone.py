@@ -59,3 +59,11 @@ def test_microphone_through_pulseaudio(pulse_null_sink: dict[str, str], factory_
     assert all(f["t1"] > f["t0"] for f in finals)
     # Ctrl-C closes the stream cleanly: the last event of the stream is its close.
     assert events[-1]["type"] == "stream" and events[-1]["state"] == "closed"
+
+
+@pytest.mark.parametrize("rate", [0, -16000])
+def test_a_rate_below_one_hz_is_refused_before_any_device_is_opened(rate: int) -> None:
+    from serstream.sources.microphone import MicrophoneSource, SourceError
+
+    with pytest.raises(SourceError, match="sample rate"):
+        MicrophoneSource(monitor=None, device="no-such-device", sample_rate=rate)  # type: ignore[arg-type]
