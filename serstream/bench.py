@@ -88,6 +88,8 @@ class StepFigure:
     p95_ms: float | None
     final_p95_ms: float | None
     partials_superseded: int
+    # Partials unsent partials_max_age_s after queueing (monitor overload rule); finals never expire.
+    partials_expired: int
     finals_dropped: int
     mean_batch: float
     feeder_lag_ms: float
@@ -237,6 +239,7 @@ def run_step(model: InferenceBackend, streams: int, seconds: float, audio: np.nd
         windows=len(latencies), windows_per_s=len(latencies) / max(seconds, 1e-9),
         p50_ms=_percentile(latencies, 50), p95_ms=p95, final_p95_ms=_percentile(sink.final, 95),
         partials_superseded=int(stats["drops"]["partials_superseded"]),
+        partials_expired=int(stats["drops"]["partials_expired"]),
         finals_dropped=int(stats["drops"]["finals_dropped"]), mean_batch=float(stats["batches"]["mean_size"]),
         feeder_lag_ms=max_lag * 1000.0, cpu_percent=100.0 * cpu / max(wall, 1e-9), rss_mb=peak_rss,
         why="; ".join(why),
@@ -337,13 +340,13 @@ def format_report(report: BenchReport) -> str:
         f"   ({int(p.get('count') or 0)} partials)",
         "",
         "real-time 16 kHz streams   sustained  dropped  est/s   p50 ms  p95 ms  final p95  superseded  "
-        "batch  cpu%  RSS MB",
+        "expired  batch  cpu%  RSS MB",
     ]
     for s in report.steps:
         lines.append(
             f"{s.streams:>26}   {'yes' if s.sustained else 'NO ':<9} {s.audio_dropped:>7}  {s.windows_per_s:>5.0f}   "
             f"{_fmt(s.p50_ms):>6}  {_fmt(s.p95_ms):>6}  {_fmt(s.final_p95_ms):>9}  {s.partials_superseded:>10}  "
-            f"{s.mean_batch:>5.1f}  {s.cpu_percent:>4.0f}  {s.rss_mb:>6.0f}"
+            f"{s.partials_expired:>7}  {s.mean_batch:>5.1f}  {s.cpu_percent:>4.0f}  {s.rss_mb:>6.0f}"
             + (f"   ({s.why})" if s.why else "")
         )
     lines += [
