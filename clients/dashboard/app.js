@@ -418,6 +418,13 @@
       socket = null;
       if (state.connected) state.disconnects += 1;
       state.connected = false;
+      // With the monitor gone nobody is known to be speaking: no "end" event will come.
+      for (const [id, st] of state.streams) {
+        if (st.speaking) {
+          st.speaking = false;
+          dirty.streams.add(id);
+        }
+      }
       state.lastCloseReason = closeEvent.code === 1006 || !closeEvent.code
         ? "connection lost or refused"
         : "closed (" + closeEvent.code + (closeEvent.reason ? " " + closeEvent.reason : "") + ")";

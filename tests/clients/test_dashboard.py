@@ -220,3 +220,18 @@ def test_monitor_serves_this_dashboard(factory_model: Path, speech_wav: Path, fr
         monitor.kill()
     assert _is_this_dashboard(html), "the monitor serves the placeholder, not clients/dashboard"
     assert "serstream dashboard" in html
+
+
+def test_a_lost_connection_ends_the_speaking_badge(browser: Any) -> None:
+    """A speech start with no end before the socket closes: the page must not show "speaking" forever."""
+    page = browser.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    page.goto((DASHBOARD / "index.html").as_uri() + "?monitor=ws://127.0.0.1:9")  # nothing listens: retries
+    page.wait_for_selector("#banner:not([hidden])", timeout=10_000)
+    start = {"type": "speech", "v": 1, "stream": "a", "ts": 1.0, "seq": 0, "state": "start", "t": 0.5}
+    page.evaluate("(m) => window.serstreamDashboard.inject(m)", json.dumps(start))
+    assert page.evaluate("() => window.serstreamDashboard.streams.a.speaking") is True
+    # The next failed connection attempt (backoff at most 5 s) clears it.
+    page.wait_for_function("() => window.serstreamDashboard.streams.a.speaking === false", timeout=15_000)
+    assert page_errors == []
