@@ -73,7 +73,11 @@ class ServerError(RuntimeError):
 
 
 def default_dashboard_dir() -> Path:
-    """The real dashboard of a checkout (``clients/dashboard``), else the packaged placeholder."""
+    """The dashboard of a checkout (``clients/dashboard``), else the copy installed with the package.
+
+    In the checkout ``serstream/dashboard`` holds symlinks to ``clients/dashboard`` (served from
+    there: the static handler refuses links that leave its root); a wheel gets the files themselves.
+    """
     checkout = Path(__file__).resolve().parent.parent / "clients" / "dashboard"
     return checkout if (checkout / "index.html").is_file() else Path(__file__).with_name("dashboard")
 

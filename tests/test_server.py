@@ -356,11 +356,13 @@ def test_no_dashboard_dir_means_404() -> None:
     run(main())
 
 
-def test_packaged_placeholder_dashboard_is_served() -> None:
+def test_default_dashboard_is_served() -> None:
     async def main() -> None:
         async with running_server(dashboard_dir=default_dashboard_dir()) as server:
             status, _, body = await http_get(server, "/")
-            assert status == 200 and b"/events" in body
+            assert status == 200 and b'<script src="app.js"></script>' in body
+            status, headers, script = await http_get(server, "/app.js")
+            assert status == 200 and b"/events" in script
 
     run(main())
 

@@ -1,6 +1,6 @@
 """Export a trained EmotionNet to a single-file ONNX model that meets the serstream contract.
 
-The graph holds the front end (DFT conv, mel matmul, log, speaker
+The graph holds the front end (two-stage DFT, mel matmul, log, speaker
 normalisation), so the monitor feeds raw 16 kHz audio. Metadata goes into
 ``metadata_props`` and a JSON sidecar; a torch-vs-ONNX-Runtime parity check
 on real and zero-padded rows fails the export when they differ by more than
