@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -340,3 +341,45 @@ def test_model_metadata_the_pipeline_cannot_use_is_refused_in_one_line(
             build()
         message = str(caught.value)
         assert fragment in message and str(path) in message and "\n" not in message
+
+
+class _SlowModel:
+    """The real model behind a fixed delay per batch: a stand-in for a CPU that cannot keep up."""
+
+    def __init__(self, model: EmotionModel, delay_s: float) -> None:
+        self._model, self._delay_s = model, delay_s
+        self.info, self.device = model.info, model.device
+
+    def infer(self, audio: np.ndarray, lengths: np.ndarray, state: Any = None) -> Any:
+        time.sleep(self._delay_s)
+        return self._model.infer(audio, lengths, state)
+
+
+def test_expired_partials_do_not_hold_back_closing_streams(model: EmotionModel) -> None:
+    """Overload: partials expire (counted), and every stream still closes, with its final and no drops."""
+    audio = speech_with_pauses(((0.3, 2.5),), tail_s=0.8)
+    names = [f"s{i}" for i in range(6)]
+    sink = Collector()
+    config = MonitorConfig(max_batch=2, partial_max_age_s=0.1)
+    monitor = Monitor(_SlowModel(model, delay_s=0.2), config, sink)
+    monitor.start()
+    try:
+        handles = {n: monitor.open_stream(n, source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+                   for n in names}
+        # Twice real time: partials fall due faster than the slow model serves them.
+        for start in range(0, audio.size, CHUNK):
+            for handle in handles.values():
+                handle.push(audio[start:start + CHUNK])
+            time.sleep(CHUNK / SAMPLE_RATE / 2)
+        for handle in handles.values():
+            handle.close(reason="end")
+        assert monitor.wait_idle(timeout=60), "streams did not finish closing"
+        stats = monitor.stats()
+    finally:
+        monitor.stop()
+    assert stats["drops"]["partials_expired"] > 0
+    for n in names:
+        closed = [e for e in sink.of(n, "stream") if e.get("state") == "closed"]
+        finals = [e for e in sink.of(n, "emotion") if e["kind"] == "final"]
+        assert len(closed) == 1 and len(finals) == 1, (n, len(closed), len(finals))
+    assert stats["drops"]["finals_dropped"] == 0
