@@ -170,7 +170,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     crosscorpus.json inside the ``--cv`` folder.
     """
     from .crosscorpus import crosscorpus_markdown, find_crosscorpus
-    from .cv import collect, markdown_report, summarise
+    from serstream.contract import LABELS
+
+    from .cv import collect, markdown_report, summarise, summed_confusion
+    from .metrics import plot_confusion
 
     if not args.cv and not args.crosscorpus:
         print("training: error: report needs --cv DIR and/or --crosscorpus PATH", file=sys.stderr)
@@ -191,6 +194,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         (Path(args.cv) / "summary.json").write_text(json.dumps(summarise(results), indent=1))
         print(f"{len(results)} fold(s) finished: {sorted(r['fold'] for r in results)}")
         print(markdown_report(results))
+        png = plot_confusion(summed_confusion(results, "online"), list(LABELS), Path(args.cv) / "confusion-online.png",
+                             f"{len(results)} test folds summed (online adaptation)")
+        print(f"summed confusion matrix: {png}", file=sys.stderr)
     if cross is not None:
         try:
             figures = json.loads(cross.read_text())

@@ -270,7 +270,29 @@ def markdown_report(results: Sequence[dict]) -> str:
         means = [np.nanmean([r[mode].get(c, np.nan) for r in have]) for c in cols]
         stds = [np.nanstd([r[mode].get(c, np.nan) for r in have]) for c in cols]
         lines.append("| **mean +/- std** | " + " | ".join(f"{m:.3f} +/- {s:.3f}" for m, s in zip(means, stds)) + " |")
+    lines.append(per_class_markdown(results, "online"))
     return "\n".join(lines) + "\n"
+
+
+def summed_confusion(results: Sequence[dict], mode: str) -> np.ndarray:
+    """The test folds' confusion matrices of ``mode`` added up (rows: true label, contract order)."""
+    have = [np.asarray(r[mode]["confusion"]) for r in results if mode in r and "confusion" in r[mode]]
+    return np.sum(have, axis=0) if have else np.zeros((len(LABELS), len(LABELS)), dtype=np.int64)
+
+
+def per_class_markdown(results: Sequence[dict], mode: str) -> str:
+    """Recall of each class over all test folds, with the two labels it is most often mistaken for."""
+    cm = summed_confusion(results, mode)
+    lines = [f"\n**Per class, {mode}, all test folds summed**\n", "| class | n | recall | most often called |",
+             "|---|---|---|---|"]
+    for i, label in enumerate(LABELS):
+        n = int(cm[i].sum())
+        if n == 0:
+            continue
+        others = sorted((j for j in range(len(LABELS)) if j != i), key=lambda j: -cm[i, j])[:2]
+        mistaken = ", ".join(f"{LABELS[j]} {cm[i, j] / n:.2f}" for j in others if cm[i, j] > 0)
+        lines.append(f"| {label} | {n} | {cm[i, i] / n:.2f} | {mistaken} |")
+    return "\n".join(lines)
 
 
 def utterance_view(corpus: CachedCorpus) -> list:

@@ -142,3 +142,20 @@ def test_plot_confusion_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_confusion(np.array([[1]]), ["angry", "sad"], tmp_path / "x.png")
+
+
+def test_per_class_table_sums_the_folds_and_names_the_main_confusions() -> None:
+    from serstream.contract import LABELS
+    from training.cv import per_class_markdown, summed_confusion
+
+    n = len(LABELS)
+    fold_a, fold_b = np.zeros((n, n), int), np.zeros((n, n), int)
+    sad, fearful, neutral = LABELS.index("sad"), LABELS.index("fearful"), LABELS.index("neutral")
+    fold_a[sad, sad], fold_a[sad, fearful] = 2, 1
+    fold_b[sad, sad], fold_b[sad, neutral], fold_b[neutral, neutral] = 1, 2, 4
+    results = [{"fold": 1, "online": {"confusion": fold_a.tolist()}}, {"fold": 2, "online": {"confusion": fold_b.tolist()}}]
+    assert summed_confusion(results, "online")[sad].sum() == 6
+    table = per_class_markdown(results, "online")
+    assert "| sad | 6 | 0.50 | neutral 0.33, fearful 0.17 |" in table
+    assert "| neutral | 4 | 1.00 |  |" in table
+    assert "| calm |" not in table  # classes without test utterances are left out
