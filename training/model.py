@@ -7,10 +7,11 @@ The tasks are weighted by learned homoscedastic uncertainty (Kendall, Gal and
 Cipolla, CVPR 2018): see :class:`MultitaskLoss`.
 
 The default encoder (``cnn2d``) costs about 75 M multiply-adds per 3 s
-window (5.7 ms on one CPU thread in ONNX Runtime, `serstream bench`); the
-depthwise-separable ``sepcnn2d`` of v0.1.0 is cheaper to run (3.6 ms) but
-twice as slow to train on CPU; v0.1.0 (1000 training steps) scored 7
-points of UAR less than v0.2.0 (2400 steps; models/README.md).
+window, the two-stage DFT of the front end about 10 M more (3.9 ms in all on
+one CPU thread in ONNX Runtime, `serstream bench`, v0.3.0); the
+depthwise-separable ``sepcnn2d`` of v0.1.0 is cheaper to run but twice as
+slow to train on CPU; v0.1.0 (1000 training steps) scored 7 points of UAR
+less than v0.2.0 (2400 steps; models/README.md).
 """
 
 from __future__ import annotations
