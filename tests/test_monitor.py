@@ -66,12 +66,14 @@ def push_all(
     chunk: int = CHUNK,
     monitor: Monitor | None = None,
     settle_s: float = 0.25,
+    speed: float | None = None,
 ) -> None:
     """Push every stream's audio, interleaved chunk by chunk as live sources would.
 
     With ``monitor``, wait for it to go idle after every ``settle_s`` of audio:
     faster than real time, a newer partial would otherwise replace a waiting
     one (as it should under load), and a test could not count on partials.
+    With ``speed``, pace the pushes at that multiple of real time instead.
     """
     longest = max(a.size for a in audio.values())
     settle = int(settle_s * SAMPLE_RATE)
@@ -80,11 +82,14 @@ def push_all(
             block = audio[name][start:start + chunk]
             if block.size:
                 handle.push(block)
-        if monitor is not None and (start // settle) != ((start + chunk) // settle):
+        if speed is not None:
+            time.sleep(chunk / SAMPLE_RATE / speed)
+        elif monitor is not None and (start // settle) != ((start + chunk) // settle):
             assert monitor.wait_idle(timeout=30)
 
 
-def run(model: Any, audio: dict[str, np.ndarray], config: MonitorConfig | None = None) -> tuple[Collector, dict]:
+def run(model: Any, audio: dict[str, np.ndarray], config: MonitorConfig | None = None,
+        speed: float | None = None) -> tuple[Collector, dict]:
     sink = Collector()
     monitor = Monitor(model, config or MonitorConfig(), sink)
     monitor.start()
@@ -93,10 +98,10 @@ def run(model: Any, audio: dict[str, np.ndarray], config: MonitorConfig | None =
             name: monitor.open_stream(name, source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
             for name in audio
         }
-        push_all(handles, audio, monitor=monitor)
+        push_all(handles, audio, monitor=monitor, speed=speed)
         for handle in handles.values():
             handle.close(reason="end")
-        assert monitor.wait_idle(timeout=30), "monitor did not become idle"
+        assert monitor.wait_idle(timeout=60), "monitor did not become idle"
         stats = monitor.stats()
     finally:
         monitor.stop()
@@ -359,24 +364,9 @@ def test_expired_partials_do_not_hold_back_closing_streams(model: EmotionModel) 
     """Overload: partials expire (counted), and every stream still closes, with its final and no drops."""
     audio = speech_with_pauses(((0.3, 2.5),), tail_s=0.8)
     names = [f"s{i}" for i in range(6)]
-    sink = Collector()
-    config = MonitorConfig(max_batch=2, partial_max_age_s=0.1)
-    monitor = Monitor(_SlowModel(model, delay_s=0.2), config, sink)
-    monitor.start()
-    try:
-        handles = {n: monitor.open_stream(n, source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
-                   for n in names}
-        # Twice real time: partials fall due faster than the slow model serves them.
-        for start in range(0, audio.size, CHUNK):
-            for handle in handles.values():
-                handle.push(audio[start:start + CHUNK])
-            time.sleep(CHUNK / SAMPLE_RATE / 2)
-        for handle in handles.values():
-            handle.close(reason="end")
-        assert monitor.wait_idle(timeout=60), "streams did not finish closing"
-        stats = monitor.stats()
-    finally:
-        monitor.stop()
+    # Twice real time into a model that needs 0.2 s a batch: partials fall due faster than it serves them.
+    sink, stats = run(_SlowModel(model, delay_s=0.2), {n: audio for n in names},
+                      MonitorConfig(max_batch=2, partial_max_age_s=0.1), speed=2.0)
     assert stats["drops"]["partials_expired"] > 0
     for n in names:
         closed = [e for e in sink.of(n, "stream") if e.get("state") == "closed"]
