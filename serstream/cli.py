@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="ONNX model (default: $SERSTREAM_MODEL, "
-                        "else models/serstream-default.onnx)")
+                        "else the shipped model, serstream/data/serstream-default.onnx)")
     parser.add_argument("--device-backend", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where ONNX Runtime runs the model (default: auto = CUDA when usable)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",

@@ -1,14 +1,19 @@
 """Where the monitor finds its ONNX model.
 
 The order is: an explicit ``--model PATH``, then the ``SERSTREAM_MODEL``
-environment variable, then the shipped default ``models/serstream-default.onnx``
-beside the package (the repository layout). Nothing here opens the model;
-:mod:`serstream.inference.session` loads and validates it.
+environment variable, then the shipped default, which is package data
+(``serstream/data/serstream-default.onnx``, found with :mod:`importlib.resources`),
+so a wheel installed with pip carries it and finds it from any folder. In the
+repository ``serstream/data/`` holds symlinks to ``models/``, where training
+writes the model and its card; the wheel build resolves them into files.
+Nothing here opens the model; :mod:`serstream.inference.session` loads and
+validates it.
 """
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
@@ -23,7 +28,7 @@ __all__ = [
 #: Environment variable that names a model when ``--model`` is not given.
 MODEL_ENV = "SERSTREAM_MODEL"
 
-#: File name of the shipped model under ``<repo>/models/``.
+#: File name of the shipped model in the package data (``serstream/data/``).
 DEFAULT_MODEL_NAME = "serstream-default.onnx"
 
 
@@ -32,8 +37,10 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def default_model_path() -> Path:
-    """The shipped model: ``<repo>/models/serstream-default.onnx``, located from this package."""
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+    """The shipped model: ``serstream/data/serstream-default.onnx`` in the installed package."""
+    # A regular (directory) install gives a real path; ONNX Runtime needs one, so a
+    # zip-imported package (not something pip produces) is not supported here.
+    return Path(str(resources.files("serstream").joinpath("data", DEFAULT_MODEL_NAME)))
 
 
 def resolve_model_path(

@@ -6,6 +6,8 @@ symlinks to it, which the wheel build resolves into files.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -41,3 +43,64 @@ def test_wheel_carries_the_dashboard_files_and_schemas(tmp_path: Path) -> None:
             assert inside in names, sorted(n for n in names if "dashboard" in n)
             assert archive.read(inside) == (REPO / "clients" / "dashboard" / name).read_bytes(), name
         assert any(n.startswith("serstream/schema/") and n.endswith(".json") for n in names)
+
+
+def _build_wheel(dest: Path) -> Path:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dest),
+         str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0 and "No module named pip" in proc.stderr:
+        pytest.skip("pip is not installed in this environment")
+    assert proc.returncode == 0, proc.stderr
+    return next(dest.glob("serstream-*.whl"))
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_analyzes_from_any_folder(tmp_path: Path, synthetic_wav: Path) -> None:
+    """pip install of the wheel, then `serstream analyze` from an unrelated folder, on the shipped model.
+
+    The fresh venv gets the wheel only (``--no-deps``, nothing downloaded); its dependencies
+    (numpy, onnxruntime, ...) come from this interpreter's site-packages through a plain ``.pth``
+    line, which adds the folder but does not run that folder's own ``.pth`` files, so the editable
+    install of the checkout stays invisible and the wheel's copy is the one imported.
+    """
+    import site
+    import sysconfig
+
+    wheel = _build_wheel(tmp_path / "dist")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    here = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    (purelib / "serstream-test-deps.pth").write_text("\n".join(sorted(here)) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "no such option: --python" in proc.stderr:
+        pytest.skip("this pip has no --python option")
+    assert proc.returncode == 0, proc.stderr
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SERSTREAM_MODEL")}
+    where = subprocess.run([str(python), "-c", "import serstream, serstream.models as m; "
+                            "print(serstream.__file__); print(m.default_model_path())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0, where.stderr
+    package_file, model_path = where.stdout.split()
+    assert Path(package_file).is_relative_to(purelib), package_file   # the wheel's copy, not the checkout
+    assert Path(model_path).is_file() and Path(model_path).is_relative_to(purelib), model_path
+    training = subprocess.run([str(python), "-c", "import training"], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert training.returncode != 0, "the serstream wheel must not install a top-level `training` module"
+
+    proc = subprocess.run([str(python), "-m", "serstream", "analyze", str(synthetic_wav)], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    summaries = [e for e in events if e.get("type") == "file"]
+    assert len(summaries) == 1 and summaries[0]["label"] in summaries[0]["probs"], events[-3:]
+    assert any(e.get("type") == "emotion" and e.get("kind") == "final" for e in events)
