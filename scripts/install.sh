@@ -16,8 +16,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$mode" = "--dev" ]; then
-  # torch is pinned to the CPU wheel in the train extra; a bare `torch` would pull a CUDA build.
-  .venv/bin/python -m pip install -q -e ".[train,test]"
+  # The training code is its own distribution (training/pyproject.toml); torch is pinned there
+  # to the CPU wheel, since a bare `torch` would pull a CUDA build.
+  .venv/bin/python -m pip install -q -e ".[test]" -e ./training
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -104,3 +104,34 @@ def test_wheel_in_a_fresh_venv_analyzes_from_any_folder(tmp_path: Path, syntheti
     summaries = [e for e in events if e.get("type") == "file"]
     assert len(summaries) == 1 and summaries[0]["label"] in summaries[0]["probs"], events[-3:]
     assert any(e.get("type") == "emotion" and e.get("kind") == "final" for e in events)
+
+
+@pytest.mark.slow
+def test_training_wheel_installs_under_its_own_name(tmp_path: Path) -> None:
+    """training/ builds the `serstream-training` wheel, whose only package is `serstream_training`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         str(REPO / "training")],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0 and "No module named pip" in proc.stderr:
+        pytest.skip("pip is not installed in this environment")
+    assert proc.returncode == 0, proc.stderr
+    wheel = next(tmp_path.glob("serstream_training-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/", 1)[0] for name in archive.namelist()}
+        modules = {name for name in archive.namelist() if name.endswith(".py")}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {"serstream_training"}, top_level
+    expected = {f"serstream_training/{p.name}" for p in (REPO / "training").glob("*.py")}
+    assert modules == expected, sorted(expected ^ modules)
+    # Installed under its new name, the package's imports must all be relative: import every module.
+    unpacked = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+    names = sorted(Path(m).stem for m in modules if not m.endswith("__main__.py"))
+    code = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module('serstream_training.' + n if n != '__init__' else 'serstream_training')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(unpacked)
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

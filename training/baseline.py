@@ -29,9 +29,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from serstream.contract import LABELS, SAMPLE_RATE
-from training.datasets import DatasetError, Utterance, load_audio, scan_corpora
-from training.folds import Fold, make_split, partition, ravdess_actor_folds
-from training.metrics import (
+from .datasets import DatasetError, Utterance, load_audio, scan_corpora
+from .folds import Fold, make_split, partition, ravdess_actor_folds
+from .metrics import (
     classification_metrics,
     confusion_matrix,
     format_comparison,

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from training.datasets import Utterance
+from .datasets import Utterance
 
 __all__ = [
     "Fold",
