@@ -374,7 +374,7 @@ def _emit_results(
     summary.batches += 1
     summary.windows += len(windows)
     names = [spec.name for spec in info.state_inputs]
-    for row, (released, group) in enumerate(zip(windows, owners)):
+    for row, (released, group) in enumerate(zip(windows, owners, strict=True)):
         job = group.job
         window: Window = released.window
         if window.final:

@@ -911,7 +911,7 @@ class Monitor:
     def _state_for(self, batch: Batch) -> Mapping[str, list[np.ndarray | None]]:
         """Each row's speaker state, as fixed when its window was released (stream order, not timing)."""
         return {
-            spec.name: [request.context.state.get(spec.name) for request in batch.requests]  # type: ignore[union-attr]
+            spec.name: [request.context.state.get(spec.name) for request in batch.requests]  # type: ignore[attr-defined]
             for spec in self.info.state_inputs
         }
 

@@ -18,8 +18,8 @@ import pytest
 
 from serstream import events
 from serstream.analyze import analyze
-from serstream.inference.session import EmotionModel
 from serstream.core.vad import VadConfig
+from serstream.inference.session import EmotionModel
 from serstream.monitor import Monitor, MonitorConfig, MonitorError
 from tests.audio import SAMPLE_RATE, silence, speech_with_pauses, voiced
 from tests.e2e.helpers import model_with_metadata

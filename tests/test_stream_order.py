@@ -139,7 +139,7 @@ def replay(model: EmotionModel, audio: np.ndarray, *, speed: float | None, other
 
 def assert_same_finals(got: list[dict[str, Any]], want: list[dict[str, Any]], how: str) -> None:
     assert len(got) == len(want), (how, len(got), len(want))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert (g["utterance"], g["t0"], g["t1"]) == (w["utterance"], w["t0"], w["t1"]), how
         assert g["label"] == w["label"], (how, g["utterance"], g["label"], w["label"])
         assert list(g["probs"]) == list(w["probs"])

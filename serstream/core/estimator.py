@@ -51,11 +51,11 @@ class Released(Generic[T]):
 class StreamEstimator(Generic[T]):
     """Per-stream estimation state; ``tag`` is the caller's own data carried with each window."""
 
-    def __init__(self, stream: str, info: ModelInfo, smoother: SmootherConfig = SmootherConfig()) -> None:
+    def __init__(self, stream: str, info: ModelInfo, smoother: SmootherConfig | None = None) -> None:
         self.stream = stream
         self.labels = tuple(info.labels)
         self.model_version = info.version
-        self.smoother = MoodSmoother(self.labels, smoother)
+        self.smoother = MoodSmoother(self.labels, smoother or SmootherConfig())
         self.states = {spec.name: SpeakerState(spec) for spec in info.state_inputs}
         #: Hold later windows while a final is out: only a model with state inputs needs it.
         self.gated = bool(self.states)
