@@ -1,18 +1,21 @@
 """Offline analysis of audio files: as fast as the machine allows, JSON lines out.
 
-No threads and no clocks in the loop: the pure pieces of the monitor
-(resampler, VAD segmenter, window scheduler, smoother, speaker state) are
-called directly and the windows go through :meth:`EmotionModel.infer` in
-batches. Each *stream* is an ordered list of files: files of one stream are
+No threads and no clocks in the loop: the same pure pieces as the live
+monitor, a :class:`~serstream.core.pipeline.StreamPipeline` per file (clean,
+resample, VAD, scheduler) and a :class:`~serstream.core.estimator.StreamEstimator`
+per stream (order gate, smoother, speaker state, ``seq``), and the windows go
+through :meth:`EmotionModel.infer` in batches. Each *stream* is an ordered list of files: files of one stream are
 analysed in order, so the smoother and the speaker state (the model's state
 inputs) carry from one file to the next, the way the monitor would hear one
 speaker over several recordings. Different streams are independent, so their
 windows share batches.
 
-A model with state inputs reads the state at inference time and the state
-grows after each final estimate; so one stream contributes one *group* per
-batch: the partial windows of an utterance and its final (which all see the
-same state). Streams are interleaved to fill the batch.
+A model with state inputs gets, with each window, the speaker state after
+the finals of the earlier utterances, exactly as the monitor's order gate
+gives it live; so one stream contributes one *group* per batch: the partial
+windows of an utterance and its final (which all see the same state), and its
+next group forms once their results are in. Streams are interleaved to fill
+the batch.
 
 Output per stream: one ``emotion`` event per final (and per partial with
 ``partials=True``), with ``t0``/``t1`` in seconds from the start of its file
@@ -38,12 +41,12 @@ import soundfile as sf
 
 from serstream import events
 from serstream.contract import SAMPLE_RATE, ModelInfo
-from serstream.core.adaptation import SpeakerState
-from serstream.core.audio import sanitize, to_mono
-from serstream.core.resample import StreamResampler
-from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
-from serstream.core.smoother import MoodSmoother, SmootherConfig
-from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadSegmenter
+from serstream.core.audio import to_mono
+from serstream.core.estimator import Released, StreamEstimator
+from serstream.core.pipeline import SpeechEnded, StreamPipeline, WindowReady
+from serstream.core.scheduler import SchedulerConfig, Window
+from serstream.core.smoother import SmootherConfig
+from serstream.core.vad import VadConfig
 from serstream.inference.worker import InferenceBackend
 from serstream.monitor import check_model_info, scheduler_config_for
 
@@ -150,7 +153,8 @@ class _Group:
 
     job: "_StreamJob"
     file: Path
-    windows: list[Window]
+    #: Released by the stream's estimator: each window with the speaker state it runs with.
+    windows: list[Released[None]]
     #: Segment duration (s) of the final, for the file summary's weights.
     final_duration: float = 0.0
 
@@ -174,9 +178,7 @@ class _StreamJob:
         self.spec = spec
         self.config = config
         self.scheduler_config = scheduler
-        self.smoother = MoodSmoother(info.labels, config.smoother)
-        self.states = {s.name: SpeakerState(s) for s in info.state_inputs}
-        self.seq = 0
+        self.estimator: StreamEstimator[None] = StreamEstimator(spec.stream, info, config.smoother)
         #: Why the current file's windows failed in the model (first message), if they did.
         self.file_error: str | None = None
         self.utterances = 0  # utterances of earlier files, so numbering continues in the stream
@@ -211,49 +213,44 @@ class _StreamJob:
 
     def _file(self, path: Path, handle: sf.SoundFile) -> Iterator[_Group | _FileDone]:
         rate = int(handle.samplerate)
-        resampler = StreamResampler(rate, SAMPLE_RATE)
-        vad = VadSegmenter(self.config.vad)
-        scheduler = WindowScheduler(self.scheduler_config)
+        pipeline = StreamPipeline(rate, self.config.vad, self.scheduler_config)
         block = max(1, int(_READ_BLOCK_S * rate))
-        pending: list[Window] = []
-        segment_start = 0
-        samples16 = 0
+        estimator = self.estimator
+        duration = 0.0  # of the latest segment to end
+        pending: list[Released[None]] = []
 
-        def feed(audio16: np.ndarray, speech: list[Any]) -> Iterator[_Group]:
-            nonlocal segment_start
-            for ev in speech:
-                if isinstance(ev, SpeechStart):
-                    segment_start = ev.index
-                duration = (ev.index - segment_start) / SAMPLE_RATE if isinstance(ev, SpeechEnd) else 0.0
-                for window in scheduler.feed(ev):
-                    if window.final:
-                        pending.append(window)
-                        yield _Group(self, path, list(pending), final_duration=duration)
-                        pending.clear()
-                    elif self.config.partials:
-                        pending.append(window)
+        def feed(items: list[Any]) -> Iterator[_Group]:
+            nonlocal duration, pending
+            for item in items:
+                if isinstance(item, SpeechEnded):
+                    duration = item.duration
+                elif isinstance(item, WindowReady) and (item.window.final or self.config.partials):
+                    # The caller asks for the next group only once this stream's previous group
+                    # has its results, so the gate is open: each window is released as it comes,
+                    # with the state after the earlier utterances' finals, as live.
+                    estimator.admit(item.window, None)
+                    pending.extend(estimator.ready())
+                    if item.window.final:
+                        group, pending = _Group(self, path, pending, final_duration=duration), []
+                        yield group
 
+        index = 0
         while True:
             data = handle.read(block, dtype="float32", always_2d=True)
             if data.shape[0] == 0:
                 break
-            clean, _ = sanitize(to_mono(data))
-            audio16 = resampler.process(clean)
-            samples16 += audio16.size
-            if audio16.size:
-                yield from feed(audio16, vad.push(audio16))
-        tail = resampler.flush()
-        samples16 += tail.size
-        if tail.size:
-            yield from feed(tail, vad.push(tail))
-        yield from feed(np.zeros(0, np.float32), vad.flush())
+            mono = to_mono(data)
+            yield from feed(pipeline.push(index, mono, 0.0))
+            index += mono.size
+        yield from feed(pipeline.finish(0.0))
         if pending:
             # Partials of a segment too short for a final still go out when asked for.
-            yield _Group(self, path, list(pending))
-        duration = handle.frames / rate if handle.frames > 0 else samples16 / SAMPLE_RATE
-        yield _FileDone(path, duration)
-        self.utterances += scheduler.utterances
-        self.time_offset += max(duration, samples16 / SAMPLE_RATE)
+            yield _Group(self, path, pending)
+        samples16 = pipeline.out_next
+        duration_s = handle.frames / rate if handle.frames > 0 else samples16 / SAMPLE_RATE
+        yield _FileDone(path, duration_s)
+        self.utterances += pipeline.utterances
+        self.time_offset += max(duration_s, samples16 / SAMPLE_RATE)
 
 
 def analyze(
@@ -311,6 +308,8 @@ def analyze(
                     if on_file_done:
                         on_file_done(item.file, None)
                     continue
+                if not item.windows:
+                    continue
                 groups.append(item)
                 rows += len(item.windows)
                 break
@@ -337,12 +336,14 @@ def _run_isolated(
     windows = [w for g in groups for w in g.windows]
     owners = [g for g in groups for _ in g.windows]
     try:
-        output = _infer(model, windows, owners, info)
+        output = _infer(model, windows, info)
     except (RuntimeError, ValueError) as exc:  # InferenceError is a RuntimeError
         if len(groups) == 1:
             job = groups[0].job
             if job.file_error is None:
                 job.file_error = _reason(exc)
+            for released in groups[0].windows:
+                job.estimator.lost(released.window)
             return
         for group in groups:
             _run_isolated(model, [group], info, emit, summary)
@@ -350,23 +351,21 @@ def _run_isolated(
     _emit_results(output, windows, owners, info, emit, summary)
 
 
-def _infer(model: InferenceBackend, windows: list[Window], owners: list[_Group], info: ModelInfo) -> Any:
-    """One padded batch through the model, each row with its stream's state; changes nothing."""
-    lengths = np.array([w.audio.size for w in windows], np.int64)
+def _infer(model: InferenceBackend, windows: list[Released[None]], info: ModelInfo) -> Any:
+    """One padded batch through the model, each row with the state its window was released with."""
+    lengths = np.array([r.window.audio.size for r in windows], np.int64)
     audio = np.zeros((len(windows), int(lengths.max())), np.float32)
-    for row, window in enumerate(windows):
-        audio[row, : window.audio.size] = window.audio
-    state: dict[str, list[np.ndarray | None]] = {}
-    for spec in info.state_inputs:
-        state[spec.name] = [
-            None if g.job.states[spec.name].empty else g.job.states[spec.name].value() for g in owners
-        ]
+    for row, released in enumerate(windows):
+        audio[row, : released.window.audio.size] = released.window.audio
+    state: dict[str, list[np.ndarray | None]] = {
+        spec.name: [r.state.get(spec.name) for r in windows] for spec in info.state_inputs
+    }
     return model.infer(audio, lengths, state or None)
 
 
 def _emit_results(
     output: Any,
-    windows: list[Window],
+    windows: list[Released[None]],
     owners: list[_Group],
     info: ModelInfo,
     emit: Callable[[dict[str, Any]], None],
@@ -374,27 +373,22 @@ def _emit_results(
 ) -> None:
     summary.batches += 1
     summary.windows += len(windows)
-    for row, (window, group) in enumerate(zip(windows, owners)):
+    names = [spec.name for spec in info.state_inputs]
+    for row, (released, group) in enumerate(zip(windows, owners, strict=True)):
         job = group.job
-        t1 = window.end / SAMPLE_RATE
-        mood = job.smoother.update(output.probs[row], output.avd[row], job.time_offset + t1, window.final)
+        window: Window = released.window
         if window.final:
             summary.segments += 1
             job.weights.append(max(group.final_duration, (window.end - window.start) / SAMPLE_RATE))
             job.probs.append(np.asarray(output.probs[row], np.float64))
             job.avds.append(np.asarray(output.avd[row], np.float64))
-            for name, speaker in job.states.items():
-                update = output.state_updates.get(name)
-                if update is not None:
-                    speaker.update(update[row])
-        event = events.emotion_event(
-            job.spec.stream, seq=job.seq, kind=window.kind, utterance=job.utterances + window.utterance,
-            t0=window.start / SAMPLE_RATE, t1=t1, labels=info.labels, probs=output.probs[row],
-            avd=output.avd[row], smoothed=mood, latency_ms=0.0, ts=time.time(),
-            gender=output.gender_probs[row], model=info.version,
+        updates = {n: output.state_updates[n][row] for n in names if n in output.state_updates} if names else None
+        event = job.estimator.result(
+            window, output.probs[row], output.avd[row], gender=output.gender_probs[row],
+            state_updates=updates, latency_ms=0.0, ts=time.time(),
+            clock_offset_s=job.time_offset, utterance_offset=job.utterances,
         )
         event["file"] = str(group.file)
-        job.seq += 1
         emit(event)
 
 

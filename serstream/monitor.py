@@ -3,19 +3,29 @@
 Threading model::
 
     audio threads (PortAudio callback, file replay, network) --push--> per-stream AudioRing
-    one pipeline thread:  ring -> StreamResampler -> VadSegmenter -> WindowScheduler -> BatchFormer
-    one inference thread: InferenceWorker -> EmotionModel -> MoodSmoother/SpeakerState -> sink
+    one pipeline thread:  ring -> StreamPipeline (clean, StreamResampler, VadSegmenter,
+                          WindowScheduler) -> StreamEstimator.admit/ready -> BatchFormer
+    one inference thread: InferenceWorker -> EmotionModel -> StreamEstimator.result -> sink
+
+The per-stream logic is pure and shared with the offline ``analyze``:
+:class:`~serstream.core.pipeline.StreamPipeline` (audio in, speech events and
+windows out, with the native-to-16 kHz clock, gaps and arrival marks) and
+:class:`~serstream.core.estimator.StreamEstimator` (results in, events out:
+smoother, speaker state, ``seq``, and the order gate that fixes the speaker
+state each window runs with by stream order, not by timing). This module
+keeps the threads, the stream registry, the locks and the counters.
 
 ``StreamHandle.push`` (called on an audio thread) only takes a mono view of
 the block, copies it into the stream's ring under a short lock and wakes the
 pipeline thread; NaN/inf samples are replaced and counted by the pipeline
-thread when it drains the ring. The pipeline thread owns every pure state machine except
-the per-stream smoother and speaker state, which the inference thread owns
-(they are only touched with results). Batches are *pulled*: the pipeline hands
-the worker a batch only when the worker's queue is empty, so while the model
-is busy the batch former's supersede rule (a newer partial of a stream
-replaces its waiting one) is the back-pressure, and stale partials are never
-run.
+when it drains the ring. The pipeline thread owns each stream's pipeline and
+the batch former; the estimator is shared with the inference thread under the
+stream's ``est_lock``. Batches are *pulled*: the pipeline hands the worker a
+batch only when the worker's queue is empty, so while the model is busy the
+batch former's supersede rule (a newer partial of a stream replaces its
+waiting one) is the back-pressure, and stale partials are never run. Every
+request the batch former drops comes back to its stream's estimator, so a
+closing stream waits only on windows that will still get a result.
 
 Every event goes through ``sink(event)``, called from the pipeline and the
 inference threads under one lock (events arrive in order). The server's sink
@@ -26,6 +36,7 @@ never stops the other streams.
 
 from __future__ import annotations
 
+import enum
 import math
 import threading
 import time
@@ -37,15 +48,16 @@ import numpy as np
 
 from serstream import events
 from serstream.contract import SAMPLE_RATE, ModelInfo
-from serstream.core.adaptation import SpeakerState
-from serstream.core.audio import pcm16_to_float, sanitize, to_mono
+from serstream.core.audio import pcm16_to_float, to_mono
 from serstream.core.batcher import Batch, BatchFormer, Request
-from serstream.core.resample import StreamResampler, validate_rate
+from serstream.core.estimator import Released, StreamEstimator
+from serstream.core.pipeline import PipelineItem, SpeechBegan, SpeechEnded, StreamPipeline
+from serstream.core.resample import validate_rate
 from serstream.core.ringbuffer import AudioRing
-from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
-from serstream.core.smoother import MoodSmoother, SmootherConfig
+from serstream.core.scheduler import SchedulerConfig
+from serstream.core.smoother import SmootherConfig
 from serstream.core.stats import Counters, LatencyTracker, RateMeter
-from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadSegmenter
+from serstream.core.vad import VadConfig
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
 
@@ -54,6 +66,7 @@ __all__ = [
     "SourceError",
     "MonitorConfig",
     "Monitor",
+    "Lifecycle",
     "StreamHandle",
     "scheduler_config_for",
     "check_model_info",
@@ -156,17 +169,35 @@ def scheduler_config_for(info: ModelInfo, hop_s: float = 0.5) -> SchedulerConfig
     )
 
 
+class Lifecycle(enum.Enum):
+    """Where a stream is in its life; only ever moves down this list (FAILED may skip steps)."""
+
+    OPEN = "open"  # takes audio
+    CLOSING = "closing"  # close asked: its remaining audio is still to be processed
+    DRAINING = "draining"  # audio flushed: waiting for its last estimates (at most close_timeout_s)
+    CLOSED = "closed"  # removed from the registry, its closed event sent
+    FAILED = "failed"  # removed after an error
+
+
+_ENDED = (Lifecycle.CLOSED, Lifecycle.FAILED)
+
+
 @dataclass
 class _WindowContext:
     """What a request carries through the batch to its result."""
 
     stream: "_Stream"
     pushed_at: float  # monotonic time the audio that completed the window was pushed
-    request_id: int
+    state: Mapping[str, np.ndarray | None]  # the speaker state the window runs with (fixed at release)
 
 
 class _Stream:
-    """All the state of one stream; fields are grouped by the thread that owns them."""
+    """One stream: its ring and lifecycle (shared), its pipeline and its estimator.
+
+    Fields are grouped by the thread that owns them; ``lock`` guards the ring,
+    the marks and lifecycle moves, ``est_lock`` the estimator (the pipeline
+    thread admits and releases windows, the inference thread folds results in).
+    """
 
     def __init__(
         self,
@@ -186,53 +217,47 @@ class _Stream:
         self.channels = channels
         self.detail = detail
         self.opened_at = time.monotonic()
-        info = monitor.info
         cfg = monitor.config
 
         # Shared between the pushing thread and the pipeline thread (under `lock`).
         self.lock = threading.Lock()
         self.ring = AudioRing(ring_samples)
-        # (native index one past the pushed block, monotonic push time); appended by pushers,
-        # trimmed by the pipeline thread (deque append/popleft are atomic).
+        # (native index one past the pushed block, monotonic push time); appended by pushers
+        # with the block, taken by the pipeline thread with the audio it reads.
         self.marks: deque[tuple[int, float]] = deque()
         self.queued_for_wake = False
-        self.bad_samples = 0
         self.overflow_notes = 0
         # (error code, one-line message) set by any thread; the pipeline thread fails the stream.
         self.trouble: tuple[str, str] | None = None
-        self.closing = False
+        self.lifecycle = Lifecycle.OPEN
         self.close_reason: str | None = None
         self.space = threading.Event()
         self.space_wanted = False
 
         # Pipeline thread only.
-        self.resampler = StreamResampler(sample_rate, SAMPLE_RATE)
-        self.vad = VadSegmenter(cfg.vad)
-        self.scheduler = WindowScheduler(monitor.scheduler_config)
-        self.native_next = 0  # native index the next ring read should start at
-        self.out_next = 0  # 16 kHz index of the next sample fed to the VAD
-        self.map_native = 0  # a native index and the 16 kHz index it maps to (reset at gaps)
-        self.map_out = 0
-        self.speech_start: int | None = None
-        self.queued: set[int] = set()  # request ids in the batch former
-        self.pending_partial: int | None = None
-        self.in_flight = 0  # windows handed to the worker
+        self.pipeline = StreamPipeline(sample_rate, cfg.vad, monitor.scheduler_config,
+                                       track_level=cfg.track_levels)
         self.reported: dict[str, int] = {}  # error code -> count when first reported
         self.seen_bad = 0
         self.seen_overflow_notes = 0
         self.ring_dropped_seen = 0
-        self.samples_in = 0
-        self.flushed = False
         self.flushed_at = 0.0
-        self.level = 0.0
-        self.failed = False
-        self.gone = False  # removed from the registry
 
-        # Inference thread only.
-        self.done = 0  # windows whose result came back (or whose batch failed)
-        self.seq = 0
-        self.smoother = MoodSmoother(info.labels, cfg.smoother)
-        self.states = {spec.name: SpeakerState(spec) for spec in info.state_inputs}
+        # Both threads, under `est_lock`.
+        self.est_lock = threading.Lock()
+        self.estimator: StreamEstimator[float] = StreamEstimator(stream_id, monitor.info, cfg.smoother)
+
+    @property
+    def ended(self) -> bool:
+        return self.lifecycle in _ENDED
+
+    def move(self, to: Lifecycle, only_from: tuple[Lifecycle, ...] | None = None) -> bool:
+        """Change the lifecycle under the lock (``only_from``: only from those states); True if moved."""
+        with self.lock:
+            if self.lifecycle in _ENDED or (only_from is not None and self.lifecycle not in only_from):
+                return False
+            self.lifecycle = to
+            return True
 
 
 class StreamHandle:
@@ -253,8 +278,7 @@ class StreamHandle:
     @property
     def closed(self) -> bool:
         """True once ``close`` was called or the monitor closed the stream (failure, stop)."""
-        st = self._stream
-        return st.closing or st.failed or st.gone
+        return self._stream.lifecycle is not Lifecycle.OPEN
 
     @property
     def free_space(self) -> int:
@@ -273,7 +297,7 @@ class StreamHandle:
         or int16. The block is copied; the caller may reuse its buffer.
         """
         st = self._stream
-        if st.closing or st.failed or st.gone:
+        if st.lifecycle is not Lifecycle.OPEN:
             return
         try:
             mono = _mono_view(block)
@@ -309,7 +333,7 @@ class StreamHandle:
             st.space_wanted = True
             if st.ring.capacity - st.ring.available >= needed:
                 return True
-            if st.failed or st.gone:
+            if st.ended:
                 return False
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -319,11 +343,11 @@ class StreamHandle:
     def close(self, reason: str | None = None) -> None:
         """End the stream: its remaining audio is processed, an open segment gets its final."""
         st = self._stream
-        if st.closing:
+        if st.lifecycle is not Lifecycle.OPEN:
             return
         st.close_reason = reason
-        st.closing = True
-        self._monitor._mark(st)
+        if st.move(Lifecycle.CLOSING, only_from=(Lifecycle.OPEN,)):
+            self._monitor._mark(st)
 
 
 class Monitor:
@@ -354,6 +378,8 @@ class Monitor:
         self._streams: dict[str, _Stream] = {}
         self._registry_lock = threading.Lock()
         self._dirty: deque[_Stream] = deque()
+        # Streams whose held windows a result has cleared (inference thread appends, pipeline pops).
+        self._releasable: deque[_Stream] = deque()
         # Streams closing or failed (pipeline thread only): checked each tick until removed.
         self._closing: set[_Stream] = set()
         self._wake = threading.Event()
@@ -375,7 +401,6 @@ class Monitor:
         self._stopping = False
         self._drain_on_stop = True
         self._started_at = time.monotonic()
-        self._next_request = 0
         # Counters: the pipeline thread writes `_pipe`, the inference thread `_infer`;
         # stats() only reads. Latency and rates are shared, so they take `_stats_lock`.
         self._pipe = Counters(
@@ -396,6 +421,7 @@ class Monitor:
         self._removed_audio_drops = 0
         self._removed_bad = 0
         self._removed_samples = 0
+        self._removed_superseded = 0
         self._bus_drops: Callable[[], int] | None = None
         self._stats_providers: list[Callable[[], Mapping[str, int]]] = []
         self._next_stats = 0.0
@@ -422,10 +448,10 @@ class Monitor:
             self._stopping = True  # under the lock: no stream opens after this
             streams = list(self._streams.values())
         for st in streams:
-            if not st.closing:
+            if st.lifecycle is Lifecycle.OPEN:
                 st.close_reason = st.close_reason or "monitor stopped"
-                st.closing = True
-                self._mark(st)
+                if st.move(Lifecycle.CLOSING, only_from=(Lifecycle.OPEN,)):
+                    self._mark(st)
         self._wake.set()
         self._thread.join(timeout)
         self._worker.stop(drain=drain, timeout=timeout)
@@ -520,12 +546,12 @@ class Monitor:
             time.sleep(0.005)
 
     def _idle(self) -> bool:
-        if self._dirty or self._wake.is_set():
+        if self._dirty or self._wake.is_set() or self._releasable:
             return False
         with self._registry_lock:
             streams = list(self._streams.values())
         for st in streams:
-            if st.ring.available or st.in_flight != st.done or st.closing:
+            if st.ring.available or not st.estimator.idle or st.lifecycle is not Lifecycle.OPEN:
                 return False
         return self._batcher.pending == 0 and self._worker.idle
 
@@ -536,8 +562,10 @@ class Monitor:
             streams = list(self._streams.values())
         worker = self._worker.stats()
         audio_dropped = self._removed_audio_drops + sum(st.ring.dropped for st in streams)
-        audio_in = self._removed_samples + sum(st.samples_in for st in streams)
-        bad = self._removed_bad + sum(st.bad_samples for st in streams)
+        audio_in = self._removed_samples + sum(st.pipeline.samples_in for st in streams)
+        bad = self._removed_bad + sum(st.pipeline.bad_samples for st in streams)
+        # Partials replaced while waiting: in the batch former, or held by their stream's order gate.
+        superseded = self._removed_superseded + sum(st.estimator.superseded for st in streams)
         batcher = self._batcher.counters
         with self._stats_lock:
             pct = self._latency.percentiles((50, 95, 99))
@@ -549,7 +577,7 @@ class Monitor:
         drops = {
             "audio_samples": audio_dropped,
             "source_overflows": self._pipe.get("source_overflows", 0),
-            "partials_superseded": batcher.get("partials_superseded", 0),
+            "partials_superseded": batcher.get("partials_superseded", 0) + superseded,
             "partials_dropped": batcher.get("partials_dropped", 0),
             "partials_expired": batcher.get("partials_expired", 0),
             "finals_dropped": batcher.get("finals_dropped", 0),
@@ -610,7 +638,7 @@ class Monitor:
     def levels(self) -> dict[str, float]:
         """Each stream's RMS level of its latest audio (0..1; with ``track_levels``)."""
         with self._registry_lock:
-            return {sid: st.level for sid, st in self._streams.items()}
+            return {sid: st.pipeline.level for sid, st in self._streams.items()}
 
     def health(self) -> dict[str, Any]:
         """A small dict for /healthz: is the pipeline alive, how many streams."""
@@ -660,6 +688,7 @@ class Monitor:
             if now >= self._next_drain:
                 self._process_dirty(now)
                 self._next_drain = now + self._coalesce_s()
+            self._release_cleared(now)
             self._check_closing(now)
             self._dispatch(time.monotonic())
             if now >= self._next_stats:
@@ -702,24 +731,26 @@ class Monitor:
         for _ in range(len(dirty)):
             st = dirty.popleft()
             st.queued_for_wake = False
-            if st.gone:
+            if st.ended:
                 continue
             try:
                 self._process_stream(st, now)
             except Exception as exc:  # noqa: BLE001 - one stream's failure stays its own
                 self._pipe.inc("pipeline_errors")
                 self._fail(st, "stream_error", f"stream pipeline failed: {_one_line(exc)}", now)
-            if st.failed or st.closing:
+            if st.lifecycle is not Lifecycle.OPEN:
                 self._closing.add(st)
 
     def _process_stream(self, st: _Stream, now: float) -> None:
-        if st.failed:
+        if st.ended:
             return
         if st.trouble is not None:
             self._fail(st, *st.trouble, now)
             return
         with st.lock:
             index, raw = st.ring.read()
+            marks = list(st.marks)
+            st.marks.clear()
         if st.space_wanted:
             st.space_wanted = False
             st.space.set()
@@ -729,158 +760,138 @@ class Monitor:
             self._pipe.inc("source_overflows", n)
             self._report(st, "overflow", "the audio source reported an input overflow (audio lost before capture)",
                          st.overflow_notes)
+        pipeline = st.pipeline
         if raw.size:
-            block, bad = _clean(raw)
+            items = pipeline.push(index, raw, now, marks)
+            bad = pipeline.bad_samples - st.seen_bad
             if bad:
-                st.bad_samples += bad
+                st.seen_bad = pipeline.bad_samples
                 self._report(st, "bad_samples", f"{bad} non-finite (NaN or infinite) samples replaced by 0", bad)
             dropped = st.ring.dropped
             if dropped != st.ring_dropped_seen:
                 st.ring_dropped_seen = dropped
                 self._report(st, "overflow",
                              f"stream ring overflowed: {dropped} samples dropped (processing fell behind)", dropped)
-            if index != st.native_next:
-                self._gap(st, index, now)
-            st.native_next = index + block.size
-            st.samples_in += block.size
-            if self.config.track_levels:
-                st.level = float(np.sqrt(np.mean(block * block)))
-            self._feed(st, st.resampler.process(block), now)
-            self._trim_marks(st)
-        if st.closing:
+            if items:
+                self._handle(st, items, now)
+        if st.lifecycle is Lifecycle.CLOSING:
             self._closing.add(st)
-            if not st.flushed and st.ring.available == 0:
-                self._feed(st, st.resampler.flush(), now)
-                self._speech_events(st, st.vad.flush(), now)
-                st.flushed = True
-                st.flushed_at = now
+            if st.ring.available == 0:
+                self._handle(st, pipeline.finish(now), now)
+                if st.move(Lifecycle.DRAINING, only_from=(Lifecycle.CLOSING,)):
+                    st.flushed_at = now
 
-    def _gap(self, st: _Stream, index: int, now: float) -> None:
-        """Samples were overwritten in the ring: jump the 16 kHz clock over them."""
-        self._feed(st, st.resampler.flush(), now)
-        missing = index - st.native_next
-        st.out_next += int(round(missing * SAMPLE_RATE / st.rate))
-        st.map_native, st.map_out = index, st.out_next
-
-    def _feed(self, st: _Stream, audio16: np.ndarray, now: float) -> None:
-        if audio16.size == 0:
-            return
-        speech = st.vad.push(audio16, index=st.out_next)
-        st.out_next += int(audio16.size)
-        if speech:
-            self._speech_events(st, speech, now)
-
-    def _speech_events(self, st: _Stream, speech: list[Any], now: float) -> None:
-        for ev in speech:
-            if isinstance(ev, SpeechStart):
-                st.speech_start = ev.index
-                self._emit(events.speech_start(st.id, t=ev.index / SAMPLE_RATE, ts=time.time()))
-            elif isinstance(ev, SpeechEnd):
-                start = st.speech_start if st.speech_start is not None else ev.index
-                st.speech_start = None
+    def _handle(self, st: _Stream, items: list[PipelineItem], now: float) -> None:
+        """Speech events out now; windows into the stream's order gate, then the batch former."""
+        admitted = False
+        for item in items:
+            if isinstance(item, SpeechBegan):
+                self._emit(events.speech_start(st.id, t=item.t, ts=time.time()))
+            elif isinstance(item, SpeechEnded):
                 self._emit(
-                    events.speech_end(
-                        st.id, t=ev.index / SAMPLE_RATE, duration=(ev.index - start) / SAMPLE_RATE,
-                        reason=ev.reason, ts=time.time(),
-                    )
+                    events.speech_end(st.id, t=item.t, duration=item.duration, reason=item.reason, ts=time.time())
                 )
-            for window in st.scheduler.feed(ev):
-                self._queue_window(st, window, now)
+            else:
+                with st.est_lock:
+                    st.estimator.admit(item.window, item.arrived)
+                admitted = True
+        if admitted:
+            self._release(st, now)
 
-    def _queue_window(self, st: _Stream, window: Window, now: float) -> None:
-        request_id = self._next_request
-        self._next_request += 1
-        context = _WindowContext(st, self._pushed_at(st, window.end), request_id)
-        request = Request(stream=st.id, window=window, submitted=now, context=context)
-        # The batch former drops this stream's waiting partial when this request arrives.
-        if st.pending_partial is not None:
-            st.queued.discard(st.pending_partial)
-            st.pending_partial = None
-        st.queued.add(request_id)
-        if not window.final:
-            st.pending_partial = request_id
+    def _release(self, st: _Stream, now: float) -> None:
+        """Hand the stream's cleared windows to the batch former, each with its speaker state."""
+        with st.est_lock:
+            ready = st.estimator.ready()
+        for released in ready:
+            self._submit(st, released, now)
+        self._settle_drops()
+
+    def _submit(self, st: _Stream, released: Released[float], now: float) -> None:
+        context = _WindowContext(st, released.tag, released.state)
+        request = Request(stream=st.id, window=released.window, submitted=now, context=context)
         self._batcher.add(request, now, close=False)
 
-    def _pushed_at(self, st: _Stream, end16: int) -> float:
-        """When the block holding 16 kHz sample ``end16 - 1`` was pushed (its push completed the window)."""
-        native = st.map_native + int(math.ceil((end16 - st.map_out) * st.rate / SAMPLE_RATE))
-        marks = st.marks
-        for written, at in marks:
-            if written >= native:
-                return at
-        return marks[-1][1] if marks else time.monotonic()
+    def _release_cleared(self, now: float) -> None:
+        """Streams whose held windows a result (or a loss) has cleared since the last tick."""
+        releasable = self._releasable
+        while releasable:
+            st = releasable.popleft()
+            if not st.ended:
+                self._release(st, now)
 
-    def _trim_marks(self, st: _Stream) -> None:
-        # Future windows end at or after what the VAD has been fed, less the resampler's
-        # delay; 50 ms of slack covers that delay at any rate.
-        keep_from = st.native_next - st.rate // 20
-        marks = st.marks
-        while len(marks) > 1 and marks[0][0] < keep_from:
-            marks.popleft()
+    def _settle_drops(self) -> None:
+        """Tell each stream about the requests the batch former gave up on, so nobody waits on them."""
+        for request in self._batcher.drain_dropped():
+            self._lost(request)
+
+    def _lost(self, request: Request) -> None:
+        context: _WindowContext = request.context  # type: ignore[assignment]
+        st = context.stream
+        with st.est_lock:
+            st.estimator.lost(request.window)
+            cleared = st.estimator.has_ready
+        if cleared:
+            self._releasable.append(st)
 
     def _dispatch(self, now: float) -> None:
         """Pull mode: hand the worker a ready batch only when its queue is empty."""
         while self._worker.queue_depth == 0:
             for request in self._batcher.expire(now):
-                self._unqueue(request)
+                self._lost(request)
+            if self._releasable:
+                self._release_cleared(now)
             batches = self._batcher.poll(now, max_batches=1)
             if not batches:
                 return
             self._send(batches[0])
 
-    @staticmethod
-    def _unqueue(request: Request) -> None:
-        """The batch former no longer holds ``request`` (sent, or expired): its stream stops waiting for it."""
-        context: _WindowContext = request.context  # type: ignore[assignment]
-        context.stream.queued.discard(context.request_id)
-        if context.stream.pending_partial == context.request_id:
-            context.stream.pending_partial = None
-
     def _send(self, batch: Batch) -> None:
-        for request in batch.requests:
-            self._unqueue(request)
         accepted = self._worker.submit(batch)
         if accepted:
             self._pipe.inc("batches_sent")
             self._pipe.inc("windows_sent", batch.size)
-            for request in batch.requests:
-                request.context.stream.in_flight += 1  # type: ignore[union-attr]
         else:
             self._pipe.inc("batches_refused")
+            for request in batch.requests:
+                self._lost(request)
 
     def _check_closing(self, now: float) -> None:
         """Remove closing streams once their last estimates are out (or they waited too long)."""
         for st in list(self._closing):
-            if st.gone:
+            if st.ended:
                 self._closing.discard(st)
                 continue
             if self._stopping and not self._drain_on_stop:
                 self._remove(st, st.close_reason or "monitor stopped")
                 continue
-            if not st.flushed:
+            if st.lifecycle is not Lifecycle.DRAINING:
                 continue  # the stream is still in the dirty queue; its drain flushes it
-            waiting = (st.queued and self._batcher.pending) or st.in_flight != st.done
+            with st.est_lock:
+                waiting = not st.estimator.idle
             if waiting and now - st.flushed_at < self.config.close_timeout_s:
                 continue
             self._remove(st, st.close_reason or "closed")
 
     def _fail(self, st: _Stream, code: str, message: str, now: float) -> None:
-        st.failed = True
+        st.move(Lifecycle.FAILED)
         self._pipe.inc("streams_failed")
         self._report(st, code, message, 1)
         self._remove(st, "error: " + message)
 
     def _remove(self, st: _Stream, reason: str) -> None:
-        if st.gone:
-            return
-        st.gone = True
+        with st.lock:
+            if st.lifecycle is not Lifecycle.FAILED:
+                st.lifecycle = Lifecycle.CLOSED
         self._closing.discard(st)
         st.space.set()
         with self._registry_lock:
-            self._streams.pop(st.id, None)
+            if self._streams.get(st.id) is not st:
+                return
+            del self._streams[st.id]
             self._removed_audio_drops += st.ring.dropped
-            self._removed_bad += st.bad_samples
-            self._removed_samples += st.samples_in
+            self._removed_bad += st.pipeline.bad_samples
+            self._removed_samples += st.pipeline.samples_in
+            self._removed_superseded += st.estimator.superseded
         self._pipe.inc("streams_closed")
         self._emit(
             events.stream_closed(
@@ -898,14 +909,11 @@ class Monitor:
     # ------------------------------------------------------------------ inference thread
 
     def _state_for(self, batch: Batch) -> Mapping[str, list[np.ndarray | None]]:
-        state: dict[str, list[np.ndarray | None]] = {}
-        for spec in self.info.state_inputs:
-            rows: list[np.ndarray | None] = []
-            for request in batch.requests:
-                speaker = request.context.stream.states.get(spec.name)  # type: ignore[union-attr]
-                rows.append(None if speaker is None or speaker.empty else speaker.value())
-            state[spec.name] = rows
-        return state
+        """Each row's speaker state, as fixed when its window was released (stream order, not timing)."""
+        return {
+            spec.name: [request.context.state.get(spec.name) for request in batch.requests]  # type: ignore[attr-defined]
+            for spec in self.info.state_inputs
+        }
 
     def _on_result(self, batch: Batch, output: InferenceOutput | None, error: str | None) -> None:
         now = time.monotonic()
@@ -913,7 +921,7 @@ class Monitor:
             self._infer.inc("inference_failures")
             self._infer.inc("windows_failed", batch.size)
             for request in batch.requests:
-                request.context.stream.done += 1  # type: ignore[union-attr]
+                self._resolve_lost(request)
             if error is not None:
                 self._emit(
                     events.error_event(events.STATS_STREAM, code="inference_error", message=error,
@@ -922,25 +930,39 @@ class Monitor:
             self._wake.set()
             self._result_wake.set()
             return
-        labels = self.info.labels
         latencies: list[float] = []
         finals: list[float] = []
+        state_names = [spec.name for spec in self.info.state_inputs]
         for row, request in enumerate(batch.requests):
             context: _WindowContext = request.context  # type: ignore[assignment]
             st = context.stream
+            if st.ended:
+                self._resolve_lost(request)
+                continue
+            window = request.window
+            updates = {name: output.state_updates[name][row] for name in state_names
+                       if name in output.state_updates} if state_names else None
             try:
-                if not (st.failed or st.gone):
-                    self._emit_estimate(st, request.window, output, row, labels, now, context)
-                    latency = time.monotonic() - context.pushed_at
-                    latencies.append(latency)
-                    if request.window.final:
-                        finals.append(latency)
+                with st.est_lock:
+                    event = st.estimator.result(
+                        window, output.probs[row], output.avd[row], gender=output.gender_probs[row],
+                        state_updates=updates, latency_ms=(time.monotonic() - context.pushed_at) * 1000.0,
+                        ts=time.time(),
+                    )
+                    cleared = st.estimator.has_ready
+                self._emit(event)
+                self._infer.inc("events_emitted")
+                latency = time.monotonic() - context.pushed_at
+                latencies.append(latency)
+                if window.final:
+                    finals.append(latency)
             except Exception as exc:  # noqa: BLE001 - a bad row fails its stream only
                 self._infer.inc("result_errors")
                 st.trouble = ("stream_error", f"result handling failed: {_one_line(exc)}")
                 self._mark(st)
-            finally:
-                st.done += 1
+                continue
+            if cleared:
+                self._releasable.append(st)
         with self._stats_lock:
             for value in latencies:
                 self._latency.record(value)
@@ -949,51 +971,16 @@ class Monitor:
             self._rate.record(now, batch.size)
             self._batch_sizes.append(batch.size)
         self._infer.inc("results", batch.size)
-        # Closing streams and pull-mode dispatch both wait on results.
+        # Closing streams, held windows and pull-mode dispatch all wait on results.
         self._wake.set()
         self._result_wake.set()
 
-    def _emit_estimate(
-        self,
-        st: _Stream,
-        window: Window,
-        output: InferenceOutput,
-        row: int,
-        labels: tuple[str, ...],
-        now: float,
-        context: _WindowContext,
-    ) -> None:
-        final = window.final
-        t1 = window.end / SAMPLE_RATE
-        mood = st.smoother.update(output.probs[row], output.avd[row], t1, final)
-        if final:
-            for name, speaker in st.states.items():
-                update = output.state_updates.get(name)
-                if update is not None:
-                    speaker.update(update[row])
-        seq = st.seq
-        st.seq += 1
-        emitted = time.monotonic()
-        event = events.emotion_event(
-            st.id, seq=seq, kind=window.kind, utterance=window.utterance,
-            t0=window.start / SAMPLE_RATE, t1=t1, labels=labels, probs=output.probs[row],
-            avd=output.avd[row], smoothed=mood, latency_ms=(emitted - context.pushed_at) * 1000.0,
-            ts=time.time(), gender=output.gender_probs[row], model=self.info.version,
-        )
-        self._emit(event)
-        self._infer.inc("events_emitted")
-
-
-def _clean(raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """Clip ``raw`` (our own float32 copy from the ring) to [-1, 1] in place; NaN/inf to 0, counted.
-
-    The dot product is finite exactly when every sample is finite (for audio-range
-    values), so the common case costs two vector operations and no allocation.
-    """
-    if math.isfinite(float(np.dot(raw, raw))):
-        np.clip(raw, -1.0, 1.0, out=raw)
-        return raw, 0
-    return sanitize(raw)
+    def _resolve_lost(self, request: Request) -> None:
+        """A window the worker ran without a usable result: its stream stops waiting for it."""
+        try:
+            self._lost(request)
+        except ValueError:  # noqa: PERF203 - never released: nothing waits on it
+            self._infer.inc("result_errors")
 
 
 def _mono_view(block: np.ndarray) -> np.ndarray:

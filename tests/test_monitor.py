@@ -18,6 +18,7 @@ import pytest
 
 from serstream import events
 from serstream.analyze import analyze
+from serstream.core.vad import VadConfig
 from serstream.inference.session import EmotionModel
 from serstream.monitor import Monitor, MonitorConfig, MonitorError
 from tests.audio import SAMPLE_RATE, silence, speech_with_pauses, voiced
@@ -373,3 +374,62 @@ def test_expired_partials_do_not_hold_back_closing_streams(model: EmotionModel) 
         finals = [e for e in sink.of(n, "emotion") if e["kind"] == "final"]
         assert len(closed) == 1 and len(finals) == 1, (n, len(closed), len(finals))
     assert stats["drops"]["finals_dropped"] == 0
+
+
+def test_a_closing_stream_never_waits_on_a_request_the_batcher_dropped(model: EmotionModel) -> None:
+    """Overload with a tiny queue: finals are refused (counted), and every closing stream still closes
+    at once (not after its 30 s close timeout), with its final unless that very final was refused."""
+    sink = Collector()
+    # Segments up to a minute: the talkers make no finals of their own during the test.
+    config = MonitorConfig(max_batch=2, max_pending=8, partial_max_age_s=None, close_timeout_s=30.0,
+                           vad=VadConfig(max_segment_ms=60000))
+    monitor = Monitor(_SlowModel(model, delay_s=0.25), config, sink)
+    monitor.start()
+    stop = threading.Event()
+    try:
+        # 12 real-time talkers keep the batch former from ever running empty (24 partials/s
+        # against 8 windows/s, a queue of 8 against batches of 2), so a stream waiting on a
+        # lost request would wait its whole close timeout.
+        load = [monitor.open_stream(f"load{i}", source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE,
+                                    channels=1) for i in range(12)]
+        talk = voiced(20.0)
+
+        def talkers() -> None:
+            began, pushed = time.monotonic(), 0
+            while not stop.is_set() and pushed + CHUNK <= talk.size:
+                for handle in load:
+                    handle.push(talk[pushed:pushed + CHUNK])
+                pushed += CHUNK
+                time.sleep(max(0.0, began + pushed / SAMPLE_RATE - time.monotonic()))
+
+        loader = threading.Thread(target=talkers, daemon=True)
+        loader.start()
+        time.sleep(1.5)
+        # 16 finals at once into a queue of 8: half are refused.
+        names = [f"t{i}" for i in range(16)]
+        audio = np.concatenate([silence(0.3), voiced(1.2, seed=5), silence(1.0)])
+        targets = [monitor.open_stream(n, source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+                   for n in names]
+        for handle in targets:
+            handle.push(audio)
+        for handle in targets:
+            handle.close(reason="end")
+        closed_at = time.monotonic()
+        deadline = closed_at + 20.0
+        while len([e for n in names for e in sink.of(n, "stream") if e.get("state") == "closed"]) < len(names):
+            assert time.monotonic() < deadline, "closing streams waited on dropped requests"
+            time.sleep(0.02)
+        took = time.monotonic() - closed_at
+        stats = monitor.stats()
+    finally:
+        stop.set()
+        monitor.stop(drain=False)
+    assert took < 5.0, took
+    dropped = stats["drops"]["finals_dropped"]
+    assert dropped > 0  # the case under test happened
+    finals = {n: [e for e in sink.of(n, "emotion") if e["kind"] == "final"] for n in names}
+    assert all(len(f) <= 1 for f in finals.values())
+    assert sum(len(f) for f in finals.values()) + dropped == len(names)
+    for n in names:
+        closed = [e for e in sink.of(n, "stream") if e.get("state") == "closed"]
+        assert len(closed) == 1 and closed[0]["reason"] == "end"

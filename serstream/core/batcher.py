@@ -15,7 +15,11 @@ The queue is bounded by ``max_pending``, and only the newest partial of a
 stream matters: a new partial replaces that stream's pending partial, and a
 final replaces it too (it covers the same speech). When still full, the
 oldest pending partial is dropped; a final is dropped only when the queue
-holds nothing but finals. Every one of these is counted in ``counters``.
+holds nothing but finals. Every one of these is counted in ``counters``, and
+every request the former gives up on comes back to the caller exactly once:
+stale partials from :meth:`BatchFormer.expire`, the superseded, evicted and
+refused ones from :meth:`BatchFormer.drain_dropped`. So a caller waiting on
+its requests (a closing stream) never waits on one that is gone.
 
 Two ways to drive it: *push* (``add`` returns the batches it makes ready,
 ``poll`` at ``next_deadline``), or *pull* (``add(..., close=False)`` only
@@ -105,15 +109,11 @@ class _Entry:
 
 
 class BatchFormer:
-    """The batch former shared by all streams. Not thread-safe: the caller holds a lock.
-
-    ``max_wait_s`` (the name in docs/architecture.md), when given, sets both waits.
-    """
+    """The batch former shared by all streams. Not thread-safe: one thread drives it."""
 
     def __init__(
         self,
         max_batch: int = 32,
-        max_wait_s: float | None = None,
         max_pending: int = 4096,
         *,
         final_wait_s: float = 0.002,
@@ -125,8 +125,6 @@ class BatchFormer:
             raise ValueError(f"partial_max_age_s must be > 0 or None, got {partial_max_age_s}")
         #: A partial still waiting this long after it was submitted is stale: :meth:`expire` drops it.
         self.partial_max_age_s = partial_max_age_s
-        if max_wait_s is not None:
-            final_wait_s = partial_wait_s = max_wait_s
         self.config = BatcherConfig(
             max_batch=max_batch,
             final_wait_s=final_wait_s,
@@ -139,6 +137,8 @@ class BatchFormer:
         self._finals: OrderedDict[int, _Entry] = OrderedDict()
         self._partials: OrderedDict[int, _Entry] = OrderedDict()
         self._partial_of_stream: dict[str, int] = {}
+        # Requests given up on by `add` (superseded, evicted, refused) until `drain_dropped`.
+        self._dropped: list[Request] = []
         self.counters = Counters(
             requests=0,
             batches=0,
@@ -171,16 +171,18 @@ class BatchFormer:
         old = self._partial_of_stream.pop(request.stream, None)
         if old is not None:
             # Either a newer partial or the final of that speech: the pending partial is stale.
-            del self._partials[old]
+            self._dropped.append(self._partials.pop(old).request)
             self.counters.inc("partials_superseded")
         if self.pending >= self.config.max_pending:
             if self._partials:
                 self._drop_oldest_partial()
             elif final:
                 self.counters.inc("finals_dropped")
+                self._dropped.append(request)
                 return self.poll(now) if close else []
             else:
                 self.counters.inc("partials_dropped")
+                self._dropped.append(request)
                 return self.poll(now) if close else []
         seq = self._seq
         self._seq += 1
@@ -221,6 +223,15 @@ class BatchFormer:
         heads = [queue[next(iter(queue))].deadline for queue in (self._finals, self._partials) if queue]
         return min(heads) if heads else None
 
+    def drain_dropped(self) -> list[Request]:
+        """The requests :meth:`add` gave up on since the last call (superseded, evicted, refused).
+
+        Each comes back once; the caller that waits on its requests must drain
+        after every ``add`` (the list grows until it does).
+        """
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
     def expire(self, now: float) -> list[Request]:
         """Drop (and return) the partials waiting longer than ``partial_max_age_s``, counted.
 
@@ -252,6 +263,7 @@ class BatchFormer:
         seq, entry = self._partials.popitem(last=False)
         if self._partial_of_stream.get(entry.request.stream) == seq:
             del self._partial_of_stream[entry.request.stream]
+        self._dropped.append(entry.request)
         self.counters.inc("partials_dropped")
 
     def _select(self) -> tuple[list[tuple[bool, int]], int, bool]:

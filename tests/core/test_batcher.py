@@ -143,9 +143,29 @@ def test_context_and_submitted_pass_through():
     assert batch.requests[0].context == {"seq": 7} and batch.requests[0].submitted == 12.5
 
 
-def test_max_wait_s_sets_both_waits():
-    former = BatchFormer(max_wait_s=0.5)
-    assert former.config.final_wait_s == former.config.partial_wait_s == 0.5
+def test_every_request_given_up_on_comes_back_exactly_once():
+    """Superseded, evicted and refused requests come back from drain_dropped, expired ones from expire."""
+    former = BatchFormer(max_batch=8, max_pending=2, final_wait_s=1.0, partial_max_age_s=0.1)
+    a1, a2, a_final = request("a", t=0.0), request("a", t=0.0), request("a", kind="final", t=0.0)
+    b, c_final, d_final = request("b", t=0.0), request("c", kind="final", t=0.0), request("d", kind="final", t=0.0)
+    former.add(a1, now=0.0, close=False)
+    former.add(a2, now=0.0, close=False)  # supersedes a1
+    assert former.drain_dropped() == [a1]
+    assert former.drain_dropped() == []  # once only
+    former.add(b, now=0.0, close=False)
+    former.add(a_final, now=0.0, close=False)  # supersedes a2
+    former.add(c_final, now=0.0, close=False)  # full: evicts b, the oldest partial
+    former.add(d_final, now=0.0, close=False)  # full of finals: d is refused
+    dropped = former.drain_dropped()
+    assert len(dropped) == 3 and all(r is x for r, x in zip(dropped, (a2, b, d_final)))
+    (batch,) = former.flush(0.0)
+    assert batch.requests == [a_final, c_final]
+    e = request("e", t=0.0)
+    former.add(e, now=0.0, close=False)
+    assert former.expire(0.2) == [e] and former.drain_dropped() == []
+    counted = sum(former.counters[k] for k in ("partials_superseded", "partials_dropped",
+                                                "partials_expired", "finals_dropped"))
+    assert counted == 5  # a1, a2, b, d_final, e: each counted once, each returned once
 
 
 def test_bad_requests_and_config_raise():
