@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import mimetypes
+import re
 import ssl
 import threading
 from collections import deque
@@ -387,10 +388,10 @@ class MonitorServer:
         except PermissionError as exc:
             raise ServerError(f"cannot read TLS file {exc.filename or self.tls_cert}: permission denied") from None
         except (ssl.SSLError, OSError, ValueError) as exc:
-            reason = " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__
+            detail = re.sub(r"\s*\(_ssl\.c:\d+\)", "", " ".join(str(exc).split())) or type(exc).__name__
             raise ServerError(
-                f"cannot load the TLS certificate {self.tls_cert} and key {self.tls_key or self.tls_cert}: "
-                f"{reason} (expected PEM files: a certificate and its private key)"
+                f"cannot load the TLS certificate {self.tls_cert} with key {self.tls_key or self.tls_cert}: "
+                f"not a PEM certificate and its matching private key ({detail})"
             ) from None
         return context
 
@@ -549,10 +550,12 @@ class MonitorServer:
             self.http_requests += 1
             return self._json_route(self._health)
         peer = _address(conn)
-        origin = request.headers.get("Origin")
-        if origin is not None and not origin_allowed(
-            origin, host_header=request.headers.get("Host"), bind_host=self.host, allowlist=self.allow_origins
-        ):
+        origins = request.headers.get_all("Origin")
+        hosts = request.headers.get_all("Host")
+        if origins and (len(origins) != 1 or not origin_allowed(
+            origins[0], host_header=hosts[0] if len(hosts) == 1 else None, bind_host=self.host,
+            allowlist=self.allow_origins,
+        )):
             self._refuse("forbidden_origin", peer)
             return _error_response(403, "forbidden: this origin may not use the monitor "
                                         "(see --allow-origin in docs/security.md)")
@@ -663,9 +666,11 @@ def _offered_subprotocols(request: Request) -> list[str]:
 
 def _credentials(request: Request) -> Credentials:
     return Credentials(
-        bearer=bearer_from_header(request.headers.get("Authorization")),
+        # Two Authorization headers: ambiguous, so presented but wrong ("").
+        bearer=bearer_from_header(auth[0]) if len(auth := request.headers.get_all("Authorization")) == 1
+        else ("" if auth else None),
         subprotocol=token_from_subprotocols(_offered_subprotocols(request)),
-        cookie=cookie_from_header(request.headers.get("Cookie")),
+        cookie=cookie_from_header("; ".join(request.headers.get_all("Cookie"))),
     )
 
 
