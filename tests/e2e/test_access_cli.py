@@ -185,5 +185,19 @@ def test_wss_ingest_and_events_through_the_command(tmp_path: Path, factory_model
         seen = asyncio.run(asyncio.wait_for(check(), 120))
         kinds = {e.type for e in seen if getattr(e, "stream", None) == "tls-call"}
         assert {"stream", "emotion"} <= kinds, kinds
+
+        # serstream watch: a wrong token is one line and exit 2 (not retried for ever) ...
+        url = f"wss://127.0.0.1:{free_port}"
+        proc = run_cli("watch", url, "--ca-file", str(cert), "--token", "wrong", "--duration", "20")
+        assert proc.returncode == 2 and "token" in proc.stderr and "Traceback" not in proc.stderr
+        # ... no CA file: the certificate does not verify, said once ...
+        proc = run_cli("watch", url, "--token", TOKEN, "--duration", "20")
+        assert proc.returncode == 2 and "--ca-file" in proc.stderr and "Traceback" not in proc.stderr
+        # ... and with both it prints the monitor's stats (every 5 s) from wss://.
+        (tmp_path / "token").write_text(TOKEN, encoding="utf-8")
+        proc = run_cli("watch", url, "--ca-file", str(cert), "--token-file", str(tmp_path / "token"), "--json",
+                       "--stats", "--duration", "7")
+        assert proc.returncode == 0, proc.stderr
+        assert '"type":"stats"' in proc.stdout.replace(" ", "")
     finally:
         monitor.kill()
