@@ -696,7 +696,7 @@ TOKEN_PAGE = b"""<!doctype html>
 <code>serstream serve</code> printed: it ends in <code>#token=...</code>.
 The part after <code>#</code> stays in your browser; it is never sent in a request or a referrer.</p>
 <script>
-(function () {
+function serstreamUnlock() {
   var m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
   if (!m) return;
   var token = decodeURIComponent(m[1]);
@@ -706,7 +706,9 @@ The part after <code>#</code> stays in your browser; it is never sent in a reque
       document.getElementById("why").textContent = "The token in this URL is not this monitor's token.";
       document.body.dataset.tokenRefused = "true";
     });
-})();
+}
+serstreamUnlock();
+window.addEventListener("hashchange", serstreamUnlock);
 </script>
 </body></html>
 """
