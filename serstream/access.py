@@ -32,31 +32,31 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 __all__ = [
-    "SUBPROTOCOL",
     "BEARER_SUBPROTOCOL_PREFIX",
     "COOKIE_NAME",
     "REFUSAL_CAUSES",
-    "Credentials",
-    "TokenDecision",
-    "LimitsConfig",
+    "SUBPROTOCOL",
     "ConnectionLimits",
-    "token_ok",
+    "Credentials",
+    "LimitsConfig",
+    "TokenDecision",
     "bearer_from_header",
-    "token_from_subprotocols",
     "bearer_subprotocol",
     "cookie_from_header",
-    "dashboard_cookie_value",
     "credentials_ok",
+    "dashboard_cookie_value",
+    "decide_token",
     "is_loopback_host",
     "is_wildcard_host",
     "normalise_origin",
     "origin_allowed",
-    "decide_token",
+    "token_from_subprotocols",
+    "token_ok",
 ]
 
 #: The subprotocol the server selects for browser clients that authenticate with one.
@@ -263,13 +263,12 @@ def origin_allowed(
     parsed = normalise_origin(wanted)
     if parsed is None or host_header is None:
         return False
-    scheme, host, port = parsed
+    _scheme, host, port = parsed
     target = _host_header(host_header, port)
     if target is None or target != (host, port):
         return False
-    if is_loopback_host(bind_host) and not is_loopback_host(host):
-        return False
-    return True
+    # On a loopback bind only loopback names: DNS rebinding gives a foreign name our address.
+    return not (is_loopback_host(bind_host) and not is_loopback_host(host))
 
 
 # --------------------------------------------------------------------------- startup decision

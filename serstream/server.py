@@ -54,6 +54,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from serstream.access import (
     COOKIE_NAME,
@@ -674,9 +675,9 @@ def _credentials(request: Request) -> Credentials:
     )
 
 
-def _select_subprotocol(conn: ServerConnection, offered: Sequence[str]) -> str | None:
+def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """``serstream`` when offered (browsers that send their token as a subprotocol entry), else none."""
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
 
 
 def _wants_html(path: str) -> bool:

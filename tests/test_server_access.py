@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from serstream import events
 from serstream.access import LimitsConfig, bearer_subprotocol, dashboard_cookie_value
-from serstream.client import AccessDenied, EmotionEvent, TLSFailed, events as event_stream
+from serstream.client import AccessDenied, EmotionEvent, TLSFailed
+from serstream.client import events as event_stream
 from tests.test_server import TS, recv_json, run, running_server, wait_until
 
 TOKEN = "correct horse/battery+staple"
@@ -345,7 +346,7 @@ def test_wss_end_to_end_with_the_python_client(tmp_path: Path) -> None:
                 async for _ in event_stream(url, token=TOKEN):
                     pass
             # A plain ws:// client gets no WebSocket from a TLS port.
-            with pytest.raises(Exception):
+            with pytest.raises((OSError, InvalidMessage, asyncio.TimeoutError)):
                 async with connect(f"ws://127.0.0.1:{server.port}/events", proxy=None, open_timeout=3):
                     pass
 
@@ -387,3 +388,56 @@ def test_auth_cookie_is_secure_under_tls(tmp_path: Path) -> None:
             assert status == 204 and "Secure" in headers["set-cookie"]
 
     run(main())
+
+
+# ------------------------------------------------------------------ timeouts, compression, logging
+
+
+def test_compression_is_never_negotiated() -> None:
+    """A client offering permessage-deflate gets a connection without it: no compressed message can inflate."""
+
+    async def main() -> None:
+        async with running_server() as server:
+            async with connect(f"ws://127.0.0.1:{server.port}/events", proxy=None, compression="deflate") as ws:
+                assert ws.response is not None
+                assert "Sec-WebSocket-Extensions" not in ws.response.headers
+                assert ws.protocol.extensions == []
+
+    run(main())
+
+
+def test_a_client_that_never_answers_pings_is_dropped() -> None:
+    """Keepalive: a peer that completes the handshake and then goes silent is closed and unsubscribed."""
+
+    async def main() -> None:
+        async with running_server(keepalive=0.3) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write((
+                f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode())
+            await writer.drain()
+            assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+            await wait_until(lambda: server.bus.subscribers == 1)
+            # Never read again, never pong: the server closes after ping interval + timeout.
+            await wait_until(lambda: server.bus.subscribers == 0)
+            writer.close()
+
+    run(main())
+
+
+def test_refusals_are_logged_once_per_cause(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with running_server(token=TOKEN) as server:
+            for _ in range(5):
+                assert (await aget(server.port, "/metrics"))[0] == 401
+                assert (await aget(server.port, "/metrics", {"Origin": "https://evil.example"}))[0] == 403
+            assert server.refusals["unauthorized"] == 5 and server.refusals["forbidden_origin"] == 5
+
+    with caplog.at_level("WARNING", logger="serstream.server"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "serstream.server"]
+    assert len([m for m in lines if "unauthorized" in m]) == 1, lines
+    assert len([m for m in lines if "forbidden origin" in m]) == 1, lines
+    assert all("counted" in m for m in lines)

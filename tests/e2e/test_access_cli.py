@@ -86,6 +86,12 @@ def test_token_from_flag_file_or_environment(tmp_path: Path, factory_model: Path
         assert _status(f"{base}/metrics") == 401
         assert _status(f"{base}/metrics", {"Authorization": f"Bearer {TOKEN}"}) == 200
         assert _status(f"{base}/healthz") == 200
+        # The refusal above is counted by cause in /metrics (and the stats event it renders).
+        request = urllib.request.Request(f"{base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            metrics = response.read().decode()
+        match = re.search(r'serstream_drops_total\{cause="refused_unauthorized"\} (\d+)', metrics)
+        assert match and int(match.group(1)) >= 1, metrics
 
         async def check() -> None:
             with pytest.raises(AccessDenied):
