@@ -48,6 +48,7 @@ __all__ = [
     "bearer_from_header",
     "bearer_subprotocol",
     "cookie_from_header",
+    "cookie_name",
     "credentials_ok",
     "dashboard_cookie_value",
     "decide_token",
@@ -128,6 +129,15 @@ def dashboard_cookie_value(token: str) -> str:
     return hmac.new(token.encode("utf-8"), b"serstream dashboard cookie v1", hashlib.sha256).hexdigest()
 
 
+def cookie_name(port: int) -> str:
+    """The dashboard cookie's name for the monitor on ``port``.
+
+    Cookies are not kept apart by port, so two monitors on one host would
+    overwrite each other's cookie under one name.
+    """
+    return f"{COOKIE_NAME}_{int(port)}"
+
+
 def cookie_from_header(value: str | None, name: str = COOKIE_NAME) -> str | None:
     """The value of cookie ``name`` in a ``Cookie`` header, or None."""
     if not value:
@@ -154,21 +164,21 @@ class Credentials:
 
 
 def credentials_ok(expected: str | None, creds: Credentials) -> bool:
-    """True when no token is required, or when every credential presented is right and one was.
+    """True when no token is required, or when the request's credentials are right.
 
-    A request that presents a wrong credential is refused even if another one
-    is right: a client with a stale header should hear about it, not pass by luck.
+    Explicit credentials (the bearer header, the subprotocol entry) decide
+    when present, and every one of them must be right: a client with a stale
+    header should hear about it, not pass by luck. Only without them does the
+    cookie count, since a browser sends its cookie by itself, and a stale one
+    (the monitor restarted with a new token) must not spoil the new token the
+    page presents.
     """
     if expected is None:
         return True
-    checks: list[bool] = []
-    if creds.bearer is not None:
-        checks.append(token_ok(expected, creds.bearer))
-    if creds.subprotocol is not None:
-        checks.append(token_ok(expected, creds.subprotocol))
-    if creds.cookie is not None:
-        checks.append(token_ok(dashboard_cookie_value(expected), creds.cookie))
-    return bool(checks) and all(checks)
+    explicit = [given for given in (creds.bearer, creds.subprotocol) if given is not None]
+    if explicit:
+        return all(token_ok(expected, given) for given in explicit)
+    return creds.cookie is not None and token_ok(dashboard_cookie_value(expected), creds.cookie)
 
 
 # --------------------------------------------------------------------------- hosts and origins

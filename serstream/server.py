@@ -57,7 +57,6 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from serstream.access import (
-    COOKIE_NAME,
     REFUSAL_CAUSES,
     SUBPROTOCOL,
     ConnectionLimits,
@@ -65,6 +64,7 @@ from serstream.access import (
     LimitsConfig,
     bearer_from_header,
     cookie_from_header,
+    cookie_name,
     credentials_ok,
     dashboard_cookie_value,
     origin_allowed,
@@ -590,7 +590,7 @@ class MonitorServer:
         """None when the request may go on; else the 401 answer (counted as ``unauthorized``)."""
         if self.token is None:
             return None
-        creds = _credentials(request)
+        creds = _credentials(request, self.port)
         if path == "/ingest" and not creds.presented:
             return None  # the ingest handler wants the token in the hello instead (docs/ingest.md)
         if credentials_ok(self.token, creds):
@@ -608,7 +608,7 @@ class MonitorServer:
         """``GET /auth`` with the right bearer token (checked before): the dashboard's cookie."""
         if self.token is None:
             return _response(204, "text/plain; charset=utf-8", b"")
-        cookie = (f"{COOKIE_NAME}={dashboard_cookie_value(self.token)}; Path=/; HttpOnly; SameSite=Strict"
+        cookie = (f"{cookie_name(self.port)}={dashboard_cookie_value(self.token)}; Path=/; HttpOnly; SameSite=Strict"
                   + ("; Secure" if self.tls else ""))
         response = _response(204, "text/plain; charset=utf-8", b"")
         response.headers["Set-Cookie"] = cookie
@@ -665,13 +665,13 @@ def _offered_subprotocols(request: Request) -> list[str]:
     return [p.strip() for value in request.headers.get_all("Sec-WebSocket-Protocol") for p in value.split(",")]
 
 
-def _credentials(request: Request) -> Credentials:
+def _credentials(request: Request, port: int) -> Credentials:
     return Credentials(
         # Two Authorization headers: ambiguous, so presented but wrong ("").
         bearer=bearer_from_header(auth[0]) if len(auth := request.headers.get_all("Authorization")) == 1
         else ("" if auth else None),
         subprotocol=token_from_subprotocols(_offered_subprotocols(request)),
-        cookie=cookie_from_header("; ".join(request.headers.get_all("Cookie"))),
+        cookie=cookie_from_header("; ".join(request.headers.get_all("Cookie")), cookie_name(port)),
     )
 
 

@@ -63,8 +63,13 @@ def test_credentials_rule() -> None:
     assert credentials_ok(TOKEN, Credentials(cookie=dashboard_cookie_value(TOKEN)))
     assert not credentials_ok(TOKEN, Credentials(cookie=TOKEN))  # the cookie is derived, not the token
     assert not credentials_ok(TOKEN, Credentials(bearer="wrong"))
-    # A wrong credential beside a right one is refused: a stale header should be noticed.
+    # A wrong explicit credential beside a right one is refused: a stale header should be noticed.
+    assert not credentials_ok(TOKEN, Credentials(bearer="wrong", subprotocol=TOKEN))
     assert not credentials_ok(TOKEN, Credentials(bearer="wrong", cookie=dashboard_cookie_value(TOKEN)))
+    # A stale cookie (the monitor restarted with a new token) does not spoil the new token.
+    assert credentials_ok(TOKEN, Credentials(subprotocol=TOKEN, cookie=dashboard_cookie_value("old")))
+    assert credentials_ok(TOKEN, Credentials(bearer=TOKEN, cookie="garbage"))
+    assert not credentials_ok(TOKEN, Credentials(cookie=dashboard_cookie_value("old")))
     assert Credentials(bearer="").presented and not Credentials().presented
 
 

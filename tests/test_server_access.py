@@ -89,7 +89,8 @@ def test_token_is_required_on_every_endpoint_but_healthz(site: Path) -> None:
             assert await refused_status(f"{base}/events") == 401
             assert await refused_status(f"{base}/events", additional_headers={"Authorization": "Bearer nope"}) == 401
             assert await refused_status(f"{base}/events", additional_headers={"Authorization": "Basic eDp5"}) == 401
-            assert await refused_status(f"{base}/events", additional_headers={"Cookie": "serstream_session=x"}) == 401
+            assert await refused_status(f"{base}/events",
+                                        additional_headers={"Cookie": f"serstream_session_{port}=x"}) == 401
             assert await refused_status(f"{base}/events", subprotocols=["serstream", bearer_subprotocol("no")]) == 401
             # /ingest: a wrong token is refused at the handshake too (none at all goes on to the hello).
             assert await refused_status(f"{base}/ingest", additional_headers={"Authorization": "Bearer no"}) == 401
@@ -138,7 +139,8 @@ def test_token_is_required_on_every_endpoint_but_healthz(site: Path) -> None:
             cookie = headers["set-cookie"]
             assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
             value = cookie.split(";")[0]
-            assert value == f"serstream_session={dashboard_cookie_value(TOKEN)}"
+            # Named by port: two monitors on one host do not overwrite each other's cookie.
+            assert value == f"serstream_session_{port}={dashboard_cookie_value(TOKEN)}"
             status, _, body = await aget(port, "/", {"Cookie": value})
             assert status == 200 and body == b"<h1>dashboard</h1>"
             async with connect(f"{base}/events", proxy=None, additional_headers={"Cookie": value}) as ws:
