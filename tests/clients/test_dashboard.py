@@ -115,7 +115,9 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
         page.on("request", lambda request: requests.append(request.url))
         page.goto(url)
 
-        page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
+        # The token page reloads into the dashboard: until app.js runs there is no serstreamDashboard.
+        page.wait_for_function("() => window.serstreamDashboard && window.serstreamDashboard.connected === true",
+                               timeout=20_000)
         # The token left the address bar; no request carried it in its URL.
         assert page.evaluate("() => location.hash") == ""
         assert page.evaluate("() => window.serstreamDashboard.hasToken") is True
@@ -179,7 +181,9 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
 
         # A reload (the fragment is gone) still works: the HttpOnly cookie /auth set unlocks page and socket.
         page.reload()
-        page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
+        # The token page reloads into the dashboard: until app.js runs there is no serstreamDashboard.
+        page.wait_for_function("() => window.serstreamDashboard && window.serstreamDashboard.connected === true",
+                               timeout=20_000)
         assert page.evaluate("() => window.serstreamDashboard.hasToken") is False
         assert page.evaluate("() => document.cookie") == ""  # HttpOnly: scripts cannot read it
         page.wait_for_function(
