@@ -117,9 +117,13 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     """(TokenDecision, LimitsConfig) from the options; UserError (one line) on a bad combination."""
     import secrets
 
-    from serstream.access import LimitsConfig, decide_token
+    from serstream.access import LimitsConfig, decide_token, normalise_origin
     from serstream.ingest import TOKEN_ENV
 
+    for origin in args.allow_origin:
+        if origin.strip().lower() != "null" and normalise_origin(origin) is None:
+            raise UserError(f"--allow-origin {origin!r} is not an origin; expected scheme://host[:port], "
+                            "e.g. https://app.example, or null")
     if (args.tls_key is not None) and args.tls_cert is None:
         raise UserError("--tls-key needs --tls-cert")
     if not args.handshake_timeout > 0:

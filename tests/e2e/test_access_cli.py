@@ -57,6 +57,8 @@ def test_token_file_errors_are_one_line(tmp_path: Path, factory_model: Path) -> 
     assert_one_line_error(proc, "does not exist")
     proc = run_cli("serve", "--model", str(factory_model), "--port", "0", "--no-auth", "--token", "x")
     assert_one_line_error(proc, "--no-auth")
+    proc = run_cli("serve", "--model", str(factory_model), "--port", "0", "--allow-origin", "app.example")
+    assert_one_line_error(proc, "--allow-origin", "not an origin")
 
 
 def _token_in(lines: list[str]) -> str:
