@@ -443,3 +443,42 @@ def test_refusals_are_logged_once_per_cause(caplog: pytest.LogCaptureFixture) ->
     assert len([m for m in lines if "unauthorized" in m]) == 1, lines
     assert len([m for m in lines if "forbidden origin" in m]) == 1, lines
     assert all("counted" in m for m in lines)
+
+
+def test_a_compressed_frame_is_refused_without_inflating_and_others_keep_streaming() -> None:
+    """A deflate 'bomb' (a frame flagged compressed, RSV1) on a connection that negotiated no compression."""
+    import os
+    import struct
+    import zlib
+
+    async def main() -> None:
+        async with running_server() as server:
+            other = await connect(f"ws://127.0.0.1:{server.port}/events", proxy=None)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write((
+                f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+            ).encode())
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101") and b"permessage-deflate" not in head.lower()
+            await wait_until(lambda: server.bus.subscribers == 2)
+            # 64 MiB of zeros deflate to about 64 KiB: sent as one compressed text frame.
+            bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+            payload = bomb.compress(b"\0" * (64 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)[:-4]
+            mask = os.urandom(4)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            writer.write(bytes([0xC1, 0xFF]) + struct.pack("!Q", len(payload)) + mask + masked)
+            await writer.drain()
+            # The server fails that connection (protocol error: RSV1 without the extension) ...
+            closing = await asyncio.wait_for(reader.read(4), 10)
+            assert closing[:1] == b"\x88" and struct.unpack("!H", closing[2:4])[0] == 1002
+            writer.close()
+            await wait_until(lambda: server.bus.subscribers == 1)
+            # ... and the other client keeps its stream.
+            server.bus.publish(emotion())
+            assert (await recv_json(other))["type"] == "emotion"
+            await other.close()
+
+    run(main())
