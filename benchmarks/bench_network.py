@@ -260,6 +260,7 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
 
 
 def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
+    from serstream.access import LimitsConfig
     from serstream.ingest import make_ingest_handler
     from serstream.monitor import Monitor, MonitorConfig
     from serstream.server import EventBus, MonitorServer, prometheus_text
@@ -281,8 +282,12 @@ def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
         monitor = Monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
         monitor.set_bus_drop_counter(lambda: bus.events_dropped)
         handler = make_ingest_handler(monitor, bus=bus, token=None, max_streams=streams + 16)
+        # Every client comes from 127.0.0.1: lift the per-address caps (docs/security.md) to the ramp.
+        caps = LimitsConfig(max_ingest=streams + 16, max_ingest_per_address=streams + 16,
+                            max_handshakes_per_address=streams + 16)
         server = MonitorServer(bus, "127.0.0.1", 0, health=monitor.health,
-                               metrics=lambda: prometheus_text(monitor.stats()), ingest_handler=handler)
+                               metrics=lambda: prometheus_text(monitor.stats()), ingest_handler=handler,
+                               limits=caps)
         await server.start()
         monitor.start()
         stop = asyncio.Event()

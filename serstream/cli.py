@@ -67,6 +67,87 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8765, help="port for WebSocket and HTTP (default 8765)")
 
 
+def _add_access_args(parser: argparse.ArgumentParser) -> None:
+    """Who may connect, TLS and connection limits (``--token`` itself is an ingest option); docs/security.md."""
+    from serstream.access import LimitsConfig
+
+    lim = LimitsConfig()
+    parser.add_argument("--token-file", metavar="PATH", default=None,
+                        help="read the token from PATH (first line), so it is not in the process list")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="no token even off loopback (anyone who reaches the port reads every reading)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also accept browser connections from ORIGIN, e.g. https://app.example "
+                        "(repeatable; 'null' allows pages opened from files)")
+    parser.add_argument("--tls-cert", metavar="PEM", default=None,
+                        help="serve https:// and wss:// with this certificate (chain) file")
+    parser.add_argument("--tls-key", metavar="PEM", default=None,
+                        help="the certificate's private key (default: in the --tls-cert file)")
+    parser.add_argument("--max-subscribers", type=_positive_int, default=lim.max_subscribers, metavar="N",
+                        help=f"concurrent /events clients (default {lim.max_subscribers})")
+    parser.add_argument("--max-subscribers-per-address", type=_positive_int,
+                        default=lim.max_subscribers_per_address, metavar="N",
+                        help=f"concurrent /events clients from one address (default {lim.max_subscribers_per_address})")
+    parser.add_argument("--max-ingest-clients", type=_positive_int, default=lim.max_ingest, metavar="N",
+                        help=f"concurrent /ingest connections (default {lim.max_ingest})")
+    parser.add_argument("--max-ingest-per-address", type=_positive_int, default=lim.max_ingest_per_address,
+                        metavar="N", help=f"concurrent /ingest connections from one address "
+                        f"(default {lim.max_ingest_per_address})")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="drop a connection that has not finished its opening handshake by then (default 10)")
+    parser.add_argument("--keepalive", type=float, default=20.0, metavar="SECONDS",
+                        help="ping every SECONDS and drop a client that does not answer within as long "
+                        "(default 20; 0: off)")
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline(4097).strip()
+    except FileNotFoundError:
+        raise UserError(f"--token-file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --token-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not first:
+        raise UserError(f"--token-file {path} is empty; put the token on its first line")
+    return first
+
+
+def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(TokenDecision, LimitsConfig) from the options; UserError (one line) on a bad combination."""
+    import secrets
+
+    from serstream.access import LimitsConfig, decide_token, normalise_origin
+    from serstream.ingest import TOKEN_ENV
+
+    for origin in args.allow_origin:
+        if origin.strip().lower() != "null" and normalise_origin(origin) is None:
+            raise UserError(f"--allow-origin {origin!r} is not an origin; expected scheme://host[:port], "
+                            "e.g. https://app.example, or null")
+    if (args.tls_key is not None) and args.tls_cert is None:
+        raise UserError("--tls-key needs --tls-cert")
+    if not args.handshake_timeout > 0:
+        raise UserError(f"--handshake-timeout must be > 0, got {args.handshake_timeout}")
+    if args.keepalive < 0:
+        raise UserError(f"--keepalive must be >= 0, got {args.keepalive}")
+    try:
+        decision = decide_token(
+            args.host,
+            flag_token=args.token or None,
+            file_token=_read_token_file(args.token_file) if args.token_file else None,
+            env_token=os.environ.get(TOKEN_ENV, "").strip() or None,
+            no_auth=bool(args.no_auth),
+            generate=lambda: secrets.token_urlsafe(24),
+        )
+        limits = LimitsConfig(
+            max_subscribers=args.max_subscribers, max_subscribers_per_address=args.max_subscribers_per_address,
+            max_ingest=args.max_ingest_clients, max_ingest_per_address=args.max_ingest_per_address,
+        )
+    except ValueError as exc:
+        raise UserError(_one_line(exc)) from None
+    return decision, limits
+
+
 def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
     """Options of the /ingest endpoint and, for ``listen``, of the RTP source (defined beside their code)."""
     from serstream.ingest import add_ingest_arguments
@@ -107,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                         help="stop after SECONDS")
     _add_server_options(listen)
+    _add_access_args(listen)
     _add_model_options(listen)
     _add_pipeline_options(listen)
     _add_network_options(listen, rtp=True)
@@ -130,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quiet", action="store_true", help="no status lines on stderr")
     serve.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
     _add_server_options(serve)
+    _add_access_args(serve)
     _add_model_options(serve)
     _add_pipeline_options(serve)
     _add_network_options(serve, rtp=False)
@@ -338,12 +421,12 @@ class ConsoleOutput:
 # --------------------------------------------------------------------------- listen / serve
 
 
-def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace) -> Any:
-    """The /ingest endpoint's handler, from the ingest options."""
+def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str | None) -> Any:
+    """The /ingest endpoint's handler, from the ingest options and the server's token."""
     from serstream.ingest import ingest_handler_from_args
 
     try:
-        return ingest_handler_from_args(monitor, bus, args)
+        return ingest_handler_from_args(monitor, bus, args, token=token)
     except ValueError as exc:
         raise UserError(_one_line(exc)) from None
 
@@ -364,6 +447,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     from serstream.sources.microphone import MicrophoneSource
 
     loop = asyncio.get_running_loop()
+    access, limits = _access_settings(args)
     bus = EventBus()
     quiet = bool(args.quiet)
     console = ConsoleOutput(json_lines=bool(args.json), quiet=quiet)
@@ -395,10 +479,13 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     server = MonitorServer(
         bus, args.host, args.port, health=monitor.health,
         metrics=lambda: prometheus_text(monitor.stats()), dashboard_dir=default_dashboard_dir(),
-        ingest_handler=_ingest_handler(monitor, bus, args),
+        ingest_handler=_ingest_handler(monitor, bus, args, access.token),
         # The ingest's frame limit must fit in a WebSocket message.
         max_message_bytes=max(1 << 20, int(getattr(args, "max_frame_bytes", 0) or 0)),
+        token=access.token, allow_origins=args.allow_origin, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        limits=limits, open_timeout=args.handshake_timeout, keepalive=args.keepalive,
     )
+    monitor.add_stats_provider(server.refusal_counters)
     try:
         await server.start()
     except ServerError as exc:
@@ -422,11 +509,8 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         # Events queued so far (a stream opened) print from here on; on a start-up error
         # above the console never starts, so the error stays the only line.
         console.start()
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        base = f"{host}:{server.port}"
         _info(f"model {model.info.version} on {model.device} ({model.path})", quiet)
-        _info(f"events    ws://{base}/events   (one stream: ws://{base}/events?stream=ID)", quiet)
-        _info(f"dashboard http://{base}/   health http://{base}/healthz   metrics http://{base}/metrics", quiet)
+        _print_endpoints(args.host, server.port, server.tls, access, quiet)
         if mic is not None:
             _info(f"listening to {mic.device.describe()} at {mic.sample_rate} Hz; Ctrl-C to stop", quiet)
         for rtp in (s for s in started if s is not mic):
@@ -460,6 +544,26 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         await server.close()
         console.close()
     return 0
+
+
+def _print_endpoints(host: str, port: int, tls: bool, access: Any, quiet: bool) -> None:
+    """Where to connect, with the dashboard URL that works (the token in its fragment, never sent)."""
+    from urllib.parse import quote
+
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{shown}:{port}"
+    http, ws = ("https", "wss") if tls else ("http", "ws")
+    fragment = f"#token={quote(access.token, safe='')}" if access.token else ""
+    if access.warning:
+        print(f"{PROG}: {access.warning}", file=sys.stderr, flush=True)
+    if access.generated:
+        print(f"{PROG}: no token given for {host}: generated one for this run (it is in the dashboard URL "
+              "below; programs send it as Authorization: Bearer <token>)", file=sys.stderr, flush=True)
+    needs = "   (send Authorization: Bearer <token>)" if access.token else ""
+    _info(f"events    {ws}://{base}/events   (one stream: {ws}://{base}/events?stream=ID){needs}", quiet)
+    # With a generated token this line is the only place the token is, so --quiet does not hide it.
+    _info(f"dashboard {http}://{base}/{fragment}   health {http}://{base}/healthz   metrics {http}://{base}/metrics",
+          quiet and not access.generated)
 
 
 def _positive_int(text: str) -> int:

@@ -22,6 +22,13 @@ Pushing audio and reading that stream's events (``serstream serve``)::
 
 or, without asyncio, ``push_file(url, "call.wav", "call-17")``.
 
+A monitor with a token (docs/security.md) wants ``token=...`` (sent as
+``Authorization: Bearer``); one serving TLS is reached at ``wss://`` and,
+with a self-signed or private certificate, ``ca_file=`` (the PEM file of the
+certificate or of the CA that signed it). A refused token or origin raises
+:class:`AccessDenied`, a certificate that does not verify :class:`TLSFailed`;
+neither is retried, since trying again cannot fix them.
+
 :func:`parse_event` never raises: a message of an unknown ``type``, of a
 newer schema version ``v``, or one that is malformed becomes an
 :class:`UnknownEvent` (with a warning logged once per kind of problem), and
@@ -36,6 +43,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Union
@@ -50,6 +58,9 @@ __all__ = [
     "MonitorUnavailable",
     "BadURL",
     "IngestRefused",
+    "AccessDenied",
+    "TLSFailed",
+    "client_ssl_context",
     "Mood",
     "BaseEvent",
     "EmotionEvent",
@@ -94,6 +105,38 @@ class IngestRefused(ClientError):
         super().__init__(f"the server refused the stream: {reason or 'no reason given'} (close code {code})")
         self.code = code
         self.reason = reason
+
+
+class AccessDenied(ClientError):
+    """The monitor refused the connection: no or a wrong token (HTTP 401), or a forbidden origin (403)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TLSFailed(ClientError):
+    """The TLS handshake failed (most often: the server's certificate does not verify against the CA given)."""
+
+
+def client_ssl_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext | None:
+    """The TLS context for ``url``: None for ``ws://``; for ``wss://`` the system CAs, or ``ca_file`` only.
+
+    Raises :class:`TLSFailed` (one line) when ``ca_file`` cannot be read or is not PEM.
+    """
+    if urlsplit(url).scheme != "wss":
+        if ca_file is not None:
+            raise BadURL(f"a CA file needs a wss:// URL, got {url!r}")
+        return None
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise TLSFailed(f"CA file {ca_file} does not exist") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split())
+        raise TLSFailed(f"CA file {ca_file} is not a PEM certificate file ({reason})") from None
 
 
 # --------------------------------------------------------------------------- events
@@ -360,11 +403,24 @@ def _connect_error(url: str, exc: BaseException) -> ClientError:
         return BadURL(f"{url!r} is not a valid WebSocket URL")
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
+        if status == 401:
+            return AccessDenied(f"{url} refused the connection: it needs the monitor's token "
+                                "(wrong or missing; pass --token or token=)", status)
+        if status == 403:
+            return AccessDenied(f"{url} refused the connection (HTTP 403: origin not allowed)", status)
+        if status == 503:
+            return MonitorUnavailable(f"{url} is busy (HTTP 503: too many connections); retry later")
         if status == 404:
             return BadURL(f"{url} is not a serstream endpoint (HTTP 404); use /events or /ingest")
         return BadURL(f"{url} answered HTTP {status} instead of opening a WebSocket")
     if isinstance(exc, InvalidHandshake):
         return BadURL(f"{url} did not answer as a WebSocket server ({type(exc).__name__})")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or exc.reason or str(exc)
+        return TLSFailed(f"the certificate of {url} does not verify ({reason}); pass the CA that signed it "
+                         "with --ca-file / ca_file=")
+    if isinstance(exc, ssl.SSLError):
+        return TLSFailed(f"TLS with {url} failed ({exc.reason or exc}); is it a wss:// server?")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return MonitorUnavailable(f"no answer from {url} (timed out); is the monitor running?")
     if isinstance(exc, OSError):
@@ -375,12 +431,17 @@ def _connect_error(url: str, exc: BaseException) -> ClientError:
     return MonitorUnavailable(f"cannot connect to {url}: {type(exc).__name__}: {exc}")
 
 
-async def _open(url: str, headers: Mapping[str, str] | None, timeout: float, max_size: int | None) -> Any:
+def _auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+async def _open(url: str, headers: Mapping[str, str] | None, timeout: float, max_size: int | None,
+                ssl_context: ssl.SSLContext | None = None) -> Any:
     from websockets.asyncio.client import connect
 
     try:
         return await connect(url, additional_headers=dict(headers or {}), open_timeout=timeout,
-                             max_size=max_size, compression=None)
+                             max_size=max_size, compression=None, ssl=ssl_context)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one ClientError line
         raise _connect_error(url, exc) from None
 
@@ -400,8 +461,15 @@ async def events(
     reconnect: bool = True,
     max_backoff_s: float = 10.0,
     open_timeout_s: float = 5.0,
+    token: str | None = None,
+    ca_file: str | Path | None = None,
 ) -> AsyncIterator[Event]:
     """Every event from the monitor's ``/events`` (``stream``: one stream's events plus stats).
+
+    ``token``: the monitor's token (sent as ``Authorization: Bearer``);
+    ``ca_file``: PEM file to verify a ``wss://`` monitor's certificate with
+    (default: the system's CAs). :class:`AccessDenied` and :class:`TLSFailed`
+    are raised at once, with or without ``reconnect``.
 
     With ``reconnect`` the iterator outlives a monitor restart: it logs one
     line when the connection is lost, retries with exponential backoff (0.5 s
@@ -412,12 +480,16 @@ async def events(
     from websockets.exceptions import ConnectionClosed
 
     target = _with_stream(_check_url(url, "/events"), stream)
+    context = client_ssl_context(target, ca_file)
+    headers = _auth_headers(token)
     backoff = 0.5
     was_connected = False
     outage_logged = False
     while True:
         try:
-            ws = await _open(target, None, open_timeout_s, None)
+            ws = await _open(target, headers, open_timeout_s, None, context)
+        except (AccessDenied, TLSFailed):
+            raise
         except ClientError as exc:
             # A server that has answered before and now fails the handshake is
             # most likely half-way through a restart (socket bound, handler not
@@ -462,6 +534,8 @@ class IngestClient:
     refusal (wrong token, bad format, monitor full) raises
     :class:`IngestRefused` right there; :attr:`stream_id` is then the id the
     server assigned (the requested name, or it with a suffix when taken).
+    A monitor with a token refuses a wrong ``token`` at the handshake
+    (:class:`AccessDenied`); ``ca_file`` verifies a ``wss://`` monitor.
     """
 
     def __init__(
@@ -476,12 +550,14 @@ class IngestClient:
         max_frame_bytes: int = 8192,
         open_timeout_s: float = 5.0,
         event_buffer: int = 10_000,
+        ca_file: str | Path | None = None,
     ) -> None:
         if sample_format not in ("s16le", "f32le"):
             raise ValueError(f"sample_format must be 's16le' or 'f32le', got {sample_format!r}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.url = _check_url(url, "/ingest")
+        self._ssl = client_ssl_context(self.url, ca_file)
         self.stream = stream
         self.sample_rate = int(sample_rate)
         self.sample_format = sample_format
@@ -517,8 +593,7 @@ class IngestClient:
         """Connect, say hello and wait for the ``stream`` open event; IngestRefused if refused."""
         from websockets.exceptions import ConnectionClosed
 
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await _open(self.url, headers, self.open_timeout_s, None)
+        self._ws = await _open(self.url, _auth_headers(self.token), self.open_timeout_s, None, self._ssl)
         hello = {"type": "hello", "stream": self.stream, "sample_rate": self.sample_rate,
                  "format": self.sample_format, "channels": self.channels}
         try:
@@ -628,6 +703,7 @@ def push_file(
     token: str | None = None,
     chunk_s: float = 0.02,
     timeout_s: float = 30.0,
+    ca_file: str | Path | None = None,
 ) -> list[Event]:
     """Push an audio file to ``/ingest`` (synchronously) and return the stream's events.
 
@@ -647,7 +723,7 @@ def push_file(
         collected: list[Event] = []
         with audio_file:
             client = IngestClient(url, stream, int(audio_file.samplerate), "f32le", token,
-                                  channels=int(audio_file.channels))
+                                  channels=int(audio_file.channels), ca_file=ca_file)
             async with client:
                 async def gather() -> None:
                     async for event in client.events():

@@ -558,8 +558,9 @@ def make_ingest_handler(
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--token``, ``--max-frame-bytes``, ``--max-ingest-streams`` and ``--ingest-max-speed``."""
     parser.add_argument("--token", default=None, metavar="SECRET",
-                        help=f"shared secret every /ingest client must present (default: ${TOKEN_ENV}; "
-                             "none: open)")
+                        help=f"shared secret every endpoint but /healthz requires (default: ${TOKEN_ENV}, "
+                             "else --token-file; on loopback none means open, elsewhere one is generated; "
+                             "see docs/security.md)")
     parser.add_argument("--max-frame-bytes", type=int, default=IngestConfig.max_frame_bytes, metavar="BYTES",
                         help="largest /ingest binary message (default 1 MiB); larger ones close with 1009")
     parser.add_argument("--max-ingest-streams", type=int, default=IngestConfig.max_streams, metavar="N",
@@ -568,8 +569,24 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on a client's intake, times real time (default 8; 0 = no cap)")
 
 
-def ingest_handler_from_args(monitor: "Monitor", bus: "EventBus", args: argparse.Namespace) -> IngestHandler:
-    """:func:`make_ingest_handler` from parsed options; ValueError (one line) on a bad value."""
+def ingest_handler_from_args(
+    monitor: "Monitor", bus: "EventBus", args: argparse.Namespace, token: str | None | _FromEnv = TOKEN_FROM_ENV
+) -> IngestHandler:
+    """:func:`make_ingest_handler` from parsed options; ValueError (one line) on a bad value.
+
+    ``token``: the server's resolved token (from ``--token``, ``--token-file``,
+    the environment, or generated; None: none), so the hello is checked
+    against the same secret as every other endpoint. By default it is read
+    from ``args.token``, else ``$SERSTREAM_TOKEN``.
+    """
+    if not isinstance(token, _FromEnv):
+        speed = getattr(args, "ingest_max_speed", IngestConfig.max_speed)
+        return make_ingest_handler(
+            monitor, bus=bus, token=token,
+            max_frame_bytes=int(getattr(args, "max_frame_bytes", IngestConfig.max_frame_bytes)),
+            max_streams=int(getattr(args, "max_ingest_streams", IngestConfig.max_streams)),
+            max_speed=None if not speed else float(speed),
+        )
     token = getattr(args, "token", None)
     speed = getattr(args, "ingest_max_speed", IngestConfig.max_speed)
     return make_ingest_handler(

@@ -15,6 +15,16 @@ One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
 The plain HTTP routes are answered from ``process_request`` during the
 opening handshake, so one ``websockets`` server serves everything.
 
+Access (docs/security.md): with a ``token`` every route but ``/healthz``
+needs it (``Authorization: Bearer``, the dashboard's subprotocol entry or its
+cookie, which ``GET /auth`` sets; ``/ingest`` may also carry it in the
+hello); a request with an ``Origin`` header must come from the server's own
+origin or ``allow_origins``; subscribers, ingest clients and pending
+handshakes are capped overall and per address. Every refusal is counted by
+cause (:attr:`MonitorServer.refusals`) and logged once per cause. The pure
+rules live in :mod:`serstream.access`. ``tls_cert``/``tls_key`` serve
+``https://`` and ``wss://`` on the same port.
+
 :class:`EventBus` is the fan-out: :meth:`EventBus.publish` serialises an
 event once and offers the same bytes to every matching
 :class:`Subscription`. Each subscription is a bounded drop-oldest buffer, so
@@ -32,17 +42,34 @@ import json
 import logging
 import math
 import mimetypes
+import re
+import ssl
 import threading
 from collections import deque
 from pathlib import Path, PurePosixPath
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
+from serstream.access import (
+    REFUSAL_CAUSES,
+    SUBPROTOCOL,
+    ConnectionLimits,
+    Credentials,
+    LimitsConfig,
+    bearer_from_header,
+    cookie_from_header,
+    cookie_name,
+    credentials_ok,
+    dashboard_cookie_value,
+    origin_allowed,
+    token_from_subprotocols,
+)
 from serstream.events import dumps
 
 __all__ = [
@@ -63,6 +90,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: The fields of ``health()`` that ``/healthz`` shows: liveness only, nothing about streams
+#: (the route is open even when a token is set).
+HEALTH_FIELDS = ("status", "pipeline", "inference", "device", "model", "uptime_s")
 
 #: Called with the ``/ingest`` connection and its handshake request; runs until the client is done.
 IngestHandler = Callable[[ServerConnection, Request], Awaitable[None]]
@@ -276,7 +307,19 @@ class MonitorServer:
         ingest_handler: IngestHandler | None = None,
         client_buffer: int = 1000,
         close_timeout: float = 2.0,
+        token: str | None = None,
+        allow_origins: Iterable[str] = (),
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        limits: LimitsConfig | None = None,
+        open_timeout: float = 10.0,
+        keepalive: float | None = 20.0,
     ) -> None:
+        if token is not None and not token:
+            raise ValueError("token must be a non-empty string or None")
+        # A certificate file may hold its key too (tls_key None), as load_cert_chain allows.
+        if tls_key is not None and tls_cert is None:
+            raise ValueError("a TLS key needs its certificate (--tls-cert)")
         self.bus = bus
         self.host = host
         self.requested_port = int(port)
@@ -287,6 +330,18 @@ class MonitorServer:
         self.ingest_handler = ingest_handler
         self.client_buffer = int(client_buffer)
         self.close_timeout = float(close_timeout)
+        #: The shared secret; None: no authentication (only sensible on loopback).
+        self.token = token
+        self.allow_origins = tuple(allow_origins)
+        self.tls_cert = Path(tls_cert) if tls_cert is not None else None
+        self.tls_key = Path(tls_key) if tls_key is not None else None
+        self.limits = ConnectionLimits(limits or LimitsConfig())
+        self.open_timeout = float(open_timeout)
+        self.keepalive = None if not keepalive else float(keepalive)
+        #: Connections refused, by cause (see :data:`serstream.access.REFUSAL_CAUSES`).
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSAL_CAUSES, 0)
+        self._logged_causes: set[str] = set()
+        self._closing = False
         self._server: Server | None = None
         self._port: int | None = None
         self.event_clients = 0
@@ -296,6 +351,22 @@ class MonitorServer:
         self.http_requests = 0
 
     @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def refusal_counters(self) -> dict[str, int]:
+        """Refusals as ``stats.drops`` entries (``refused_<cause>``); a stats provider of the monitor."""
+        return {f"refused_{cause}": n for cause, n in self.refusals.items()}
+
+    def _refuse(self, cause: str, peer: str) -> None:
+        """Count a refusal; log the first of each cause (later ones are only counted)."""
+        self.refusals[cause] = self.refusals.get(cause, 0) + 1
+        if cause not in self._logged_causes:
+            self._logged_causes.add(cause)
+            log.warning("refused a connection from %s: %s (further refusals of this kind are counted "
+                        "in stats, not logged)", peer, cause.replace("_", " "))
+
+    @property
     def port(self) -> int:
         """The port actually bound (useful with ``port=0``); the requested one before start."""
         return self._port if self._port is not None else self.requested_port
@@ -303,23 +374,79 @@ class MonitorServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of ``tls_cert``/``tls_key``; ServerError (one line) when they do not load."""
+        if self.tls_cert is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        except FileNotFoundError as exc:
+            raise ServerError(f"cannot read TLS file {exc.filename or self.tls_cert}: no such file") from None
+        except PermissionError as exc:
+            raise ServerError(f"cannot read TLS file {exc.filename or self.tls_cert}: permission denied") from None
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            detail = re.sub(r"\s*\(_ssl\.c:\d+\)", "", " ".join(str(exc).split())) or type(exc).__name__
+            raise ServerError(
+                f"cannot load the TLS certificate {self.tls_cert} with key {self.tls_key or self.tls_cert}: "
+                f"not a PEM certificate and its matching private key ({detail})"
+            ) from None
+        return context
+
+    def _connection_class(self) -> type[ServerConnection]:
+        """ServerConnection that caps pending handshakes per address and counts handshake timeouts."""
+        monitor = self
+
+        class _Connection(ServerConnection):
+            async def handshake(self, *args: Any, **kwargs: Any) -> None:
+                peer = _address(self)
+                cause = monitor.limits.acquire("handshake", peer)
+                if cause is not None:
+                    monitor._refuse(cause, peer)
+                    self.transport.abort()
+                    raise ConnectionAbortedError(cause)
+                try:
+                    await super().handshake(*args, **kwargs)
+                except asyncio.CancelledError:
+                    # serve() cancels the handshake when open_timeout expires.
+                    if not monitor._closing:
+                        monitor._refuse("handshake_timeout", peer)
+                    raise
+                finally:
+                    monitor.limits.release("handshake", peer)
+
+        return _Connection
 
     async def start(self) -> None:
         """Bind and start serving. Raises :class:`ServerError` with a one-line reason."""
         if self._server is not None:
             raise ServerError("server already started")
+        context = self._ssl_context()
+        self._closing = False
         try:
             self._server = await serve(
                 self._handle_connection,
                 self.host,
                 self.requested_port,
                 process_request=self._process_request,
+                select_subprotocol=_select_subprotocol,
+                create_connection=self._connection_class(),
                 max_size=self.max_message_bytes,
-                # Every client gets the same serialised bytes; per-connection
-                # compression would cost CPU per client for small messages.
+                # Off: every client gets the same serialised bytes (compressing per connection
+                # costs CPU), and a compressed message could inflate far past max_size in memory
+                # before the limit applies (a "compression bomb"). Without the extension it cannot.
                 compression=None,
                 close_timeout=self.close_timeout,
+                # A client that connects and never finishes the handshake is dropped after this
+                # (and counted); with TLS it also bounds the TLS handshake.
+                open_timeout=self.open_timeout,
+                # Keepalive: a ping every `keepalive` s; no pong within as long closes the connection.
+                ping_interval=self.keepalive,
+                ping_timeout=self.keepalive,
+                ssl=context,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
@@ -335,6 +462,7 @@ class MonitorServer:
     async def close(self) -> None:
         """Stop accepting, close every connection (1001), and wait for the handlers."""
         server, self._server = self._server, None
+        self._closing = True
         if server is not None:
             server.close()
             await server.wait_closed()
@@ -351,13 +479,26 @@ class MonitorServer:
     async def _handle_connection(self, conn: ServerConnection) -> None:
         assert conn.request is not None
         parts = urlsplit(conn.request.path)
-        if parts.path == "/events":
-            stream = parse_qs(parts.query).get("stream", [""])[0]
-            await self._serve_events(conn, stream or None)
-        elif parts.path == "/ingest":
-            await self._serve_ingest(conn)
-        else:  # process_request answers every other path; this is a safety net
+        kind = {"/events": "events", "/ingest": "ingest"}.get(parts.path)
+        if kind is None:  # process_request answers every other path; this is a safety net
             await conn.close(1008, "unknown endpoint")
+            return
+        peer = _address(conn)
+        # process_request checked the caps already; this takes the slot (two handshakes may
+        # have passed that check at once).
+        cause = self.limits.acquire(kind, peer)
+        if cause is not None:
+            self._refuse(cause, peer)
+            await conn.close(1013, cause.replace("_", " "))
+            return
+        try:
+            if kind == "events":
+                stream = parse_qs(parts.query).get("stream", [""])[0]
+                await self._serve_events(conn, stream or None)
+            else:
+                await self._serve_ingest(conn)
+        finally:
+            self.limits.release(kind, peer)
 
     async def _serve_events(self, conn: ServerConnection, stream: str | None) -> None:
         sub = self.bus.subscribe(stream, self.client_buffer)
@@ -406,11 +547,33 @@ class MonitorServer:
             response = _response(405, "text/plain; charset=utf-8", b"method not allowed\n")
             response.headers["Allow"] = "GET"
             return response
+        if path == "/healthz":  # open: liveness only, nothing about streams
+            self.http_requests += 1
+            return self._json_route(self._health)
+        peer = _address(conn)
+        origins = request.headers.get_all("Origin")
+        hosts = request.headers.get_all("Host")
+        if origins and (len(origins) != 1 or not origin_allowed(
+            origins[0], host_header=hosts[0] if len(hosts) == 1 else None, bind_host=self.host,
+            allowlist=self.allow_origins,
+        )):
+            self._refuse("forbidden_origin", peer)
+            return _error_response(403, "forbidden: this origin may not use the monitor "
+                                        "(see --allow-origin in docs/security.md)")
+        refusal = self._check_token(path, request, peer)
+        if refusal is not None:
+            return refusal
         if path in ("/events", "/ingest"):
+            cause = self.limits.check("events" if path == "/events" else "ingest", peer)
+            if cause is not None:
+                self._refuse(cause, peer)
+                response = _error_response(503, f"busy: {cause.replace('_', ' ')}; try again later")
+                response.headers["Retry-After"] = "5"
+                return response
             return None  # the WebSocket handshake goes on (426 when it is not one)
         self.http_requests += 1
-        if path == "/healthz":
-            return self._json_route(self.health)
+        if path == "/auth":
+            return self._auth_response()
         if path == "/metrics":
             try:
                 text = self.metrics()
@@ -418,6 +581,38 @@ class MonitorServer:
                 return _error_response(500, f"metrics failed: {type(exc).__name__}")
             return _response(200, PROMETHEUS_CONTENT_TYPE, text.encode("utf-8"))
         return self._static(path)
+
+    def _health(self) -> Mapping[str, Any]:
+        full = self.health()
+        return {key: full[key] for key in HEALTH_FIELDS if key in full}
+
+    def _check_token(self, path: str, request: Request, peer: str) -> Response | None:
+        """None when the request may go on; else the 401 answer (counted as ``unauthorized``)."""
+        if self.token is None:
+            return None
+        creds = _credentials(request, self.port)
+        if path == "/ingest" and not creds.presented:
+            return None  # the ingest handler wants the token in the hello instead (docs/ingest.md)
+        if credentials_ok(self.token, creds):
+            return None
+        self._refuse("unauthorized", peer)
+        if path not in ("/events", "/ingest", "/metrics", "/auth") and _wants_html(path):
+            response = _response(401, "text/html; charset=utf-8", TOKEN_PAGE)
+        else:
+            response = _error_response(401, "unauthorized: this monitor needs its token "
+                                            "(Authorization: Bearer <token>; see docs/security.md)")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="serstream"'
+        return response
+
+    def _auth_response(self) -> Response:
+        """``GET /auth`` with the right bearer token (checked before): the dashboard's cookie."""
+        if self.token is None:
+            return _response(204, "text/plain; charset=utf-8", b"")
+        cookie = (f"{cookie_name(self.port)}={dashboard_cookie_value(self.token)}; Path=/; HttpOnly; SameSite=Strict"
+                  + ("; Secure" if self.tls else ""))
+        response = _response(204, "text/plain; charset=utf-8", b"")
+        response.headers["Set-Cookie"] = cookie
+        return response
 
     def _json_route(self, producer: Callable[[], Mapping[str, Any]]) -> Response:
         try:
@@ -455,6 +650,71 @@ class MonitorServer:
         return _response(200, _content_type(target), body)
 
 
+def _address(conn: ServerConnection) -> str:
+    """The remote IP address of ``conn`` (the port left out: caps count per address)."""
+    try:
+        addr = conn.remote_address
+    except Exception:  # noqa: BLE001 - the transport may already be gone
+        return "unknown"
+    if isinstance(addr, tuple) and addr:
+        return str(addr[0])
+    return str(addr)
+
+
+def _offered_subprotocols(request: Request) -> list[str]:
+    return [p.strip() for value in request.headers.get_all("Sec-WebSocket-Protocol") for p in value.split(",")]
+
+
+def _credentials(request: Request, port: int) -> Credentials:
+    return Credentials(
+        # Two Authorization headers: ambiguous, so presented but wrong ("").
+        bearer=bearer_from_header(auth[0]) if len(auth := request.headers.get_all("Authorization")) == 1
+        else ("" if auth else None),
+        subprotocol=token_from_subprotocols(_offered_subprotocols(request)),
+        cookie=cookie_from_header("; ".join(request.headers.get_all("Cookie")), cookie_name(port)),
+    )
+
+
+def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """``serstream`` when offered (browsers that send their token as a subprotocol entry), else none."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
+def _wants_html(path: str) -> bool:
+    name = PurePosixPath(path).name
+    return path.endswith("/") or name == "" or name.endswith((".html", ".htm")) or "." not in name
+
+
+#: What a browser gets for the dashboard without the token: a short explanation, and a script that
+#: takes the token from the URL fragment (``/#token=...``, never sent to a server), trades it for the
+#: HttpOnly cookie at ``/auth`` and reloads. The fragment stays for the dashboard's own WebSocket.
+TOKEN_PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<title>serstream: token needed</title></head>
+<body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">
+<h1>This monitor needs its token</h1>
+<p id="why">Open the dashboard with the URL that <code>serstream listen</code> or
+<code>serstream serve</code> printed: it ends in <code>#token=...</code>.
+The part after <code>#</code> stays in your browser; it is never sent in a request or a referrer.</p>
+<script>
+function serstreamUnlock() {
+  var m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (!m) return;
+  var token = decodeURIComponent(m[1]);
+  fetch("/auth", {headers: {"Authorization": "Bearer " + token}, cache: "no-store", credentials: "same-origin"})
+    .then(function (r) {
+      if (r.ok) { location.reload(); return; }
+      document.getElementById("why").textContent = "The token in this URL is not this monitor's token.";
+      document.body.dataset.tokenRefused = "true";
+    });
+}
+serstreamUnlock();
+window.addEventListener("hashchange", serstreamUnlock);
+</script>
+</body></html>
+"""
+
+
 def _content_type(path: Path) -> str:
     if path.suffix in (".js", ".mjs"):
         return "text/javascript; charset=utf-8"
@@ -466,8 +726,8 @@ def _content_type(path: Path) -> str:
 
 
 def _response(status: int, content_type: str, body: bytes) -> Response:
-    reasons = {200: "OK", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-               500: "Internal Server Error"}
+    reasons = {200: "OK", 204: "No Content", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+               405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
     headers = Headers(
         [
             ("Content-Type", content_type),

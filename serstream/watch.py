@@ -60,14 +60,50 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-retry", action="store_true",
                         help="exit (code 2) when the monitor cannot be reached or goes away")
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
+    parser.add_argument("--token", default=None, metavar="SECRET",
+                        help="the monitor's token (default: $SERSTREAM_TOKEN, or #token= of a pasted dashboard URL)")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="read the token from PATH (first line), so it is not in the process list")
+    parser.add_argument("--ca-file", default=None, metavar="PEM",
+                        help="verify a wss:// monitor's certificate with this CA (or self-signed certificate) file")
 
 
 class WatchError(Exception):
     """A problem the user can fix: one line, exit code 2."""
 
 
+def token_from_url(url: str) -> str | None:
+    """The token of a dashboard URL's fragment (``http://HOST:PORT/#token=...``), or None."""
+    from urllib.parse import parse_qs
+
+    fragment = urlsplit(url.strip()).fragment
+    values = parse_qs(fragment).get("token") if fragment else None
+    return values[0] if values else None
+
+
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """``--token``, else ``--token-file``, else ``$SERSTREAM_TOKEN``, else the URL's ``#token=``; WatchError."""
+    if getattr(args, "token", None):
+        return str(args.token)
+    path = getattr(args, "token_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.readline(4097).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WatchError(f"cannot read --token-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise WatchError(f"--token-file {path} is empty; put the token on its first line")
+        return token
+    return os.environ.get("SERSTREAM_TOKEN", "").strip() or token_from_url(getattr(args, "url", "") or "")
+
+
 def events_url(url: str) -> str:
-    """``ws://HOST:PORT`` -> ``ws://HOST:PORT/events``; WatchError for what cannot be a monitor URL."""
+    """``ws://HOST:PORT`` -> ``ws://HOST:PORT/events``; WatchError for what cannot be a monitor URL.
+
+    A pasted dashboard URL works too: ``http(s)`` becomes ``ws(s)`` and the
+    fragment (where the dashboard keeps its token) is dropped.
+    """
     text = url.strip()
     if "://" not in text:
         text = "ws://" + text  # HOST:PORT alone
@@ -78,7 +114,7 @@ def events_url(url: str) -> str:
         raise WatchError(f"{url!r} is not a monitor URL; expected ws://HOST:PORT")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/events")
-    return urlunsplit(parts)
+    return urlunsplit(parts._replace(fragment=""))
 
 
 # --------------------------------------------------------------------------- formatting (pure)
@@ -198,7 +234,8 @@ class Printer:
 async def _watch(url: str, args: argparse.Namespace, printer: Printer) -> None:
     from serstream.client import UnknownEvent, events
 
-    async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry):
+    async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry,
+                              token=resolve_token(args), ca_file=getattr(args, "ca_file", None)):
         if isinstance(event, UnknownEvent):
             # Newer schema versions and unknown types still print raw with --json;
             # the client has logged once what it could not read.
@@ -214,6 +251,7 @@ def run_watch(args: argparse.Namespace) -> int:
 
     try:
         url = events_url(args.url)
+        resolve_token(args)  # a bad --token-file is said here, once
         if args.duration is not None and args.duration < 0:
             raise WatchError("--duration must be >= 0")
     except WatchError as exc:

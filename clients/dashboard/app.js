@@ -50,6 +50,11 @@
   // ------------------------------------------------------------------ state
 
   const params = new URLSearchParams(location.search);
+  // The monitor's token comes in the URL fragment (#token=...), which browsers never send to a
+  // server nor put in a Referer. It goes to the monitor only as a WebSocket subprotocol entry
+  // ("serstream.bearer.<base64url>"), and leaves the address bar at once. A page served by the
+  // monitor itself was unlocked by an HttpOnly cookie (set by /auth), which a reload reuses.
+  const token = takeToken();
   const state = {
     url: eventsUrl(params),
     connected: false,
@@ -68,6 +73,29 @@
     selected: null,
     stats: null,
   };
+
+  function takeToken() {
+    const match = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+    if (!match) return null;
+    let value;
+    try {
+      value = decodeURIComponent(match[1]);
+    } catch (err) {
+      return null;
+    }
+    try {
+      history.replaceState(null, "", location.pathname + location.search);
+    } catch (err) { /* a file:// page may refuse; the token still works */ }
+    return value || null;
+  }
+
+  function tokenProtocols() {
+    const bytes = new TextEncoder().encode(token);
+    let binary = "";
+    bytes.forEach(function (b) { binary += String.fromCharCode(b); });
+    const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    return ["serstream", "serstream.bearer." + encoded];
+  }
 
   function eventsUrl(search) {
     let base = search.get("monitor");
@@ -391,7 +419,7 @@
     state.retryAt = null;
     let ws;
     try {
-      ws = new WebSocket(state.url);
+      ws = token ? new WebSocket(state.url, tokenProtocols()) : new WebSocket(state.url);
     } catch (err) {
       state.lastCloseReason = "invalid monitor URL " + state.url + ": " + err.message;
       scheduleReconnect();
@@ -1025,6 +1053,7 @@
   /** Read-only view of the state for tests and for poking at in the console. */
   window.serstreamDashboard = {
     get url() { return state.url; },
+    get hasToken() { return token !== null; },
     get connected() { return state.connected; },
     get connects() { return state.connects; },
     get disconnects() { return state.disconnects; },

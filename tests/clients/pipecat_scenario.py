@@ -113,7 +113,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = build_frames(Path(args.wav), args.lead, args.tail, args.abrupt)
     audio_before = [bytes(f.audio) for f in frames if isinstance(f, InputAudioRawFrame)]
     emotion = SerstreamEmotionProcessor(url=args.url, stream="pipecat-test",
-                                        attach_to_transcription=args.attach)
+                                        attach_to_transcription=args.attach, token=args.token,
+                                        ca_file=args.ca_file)
     calls: list[dict[str, Any]] = []
 
     @emotion.event_handler("on_emotion")
@@ -164,6 +165,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--ca-file", default=None)
     parser.add_argument("--wav", required=True)
     parser.add_argument("--lead", type=float, required=True, help="silence before the speech, seconds")
     parser.add_argument("--tail", type=float, required=True, help="silence after the speech, seconds")

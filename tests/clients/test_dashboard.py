@@ -35,14 +35,28 @@ STREAM = "file:speech.wav"
 OTHER = "file:speech-44k.wav"
 
 
+#: The monitors of these tests have a token, as one reachable from a network would.
+TOKEN = "dash-token/with+odd=chars"
+
+
 def _start_monitor(model: Path, wav: Path, port: int, *more: Path) -> Background:
     files = [arg for path in (wav, *more) for arg in ("--file", str(path))]
-    return start_monitor(["listen", "--model", str(model), *files, "--loop", "--port", str(port)])
+    return start_monitor(["listen", "--model", str(model), *files, "--loop", "--port", str(port),
+                          "--token", TOKEN])
 
 
 def _served_page(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return response.read().decode("utf-8", "replace")
+
+
+def _dashboard_url(monitor: Background) -> str:
+    """The dashboard URL the monitor printed (with the token in its fragment)."""
+    for line in monitor.stderr:
+        if "dashboard http://" in line:
+            return line.split("dashboard ", 1)[1].split()[0]
+    raise AssertionError("the monitor printed no dashboard URL")
 
 
 def _is_this_dashboard(html: str) -> bool:
@@ -84,13 +98,30 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
     monitor = _start_monitor(factory_model, speech_wav, free_port, speech_wav_44k_stereo)
     try:
         # The page the monitor serves itself (test_monitor_serves_this_dashboard checks it is this one).
-        url = f"http://127.0.0.1:{free_port}/"
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page_errors: list[str] = []
         page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+        # Without the token a browser gets only a page saying one is needed (nothing about streams) ...
+        page.goto(f"http://127.0.0.1:{free_port}/")
+        assert "needs its token" in page.inner_text("body")
+        assert page.evaluate("() => window.serstreamDashboard === undefined")
+        # ... and with a wrong one, that page says so.
+        page.goto(f"http://127.0.0.1:{free_port}/#token=wrong")
+        page.wait_for_selector("body[data-token-refused='true']", timeout=10_000)
+        # The URL the monitor printed works: its fragment (never sent to a server) holds the token.
+        url = _dashboard_url(monitor)
+        assert url.startswith(f"http://127.0.0.1:{free_port}/#token=")
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
         page.goto(url)
 
-        page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
+        # The token page reloads into the dashboard: until app.js runs there is no serstreamDashboard.
+        page.wait_for_function("() => window.serstreamDashboard && window.serstreamDashboard.connected === true",
+                               timeout=20_000)
+        # The token left the address bar; no request carried it in its URL.
+        assert page.evaluate("() => location.hash") == ""
+        assert page.evaluate("() => window.serstreamDashboard.hasToken") is True
+        assert not [u for u in requests if "token" in u], requests
         assert page.get_attribute("body", "data-connected") == "true"
         page.wait_for_function(
             f"() => (window.serstreamDashboard.streams[{json.dumps(STREAM)}] || {{}}).emotions >= 2",
@@ -147,6 +178,16 @@ def test_dashboard_live_view_and_recovery_after_monitor_restart(
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        # A reload (the fragment is gone) still works: the HttpOnly cookie /auth set unlocks page and socket.
+        page.reload()
+        # The token page reloads into the dashboard: until app.js runs there is no serstreamDashboard.
+        page.wait_for_function("() => window.serstreamDashboard && window.serstreamDashboard.connected === true",
+                               timeout=20_000)
+        assert page.evaluate("() => window.serstreamDashboard.hasToken") is False
+        assert page.evaluate("() => document.cookie") == ""  # HttpOnly: scripts cannot read it
+        page.wait_for_function(
+            f"() => (window.serstreamDashboard.streams[{json.dumps(STREAM)}] || {{}}).emotions >= 1", timeout=30_000)
 
         # The monitor dies: the page says so and keeps retrying.
         emotions_before = _state(page, f"window.serstreamDashboard.streams[{json.dumps(STREAM)}].emotions")

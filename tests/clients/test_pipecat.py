@@ -197,7 +197,8 @@ def _assert_passthrough(result: dict[str, Any]) -> None:
 async def _ingest_refusal(port: int) -> str | None:
     """None when /ingest takes a stream; else the server's close reason."""
     try:
-        async with connect(f"ws://127.0.0.1:{port}/ingest", open_timeout=10) as ws:
+        async with connect(f"ws://127.0.0.1:{port}/ingest", open_timeout=10,
+                           additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
             await ws.send(json.dumps({"type": "hello", "stream": "probe", "sample_rate": 16000,
                                       "format": "s16le", "channels": 1}))
             first = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -219,16 +220,32 @@ def _the_turns_final_emotion(result: dict) -> dict:
     return emotion
 
 
+TOKEN = "pipecat-test-token"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws-token", "wss-token"])
 def test_emotion_frame_and_on_emotion_for_the_turn(
-    pipecat_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path
+    pipecat_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path, tls: bool
 ) -> None:
-    monitor = Background(["serve", "--model", str(factory_model), "--port", str(free_port)])
+    """The monitor has a token (and, for wss, an openssl-made certificate); the plugin presents both."""
+    args = ["serve", "--model", str(factory_model), "--port", str(free_port), "--token", TOKEN]
+    extra = ["--attach", "--token", TOKEN]
+    scheme = "ws"
+    if tls:
+        from tests.test_server_access import make_certificate
+
+        cert, key = make_certificate(tmp_path)
+        args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        extra += ["--ca-file", str(cert)]
+        scheme = "wss"
+    monitor = Background(args)
     try:
         monitor.wait_for(lambda: monitor.stderr_has("serving"), 60, "serstream serve to start")
-        refusal = asyncio.run(_ingest_refusal(free_port))
-        assert refusal is None, f"`serstream serve` refused an /ingest stream: {refusal}"
-        result = _scenario(pipecat_python, f"ws://127.0.0.1:{free_port}", turn_wav, tmp_path / "live.json",
-                           "--attach")
+        if not tls:
+            refusal = asyncio.run(_ingest_refusal(free_port))
+            assert refusal is None, f"`serstream serve` refused an /ingest stream: {refusal}"
+        result = _scenario(pipecat_python, f"{scheme}://127.0.0.1:{free_port}", turn_wav, tmp_path / "live.json",
+                           *extra)
     finally:
         monitor.kill()
     emotion = _the_turns_final_emotion(result)

@@ -162,3 +162,20 @@ def test_watch_without_a_monitor(free_port: int) -> None:
 
     code, _, err = _finish(_watch("ftp://example"), timeout=120)
     assert code == 2 and err.strip().splitlines()[-1].startswith("serstream: error:")
+
+
+def test_a_pasted_dashboard_url_gives_the_events_url_and_its_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from serstream.watch import resolve_token, token_from_url
+
+    pasted = "https://monitor.lan:8765/#token=a%2Fb%2Bc"
+    assert events_url(pasted) == "wss://monitor.lan:8765/events"  # the fragment is not sent anywhere
+    assert token_from_url(pasted) == "a/b+c"
+    assert token_from_url("ws://127.0.0.1:8765") is None
+    monkeypatch.delenv("SERSTREAM_TOKEN", raising=False)
+    args = argparse.Namespace(url=pasted, token=None, token_file=None)
+    assert resolve_token(args) == "a/b+c"
+    monkeypatch.setenv("SERSTREAM_TOKEN", "from-env")
+    assert resolve_token(args) == "from-env"
+    assert resolve_token(argparse.Namespace(url=pasted, token="flag", token_file=None)) == "flag"

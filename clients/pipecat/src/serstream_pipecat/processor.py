@@ -24,6 +24,10 @@ error is logged once (loguru, Pipecat's logger) and retried in the
 background; the pipeline never waits for the monitor and never fails
 because of it. Audio that arrives while there is no connection is not
 analysed (and counted in :attr:`SerstreamEmotionProcessor.counters`).
+
+A monitor with a token wants ``token=`` (sent as ``Authorization: Bearer``
+with the handshake); one serving TLS is reached at ``wss://`` and, with a
+self-signed or private certificate, ``ca_file=`` (its PEM file or its CA's).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 import time
 import uuid
 from collections import deque
@@ -54,7 +59,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from serstream_pipecat.turns import EmotionReading, TurnConfig, TurnTracker
 
@@ -127,8 +132,10 @@ class SerstreamSettings:
     url: str = "ws://127.0.0.1:8765"
     #: Stream id on the monitor; default ``pipecat-<random>``.
     stream: str | None = None
-    #: Sent in the hello when the monitor asks for one.
+    #: The monitor's token, sent as ``Authorization: Bearer`` with the handshake (docs/security.md).
     token: str | None = None
+    #: PEM file to verify a ``wss://`` monitor's certificate with (default: the system's CAs).
+    ca_file: str | None = None
     #: Put the reading into following ``TranscriptionFrame``\ s' metadata.
     attach_to_transcription: bool = False
     turns: TurnConfig = field(default_factory=TurnConfig)
@@ -175,6 +182,7 @@ class SerstreamEmotionProcessor(FrameProcessor):
         #: The monitor's id of this pipeline's stream (the requested name, or the one the monitor gave).
         self.stream_id = self._requested_stream
         self.ingest_url = _ingest_url(self.settings.url)
+        self._ssl = _ssl_context(self.ingest_url, self.settings.ca_file)
         self._tracker = TurnTracker(self.stream_id, self.settings.turns)
         self._turn_source: str | None = None  # "user" once a User*SpeakingFrame was seen
         self._audio_format: tuple[int, int] | None = None  # (sample_rate, channels)
@@ -363,12 +371,11 @@ class SerstreamEmotionProcessor(FrameProcessor):
     async def _session(self) -> None:
         assert self._audio_format is not None
         rate, channels = self._audio_format
-        async with connect(self.ingest_url, open_timeout=self.settings.open_timeout_s,
-                           max_size=1 << 20, close_timeout=1.0) as ws:
+        headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
+        async with connect(self.ingest_url, open_timeout=self.settings.open_timeout_s, additional_headers=headers,
+                           ssl=self._ssl, max_size=1 << 20, close_timeout=1.0) as ws:
             hello: dict[str, Any] = {"type": "hello", "stream": self._requested_stream, "sample_rate": rate,
                                      "format": "s16le", "channels": channels}
-            if self.settings.token:
-                hello["token"] = self.settings.token
             await ws.send(json.dumps(hello))
             self._tracker.new_connection()
             self._connected = True
@@ -490,7 +497,25 @@ def _close_reason(exc: ConnectionClosed) -> str:
     return f"closed by the monitor (code {frame.code}{': ' + frame.reason if frame.reason else ''})"
 
 
+def _ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """None for ``ws://``; for ``wss://`` the system CAs or ``ca_file``; ValueError (one line) if unusable."""
+    if urlsplit(url).scheme != "wss":
+        if ca_file is not None:
+            raise ValueError(f"ca_file needs a wss:// monitor URL, got {url!r}")
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"serstream ca_file {ca_file} is not a readable PEM file: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
+        return (f"the monitor refused this client (HTTP {exc.response.status_code}): "
+                "set token= to the monitor's token")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate does not verify ({exc.verify_message}): set ca_file= to its CA"
     if isinstance(exc, (ConnectionRefusedError,)):
         return "connection refused: is `serstream serve` running?"
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
