@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 ASED_CORPUS = "ased"
+#: A temperature fitted on this many clips or fewer is flagged (``temperature_fit_enough`` false):
+#: one fold's 120 validation clips gave a noisy temperature in v0.3.0.
+MIN_TEMPERATURE_CLIPS = 120
 #: Training corpora with at least this many speakers give validation speakers in leave-one-corpus-out.
 MIN_VAL_CORPUS_SPEAKERS = 6
 
@@ -231,6 +234,7 @@ def calibration_and_fairness(folds: Sequence[Mapping[str, Mapping[str, np.ndarra
         "mode": mode,
         "temperature": round(float(temperature), 4),
         "temperature_fitted_on": n_val,
+        "temperature_fit_enough": n_val > MIN_TEMPERATURE_CLIPS,
         "ece_raw_pooled": restricted_figures(pooled)["ece"],
         "ece_pooled": restricted_figures(pooled, temperature=temperature)["ece"],
         "ece_folds": per_fold,

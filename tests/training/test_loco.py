@@ -147,7 +147,8 @@ def test_train_with_new_recipe_exports_the_unchanged_contract(data, tmp_path) ->
     from serstream.inference.session import EmotionModel
 
     path = tmp_path / "m.onnx"
-    rc = main(["train", "--data", str(data), "--corpora", "ravdess,tess,ased", "--out", str(tmp_path / "final"), *TINY,
+    rc = main(["train", "--data", str(data), "--corpora", "ravdess,tess,ased", "--out", str(tmp_path / "final"),
+               "--cache", str(data / "cache"), *TINY,
                "--export", str(path), "--temperature", "1.3", "--version", "0.4.0-test"])
     assert rc == 0
     sidecar = json.loads(path.with_suffix(".json").read_text())
