@@ -112,7 +112,7 @@ def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) ->
 def test_ased_cv_scores_all_and_common_sentences(data, tmp_path, capsys) -> None:
     out = tmp_path / "ased"
     rc = main(["ased-cv", "--data", str(data), "--out", str(out), "--cache", str(data / "cache"), *TINY,
-               "--workers", "1", "--folds", "1"])
+               "--workers", "1", "--folds", "1", "--val-speakers", "2"])
     assert rc == 0
     results = json.loads((out / "ased-cv.json").read_text())
     fold = results["folds"]["1"]
@@ -161,3 +161,44 @@ def test_train_with_new_recipe_exports_the_unchanged_contract(data, tmp_path) ->
     out = model.infer((0.05 * rng.standard_normal((2, 16000))).astype(np.float32), np.array([16000, 9000]))
     assert out.probs.shape == (2, len(LABELS))
     np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_ased_folds_are_13_speakers_each_grouped_by_pp() -> None:
+    from training.generalise import ased_folds
+
+    speakers = [f"ased:{p:02d}" for p in range(65, 0, -1)] + ["ravdess:01", "tess:OAF"]
+    folds = ased_folds(speakers)
+    assert [len(f.test_speakers) for f in folds] == [13] * 5
+    assert sorted(folds[0].test_speakers) == [f"ased:{p:02d}" for p in range(1, 14)]
+    assert sorted(folds[4].test_speakers) == [f"ased:{p:02d}" for p in range(53, 66)]
+    with pytest.raises(ValueError, match="cannot fill 5 folds"):
+        ased_folds(["ased:01", "ased:02"])
+
+
+def test_loco_validation_comes_from_multi_speaker_training_corpora() -> None:
+    from types import SimpleNamespace
+
+    from training.generalise import loco_splits
+
+    utts = [SimpleNamespace(speaker=f"ravdess:{a:02d}", corpus="ravdess", gender="male" if a % 2 else "female")
+            for a in range(1, 25)]
+    utts += [SimpleNamespace(speaker=f"tess:{s}", corpus="tess", gender="female") for s in ("OAF", "YAF")]
+    utts += [SimpleNamespace(speaker=f"ased:{p:02d}", corpus="ased", gender="female" if p % 3 else "male")
+             for p in range(1, 66)]
+    folds = loco_splits(utts, ["ravdess", "tess", "ased"], seed=3)
+    for fold, held in zip(folds, ("ravdess", "tess", "ased")):
+        assert {s.split(":")[0] for s in fold.test_speakers} == {held}
+        donors = {s.split(":")[0] for s in fold.val_speakers}
+        assert donors == {"ravdess", "tess", "ased"} - {held, "tess"}
+        assert len(fold.val_speakers) == 2 * len(donors)
+        assert not fold.train_speakers & (fold.val_speakers | fold.test_speakers)
+        assert len(fold.train_speakers | fold.val_speakers | fold.test_speakers) == 24 + 2 + 65
+    assert loco_splits(utts, ["ravdess", "tess", "ased"], seed=3) == folds  # deterministic
+
+
+def test_ased_cv_with_too_few_speakers_for_validation_is_one_line(data, tmp_path, capsys) -> None:
+    rc = main(["ased-cv", "--data", str(data), "--out", str(tmp_path / "o"), "--cache", str(data / "cache"), *TINY,
+               "--folds", "1"])  # 6 speakers: fold 1 tests 2, leaving 4, too few for 4 validation speakers + training
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "cannot give a test set, 4 validation speakers" in err.strip().splitlines()[-1]
