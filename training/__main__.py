@@ -137,7 +137,7 @@ def cmd_ased_cv(args: argparse.Namespace) -> int:
     try:
         folds = ased_folds({u.speaker for u in view}, n_folds=args.n_folds)
         wanted = [int(f) for f in args.folds.split(",")] if args.folds != "all" else [f.index for f in folds]
-        splits = [ased_split(view, f, n_val=args.val_speakers, seed=args.seed or 0) for f in folds if f.index in wanted]
+        splits = [ased_split(view, f, min_val_clips=args.val_clips, seed=args.seed or 0) for f in folds if f.index in wanted]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     run_cv(_cache_path(args, corpora), splits, config, Path(args.out), workers=args.workers)
@@ -401,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="held-out corpora to run, e.g. ased (default all); the others' folds are skipped")
     sub.choices["ased-cv"].add_argument("--n-folds", dest="n_folds", type=int, default=5,
                                         help="ASED folds (default 5: 13 speakers each)")
-    sub.choices["ased-cv"].add_argument("--val-speakers", dest="val_speakers", type=int, default=4,
-                                        help="ASED validation speakers per fold, half female (default 4, about 150 "
-                                             "clips: 2 ASED speakers give only 60-80)")
+    sub.choices["ased-cv"].add_argument("--val-clips", dest="val_clips", type=int, default=120,
+                                        help="ASED validation speakers per fold are drawn (female, male, ...) until "
+                                             "they hold this many clips (default 120; ASED speakers hold 8-70 each)")
     sub.choices["crosscorpus"].add_argument("--test-corpus", default="tess",
                                             help="corpus to test on, never trained on (default tess)")
     tr = sub.choices["train"]

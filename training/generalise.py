@@ -24,6 +24,7 @@ Pure functions over prediction dicts (``emotion_logits``, ``label``,
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -84,18 +85,48 @@ def ased_folds(speakers: Iterable[str], n_folds: int = 5) -> list[Fold]:
             for k, chunk in enumerate(np.array_split(np.asarray(ased), n_folds))]
 
 
-def ased_split(utterances: Sequence, fold: Fold, n_val: int = 2, seed: int = 0) -> Fold:
-    """Complete an ASED fold: ``n_val`` validation speakers (female, male) from the other ASED
-    speakers, drawn with ``(seed, fold.index)``; every other speaker of every corpus trains."""
+def ased_split(utterances: Sequence, fold: Fold, min_val_clips: int = 120, seed: int = 0) -> Fold:
+    """Complete an ASED fold: validation speakers from the other ASED speakers, every other speaker trains.
+
+    ASED speakers hold 8 to 70 judged clips each, so a fixed number of
+    validation speakers can give 16 clips. Instead speakers are drawn
+    alternately female and male (seeded with ``(seed, fold.index)``) until they
+    hold at least ``min_val_clips`` clips (at least two speakers); at least one
+    other ASED speaker must remain for training, else ValueError.
+    """
     genders = _speaker_genders(utterances)
+    clips = Counter(u.speaker for u in utterances)
     present = set(genders)
     test = fold.test_speakers & present
     rest = sorted(s for s in present - test if s.startswith(f"{ASED_CORPUS}:"))
-    if not test or n_val >= len(rest):
+    order = _alternating_order(rest, genders, np.random.default_rng([seed, fold.index]))
+    val: list[str] = []
+    for s in order:
+        if len(val) >= 2 and sum(clips[v] for v in val) >= min_val_clips:
+            break
+        val.append(s)
+    if not test or len(val) >= len(rest):
         raise ValueError(f"ASED fold {fold.index}: {len(test)} test and {len(rest)} other ASED speakers "
-                         f"cannot give a test set, {n_val} validation speakers and training speakers")
-    val = _draw_validation(rest, genders, n_val, np.random.default_rng([seed, fold.index]))
-    return Fold(index=fold.index, test_speakers=test, val_speakers=val, train_speakers=frozenset(present - test - val))
+                         f"cannot give a test set, validation speakers with {min_val_clips} clips and training speakers")
+    return Fold(index=fold.index, test_speakers=test, val_speakers=frozenset(val),
+                train_speakers=frozenset(present - test - set(val)))
+
+
+def _alternating_order(candidates: Sequence[str], genders: Mapping[str, str | None],
+                       rng: np.random.Generator) -> list[str]:
+    """Every candidate, shuffled within gender, then interleaved female, male, female, ... (others last)."""
+    pools = {g: [s for s in candidates if genders.get(s) == g] for g in ("female", "male")}
+    others = [s for s in candidates if genders.get(s) not in ("female", "male")]
+    for pool in (*pools.values(), others):
+        rng.shuffle(pool)
+    order: list[str] = []
+    turn = 0
+    while pools["female"] or pools["male"]:
+        gender = ("female", "male")[turn % 2]
+        pool = pools[gender] or pools[("female", "male")[(turn + 1) % 2]]
+        order.append(pool.pop())
+        turn += 1
+    return order + others
 
 
 def loco_splits(utterances: Sequence, corpora: Sequence[str], n_val: int = 2, seed: int = 0) -> list[Fold]:

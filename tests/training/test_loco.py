@@ -112,12 +112,13 @@ def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) ->
 def test_ased_cv_scores_all_and_common_sentences(data, tmp_path, capsys) -> None:
     out = tmp_path / "ased"
     rc = main(["ased-cv", "--data", str(data), "--out", str(out), "--cache", str(data / "cache"), *TINY,
-               "--workers", "1", "--folds", "1", "--val-speakers", "2"])
+               "--workers", "1", "--folds", "1", "--val-clips", "15"])
     assert rc == 0
     results = json.loads((out / "ased-cv.json").read_text())
     fold = results["folds"]["1"]
     assert fold["test_speakers"] == ["ased:01", "ased:02"]  # 6 speakers in 5 folds: PP 01-02 first
     meta = json.loads((out / "fold-1.json").read_text())
+    # each synthetic speaker holds 10 clips: two reach 15
     assert all(s.startswith("ased:") for s in meta["val_speakers"]) and len(meta["val_speakers"]) == 2
     for mode in ("none", "online", "full"):
         assert fold[mode]["all"]["n"] == 2 * 5 * 2 and fold[mode]["common"]["n"] == 2 * 5
@@ -198,7 +199,29 @@ def test_loco_validation_comes_from_multi_speaker_training_corpora() -> None:
 
 def test_ased_cv_with_too_few_speakers_for_validation_is_one_line(data, tmp_path, capsys) -> None:
     rc = main(["ased-cv", "--data", str(data), "--out", str(tmp_path / "o"), "--cache", str(data / "cache"), *TINY,
-               "--folds", "1"])  # 6 speakers: fold 1 tests 2, leaving 4, too few for 4 validation speakers + training
+               "--folds", "1"])  # fold 1 tests 2 of 6 speakers; the other 4 hold 40 clips, short of 120 + training
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert "cannot give a test set, 4 validation speakers" in err.strip().splitlines()[-1]
+    assert "cannot give a test set, validation speakers with 120 clips" in err.strip().splitlines()[-1]
+
+
+def test_ased_validation_speakers_are_drawn_until_they_hold_enough_clips() -> None:
+    from types import SimpleNamespace
+
+    from training.generalise import ased_folds, ased_split
+
+    rng = np.random.default_rng(0)
+    utts = []
+    for p in range(1, 66):
+        n = int(rng.integers(8, 71))  # ASED speakers hold 8-70 clips
+        utts += [SimpleNamespace(speaker=f"ased:{p:02d}", gender="female" if p % 3 == 0 else "male")] * n
+    utts += [SimpleNamespace(speaker="ravdess:01", gender="male")] * 60
+    clips = {u.speaker: sum(v.speaker == u.speaker for v in utts) for u in utts}
+    for fold in ased_folds({u.speaker for u in utts}):
+        split = ased_split(utts, fold, min_val_clips=120, seed=1)
+        val = sorted(split.val_speakers, key=lambda s: s)
+        total = sum(clips[s] for s in val)
+        assert total >= 120 and len(val) >= 2 and all(s.startswith("ased:") for s in val)
+        assert not split.val_speakers & fold.test_speakers and "ravdess:01" in split.train_speakers
+        assert {u.gender for u in utts if u.speaker in split.val_speakers} == {"female", "male"}
+        assert ased_split(utts, fold, min_val_clips=120, seed=1) == split
