@@ -123,7 +123,7 @@ def cmd_loco(args: argparse.Namespace) -> int:
 
 
 def cmd_ased_cv(args: argparse.Namespace) -> int:
-    """ASED 5-fold speaker-independent (13 speakers per fold, by PP); writes OUT/ased-cv.json."""
+    """ASED 5-fold speaker-independent (13 speakers per fold, dealt round-robin by PP); writes OUT/ased-cv.json."""
     from .cv import run_cv, utterance_view
     from .evaluate import ased_cv_results, ased_markdown
     from .generalise import ased_folds, ased_split
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="v0.3 sampling: chance a speaker group comes from a corpus other than RAVDESS (0.25)")
         if name in ("cv", "train", "baseline", "ased-cv"):  # train accepts and ignores them, as before
             p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1; "
-                           "ASED PP 01-13 = fold 1)")
+                           "ASED PP 01, 06, ..., 61 = fold 1)")
         if name in ("cv", "train", "baseline", "loco", "ased-cv"):
             p.add_argument("--workers", type=int, default=2, help="folds trained in parallel processes")
         if name in ("cv", "crosscorpus"):
@@ -463,7 +463,7 @@ _HELP = {
                    "UAR over the classes the test corpus holds (TESS: 7, no calm); writes OUT/crosscorpus.json",
     "loco": "leave-one-corpus-out: train on the other corpora, test on each in turn; 4-class UAR "
             "(neutral/happy/sad/angry) and UAR over the held-out corpus's own classes; writes OUT/loco.json",
-    "ased-cv": "ASED 5-fold speaker-independent (13 speakers per fold by PP), all and common sentences; "
+    "ased-cv": "ASED 5-fold speaker-independent (13 speakers per fold, dealt round-robin by PP), all and common sentences; "
                "writes OUT/ased-cv.json",
     "onnx-eval": "score an exported ONNX model through serstream analyze (VAD, windows, online speaker state), "
                  "one stream per speaker in the order the CV's online mode uses",

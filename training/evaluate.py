@@ -182,11 +182,13 @@ def loco_markdown(results: Mapping) -> str:
 def ased_markdown(results: Mapping) -> str:
     modes = [m for m in ASED_MODES if m in results["summary"]]
     head = " | ".join(f"all {m} | common {m}" for m in modes)
-    lines = ["\n**ASED 5-fold speaker-independent** (UAR % over ASED's classes; common = sentences 01-02)\n",
+    lines = ["\n**ASED 5-fold speaker-independent** (folds: speakers dealt round-robin by PP; UAR % over ASED's "
+             "classes; common = sentences 01-02)\n",
              f"| fold | test speakers | {head} |", "|---" * (2 + 2 * len(modes)) + "|"]
     for k, r in sorted(results["folds"].items(), key=lambda kv: int(kv[0])):
-        spk = r.get("test_speakers", [])
-        span = f"{spk[0].split(':')[1]}-{spk[-1].split(':')[1]}" if spk else "-"
+        spk = sorted(r.get("test_speakers", []), key=lambda x: int(x.split(":")[1]))
+        pps = [x.split(":")[1] for x in spk]
+        span = (f"{','.join(pps[:2])},...,{pps[-1]}" if len(pps) > 3 else ",".join(pps)) if pps else "-"
         cells = " | ".join(f"{_pct(r[m]['all'].get('uar'))} | {_pct(r[m]['common'].get('uar'))}" for m in modes)
         lines.append(f"| {k} | {span} ({len(spk)}) | {cells} |")
     cells = " | ".join(f"{_pct(results['summary'][m][p]['uar_mean'])} +/- {_pct(results['summary'][m][p]['uar_std'])}"

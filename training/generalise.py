@@ -74,15 +74,17 @@ def concat(preds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def ased_folds(speakers: Iterable[str], n_folds: int = 5) -> list[Fold]:
-    """ASED's speakers sorted by PP number, cut into ``n_folds`` contiguous groups (13 each for 65).
+    """ASED's speakers dealt round-robin by PP number into ``n_folds`` folds (13 each for 65).
 
-    Deterministic: fold 1 holds PP 01-13, fold 2 PP 14-26, and so on.
+    Deterministic: with 65 speakers fold 1 holds PP 01, 06, 11, ..., 61, fold 2 PP
+    02, 07, ..., 62. Not contiguous blocks: in ASED speakers 51-65 have no
+    common-sentence clip and many of 02-49 have nothing else, so a block of
+    PP 53-65 would leave one fold without the common-sentence figure.
     """
     ased = sorted({s for s in speakers if s.startswith(f"{ASED_CORPUS}:")}, key=lambda s: int(s.split(":")[1]))
     if len(ased) < n_folds:
         raise ValueError(f"ASED cross-validation: {len(ased)} ASED speakers cannot fill {n_folds} folds")
-    return [Fold(index=k + 1, test_speakers=frozenset(map(str, chunk)))
-            for k, chunk in enumerate(np.array_split(np.asarray(ased), n_folds))]
+    return [Fold(index=k + 1, test_speakers=frozenset(ased[k::n_folds])) for k in range(n_folds)]
 
 
 def ased_split(utterances: Sequence, fold: Fold, min_val_clips: int = 120, seed: int = 0) -> Fold:
