@@ -35,7 +35,7 @@ def _config(args: argparse.Namespace):
     updates = dict(RECIPES[getattr(args, "recipe", None) or "v0.4"])
     updates.update({k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
                                                   "patience", "pitch_prob", "stretch_prob", "ema_decay", "mask_loss",
-                                                  "sampling", "corpus_weight", "other_corpus_prob")
+                                                  "sampling", "corpus_weight", "other_corpus_prob", "unmasked_weight")
                     if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "The flags below override it")
             p.add_argument("--mask-loss", dest="mask_loss", action=argparse.BooleanOptionalAction, default=None,
                            help="emotion loss over the classes each example's corpus has (absent logits -inf)")
+            p.add_argument("--unmasked-weight", dest="unmasked_weight", type=float, default=None,
+                           help="with --mask-loss: weight w of the plain 8-label loss, (1-w) masked + w plain "
+                                "(default 0); pushes classes a corpus lacks down a little on its clips")
             p.add_argument("--sampling", choices=("balanced", "v0.3"), default=None,
                            help="balanced: corpus (by --corpus-weight) -> speaker -> class -> clip; "
                                 "v0.3: RAVDESS speakers, other corpora at --other-corpus-prob")

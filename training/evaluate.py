@@ -23,7 +23,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .generalise import calibration_and_fairness, four_class_indices, load_predictions, restricted_figures, select
+from .generalise import (
+    calibration_and_fairness,
+    four_class_indices,
+    load_predictions,
+    open_figures,
+    restricted_figures,
+    select,
+)
 
 __all__ = [
     "ASED_FILE",
@@ -69,15 +76,17 @@ def loco_results(out_dir: Path, held_out: Sequence[str], config: Mapping | None 
         for mode in LOCO_MODES:
             if mode in p:
                 row[mode] = {"four_class": restricted_figures(p[mode], four_class_indices()),
-                             "own_classes": restricted_figures(p[mode])}
+                             "own_classes": restricted_figures(p[mode]), "open": open_figures(p[mode])}
         per[corpus] = row
     mean = {}
     for mode in LOCO_MODES:
         u4 = [r[mode]["four_class"]["uar"] for r in per.values() if mode in r and r[mode]["four_class"]["n"]]
         uo = [r[mode]["own_classes"]["uar"] for r in per.values() if mode in r]
+        un = [r[mode]["open"]["uar"] for r in per.values() if mode in r]
         if uo:
             mean[mode] = {"uar_four_class": round(float(np.mean(u4)), 4) if u4 else None,
-                          "uar_own_classes": round(float(np.mean(uo)), 4), "held_out": len(uo)}
+                          "uar_own_classes": round(float(np.mean(uo)), 4), "uar_open": round(float(np.mean(un)), 4),
+                          "held_out": len(uo)}
     results = {"held_out": per, "mean": mean, "complete": len(per) == len(held_out),
                "corpora": list(held_out), "calibration": _calibration(list(preds.values()), LOCO_MODES),
                "config": dict(config or {})}
@@ -98,7 +107,7 @@ def ased_cv_results(out_dir: Path, n_folds: int, config: Mapping | None = None) 
             test = select(p[mode], np.char.startswith(p[mode]["speaker"].astype(str), "ased:"))
             row["test_speakers"] = sorted(set(test["speaker"].tolist()))
             common = select(test, test["common"] == 1)
-            row[mode] = {"all": restricted_figures(test),
+            row[mode] = {"all": restricted_figures(test), "open": open_figures(test),
                          "common": restricted_figures(common) if len(common["label"]) else {"n": 0}}
         folds[str(k)] = row
     summary = {}
@@ -134,15 +143,24 @@ def headline_of(kind: str, results: Mapping) -> dict:
         for mode, m in results.get("mean", {}).items():
             h[f"loco mean 4-class UAR ({mode})"] = m["uar_four_class"]
             h[f"loco mean own-class UAR ({mode})"] = m["uar_own_classes"]
+            h[f"loco mean 8-way UAR ({mode})"] = m.get("uar_open")
         for corpus, r in results.get("held_out", {}).items():
             for mode in LOCO_MODES:
                 if mode in r:
                     h[f"-> {corpus} 4-class UAR ({mode})"] = r[mode]["four_class"].get("uar")
                     h[f"-> {corpus} own-class UAR ({mode})"] = r[mode]["own_classes"].get("uar")
+                    h[f"-> {corpus} 8-way UAR ({mode})"] = r[mode].get("open", {}).get("uar")
+                    h[f"-> {corpus} share given an absent label ({mode})"] = r[mode].get("open", {}).get(
+                        "predicted_absent")
     elif kind == "ased-cv":
         for mode, parts in results.get("summary", {}).items():
             for part, s in parts.items():
                 h[f"ASED UAR {part} sentences ({mode})"] = s["uar_mean"]
+        opened = [r["online"]["open"] for r in results.get("folds", {}).values() if "online" in r and "open" in r["online"]]
+        if opened:
+            h["ASED 8-way UAR, fold mean (online)"] = round(float(np.mean([o["uar"] for o in opened])), 4)
+            h["ASED share given an absent label (online)"] = round(
+                float(sum(o["predicted_absent"] * o["n"] for o in opened) / sum(o["n"] for o in opened)), 4)
     elif kind == "cv":
         for mode, u in results.get("uar", {}).items():
             h[f"RAVDESS UAR ({mode})"] = u
@@ -160,20 +178,24 @@ def _pct(v) -> str:
 
 
 def loco_markdown(results: Mapping) -> str:
-    lines = ["\n**Leave-one-corpus-out** (UAR %, argmax over the scored classes)\n",
-             "| held out | trained on | n | 4-class none | 4-class online | own classes | own none | own online |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["\n**Leave-one-corpus-out** (UAR %, argmax over the scored classes; 8-way: argmax over all "
+             "labels as the shipped model answers, absent: % of clips given a label the corpus lacks)\n",
+             "| held out | trained on | n | 4-class none | 4-class online | own classes | own none | own online "
+             "| 8-way online | absent online |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for corpus, r in results["held_out"].items():
         f = {m: r.get(m, {}) for m in LOCO_MODES}
         own = f["online"].get("own_classes", {}) or f["none"].get("own_classes", {})
         lines.append(f"| {corpus} | {'+'.join(r['train_corpora'])} | {own.get('n', 0)} | "
                      f"{_pct(f['none'].get('four_class', {}).get('uar'))} | {_pct(f['online'].get('four_class', {}).get('uar'))} | "
                      f"{len(own.get('classes', []))} | {_pct(f['none'].get('own_classes', {}).get('uar'))} | "
-                     f"{_pct(f['online'].get('own_classes', {}).get('uar'))} |")
+                     f"{_pct(f['online'].get('own_classes', {}).get('uar'))} | "
+                     f"{_pct(f['online'].get('open', {}).get('uar'))} | "
+                     f"{_pct(f['online'].get('open', {}).get('predicted_absent'))} |")
     m = results.get("mean", {})
     lines.append(f"| **mean** | | | {_pct(m.get('none', {}).get('uar_four_class'))} | "
                  f"{_pct(m.get('online', {}).get('uar_four_class'))} | | {_pct(m.get('none', {}).get('uar_own_classes'))} | "
-                 f"{_pct(m.get('online', {}).get('uar_own_classes'))} |")
+                 f"{_pct(m.get('online', {}).get('uar_own_classes'))} | {_pct(m.get('online', {}).get('uar_open'))} | |")
     if not results.get("complete", True):
         lines.append(f"\n(partial: {len(results['held_out'])} of {len(results['corpora'])} held-out corpora finished)")
     return "\n".join(lines) + "\n" + calibration_markdown(results.get("calibration", {}))
@@ -194,6 +216,10 @@ def ased_markdown(results: Mapping) -> str:
     cells = " | ".join(f"{_pct(results['summary'][m][p]['uar_mean'])} +/- {_pct(results['summary'][m][p]['uar_std'])}"
                        for m in modes for p in ("all", "common") if p in results["summary"][m])
     lines.append(f"| **mean +/- std** | | {cells} |")
+    h = headline_of("ased-cv", results)
+    if "ASED 8-way UAR, fold mean (online)" in h:
+        lines.append(f"\n8-way argmax (the shipped model's answer), online: UAR {_pct(h['ASED 8-way UAR, fold mean (online)'])} %, "
+                     f"{_pct(h['ASED share given an absent label (online)'])} % of clips given a label ASED lacks.")
     return "\n".join(lines) + "\n" + calibration_markdown(results.get("calibration", {}))
 
 

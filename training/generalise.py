@@ -41,6 +41,7 @@ __all__ = [
     "calibration_and_fairness",
     "corpus_of",
     "load_predictions",
+    "open_figures",
     "loco_splits",
     "restricted_figures",
     "select",
@@ -243,6 +244,20 @@ def restricted_figures(pred: Mapping[str, np.ndarray], classes: Sequence[int] | 
     if {"female", "male"} <= set(names.tolist()):
         out["uar_gap_female_minus_male"] = round(float(M.gender_uar_gap(y, yhat, names)), 4)
     return out
+
+
+def open_figures(pred: Mapping[str, np.ndarray]) -> dict:
+    """What the shipped model does: argmax over all labels. UAR over the classes present, and the
+    share of clips given a label outside their corpus's classes (``predicted_absent``): masked
+    training never tells the model that an ASED clip is not calm, so this shows what that costs."""
+    from . import metrics as M
+
+    y, yhat = pred["label"], pred["emotion_logits"].argmax(1)
+    if len(y) == 0:
+        return {"n": 0}
+    own = own_class_masks(pred)
+    return {"n": int(len(y)), "uar": round(M.uar(y, yhat), 4), "accuracy": round(M.accuracy(y, yhat), 4),
+            "predicted_absent": round(float(np.mean(~own[np.arange(len(y)), yhat])), 4)}
 
 
 def calibration_and_fairness(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online") -> dict:

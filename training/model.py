@@ -252,14 +252,18 @@ class MultitaskLoss(nn.Module):
     without hand-tuned constants.
 
     A ``class_mask`` target [B, n_labels] (bool) restricts each row's emotion
-    loss to the classes its corpus has (:func:`training.mixing.masked_cross_entropy`).
+    loss to the classes its corpus has (:func:`training.mixing.masked_cross_entropy`);
+    ``unmasked_weight`` w mixes the plain loss back in, (1 - w) masked + w plain,
+    so a class a corpus lacks is still pushed down a little on its clips (the
+    exported model answers over all 8 labels).
     """
 
     tasks = ("emotion", "avd", "gender", "intensity")
 
-    def __init__(self, label_smoothing: float = 0.1) -> None:
+    def __init__(self, label_smoothing: float = 0.1, unmasked_weight: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.unmasked_weight = unmasked_weight
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
         self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.ce_optional = nn.CrossEntropyLoss(ignore_index=-1)
@@ -270,6 +274,9 @@ class MultitaskLoss(nn.Module):
 
             emotion = masked_cross_entropy(out["emotion_logits"], target["emotion"], target["class_mask"],
                                            self.label_smoothing)
+            if self.unmasked_weight > 0:  # a little of the plain loss: absent classes pushed down a little
+                plain = self.ce(out["emotion_logits"].float(), target["emotion"])
+                emotion = (1.0 - self.unmasked_weight) * emotion + self.unmasked_weight * plain
         else:
             emotion = self.ce(out["emotion_logits"].float(), target["emotion"])
         losses = {

@@ -71,6 +71,10 @@ class TrainConfig:
     # Emotion loss over each corpus's own classes (training/mixing.py); False is
     # v0.3.0's plain softmax over all 8 labels for every corpus.
     mask_loss: bool = True
+    # With mask_loss: weight w of the plain 8-label loss mixed in, (1 - w) masked + w plain.
+    # The exported model answers over all 8 labels, and a fully masked loss never
+    # tells it that an ASED or TESS clip is not calm; 0 = fully masked.
+    unmasked_weight: float = 0.0
     # "balanced": corpus -> speaker -> class -> clip (training/mixing.py), the
     # corpus drawn by ``corpus_weight``; "v0.3": RAVDESS speakers, another
     # corpus's with probability ``other_corpus_prob`` (v0.3.0's sampler).
@@ -434,7 +438,7 @@ def train_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = EmotionNet(config.model).to(device)
-    loss_fn = MultitaskLoss().to(device)
+    loss_fn = MultitaskLoss(unmasked_weight=config.unmasked_weight if config.mask_loss else 0.0).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sampler = make_sampler(corpus, train_idx, config, rng)

@@ -70,6 +70,12 @@ def test_loco_holds_out_each_corpus_and_scores_four_and_own_classes(loco_run) ->
             rows = np.isin(p["label"], four)
             yhat = np.asarray(four)[p["emotion_logits"][rows][:, four].argmax(1)]
             assert np.mean(yhat == p["label"][rows]) == pytest.approx(f4["accuracy"], abs=1e-4)
+            # 8-way: the shipped model's answer, and how often it names a class the corpus lacks
+            full = p["emotion_logits"].argmax(1)
+            opened = row[mode]["open"]
+            assert opened["accuracy"] == pytest.approx(np.mean(full == p["label"]), abs=1e-4)
+            absent = ~np.isin(np.asarray(LABELS)[full], OWN[corpus])
+            assert opened["predicted_absent"] == pytest.approx(np.mean(absent), abs=1e-4)
             for figs in (f4, own):
                 assert figs["uar"] == pytest.approx(_recall_mean(figs["confusion"]), abs=1e-4)
                 assert np.asarray(figs["confusion"]).sum() == figs["n"]
@@ -226,3 +232,19 @@ def test_ased_validation_speakers_are_drawn_until_they_hold_enough_clips() -> No
         assert not split.val_speakers & fold.test_speakers and "ravdess:01" in split.train_speakers
         assert {u.gender for u in utts if u.speaker in split.val_speakers} == {"female", "male"}
         assert ased_split(utts, fold, min_val_clips=120, seed=1) == split
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"mask_loss": True, "sampling": "balanced", "corpus_weight": "sqrt-speakers", "unmasked_weight": 0.0}),
+    (["--recipe", "v0.3"], {"mask_loss": False, "sampling": "v0.3"}),
+    (["--recipe", "v0.3", "--mask-loss", "--unmasked-weight", "0.1"], {"mask_loss": True, "sampling": "v0.3",
+                                                                      "unmasked_weight": 0.1}),
+    (["--no-mask-loss", "--corpus-weight", "uniform"], {"mask_loss": False, "sampling": "balanced",
+                                                         "corpus_weight": "uniform"}),
+])
+def test_recipe_flags_set_the_config_and_explicit_flags_win(argv, expected) -> None:
+    from training.__main__ import _config, build_parser
+
+    for command in ("cv", "train", "loco", "ased-cv", "crosscorpus"):
+        config = _config(build_parser().parse_args([command, "--data", "x", *argv]))
+        assert {k: getattr(config, k) for k in expected} == expected, command

@@ -139,3 +139,20 @@ def test_balanced_sampler_keeps_groups_to_one_speaker_and_training_rows() -> Non
             assert len(set(data.speaker[idx[groups == g]])) == 1
     with pytest.raises(ValueError, match="unknown corpus weighting"):
         BalancedSampler(data, train, 3, 5, np.random.default_rng(1), corpus_weight="log")
+
+
+def test_unmasked_weight_mixes_the_plain_loss_back_in() -> None:
+    logits, mask, target = _batch(3)
+    out = {"emotion_logits": logits, "avd": torch.zeros(6, 3), "gender_logits": torch.zeros(6, 2),
+           "intensity_logits": torch.zeros(6, 2)}
+    tgt = {"emotion": target, "avd": torch.zeros(6, 3), "gender": torch.full((6,), -1),
+           "intensity": torch.full((6,), -1), "class_mask": mask}
+    masked = float(masked_cross_entropy(logits, target, mask, 0.1))
+    plain = float(torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1))
+    _, parts = MultitaskLoss(unmasked_weight=0.2)(out, tgt)
+    assert parts["emotion"] == pytest.approx(0.8 * masked + 0.2 * plain, rel=1e-5)
+    # and an absent class's logit now gets a (small) gradient
+    logits.requires_grad_(True)
+    loss, _ = MultitaskLoss(unmasked_weight=0.2)({**out, "emotion_logits": logits}, tgt)
+    loss.backward()
+    assert float(logits.grad[0, LABELS.index("calm")]) > 0
