@@ -1,7 +1,10 @@
 """``python -m training`` (also ``serstream-train``): train, cross-validate, export, baseline.
 
 Examples:
-  python -m training cv --data ../shared/data --out runs/cv [--tta]
+  python -m training cv --data ../shared/data --out runs/cv [--tta] [--corpora ravdess,tess,ased]
+  python -m training loco --data ../shared/data --out runs/loco [--recipe v0.3]
+  python -m training ased-cv --data ../shared/data --out runs/ased-cv
+  python -m training report --loco runs/loco --compare runs/loco runs/loco-v03
   python -m training crosscorpus --data ../shared/data --out runs/cross
   python -m training report --cv runs/cv [--crosscorpus runs/cross]
   python -m training train --data ../shared/data --out runs/final --export models/serstream-default.onnx
@@ -25,12 +28,15 @@ class UsageError(Exception):
 
 
 def _config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .train import RECIPES, TrainConfig
 
     cfg = TrainConfig()
-    updates = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
-                                                  "patience", "pitch_prob", "stretch_prob", "ema_decay")
-               if getattr(args, k, None) is not None}
+    # The recipe first, then any flag given explicitly (--mask-loss, --sampling, ...) overrides it.
+    updates = dict(RECIPES[getattr(args, "recipe", None) or "v0.4"])
+    updates.update({k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
+                                                  "patience", "pitch_prob", "stretch_prob", "ema_decay", "mask_loss",
+                                                  "sampling", "corpus_weight", "other_corpus_prob", "unmasked_weight")
+                    if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
     return replace(cfg, **updates)
@@ -40,17 +46,19 @@ def _load(args: argparse.Namespace, corpora: list[str] | None = None):
     from .cache import build_cache
     from .datasets import scan_corpora
 
-    scan = scan_corpora(Path(args.data), corpora or args.corpora.split(","), check_audio=False)
+    scan = scan_corpora(Path(args.data), corpora or args.corpora.split(","))
     print(scan.summary(), file=sys.stderr)
+    if scan.skipped or scan.anomalies:
+        print(scan.details(), file=sys.stderr)
     corpus = build_cache(scan.utterances, Path(args.data), Path(args.cache) if args.cache else None)
     return corpus
 
 
-def _cache_path(args: argparse.Namespace) -> Path:
+def _cache_path(args: argparse.Namespace, corpora: list[str] | None = None) -> Path:
     from .cache import _key, default_cache_dir
     from .datasets import scan_corpora
 
-    scan = scan_corpora(Path(args.data), args.corpora.split(","))
+    scan = scan_corpora(Path(args.data), corpora or args.corpora.split(","))
     return Path(args.cache or default_cache_dir()) / f"corpus-{_key(scan.utterances, Path(args.data).resolve())}.npz"
 
 
@@ -69,6 +77,71 @@ def cmd_cv(args: argparse.Namespace) -> int:
     for mode, s in summary.items():
         print(f"{mode:>10}: UAR {s['uar']['mean']:.3f} +/- {s['uar']['std']:.3f}  accuracy {s['accuracy']['mean']:.3f}  "
               f"folds {s['uar']['folds']}")
+    from .evaluate import calibration_markdown, cv_generalisation
+
+    print(calibration_markdown(cv_generalisation(Path(args.out), summary)["calibration"]))
+    return 0
+
+
+def _corpus_list(args: argparse.Namespace) -> list[str]:
+    from .datasets import canonical_corpus_name
+
+    names = [canonical_corpus_name(c) for c in args.corpora.split(",") if c.strip()]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--corpora names a corpus twice: {args.corpora}")
+    return names
+
+
+def cmd_loco(args: argparse.Namespace) -> int:
+    """Leave-one-corpus-out: train on the others, test on each corpus in turn; writes OUT/loco.json."""
+    from .cv import run_cv, utterance_view
+    from .evaluate import loco_markdown, loco_results
+    from .generalise import loco_splits
+
+    corpora = _corpus_list(args)
+    if len(corpora) < 2:
+        raise UsageError("loco needs at least two corpora in --corpora")
+    corpus = _load(args, corpora)
+    config = _config(args)
+    try:
+        splits = loco_splits(utterance_view(corpus), corpora, seed=args.seed or 0)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    wanted = [c for c in args.held_out.split(",")] if args.held_out != "all" else corpora
+    unknown = [c for c in wanted if c not in corpora]
+    if unknown:
+        raise UsageError(f"--held-out {','.join(unknown)} is not among --corpora {','.join(corpora)}")
+    splits = [s for s, c in zip(splits, corpora) if c in wanted]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "splits.json").write_text(json.dumps(
+        {c: {"fold": s.index, "val_speakers": sorted(s.val_speakers), "train_speakers": len(s.train_speakers),
+             "test_speakers": len(s.test_speakers)} for s, c in zip(splits, wanted)}, indent=1))
+    run_cv(_cache_path(args, corpora), splits, config, out, workers=args.workers)
+    print(loco_markdown(loco_results(out, corpora, config.to_dict())))
+    return 0
+
+
+def cmd_ased_cv(args: argparse.Namespace) -> int:
+    """ASED 5-fold speaker-independent (13 speakers per fold, dealt round-robin by PP); writes OUT/ased-cv.json."""
+    from .cv import run_cv, utterance_view
+    from .evaluate import ased_cv_results, ased_markdown
+    from .generalise import ased_folds, ased_split
+
+    corpora = _corpus_list(args)
+    if "ased" not in corpora:
+        raise UsageError("ased-cv needs ased in --corpora")
+    corpus = _load(args, corpora)
+    config = _config(args)
+    view = utterance_view(corpus)
+    try:
+        folds = ased_folds({u.speaker for u in view}, n_folds=args.n_folds)
+        wanted = [int(f) for f in args.folds.split(",")] if args.folds != "all" else [f.index for f in folds]
+        splits = [ased_split(view, f, min_val_clips=args.val_clips, seed=args.seed or 0) for f in folds if f.index in wanted]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    run_cv(_cache_path(args, corpora), splits, config, Path(args.out), workers=args.workers)
+    print(ased_markdown(ased_cv_results(Path(args.out), args.n_folds, config.to_dict())))
     return 0
 
 
@@ -175,8 +248,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .cv import collect, markdown_report, summarise, summed_confusion
     from .metrics import plot_confusion
 
+    if args.loco or args.ased_cv or args.compare:
+        rc = _report_generalisation(args)
+        if rc or not (args.cv or args.crosscorpus):
+            return rc
     if not args.cv and not args.crosscorpus:
-        print("training: error: report needs --cv DIR and/or --crosscorpus PATH", file=sys.stderr)
+        print("training: error: report needs --cv DIR, --crosscorpus PATH, --loco DIR, --ased-cv DIR or --compare DIR...",
+              file=sys.stderr)
         return 2
     cross = None
     if args.crosscorpus:
@@ -197,6 +275,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         png = plot_confusion(summed_confusion(results, "online"), list(LABELS), Path(args.cv) / "confusion-online.png",
                              f"{len(results)} test folds summed (online adaptation)")
         print(f"summed confusion matrix: {png}", file=sys.stderr)
+        from .evaluate import calibration_markdown, cv_generalisation
+
+        print(calibration_markdown(cv_generalisation(Path(args.cv), summarise(results))["calibration"]))
     if cross is not None:
         try:
             figures = json.loads(cross.read_text())
@@ -205,6 +286,28 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"training: error: {cross} is not a crosscorpus.json: {type(exc).__name__} {exc}", file=sys.stderr)
             return 2
         print(table)
+    return 0
+
+
+def _report_generalisation(args: argparse.Namespace) -> int:
+    """Tables of loco / ased-cv runs, a cv run's calibration, and headline figures of runs side by side."""
+    from .evaluate import ASED_FILE, LOCO_FILE, ased_markdown, compare_markdown, find_result, loco_markdown
+
+    for flag, name, table in (("loco", LOCO_FILE, loco_markdown), ("ased_cv", ASED_FILE, ased_markdown)):
+        folder = getattr(args, flag)
+        if folder:
+            path = Path(folder) / name
+            if not path.is_file():
+                raise UsageError(f"no {name} in {folder} (is it the --out folder of a finished run?)")
+            print(table(json.loads(path.read_text())))
+    if args.compare:
+        runs = []
+        for folder in args.compare:
+            found = find_result(Path(folder))
+            if found is None:
+                raise UsageError(f"{folder} holds no loco.json, ased-cv.json or generalisation.json")
+            runs.append((Path(folder).name, found[1]["headline"]))
+        print(compare_markdown(runs))
     return 0
 
 
@@ -243,11 +346,16 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("cv", "train", "baseline", "crosscorpus"):
+    for name in ("cv", "train", "baseline", "crosscorpus", "loco", "ased-cv"):
         p = sub.add_parser(name, help=_HELP.get(name), description=_HELP.get(name))
         p.add_argument("--data", required=True, help="folder holding corpus subfolders (ravdess/, tess/, ...)")
-        if name != "crosscorpus":  # its corpora are fixed: RAVDESS and --test-corpus
-            p.add_argument("--corpora", default="ravdess,tess")
+        if name in ("loco", "ased-cv"):
+            p.add_argument("--corpora", default="ravdess,tess,ased",
+                           help="corpora read (default ravdess,tess,ased)" + (
+                               "; each is held out in turn" if name == "loco" else "; all but ASED's test fold train"))
+        elif name != "crosscorpus":  # its corpora are fixed: RAVDESS and --test-corpus
+            p.add_argument("--corpora", default="ravdess,tess",
+                           help="corpora read (default ravdess,tess; add ased for v0.4's data)")
         p.add_argument("--cache", default=None, help="decoded-audio cache folder (default ~/.cache/serstream)")
         p.add_argument("--out", default=f"runs/{name}")
         p.add_argument("--seed", type=int, default=0)
@@ -266,13 +374,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
                        help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
-        if name != "crosscorpus":  # cv and baseline use them; crosscorpus has one split
-            p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1)")
+        if name in ("cv", "train", "crosscorpus", "loco", "ased-cv"):
+            p.add_argument("--recipe", choices=("v0.4", "v0.3"), default="v0.4",
+                           help="v0.4 (default): emotion loss over each corpus's classes, balanced batches; "
+                                "v0.3: plain 8-class loss, RAVDESS-led batches (v0.3.0's recipe). "
+                                "The flags below override it")
+            p.add_argument("--mask-loss", dest="mask_loss", action=argparse.BooleanOptionalAction, default=None,
+                           help="emotion loss over the classes each example's corpus has (absent logits -inf)")
+            p.add_argument("--unmasked-weight", dest="unmasked_weight", type=float, default=None,
+                           help="with --mask-loss: weight w of the plain 8-label loss, (1-w) masked + w plain "
+                                "(default 0); pushes classes a corpus lacks down a little on its clips")
+            p.add_argument("--sampling", choices=("balanced", "v0.3"), default=None,
+                           help="balanced: corpus (by --corpus-weight) -> speaker -> class -> clip; "
+                                "v0.3: RAVDESS speakers, other corpora at --other-corpus-prob")
+            p.add_argument("--corpus-weight", dest="corpus_weight", choices=("sqrt-speakers", "sqrt-size", "uniform"),
+                           default=None, help="how balanced sampling picks a corpus (default sqrt-speakers)")
+            p.add_argument("--other-corpus-prob", dest="other_corpus_prob", type=float, default=None,
+                           help="v0.3 sampling: chance a speaker group comes from a corpus other than RAVDESS (0.25)")
+        if name in ("cv", "train", "baseline", "ased-cv"):  # train accepts and ignores them, as before
+            p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1; "
+                           "ASED PP 01, 06, ..., 61 = fold 1)")
+        if name in ("cv", "train", "baseline", "loco", "ased-cv"):
             p.add_argument("--workers", type=int, default=2, help="folds trained in parallel processes")
         if name in ("cv", "crosscorpus"):
             p.add_argument("--tta", action="store_true",
                            help="also score online history with test-time augmentation (mode 'online_tta': "
                                 "mean logits over a 5 ms shift, a 90%% centre crop and +/-6 dB)")
+    sub.choices["loco"].add_argument("--held-out", dest="held_out", default="all",
+                                     help="held-out corpora to run, e.g. ased (default all); the others' folds are skipped")
+    sub.choices["ased-cv"].add_argument("--n-folds", dest="n_folds", type=int, default=5,
+                                        help="ASED folds (default 5: 13 speakers each)")
+    sub.choices["ased-cv"].add_argument("--val-clips", dest="val_clips", type=int, default=120,
+                                        help="ASED validation speakers per fold are drawn (female, male, ...) until "
+                                             "they hold this many clips (default 120; ASED speakers hold 8-70 each)")
     sub.choices["crosscorpus"].add_argument("--test-corpus", default="tess",
                                             help="corpus to test on, never trained on (default tess)")
     tr = sub.choices["train"]
@@ -288,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--cv", default=None, help="the --out folder of a cv run")
     rep.add_argument("--crosscorpus", default=None, metavar="PATH",
                      help="crosscorpus.json, or the --out folder of a crosscorpus run")
+    rep.add_argument("--loco", default=None, help="the --out folder of a loco run: its table")
+    rep.add_argument("--ased-cv", dest="ased_cv", default=None, help="the --out folder of an ased-cv run: its table")
+    rep.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                     help="loco / ased-cv / cv run folders: their headline figures side by side")
     rs = sub.add_parser("add-tta", help="score a finished cv run's folds again from their weights, adding the TTA mode",
                         description="For a cv run made without --tta: reload each fold's model.pt, score the same "
                         "validation and test actors with and without test-time augmentation, and update fold-K.json.")
@@ -326,6 +464,10 @@ _HELP = {
     "baseline": "classical baseline (utterance statistics + a linear model) on the same folds",
     "crosscorpus": "train on RAVDESS alone (2 of its actors validate), test on another corpus (default TESS); "
                    "UAR over the classes the test corpus holds (TESS: 7, no calm); writes OUT/crosscorpus.json",
+    "loco": "leave-one-corpus-out: train on the other corpora, test on each in turn; 4-class UAR "
+            "(neutral/happy/sad/angry) and UAR over the held-out corpus's own classes; writes OUT/loco.json",
+    "ased-cv": "ASED 5-fold speaker-independent (13 speakers per fold, dealt round-robin by PP), all and common sentences; "
+               "writes OUT/ased-cv.json",
     "onnx-eval": "score an exported ONNX model through serstream analyze (VAD, windows, online speaker state), "
                  "one stream per speaker in the order the CV's online mode uses",
 }
@@ -337,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     from .onnxeval import OnnxEvalError
 
     commands = {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export, "report": cmd_report,
-                "crosscorpus": cmd_crosscorpus, "onnx-eval": cmd_onnx_eval, "add-tta": cmd_add_tta}
+                "crosscorpus": cmd_crosscorpus, "loco": cmd_loco, "ased-cv": cmd_ased_cv, "onnx-eval": cmd_onnx_eval, "add-tta": cmd_add_tta}
     try:
         return commands[args.command](args)
     except (DatasetError, OnnxEvalError, UsageError) as exc:

@@ -64,6 +64,16 @@ class CachedCorpus:
     gender: np.ndarray  # int64: 0 female, 1 male, -1 unknown
     intensity: np.ndarray  # int64: 0 normal, 1 strong, -1 unknown
     path: np.ndarray  # str (relative to the data root)
+    # ASED's sentence number (1-7) and common-sentence flag (1 for SS 01-02);
+    # -1 for corpora without them. Caches written before these existed lack
+    # them: filled with -1 on load.
+    sentence: np.ndarray | None = None  # int64
+    common: np.ndarray | None = None  # int64: 1 common, 0 not, -1 unknown
+
+    def __post_init__(self) -> None:
+        for name in ("sentence", "common"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(len(self.label), -1, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.label)
@@ -84,6 +94,9 @@ def _key(utterances: Sequence, data_root: Path) -> str:
         h.update(str(p.relative_to(data_root) if p.is_relative_to(data_root) else p).encode())
         h.update(str(p.stat().st_size).encode())
         h.update(f"{u.label}|{u.speaker}|{u.gender}|{u.intensity}".encode())
+        sentence = getattr(u, "sentence", None)
+        if sentence is not None:  # only ASED's entries: the RAVDESS/TESS caches keep their keys
+            h.update(f"|s{sentence}|{getattr(u, 'common', None)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -120,6 +133,10 @@ def build_cache(utterances: Sequence, data_root: Path, cache_dir: Path | None = 
         intensity=np.array(
             [INTENSITIES.index(u.intensity) if u.intensity in INTENSITIES else -1 for u in utterances], dtype=np.int64
         ),
+        sentence=np.array([-1 if getattr(u, "sentence", None) is None else int(u.sentence) for u in utterances],
+                          dtype=np.int64),
+        common=np.array([-1 if getattr(u, "common", None) is None else int(bool(u.common)) for u in utterances],
+                        dtype=np.int64),
         path=np.array([str(Path(u.path).resolve().relative_to(data_root)) if Path(u.path).resolve().is_relative_to(data_root) else str(u.path) for u in utterances]),
     )
     tmp = target.with_suffix(".tmp.npz")

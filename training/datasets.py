@@ -7,8 +7,10 @@ it skipped with the reason (bad name, unknown code, a label the label space has
 no place for, unreadable or too-short audio). Nothing is dropped silently.
 
 Readers: RAVDESS (``MM-VV-EE-II-SS-RR-AA``), TESS (``OAF_back_angry``),
-CREMA-D (``1001_DFA_ANG_XX``), SAVEE (``DC_a01`` or ``DC/a01``) and EmoDB
-(``03a01Fa``). :func:`scan_corpora` finds each corpus in its subfolder of a data
+ASED (``a5-03-01-02-50``), CREMA-D (``1001_DFA_ANG_XX``), SAVEE (``DC_a01`` or
+``DC/a01``) and EmoDB (``03a01Fa``). Files a reader accepts but finds odd (an
+upper-case ASED code, a speaker with two gender codes) are listed as
+``anomalies`` with what was decided. :func:`scan_corpora` finds each corpus in its subfolder of a data
 root; :func:`load_audio` reads one file as 16 kHz mono float32.
 """
 
@@ -18,7 +20,7 @@ import csv
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -37,6 +39,7 @@ __all__ = [
     "DatasetError",
     "Utterance",
     "load_audio",
+    "read_ased",
     "read_crema_d",
     "read_emodb",
     "read_ravdess",
@@ -56,6 +59,7 @@ MIN_DURATION_S = 0.025
 CORPUS_FOLDERS: Mapping[str, str] = {
     "ravdess": "ravdess",
     "tess": "tess",
+    "ased": "ased",
     "crema-d": "crema-d",
     "savee": "savee",
     "emodb": "emodb",
@@ -86,6 +90,11 @@ class Utterance:
     gender: str | None = None
     intensity: str | None = None
     text: str | None = None
+    #: ASED: the sentence number SS (1-7, numbered within each emotion), and
+    #: whether it is one of the two common sentences (SS 01-02) read in all five
+    #: emotions, where only the voice carries the emotion. None elsewhere.
+    sentence: int | None = None
+    common: bool | None = None
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:
@@ -102,10 +111,13 @@ class CorpusScan:
 
     utterances: list[Utterance] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    #: Files kept although something about them is odd, each with the decision taken.
+    anomalies: list[str] = field(default_factory=list)
 
     def extend(self, other: "CorpusScan") -> None:
         self.utterances.extend(other.utterances)
         self.skipped.extend(other.skipped)
+        self.anomalies.extend(other.anomalies)
 
     def label_counts(self) -> dict[str, int]:
         counts = Counter(u.label for u in self.utterances)
@@ -130,7 +142,22 @@ class CorpusScan:
         if self.skipped:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons().items()))
             lines.append(f"skipped {len(self.skipped)} files ({reasons})")
+        if self.anomalies:
+            lines.append(f"{len(self.anomalies)} anomalies kept with a decision (listed by details())")
         return "\n".join(lines) if lines else "no utterances"
+
+    def details(self, limit: int = 50) -> str:
+        """Every skipped file with its reason and every anomaly, one per line (at most ``limit`` each)."""
+        lines = []
+        for path, reason in self.skipped[:limit]:
+            lines.append(f"skipped {path.parent.name}/{path.name}: {reason}")
+        if len(self.skipped) > limit:
+            lines.append(f"... and {len(self.skipped) - limit} more skipped files")
+        for note in self.anomalies[:limit]:
+            lines.append(f"anomaly: {note}")
+        if len(self.anomalies) > limit:
+            lines.append(f"... and {len(self.anomalies) - limit} more anomalies")
+        return "\n".join(lines)
 
 
 class _Skip(Exception):
@@ -320,6 +347,98 @@ def read_tess(
     surprised and ``fear`` is fearful. TESS has no calm.
     """
     return _scan(root, "tess", _parse_tess, check_audio, min_duration_s)
+
+
+# --------------------------------------------------------------------------- ASED
+
+_ASED_NAME = re.compile(r"^([A-Za-z])(\d)-(\d{2})-(\d{2})-(\d{2})-(\d{2})$")
+#: Emotion letter + folder number -> label (n1 neutral ... a5 angry).
+_ASED_EMOTIONS = {"n1": "neutral", "f2": "fearful", "h3": "happy", "s4": "sad", "a5": "angry"}
+_ASED_GENDERS = {"01": "female", "02": "male"}
+_ASED_FOLDER = re.compile(r"^0?([1-9])[A-Za-z]+$")
+#: Sentences read in all five emotions (the others fix the emotion by their words).
+ASED_COMMON_SENTENCES = frozenset({1, 2})
+
+
+def _parse_ased(path: Path, root: Path) -> Utterance:
+    match = _ASED_NAME.match(path.stem)
+    if not match:
+        raise _Skip("bad name: expected xN-SS-RR-GG-PP (e.g. a5-03-01-02-50)")
+    letter, number, sentence, repetition, gender, speaker = match.groups()
+    code = f"{letter.lower()}{number}"
+    if code not in _ASED_EMOTIONS:
+        raise _Skip(f"unknown emotion: {letter}{number!s} (ASED has n1, f2, h3, s4, a5)")
+    folder = _ASED_FOLDER.match(path.parent.name)
+    if folder is not None and folder.group(1) != number:
+        raise _Skip(f"name and folder disagree: {code} in folder {path.parent.name}")
+    if not 1 <= int(sentence) <= 7:
+        raise _Skip(f"unknown code: sentence {sentence}")
+    if int(repetition) < 1:
+        raise _Skip(f"unknown code: repetition {repetition}")
+    if gender not in _ASED_GENDERS:
+        raise _Skip(f"unknown code: gender {gender}")
+    if int(speaker) < 1:
+        raise _Skip(f"unknown code: speaker {speaker}")
+    return Utterance(
+        path=path,
+        corpus="ased",
+        speaker=f"ased:{speaker}",
+        label=_ASED_EMOTIONS[code],
+        gender=_ASED_GENDERS[gender],
+        intensity=None,
+        text=None,
+        sentence=int(sentence),
+        common=int(sentence) in ASED_COMMON_SENTENCES,
+    )
+
+
+def _resolve_ased_genders(scan: CorpusScan) -> None:
+    """One gender per speaker: the majority of their files' GG codes, the first file's on a tie.
+
+    ASED's speakers 09, 15, 21, 23 and 25 carry both codes in different files;
+    a speaker has one voice, so every file of theirs gets the decided gender and
+    each such speaker is listed as an anomaly with the counts.
+    """
+    codes: dict[str, list[str]] = {}
+    for u in scan.utterances:
+        codes.setdefault(u.speaker, []).append(u.gender or "")
+    decided: dict[str, str] = {}
+    for speaker, genders in codes.items():
+        counts = Counter(genders)
+        if len(counts) == 1:
+            continue
+        top = max(counts.values())
+        winner = next(g for g in genders if counts[g] == top)  # first in file order among the most common
+        decided[speaker] = winner
+        how = "majority" if list(counts.values()).count(top) == 1 else "tie: first file's code"
+        tally = ", ".join(f"{g} {n}" for g, n in sorted(counts.items()))
+        scan.anomalies.append(f"{speaker} carries both gender codes ({tally} files): taken as {winner} ({how})")
+    if decided:
+        scan.utterances = [replace(u, gender=decided[u.speaker]) if u.speaker in decided else u
+                           for u in scan.utterances]
+
+
+def read_ased(
+    root: Path | str, check_audio: bool = True, min_duration_s: float = MIN_DURATION_S
+) -> CorpusScan:
+    """ASED, the Amharic Speech Emotion Dataset (``a5-03-01-02-50``): 65 speakers, five emotions.
+
+    Reads ``{01Neutral,...,05Angry}/xN-SS-RR-GG-PP`` in .flac or the original
+    .wav. The emotion letter is read in any case (the corpus has one
+    ``S4-`` file; it is kept and listed as an anomaly); a letter/number pair that
+    is not n1/f2/h3/s4/a5, or one that disagrees with its ``0N<Emotion>``
+    folder, is skipped with the reason. A speaker's gender is the majority of
+    their files' GG codes (see :func:`_resolve_ased_genders`). Audio is checked
+    by default: a clip too short for one analysis frame is skipped and listed.
+    ASED has no calm, disgust or surprised.
+    """
+    scan = _scan(root, "ased", _parse_ased, check_audio, min_duration_s)
+    for u in scan.utterances:
+        if u.path.stem[:1].isupper():
+            scan.anomalies.append(f"{u.path.parent.name}/{u.path.name}: upper-case emotion letter, read as "
+                                  f"{u.path.stem[:1].lower()}")
+    _resolve_ased_genders(scan)
+    return scan
 
 
 # --------------------------------------------------------------------------- CREMA-D
@@ -514,6 +633,7 @@ def read_emodb(
 _READERS: Mapping[str, Callable[..., CorpusScan]] = {
     "ravdess": read_ravdess,
     "tess": read_tess,
+    "ased": read_ased,
     "crema-d": read_crema_d,
     "savee": read_savee,
     "emodb": read_emodb,
@@ -532,10 +652,13 @@ def canonical_corpus_name(name: str) -> str:
 def scan_corpora(
     data_root: Path | str,
     names: Iterable[str] = ("ravdess", "tess"),
-    check_audio: bool = False,
+    check_audio: bool | None = None,
     min_duration_s: float = MIN_DURATION_S,
 ) -> CorpusScan:
     """Read each named corpus from its subfolder of ``data_root`` (see CORPUS_FOLDERS).
+
+    ``check_audio`` None leaves it to each reader's default (ASED checks its
+    clips' durations, the others do not unless asked).
 
     Raises DatasetError (one line) when a corpus folder is missing or holds no
     recognisable files. The result merges all corpora; ``summary()`` describes it.
@@ -549,7 +672,9 @@ def scan_corpora(
         folder = data_root / CORPUS_FOLDERS[corpus]
         if not folder.is_dir():
             raise DatasetError(f"{corpus}: expected its files in {folder}, which does not exist")
-        scan = _READERS[corpus](folder, check_audio=check_audio, min_duration_s=min_duration_s)
+        kwargs = {"min_duration_s": min_duration_s} if check_audio is None else {
+            "check_audio": check_audio, "min_duration_s": min_duration_s}
+        scan = _READERS[corpus](folder, **kwargs)
         if not scan.utterances:
             detail = ""
             if scan.skipped:

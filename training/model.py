@@ -250,19 +250,37 @@ class MultitaskLoss(nn.Module):
     per task. Emotion is the task we care about; the learned weights keep the
     auxiliary heads (AVD regression, gender, intensity) from dominating it
     without hand-tuned constants.
+
+    A ``class_mask`` target [B, n_labels] (bool) restricts each row's emotion
+    loss to the classes its corpus has (:func:`training.mixing.masked_cross_entropy`);
+    ``unmasked_weight`` w mixes the plain loss back in, (1 - w) masked + w plain,
+    so a class a corpus lacks is still pushed down a little on its clips (the
+    exported model answers over all 8 labels).
     """
 
     tasks = ("emotion", "avd", "gender", "intensity")
 
-    def __init__(self, label_smoothing: float = 0.1) -> None:
+    def __init__(self, label_smoothing: float = 0.1, unmasked_weight: float = 0.0) -> None:
         super().__init__()
+        self.label_smoothing = label_smoothing
+        self.unmasked_weight = unmasked_weight
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
         self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.ce_optional = nn.CrossEntropyLoss(ignore_index=-1)
 
     def forward(self, out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if "class_mask" in target:  # each row over its corpus's classes (training/mixing.py)
+            from .mixing import masked_cross_entropy
+
+            emotion = masked_cross_entropy(out["emotion_logits"], target["emotion"], target["class_mask"],
+                                           self.label_smoothing)
+            if self.unmasked_weight > 0:  # a little of the plain loss: absent classes pushed down a little
+                plain = self.ce(out["emotion_logits"].float(), target["emotion"])
+                emotion = (1.0 - self.unmasked_weight) * emotion + self.unmasked_weight * plain
+        else:
+            emotion = self.ce(out["emotion_logits"].float(), target["emotion"])
         losses = {
-            "emotion": self.ce(out["emotion_logits"].float(), target["emotion"]),
+            "emotion": emotion,
             "avd": nn.functional.mse_loss(out["avd"].float(), target["avd"]),
             "gender": self._optional_ce(out["gender_logits"], target["gender"]),
             "intensity": self._optional_ce(out["intensity_logits"], target["intensity"]),

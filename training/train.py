@@ -29,10 +29,13 @@ from serstream.contract import LABELS, SAMPLE_RATE
 from .cache import CachedCorpus
 from .channel import GroupChannelAugment, spec_mask
 from .ema import WeightAverage
+from .mixing import BalancedSampler, corpus_class_masks, restricted_argmax, row_class_mask
 from .model import EmotionNet, ModelConfig, MultitaskLoss
 
 __all__ = [
     "ADAPTATION_MODES",
+    "RECIPES",
+    "SAMPLINGS",
     "TTA_VARIANTS",
     "TrainConfig",
     "TrainResult",
@@ -65,7 +68,19 @@ class TrainConfig:
     # bf16 autocast on CPU: measured 4x *slower* than fp32 on this project's AVX2 EPYC
     # (no AVX-512 BF16); worth it only where the CPU has bf16 units.
     bf16: bool = False
-    # Chance that a speaker group is drawn from a corpus other than RAVDESS
+    # Emotion loss over each corpus's own classes (training/mixing.py); False is
+    # v0.3.0's plain softmax over all 8 labels for every corpus.
+    mask_loss: bool = True
+    # With mask_loss: weight w of the plain 8-label loss mixed in, (1 - w) masked + w plain.
+    # The exported model answers over all 8 labels, and a fully masked loss never
+    # tells it that an ASED or TESS clip is not calm; 0 = fully masked.
+    unmasked_weight: float = 0.0
+    # "balanced": corpus -> speaker -> class -> clip (training/mixing.py), the
+    # corpus drawn by ``corpus_weight``; "v0.3": RAVDESS speakers, another
+    # corpus's with probability ``other_corpus_prob`` (v0.3.0's sampler).
+    sampling: str = "balanced"
+    corpus_weight: str = "sqrt-speakers"
+    # v0.3 sampling: chance that a speaker group is drawn from a corpus other than RAVDESS
     # (TESS has 2 speakers but twice RAVDESS's files; uncapped it dominates
     # neutral and pushes quiet RAVDESS speech into "calm").
     other_corpus_prob: float = 0.25
@@ -90,6 +105,14 @@ class TrainConfig:
         return d
 
 
+#: Named recipes for side-by-side runs on the same folds: what each sets in TrainConfig.
+RECIPES: dict[str, dict] = {
+    "v0.4": {"mask_loss": True, "sampling": "balanced"},
+    "v0.3": {"mask_loss": False, "sampling": "v0.3"},
+}
+SAMPLINGS = ("balanced", "v0.3")
+
+
 @dataclass
 class TrainResult:
     model: EmotionNet
@@ -112,7 +135,11 @@ def history_matrix(groups: np.ndarray, rng: np.random.Generator, cold_start_prob
 
 
 class BatchSampler:
-    """Speaker groups of class-balanced utterances, RAVDESS and other corpora mixed at a set rate."""
+    """v0.3.0's sampler: speaker groups of class-balanced utterances, RAVDESS and other corpora mixed at a set rate.
+
+    With no RAVDESS speaker in training (leave-one-corpus-out with RAVDESS held
+    out) every speaker is "main": groups are drawn uniformly over speakers.
+    """
 
     def __init__(self, corpus: CachedCorpus, train_idx: np.ndarray, config: TrainConfig, rng: np.random.Generator) -> None:
         self.corpus, self.config, self.rng = corpus, config, rng
@@ -162,17 +189,38 @@ def pad_batch(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(audio), torch.tensor([len(a) for a in clips], dtype=torch.int64)
 
 
-def _targets(corpus: CachedCorpus, idx: np.ndarray, avd_table: np.ndarray) -> dict[str, torch.Tensor]:
+def _targets(corpus: CachedCorpus, idx: np.ndarray, avd_table: np.ndarray,
+             class_masks: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     label = corpus.label[idx]
     intensity = corpus.intensity[idx]
     # avd_table[label, intensity_slot]: slot 0 normal, 1 strong, 2 unknown
     slot = np.where(intensity < 0, 2, intensity)
-    return {
+    targets = {
         "emotion": torch.from_numpy(label),
         "avd": torch.from_numpy(avd_table[label, slot].astype(np.float32)),
         "gender": torch.from_numpy(corpus.gender[idx]),
         "intensity": torch.from_numpy(intensity),
     }
+    if class_masks is not None:
+        targets["class_mask"] = torch.from_numpy(row_class_mask(corpus.corpus[idx], class_masks))
+    return targets
+
+
+def make_sampler(corpus: CachedCorpus, train_idx: np.ndarray, config: TrainConfig, rng: np.random.Generator):
+    """The batch sampler ``config.sampling`` names; ValueError for an unknown one."""
+    if config.sampling == "balanced":
+        return BalancedSampler(corpus, train_idx, config.speakers_per_batch, config.per_speaker, rng,
+                               corpus_weight=config.corpus_weight)
+    if config.sampling == "v0.3":
+        return BatchSampler(corpus, train_idx, config, rng)
+    raise ValueError(f"unknown sampling {config.sampling!r}; known: {', '.join(SAMPLINGS)}")
+
+
+def own_class_prediction(logits: np.ndarray, corpora: np.ndarray, class_masks: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Argmax over each row's corpus classes when masks are given (masked training), else over all labels."""
+    if class_masks is None:
+        return logits.argmax(1)
+    return restricted_argmax(logits, row_class_mask(corpora, class_masks, logits.shape[1]))
 
 
 def avd_lookup() -> np.ndarray:
@@ -336,6 +384,8 @@ def predict(
     result["gender"] = corpus.gender[idx]
     result["intensity"] = corpus.intensity[idx]
     result["speaker"] = corpus.speaker[idx]
+    result["sentence"] = corpus.sentence[idx]
+    result["common"] = corpus.common[idx]
     return result
 
 
@@ -375,7 +425,12 @@ def train_model(
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> TrainResult:
-    """Train on ``train_idx``; pick the epoch with the best validation UAR (online adaptation)."""
+    """Train on ``train_idx``; pick the epoch with the best validation UAR (online adaptation).
+
+    With ``config.mask_loss`` each row's emotion loss covers only the classes
+    its corpus has, and validation UAR takes the argmax over each validation
+    clip's corpus classes (so an ASED validation speaker is not scored on calm).
+    """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -383,10 +438,13 @@ def train_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = EmotionNet(config.model).to(device)
-    loss_fn = MultitaskLoss().to(device)
+    loss_fn = MultitaskLoss(unmasked_weight=config.unmasked_weight if config.mask_loss else 0.0).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sampler = BatchSampler(corpus, train_idx, config, rng)
+    sampler = make_sampler(corpus, train_idx, config, rng)
+    class_masks = corpus_class_masks(corpus.corpus, corpus.label) if config.mask_loss else None
+    if isinstance(sampler, BalancedSampler):
+        log(f"balanced sampling, corpus weights: {sampler.describe()}")
     augment = None
     if config.augment:
         augment = GroupChannelAugment(seed=config.seed)
@@ -444,7 +502,7 @@ def train_model(
                     normed = spec_mask(normed, mask, config.spec_time_masks, config.spec_freq_masks, gen)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model.heads(model.encode(normed, mask))
-            targets = {k: v.to(device) for k, v in _targets(corpus, idx, avd_table).items()}
+            targets = {k: v.to(device) for k, v in _targets(corpus, idx, avd_table, class_masks).items()}
             loss, parts = loss_fn(out, targets)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -459,7 +517,8 @@ def train_model(
         scored = average.model if average is not None else model
         if val_idx is not None and len(val_idx):
             pred = predict(scored, corpus, val_idx, mode="online", order_seed=config.seed)
-            record["val_uar"] = round(_uar(pred["label"], pred["emotion_logits"].argmax(1)), 4)
+            val_pred = own_class_prediction(pred["emotion_logits"], corpus.corpus[val_idx], class_masks)
+            record["val_uar"] = round(_uar(pred["label"], val_pred), 4)
             if record["val_uar"] > best["uar"]:
                 best = {"uar": record["val_uar"], "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
                 stale = 0

@@ -5,7 +5,7 @@ its own pitch level, pitch glide, loudness, brightness and syllable rate, each
 speaker its own base pitch (male lower) and recording level, so a classifier
 can learn the classes and folds still have to generalise across speakers.
 
-``make_ravdess_like`` and ``make_tess_like`` write corpora with content;
+``make_ravdess_like``, ``make_tess_like`` and ``make_ased_like`` write corpora with content;
 ``write_named_tree`` writes short clips under given names for reader tests,
 with the name lists for CREMA-D, SAVEE and EmoDB (good and bad names, each bad
 one with the reason its reader must give).
@@ -25,11 +25,14 @@ __all__ = [
     "CREMA_D_BAD",
     "CREMA_D_DEMOGRAPHICS",
     "CREMA_D_GOOD",
+    "ASED_BAD",
+    "ASED_GOOD",
     "EMODB_BAD",
     "EMODB_GOOD",
     "SAVEE_BAD",
     "SAVEE_GOOD",
     "emotion_signal",
+    "make_ased_like",
     "make_ravdess_like",
     "make_tess_like",
     "write_clip",
@@ -162,6 +165,36 @@ def make_tess_like(
     return root
 
 
+_ASED_CODE = {"neutral": "n1", "fearful": "f2", "happy": "h3", "sad": "s4", "angry": "a5"}
+_ASED_FOLDER = {"neutral": "01Neutral", "fearful": "02Fearful", "happy": "03Happy", "sad": "04Sad", "angry": "05Angry"}
+
+
+def make_ased_like(
+    root: Path,
+    speakers: Iterable[int] = range(1, 7),
+    emotions: Sequence[str] = tuple(_ASED_CODE),
+    sentences: Sequence[int] = (1, 3),
+    seconds: float = 1.0,
+    suffix: str = ".flac",
+    sample_rate: int = SAMPLE_RATE,
+) -> Path:
+    """Write ``root/05Angry/a5-SS-01-GG-PP.flac``: one take per speaker, emotion and sentence.
+
+    Odd speaker numbers are female (GG 01), even male (GG 02); ASED's five classes only.
+    """
+    root = Path(root)
+    for speaker in speakers:
+        female = speaker % 2 == 1
+        base_f0 = (210.0 if female else 120.0) * (1.0 + 0.03 * ((speaker % 4) - 1.5))
+        for emotion in emotions:
+            for sentence in sentences:
+                seed = 90_000 + speaker * 100 + LABELS.index(emotion) * 10 + sentence
+                audio = emotion_signal(emotion, base_f0, -2.0 * (speaker % 3), seconds, seed, sample_rate)
+                name = f"{_ASED_CODE[emotion]}-{sentence:02d}-01-{'01' if female else '02'}-{speaker:02d}{suffix}"
+                write_clip(root / _ASED_FOLDER[emotion] / name, audio, sample_rate)
+    return root
+
+
 def write_named_tree(
     root: Path, names: Iterable[str], seconds: float = 0.2, sample_rate: int = SAMPLE_RATE
 ) -> Path:
@@ -230,4 +263,26 @@ EMODB_BAD: Mapping[str, str] = {
     "wav/03a01Xa.wav": "unknown code",
     "wav/99a01Wa.wav": "unknown speaker",
     "wav/03a1Wa.wav": "bad name",
+}
+
+#: ASED: name -> (speaker, label, gender after the majority rule, sentence). Speaker 09 has
+#: two female files and one male file (decided: female); speaker 11 one of each (tie: the
+#: first file's code, 01Neutral/... comes first: male). The capital S4 is read as sad.
+ASED_GOOD: Mapping[str, tuple[str, str, str, int]] = {
+    "01Neutral/n1-01-01-02-11.flac": ("ased:11", "neutral", "male", 1),
+    "03Happy/h3-02-01-01-11.flac": ("ased:11", "happy", "male", 2),
+    "02Fearful/f2-01-01-01-09.wav": ("ased:09", "fearful", "female", 1),
+    "03Happy/h3-05-02-01-09.flac": ("ased:09", "happy", "female", 5),
+    "05Angry/a5-07-01-02-09.flac": ("ased:09", "angry", "female", 7),
+    "04Sad/S4-04-02-01-29.flac": ("ased:29", "sad", "female", 4),
+    "05Angry/a5-03-01-02-50.FLAC": ("ased:50", "angry", "male", 3),
+}
+ASED_BAD: Mapping[str, str] = {
+    "05Angry/x9-01-01-02-50.flac": "unknown emotion",  # unknown letter
+    "01Neutral/n2-01-01-02-50.flac": "unknown emotion",  # letter and number disagree
+    "03Happy/a5-01-01-02-50.flac": "name and folder disagree",
+    "04Sad/s4-09-01-02-50.flac": "unknown code",  # sentence 09
+    "04Sad/s4-01-01-03-50.flac": "unknown code",  # gender 03
+    "04Sad/s4-01-01-02.flac": "bad name",
+    "04Sad/notes.wav": "bad name",
 }

@@ -1,0 +1,250 @@
+"""Leave-one-corpus-out, ASED 5-fold, report --compare and export, end to end on three tiny
+synthetic corpora with different label sets (RAVDESS-like 8 classes, TESS-like 7, ASED-like 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from serstream.contract import LABELS  # noqa: E402
+from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
+from training.__main__ import main  # noqa: E402
+from training.generalise import load_predictions  # noqa: E402
+from training.mixing import FOUR_CLASSES  # noqa: E402
+
+TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--crop-s", "0.5", "--threads", "1"]
+OWN = {
+    "ravdess": list(LABELS),
+    "tess": [c for c in LABELS if c != "calm"],
+    "ased": ["neutral", "happy", "sad", "angry", "fearful"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_ravdess_like(root / "ravdess", actors=range(1, 7), n_per=1, seconds=0.6)
+    make_tess_like(root / "tess", words=("back",), seconds=0.6)
+    make_ased_like(root / "ased", speakers=range(1, 7), sentences=(1, 3), seconds=0.6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def loco_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("loco")
+    rc = main(["loco", "--data", str(data), "--out", str(out), "--cache", str(data / "cache"), *TINY, "--workers", "2"])
+    assert rc == 0
+    return out
+
+
+def _recall_mean(cm) -> float:
+    cm = np.asarray(cm)
+    return float(np.mean([cm[i, i] / cm[i].sum() for i in range(len(cm)) if cm[i].sum()]))
+
+
+def test_loco_holds_out_each_corpus_and_scores_four_and_own_classes(loco_run) -> None:
+    results = json.loads((loco_run / "loco.json").read_text())
+    splits = json.loads((loco_run / "splits.json").read_text())
+    assert results["complete"] and list(results["held_out"]) == ["ravdess", "tess", "ased"]
+    assert results["config"]["mask_loss"] is True and results["config"]["sampling"] == "balanced"
+    four = [LABELS.index(c) for c in FOUR_CLASSES]
+    for corpus, row in results["held_out"].items():
+        fold = json.loads((loco_run / f"fold-{row['fold']}.json").read_text())
+        assert {s.split(":")[0] for s in fold["test_speakers"]} == {corpus}
+        trained = {s.split(":")[0] for s in fold["val_speakers"]}
+        assert corpus not in trained and "tess" not in trained  # TESS's two speakers never validate
+        assert len(fold["val_speakers"]) == 2 * len(trained) == len(splits[corpus]["val_speakers"])
+        preds = load_predictions(loco_run / f"fold-{row['fold']}")
+        for mode in ("none", "online"):
+            p = preds[mode]
+            f4, own = row[mode]["four_class"], row[mode]["own_classes"]
+            assert f4["classes"] == [c for c in LABELS if c in FOUR_CLASSES]
+            assert f4["n"] == int(np.isin(p["label"], four).sum())
+            assert sorted(own["classes"]) == sorted(OWN[corpus]) and own["n"] == len(p["label"])
+            # the 4-class answer is the argmax over those 4 logits only
+            rows = np.isin(p["label"], four)
+            yhat = np.asarray(four)[p["emotion_logits"][rows][:, four].argmax(1)]
+            assert np.mean(yhat == p["label"][rows]) == pytest.approx(f4["accuracy"], abs=1e-4)
+            # 8-way: the shipped model's answer, and how often it names a class the corpus lacks
+            full = p["emotion_logits"].argmax(1)
+            opened = row[mode]["open"]
+            assert opened["accuracy"] == pytest.approx(np.mean(full == p["label"]), abs=1e-4)
+            absent = ~np.isin(np.asarray(LABELS)[full], OWN[corpus])
+            assert opened["predicted_absent"] == pytest.approx(np.mean(absent), abs=1e-4)
+            for figs in (f4, own):
+                assert figs["uar"] == pytest.approx(_recall_mean(figs["confusion"]), abs=1e-4)
+                assert np.asarray(figs["confusion"]).sum() == figs["n"]
+    for mode in ("none", "online"):
+        rows = results["held_out"].values()
+        assert results["mean"][mode]["uar_four_class"] == pytest.approx(
+            np.mean([r[mode]["four_class"]["uar"] for r in rows]), abs=1e-4)
+        assert results["mean"][mode]["held_out"] == 3
+    cal = results["calibration"]["online"]
+    # one temperature from every fold's validation clips pooled
+    assert cal["temperature_fitted_on"] == sum(len(load_predictions(loco_run / f"fold-{k}")["val"]["label"])
+                                               for k in (1, 2, 3)) > 0
+    assert 0.0 <= cal["ece_pooled"] <= 1.0 and len(cal["ece_folds"]) == 3
+    gaps = cal["uar_gap_female_minus_male"]
+    assert gaps["tess"] is None and isinstance(gaps["ravdess"], float) and isinstance(gaps["ased"], float)
+
+
+def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) -> None:
+    old = tmp_path / "loco-v03"
+    rc = main(["loco", "--data", str(data), "--out", str(old), "--cache", str(data / "cache"), *TINY, "--workers", "1",
+               "--recipe", "v0.3", "--held-out", "ased"])
+    assert rc == 0
+    config = json.loads((old / "config.json").read_text())
+    assert config["mask_loss"] is False and config["sampling"] == "v0.3"
+    results = json.loads((old / "loco.json").read_text())
+    assert list(results["held_out"]) == ["ased"] and not results["complete"]
+    capsys.readouterr()
+    assert main(["report", "--loco", str(old), "--compare", str(loco_run), str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "Leave-one-corpus-out" in out and "(partial: 1 of 3 held-out corpora finished)" in out
+    assert f"| figure | {loco_run.name} | loco-v03 |" in out
+    line = next(l for l in out.splitlines() if l.startswith("| -> ased 4-class UAR (online) |"))
+    assert line.count("|") == 4 and "-" not in line.split("|")[2:4]
+    # a flag given explicitly overrides the recipe
+    assert main(["loco", "--data", str(data), "--out", str(tmp_path / "x"), "--cache", str(data / "cache"), *TINY,
+                 "--recipe", "v0.3", "--mask-loss", "--held-out", "nope"]) == 2
+    assert "--held-out nope is not among --corpora" in capsys.readouterr().err
+
+
+def test_ased_cv_scores_all_and_common_sentences(data, tmp_path, capsys) -> None:
+    out = tmp_path / "ased"
+    rc = main(["ased-cv", "--data", str(data), "--out", str(out), "--cache", str(data / "cache"), *TINY,
+               "--workers", "1", "--folds", "1", "--val-clips", "15"])
+    assert rc == 0
+    results = json.loads((out / "ased-cv.json").read_text())
+    fold = results["folds"]["1"]
+    assert fold["test_speakers"] == ["ased:01", "ased:06"]  # 6 speakers dealt round-robin into 5 folds
+    meta = json.loads((out / "fold-1.json").read_text())
+    # each synthetic speaker holds 10 clips: two reach 15
+    assert all(s.startswith("ased:") for s in meta["val_speakers"]) and len(meta["val_speakers"]) == 2
+    for mode in ("none", "online", "full"):
+        assert fold[mode]["all"]["n"] == 2 * 5 * 2 and fold[mode]["common"]["n"] == 2 * 5
+        assert sorted(fold[mode]["all"]["classes"]) == sorted(OWN["ased"])
+        assert results["summary"][mode]["common"]["folds"] == [fold[mode]["common"]["uar"]]
+    assert "ASED 5-fold" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["report", "--ased-cv", str(out)]) == 0
+    assert "| 1 | 01,06 (2) |" in capsys.readouterr().out
+
+
+def test_ravdess_cv_trains_with_ased_and_writes_pooled_calibration(data, tmp_path) -> None:
+    out = tmp_path / "cv"
+    rc = main(["cv", "--data", str(data), "--corpora", "ravdess,tess,ased", "--out", str(out),
+               "--cache", str(data / "cache"), *TINY, "--workers", "1", "--folds", "1"])
+    assert rc == 0
+    fold = json.loads((out / "fold-1.json").read_text())
+    assert set(fold["test_speakers"]) == {f"ravdess:{a:02d}" for a in range(1, 5)}
+    assert {s.split(":")[0] for s in fold["val_speakers"]} == {"ravdess"}
+    gen = json.loads((out / "generalisation.json").read_text())
+    assert gen["calibration"]["online"]["temperature_fitted_on"] == 2 * 8  # 2 val actors x 8 clips
+    assert set(gen["calibration"]["online"]["uar_gap_female_minus_male"]) == {"ravdess"}
+
+
+def test_train_with_new_recipe_exports_the_unchanged_contract(data, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from serstream.inference.session import EmotionModel
+
+    path = tmp_path / "m.onnx"
+    rc = main(["train", "--data", str(data), "--corpora", "ravdess,tess,ased", "--out", str(tmp_path / "final"),
+               "--cache", str(data / "cache"), *TINY,
+               "--export", str(path), "--temperature", "1.3", "--version", "0.4.0-test"])
+    assert rc == 0
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["labels"] == list(LABELS) and sidecar["temperature"] == 1.3
+    cfg = sidecar["train_config"]
+    assert cfg["mask_loss"] is True and cfg["sampling"] == "balanced"
+    model = EmotionModel.load(path)
+    assert list(model.info.labels) == list(LABELS)
+    rng = np.random.default_rng(0)
+    out = model.infer((0.05 * rng.standard_normal((2, 16000))).astype(np.float32), np.array([16000, 9000]))
+    assert out.probs.shape == (2, len(LABELS))
+    np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_ased_folds_are_13_speakers_each_dealt_by_pp() -> None:
+    from training.generalise import ased_folds
+
+    speakers = [f"ased:{p:02d}" for p in range(65, 0, -1)] + ["ravdess:01", "tess:OAF"]
+    folds = ased_folds(speakers)
+    assert [len(f.test_speakers) for f in folds] == [13] * 5
+    assert sorted(folds[0].test_speakers) == [f"ased:{p:02d}" for p in range(1, 66, 5)]
+    assert sorted(folds[4].test_speakers) == [f"ased:{p:02d}" for p in range(5, 66, 5)]
+    assert set().union(*(f.test_speakers for f in folds)) == {f"ased:{p:02d}" for p in range(1, 66)}
+    with pytest.raises(ValueError, match="cannot fill 5 folds"):
+        ased_folds(["ased:01", "ased:02"])
+
+
+def test_loco_validation_comes_from_multi_speaker_training_corpora() -> None:
+    from types import SimpleNamespace
+
+    from training.generalise import loco_splits
+
+    utts = [SimpleNamespace(speaker=f"ravdess:{a:02d}", corpus="ravdess", gender="male" if a % 2 else "female")
+            for a in range(1, 25)]
+    utts += [SimpleNamespace(speaker=f"tess:{s}", corpus="tess", gender="female") for s in ("OAF", "YAF")]
+    utts += [SimpleNamespace(speaker=f"ased:{p:02d}", corpus="ased", gender="female" if p % 3 else "male")
+             for p in range(1, 66)]
+    folds = loco_splits(utts, ["ravdess", "tess", "ased"], seed=3)
+    for fold, held in zip(folds, ("ravdess", "tess", "ased")):
+        assert {s.split(":")[0] for s in fold.test_speakers} == {held}
+        donors = {s.split(":")[0] for s in fold.val_speakers}
+        assert donors == {"ravdess", "tess", "ased"} - {held, "tess"}
+        assert len(fold.val_speakers) == 2 * len(donors)
+        assert not fold.train_speakers & (fold.val_speakers | fold.test_speakers)
+        assert len(fold.train_speakers | fold.val_speakers | fold.test_speakers) == 24 + 2 + 65
+    assert loco_splits(utts, ["ravdess", "tess", "ased"], seed=3) == folds  # deterministic
+
+
+def test_ased_cv_with_too_few_speakers_for_validation_is_one_line(data, tmp_path, capsys) -> None:
+    rc = main(["ased-cv", "--data", str(data), "--out", str(tmp_path / "o"), "--cache", str(data / "cache"), *TINY,
+               "--folds", "1"])  # fold 1 tests 2 of 6 speakers; the other 4 hold 40 clips, short of 120 + training
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "cannot give a test set, validation speakers with 120 clips" in err.strip().splitlines()[-1]
+
+
+def test_ased_validation_speakers_are_drawn_until_they_hold_enough_clips() -> None:
+    from types import SimpleNamespace
+
+    from training.generalise import ased_folds, ased_split
+
+    rng = np.random.default_rng(0)
+    utts = []
+    for p in range(1, 66):
+        n = int(rng.integers(8, 71))  # ASED speakers hold 8-70 clips
+        utts += [SimpleNamespace(speaker=f"ased:{p:02d}", gender="female" if p % 3 == 0 else "male")] * n
+    utts += [SimpleNamespace(speaker="ravdess:01", gender="male")] * 60
+    clips = {u.speaker: sum(v.speaker == u.speaker for v in utts) for u in utts}
+    for fold in ased_folds({u.speaker for u in utts}):
+        split = ased_split(utts, fold, min_val_clips=120, seed=1)
+        val = sorted(split.val_speakers, key=lambda s: s)
+        total = sum(clips[s] for s in val)
+        assert total >= 120 and len(val) >= 2 and all(s.startswith("ased:") for s in val)
+        assert not split.val_speakers & fold.test_speakers and "ravdess:01" in split.train_speakers
+        assert {u.gender for u in utts if u.speaker in split.val_speakers} == {"female", "male"}
+        assert ased_split(utts, fold, min_val_clips=120, seed=1) == split
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"mask_loss": True, "sampling": "balanced", "corpus_weight": "sqrt-speakers", "unmasked_weight": 0.0}),
+    (["--recipe", "v0.3"], {"mask_loss": False, "sampling": "v0.3"}),
+    (["--recipe", "v0.3", "--mask-loss", "--unmasked-weight", "0.1"], {"mask_loss": True, "sampling": "v0.3",
+                                                                      "unmasked_weight": 0.1}),
+    (["--no-mask-loss", "--corpus-weight", "uniform"], {"mask_loss": False, "sampling": "balanced",
+                                                         "corpus_weight": "uniform"}),
+])
+def test_recipe_flags_set_the_config_and_explicit_flags_win(argv, expected) -> None:
+    from training.__main__ import _config, build_parser
+
+    for command in ("cv", "train", "loco", "ased-cv", "crosscorpus"):
+        config = _config(build_parser().parse_args([command, "--data", "x", *argv]))
+        assert {k: getattr(config, k) for k in expected} == expected, command

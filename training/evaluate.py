@@ -1,0 +1,260 @@
+"""Result files and tables of the generalisation evaluations (``loco``, ``ased-cv``, ``cv``).
+
+Each command trains its folds with :func:`training.cv.run_cv`; the functions
+here read the saved ``fold-K/predictions.npz`` and write one JSON per run:
+
+- ``loco.json``: per held-out corpus, 4-class UAR (neutral/happy/sad/angry) and
+  UAR over the held-out corpus's own classes, speaker history none and online;
+  their mean over the held-out corpora; pooled calibration and gender gaps.
+- ``ased-cv.json``: per fold, UAR over ASED's classes on all sentences and on
+  the common sentences (SS 01-02) only, per history mode; mean +/- std.
+- ``generalisation.json`` (beside a cv run's ``summary.json``): pooled
+  calibration and per-corpus gender gaps.
+
+Every file holds a ``headline`` dict of its key figures: ``report --compare``
+sets runs side by side from them (e.g. the v0.4 and v0.3 recipes on the same folds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .generalise import (
+    calibration_and_fairness,
+    four_class_indices,
+    load_predictions,
+    open_figures,
+    restricted_figures,
+    select,
+)
+
+__all__ = [
+    "ASED_FILE",
+    "CV_FILE",
+    "LOCO_FILE",
+    "ased_cv_results",
+    "calibration_markdown",
+    "compare_markdown",
+    "cv_generalisation",
+    "headline_of",
+    "loco_markdown",
+    "loco_results",
+    "ased_markdown",
+]
+
+LOCO_FILE = "loco.json"
+ASED_FILE = "ased-cv.json"
+CV_FILE = "generalisation.json"
+LOCO_MODES = ("none", "online")
+ASED_MODES = ("none", "online", "full")
+
+
+def _fold_preds(out_dir: Path, indices: Sequence[int]) -> dict[int, dict]:
+    found = {}
+    for k in indices:
+        fold_dir = Path(out_dir) / f"fold-{k}"
+        if (fold_dir / "predictions.npz").is_file():
+            found[k] = load_predictions(fold_dir)
+    return found
+
+
+def _calibration(preds: Sequence[Mapping], modes: Sequence[str]) -> dict:
+    return {m: c for m in modes if (c := calibration_and_fairness(list(preds), m))}
+
+
+def loco_results(out_dir: Path, held_out: Sequence[str], config: Mapping | None = None) -> dict:
+    """Score every finished leave-one-corpus-out fold of ``out_dir``; writes ``loco.json``."""
+    preds = _fold_preds(out_dir, range(1, len(held_out) + 1))
+    per = {}
+    for k, p in preds.items():
+        corpus = held_out[k - 1]
+        row = {"fold": k, "train_corpora": [c for c in held_out if c != corpus]}
+        for mode in LOCO_MODES:
+            if mode in p:
+                row[mode] = {"four_class": restricted_figures(p[mode], four_class_indices()),
+                             "own_classes": restricted_figures(p[mode]), "open": open_figures(p[mode])}
+        per[corpus] = row
+    mean = {}
+    for mode in LOCO_MODES:
+        u4 = [r[mode]["four_class"]["uar"] for r in per.values() if mode in r and r[mode]["four_class"]["n"]]
+        uo = [r[mode]["own_classes"]["uar"] for r in per.values() if mode in r]
+        un = [r[mode]["open"]["uar"] for r in per.values() if mode in r]
+        if uo:
+            mean[mode] = {"uar_four_class": round(float(np.mean(u4)), 4) if u4 else None,
+                          "uar_own_classes": round(float(np.mean(uo)), 4), "uar_open": round(float(np.mean(un)), 4),
+                          "held_out": len(uo)}
+    results = {"held_out": per, "mean": mean, "complete": len(per) == len(held_out),
+               "corpora": list(held_out), "calibration": _calibration(list(preds.values()), LOCO_MODES),
+               "config": dict(config or {})}
+    results["headline"] = headline_of("loco", results)
+    (Path(out_dir) / LOCO_FILE).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def ased_cv_results(out_dir: Path, n_folds: int, config: Mapping | None = None) -> dict:
+    """Score every finished ASED fold of ``out_dir``; writes ``ased-cv.json``."""
+    preds = _fold_preds(out_dir, range(1, n_folds + 1))
+    folds = {}
+    for k, p in preds.items():
+        row: dict = {"fold": k}
+        for mode in ASED_MODES:
+            if mode not in p:
+                continue
+            test = select(p[mode], np.char.startswith(p[mode]["speaker"].astype(str), "ased:"))
+            row["test_speakers"] = sorted(set(test["speaker"].tolist()))
+            common = select(test, test["common"] == 1)
+            row[mode] = {"all": restricted_figures(test), "open": open_figures(test),
+                         "common": restricted_figures(common) if len(common["label"]) else {"n": 0}}
+        folds[str(k)] = row
+    summary = {}
+    for mode in ASED_MODES:
+        for part in ("all", "common"):
+            vals = [r[mode][part]["uar"] for r in folds.values() if mode in r and "uar" in r[mode][part]]
+            if vals:
+                summary.setdefault(mode, {})[part] = {"uar_mean": round(float(np.mean(vals)), 4),
+                                                      "uar_std": round(float(np.std(vals)), 4), "folds": vals}
+    results = {"folds": folds, "summary": summary, "complete": len(folds) == n_folds,
+               "calibration": _calibration(list(preds.values()), ("online",)), "config": dict(config or {})}
+    results["headline"] = headline_of("ased-cv", results)
+    (Path(out_dir) / ASED_FILE).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def cv_generalisation(out_dir: Path, summary: Mapping | None = None) -> dict:
+    """Pooled calibration and per-corpus gender gaps of a RAVDESS cv run; writes ``generalisation.json``."""
+    dirs = sorted(Path(out_dir).glob("fold-*/predictions.npz"))
+    preds = [load_predictions(d.parent) for d in dirs]
+    results = {"calibration": _calibration(preds, ("none", "online")), "folds": len(preds)}
+    if summary:
+        results["uar"] = {m: s["uar"]["mean"] for m, s in summary.items() if "uar" in s}
+    results["headline"] = headline_of("cv", results)
+    (Path(out_dir) / CV_FILE).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def headline_of(kind: str, results: Mapping) -> dict:
+    """The key figures of a run, flat: what ``report --compare`` puts side by side."""
+    h: dict = {}
+    if kind == "loco":
+        for mode, m in results.get("mean", {}).items():
+            h[f"loco mean 4-class UAR ({mode})"] = m["uar_four_class"]
+            h[f"loco mean own-class UAR ({mode})"] = m["uar_own_classes"]
+            h[f"loco mean 8-way UAR ({mode})"] = m.get("uar_open")
+        for corpus, r in results.get("held_out", {}).items():
+            for mode in LOCO_MODES:
+                if mode in r:
+                    h[f"-> {corpus} 4-class UAR ({mode})"] = r[mode]["four_class"].get("uar")
+                    h[f"-> {corpus} own-class UAR ({mode})"] = r[mode]["own_classes"].get("uar")
+                    h[f"-> {corpus} 8-way UAR ({mode})"] = r[mode].get("open", {}).get("uar")
+                    h[f"-> {corpus} share given an absent label ({mode})"] = r[mode].get("open", {}).get(
+                        "predicted_absent")
+    elif kind == "ased-cv":
+        for mode, parts in results.get("summary", {}).items():
+            for part, s in parts.items():
+                h[f"ASED UAR {part} sentences ({mode})"] = s["uar_mean"]
+        opened = [r["online"]["open"] for r in results.get("folds", {}).values() if "online" in r and "open" in r["online"]]
+        if opened:
+            h["ASED 8-way UAR, fold mean (online)"] = round(float(np.mean([o["uar"] for o in opened])), 4)
+            h["ASED share given an absent label (online)"] = round(
+                float(sum(o["predicted_absent"] * o["n"] for o in opened) / sum(o["n"] for o in opened)), 4)
+    elif kind == "cv":
+        for mode, u in results.get("uar", {}).items():
+            h[f"RAVDESS UAR ({mode})"] = u
+    cal = results.get("calibration", {}).get("online")
+    if cal:
+        h["ECE pooled, online (pooled T)"] = cal["ece_pooled"]
+        h["temperature fitted on (clips)"] = cal["temperature_fitted_on"]
+        for corpus, gap in cal["uar_gap_female_minus_male"].items():
+            h[f"F-M UAR gap {corpus} (online)"] = gap
+    return h
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def loco_markdown(results: Mapping) -> str:
+    lines = ["\n**Leave-one-corpus-out** (UAR %, argmax over the scored classes; 8-way: argmax over all "
+             "labels as the shipped model answers, absent: % of clips given a label the corpus lacks)\n",
+             "| held out | trained on | n | 4-class none | 4-class online | own classes | own none | own online "
+             "| 8-way online | absent online |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for corpus, r in results["held_out"].items():
+        f = {m: r.get(m, {}) for m in LOCO_MODES}
+        own = f["online"].get("own_classes", {}) or f["none"].get("own_classes", {})
+        lines.append(f"| {corpus} | {'+'.join(r['train_corpora'])} | {own.get('n', 0)} | "
+                     f"{_pct(f['none'].get('four_class', {}).get('uar'))} | {_pct(f['online'].get('four_class', {}).get('uar'))} | "
+                     f"{len(own.get('classes', []))} | {_pct(f['none'].get('own_classes', {}).get('uar'))} | "
+                     f"{_pct(f['online'].get('own_classes', {}).get('uar'))} | "
+                     f"{_pct(f['online'].get('open', {}).get('uar'))} | "
+                     f"{_pct(f['online'].get('open', {}).get('predicted_absent'))} |")
+    m = results.get("mean", {})
+    lines.append(f"| **mean** | | | {_pct(m.get('none', {}).get('uar_four_class'))} | "
+                 f"{_pct(m.get('online', {}).get('uar_four_class'))} | | {_pct(m.get('none', {}).get('uar_own_classes'))} | "
+                 f"{_pct(m.get('online', {}).get('uar_own_classes'))} | {_pct(m.get('online', {}).get('uar_open'))} | |")
+    if not results.get("complete", True):
+        lines.append(f"\n(partial: {len(results['held_out'])} of {len(results['corpora'])} held-out corpora finished)")
+    return "\n".join(lines) + "\n" + calibration_markdown(results.get("calibration", {}))
+
+
+def ased_markdown(results: Mapping) -> str:
+    modes = [m for m in ASED_MODES if m in results["summary"]]
+    head = " | ".join(f"all {m} | common {m}" for m in modes)
+    lines = ["\n**ASED 5-fold speaker-independent** (folds: speakers dealt round-robin by PP; UAR % over ASED's "
+             "classes; common = sentences 01-02)\n",
+             f"| fold | test speakers | {head} |", "|---" * (2 + 2 * len(modes)) + "|"]
+    for k, r in sorted(results["folds"].items(), key=lambda kv: int(kv[0])):
+        spk = sorted(r.get("test_speakers", []), key=lambda x: int(x.split(":")[1]))
+        pps = [x.split(":")[1] for x in spk]
+        span = (f"{','.join(pps[:2])},...,{pps[-1]}" if len(pps) > 3 else ",".join(pps)) if pps else "-"
+        cells = " | ".join(f"{_pct(r[m]['all'].get('uar'))} | {_pct(r[m]['common'].get('uar'))}" for m in modes)
+        lines.append(f"| {k} | {span} ({len(spk)}) | {cells} |")
+    cells = " | ".join(f"{_pct(results['summary'][m][p]['uar_mean'])} +/- {_pct(results['summary'][m][p]['uar_std'])}"
+                       for m in modes for p in ("all", "common") if p in results["summary"][m])
+    lines.append(f"| **mean +/- std** | | {cells} |")
+    h = headline_of("ased-cv", results)
+    if "ASED 8-way UAR, fold mean (online)" in h:
+        lines.append(f"\n8-way argmax (the shipped model's answer), online: UAR {_pct(h['ASED 8-way UAR, fold mean (online)'])} %, "
+                     f"{_pct(h['ASED share given an absent label (online)'])} % of clips given a label ASED lacks.")
+    return "\n".join(lines) + "\n" + calibration_markdown(results.get("calibration", {}))
+
+
+def calibration_markdown(calibration: Mapping) -> str:
+    if not calibration:
+        return ""
+    lines = ["\n**Calibration (one temperature fitted on all folds' validation clips pooled) and gender gap**\n",
+             "| history | T | fitted on | ECE raw | ECE after T (pooled) | ECE after T (fold mean) | F-M UAR gap per corpus |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, c in calibration.items():
+        gaps = ", ".join(f"{k} {'-' if v is None else f'{100 * v:+.1f}'}" for k, v in c["uar_gap_female_minus_male"].items())
+        lines.append(f"| {mode} | {c['temperature']:.3f} | {c['temperature_fitted_on']} | {c['ece_raw_pooled']:.3f} | "
+                     f"{c['ece_pooled']:.3f} | {c['ece_mean']:.3f} | {gaps} |")
+    return "\n".join(lines) + "\n"
+
+
+def find_result(run_dir: Path) -> tuple[str, dict] | None:
+    """(kind, results) of the evaluation file in ``run_dir`` (loco, ased-cv or cv), or None."""
+    for kind, name in (("loco", LOCO_FILE), ("ased-cv", ASED_FILE), ("cv", CV_FILE)):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return kind, json.loads(path.read_text())
+    return None
+
+
+def compare_markdown(runs: Sequence[tuple[str, Mapping]]) -> str:
+    """Headline figures of several runs side by side: one row per figure, one column per run."""
+    keys: list[str] = []
+    for _, h in runs:
+        keys += [k for k in h if k not in keys]
+    lines = ["| figure | " + " | ".join(name for name, _ in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for k in keys:
+        cells = []
+        for _, h in runs:
+            v = h.get(k)
+            cells.append("-" if v is None else (str(v) if isinstance(v, int) else f"{v:.3f}"))
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

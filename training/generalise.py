@@ -1,0 +1,296 @@
+"""Evaluations of generalisation: ASED 5-fold, leave-one-corpus-out, pooled calibration and gender gaps.
+
+Every evaluation trains its folds with :func:`training.cv.run_cv` (so ``--workers``
+runs folds in parallel processes, each fold saves ``fold-K/predictions.npz``)
+and then scores the saved predictions here, without the model:
+
+- **Class restriction.** A corpus is scored over its own classes: the argmax
+  runs over the logits of the classes the corpus holds (ASED: 5, TESS: 7,
+  RAVDESS: all 8), as the monitor would if it were told which labels exist.
+  Leave-one-corpus-out also scores the four classes every corpus here shares
+  (:data:`training.mixing.FOUR_CLASSES`): argmax over those 4 logits, on the
+  clips labelled with one of them.
+- **Calibration.** One temperature per run, fitted on the validation
+  predictions of all folds pooled (a fold's 2 validation speakers give about
+  120 clips, too few to fit on alone), each validation clip over its own
+  corpus's classes; expected calibration error (ECE) is then measured on every
+  fold's held-out predictions with that temperature, and on all of them pooled.
+- **Fairness.** Female-minus-male UAR gap per corpus, over the held-out
+  predictions of all folds pooled (a corpus with one gender, TESS, has none).
+
+Pure functions over prediction dicts (``emotion_logits``, ``label``,
+``gender``, ``speaker``, ``common``) apart from :func:`load_predictions`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from serstream.contract import LABELS
+
+from .folds import Fold, _draw_validation, _speaker_genders
+from .mixing import FOUR_CLASSES
+
+__all__ = [
+    "ased_folds",
+    "ased_split",
+    "calibration_and_fairness",
+    "corpus_of",
+    "load_predictions",
+    "open_figures",
+    "loco_splits",
+    "restricted_figures",
+    "select",
+]
+
+ASED_CORPUS = "ased"
+#: A temperature fitted on this many clips or fewer is flagged (``temperature_fit_enough`` false):
+#: one fold's 120 validation clips gave a noisy temperature in v0.3.0.
+MIN_TEMPERATURE_CLIPS = 120
+#: Training corpora with at least this many speakers give validation speakers in leave-one-corpus-out.
+MIN_VAL_CORPUS_SPEAKERS = 6
+
+
+def corpus_of(speakers: np.ndarray) -> np.ndarray:
+    """Corpus name of each corpus-qualified speaker id (``"ased:09"`` -> ``"ased"``)."""
+    return np.array([str(s).split(":", 1)[0] for s in speakers])
+
+
+def select(pred: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The prediction dict restricted to ``rows`` (a bool mask or indices)."""
+    return {k: np.asarray(v)[rows] for k, v in pred.items()}
+
+
+def concat(preds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Prediction dicts stacked row-wise (keys common to all)."""
+    keys = set.intersection(*(set(p) for p in preds)) if preds else set()
+    return {k: np.concatenate([np.asarray(p[k]) for p in preds]) for k in sorted(keys)}
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def ased_folds(speakers: Iterable[str], n_folds: int = 5) -> list[Fold]:
+    """ASED's speakers dealt round-robin by PP number into ``n_folds`` folds (13 each for 65).
+
+    Deterministic: with 65 speakers fold 1 holds PP 01, 06, 11, ..., 61, fold 2 PP
+    02, 07, ..., 62. Not contiguous blocks: in ASED speakers 51-65 have no
+    common-sentence clip and many of 02-49 have nothing else, so a block of
+    PP 53-65 would leave one fold without the common-sentence figure.
+    """
+    ased = sorted({s for s in speakers if s.startswith(f"{ASED_CORPUS}:")}, key=lambda s: int(s.split(":")[1]))
+    if len(ased) < n_folds:
+        raise ValueError(f"ASED cross-validation: {len(ased)} ASED speakers cannot fill {n_folds} folds")
+    return [Fold(index=k + 1, test_speakers=frozenset(ased[k::n_folds])) for k in range(n_folds)]
+
+
+def ased_split(utterances: Sequence, fold: Fold, min_val_clips: int = 120, seed: int = 0) -> Fold:
+    """Complete an ASED fold: validation speakers from the other ASED speakers, every other speaker trains.
+
+    ASED speakers hold 8 to 70 judged clips each, so a fixed number of
+    validation speakers can give 16 clips. Instead speakers are drawn
+    alternately female and male (seeded with ``(seed, fold.index)``) until they
+    hold at least ``min_val_clips`` clips (at least two speakers); at least one
+    other ASED speaker must remain for training, else ValueError.
+    """
+    genders = _speaker_genders(utterances)
+    clips = Counter(u.speaker for u in utterances)
+    present = set(genders)
+    test = fold.test_speakers & present
+    rest = sorted(s for s in present - test if s.startswith(f"{ASED_CORPUS}:"))
+    order = _alternating_order(rest, genders, np.random.default_rng([seed, fold.index]))
+    val: list[str] = []
+    for s in order:
+        if len(val) >= 2 and sum(clips[v] for v in val) >= min_val_clips:
+            break
+        val.append(s)
+    if not test or len(val) >= len(rest):
+        raise ValueError(f"ASED fold {fold.index}: {len(test)} test and {len(rest)} other ASED speakers "
+                         f"cannot give a test set, validation speakers with {min_val_clips} clips and training speakers")
+    return Fold(index=fold.index, test_speakers=test, val_speakers=frozenset(val),
+                train_speakers=frozenset(present - test - set(val)))
+
+
+def _alternating_order(candidates: Sequence[str], genders: Mapping[str, str | None],
+                       rng: np.random.Generator) -> list[str]:
+    """Every candidate, shuffled within gender, then interleaved female, male, female, ... (others last)."""
+    pools = {g: [s for s in candidates if genders.get(s) == g] for g in ("female", "male")}
+    others = [s for s in candidates if genders.get(s) not in ("female", "male")]
+    for pool in (*pools.values(), others):
+        rng.shuffle(pool)
+    order: list[str] = []
+    turn = 0
+    while pools["female"] or pools["male"]:
+        gender = ("female", "male")[turn % 2]
+        pool = pools[gender] or pools[("female", "male")[(turn + 1) % 2]]
+        order.append(pool.pop())
+        turn += 1
+    return order + others
+
+
+def loco_splits(utterances: Sequence, corpora: Sequence[str], n_val: int = 2, seed: int = 0) -> list[Fold]:
+    """Leave-one-corpus-out: fold i holds out every speaker of ``corpora[i]``.
+
+    Validation: ``n_val`` speakers (female, male) from each training corpus with
+    at least :data:`MIN_VAL_CORPUS_SPEAKERS` speakers (RAVDESS, ASED; never one of
+    TESS's two), or from the largest training corpus when none has that many;
+    every other speaker of the training corpora trains. Corpora not named in
+    ``corpora`` are left out of every fold.
+    """
+    genders = _speaker_genders(utterances)
+    by_corpus: dict[str, list[str]] = {}
+    for s in genders:
+        by_corpus.setdefault(s.split(":", 1)[0], []).append(s)
+    missing = [c for c in corpora if c not in by_corpus]
+    if missing or len(corpora) < 2:
+        raise ValueError(f"leave-one-corpus-out needs at least two corpora with utterances; "
+                         f"missing: {', '.join(missing) or 'none'}")
+    folds = []
+    for i, held_out in enumerate(corpora):
+        training = [c for c in corpora if c != held_out]
+        donors = [c for c in training if len(by_corpus[c]) >= MIN_VAL_CORPUS_SPEAKERS]
+        if not donors:
+            donors = [max(training, key=lambda c: len(by_corpus[c]))]
+        rng = np.random.default_rng([seed, i + 1])
+        val: set[str] = set()
+        for c in donors:
+            if n_val >= len(by_corpus[c]):
+                raise ValueError(f"leave out {held_out}: {c} has {len(by_corpus[c])} speakers, too few for "
+                                 f"{n_val} validation speakers and training")
+            val |= _draw_validation(sorted(by_corpus[c]), genders, n_val, rng)
+        train = {s for c in training for s in by_corpus[c]} - val
+        folds.append(Fold(index=i + 1, test_speakers=frozenset(by_corpus[held_out]), val_speakers=frozenset(val),
+                          train_speakers=frozenset(train)))
+    return folds
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def load_predictions(fold_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """``fold-K/predictions.npz`` as {"val": {...}, "none": {...}, "online": {...}, ...}."""
+    z = np.load(Path(fold_dir) / "predictions.npz", allow_pickle=False)
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key in z.files:
+        prefix, name = key.split(".", 1)
+        groups.setdefault(prefix, {})[name] = z[key]
+    return groups
+
+
+def own_class_masks(pred: Mapping[str, np.ndarray]) -> np.ndarray:
+    """bool [N, C]: for each row, the classes its corpus holds among these rows' labels."""
+    corpora = corpus_of(pred["speaker"])
+    mask = np.zeros((len(corpora), len(LABELS)), dtype=bool)
+    for name in np.unique(corpora):
+        rows = corpora == name
+        mask[np.ix_(rows, np.unique(pred["label"][rows]))] = True
+    return mask
+
+
+def _masked_softmax(logits: np.ndarray, mask: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.where(mask, np.asarray(logits, dtype=np.float64) / temperature, -np.inf)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.where(mask, np.exp(z), 0.0)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_pooled_temperature(val_preds: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, int]:
+    """(temperature, clips) fitted on the pooled validation predictions, each over its corpus's classes."""
+    from . import metrics as M
+
+    pooled = concat(val_preds)
+    mask = own_class_masks(pooled)
+    logits = np.where(mask, pooled["emotion_logits"].astype(np.float64), -1e9)  # absent classes: no mass
+    return M.fit_temperature(logits, pooled["label"]), int(len(pooled["label"]))
+
+
+def restricted_figures(pred: Mapping[str, np.ndarray], classes: Sequence[int] | None = None,
+                       temperature: float = 1.0) -> dict:
+    """UAR, accuracy, ECE (at ``temperature``), confusion and gender gap with the argmax over ``classes``.
+
+    ``classes`` None: each row over its own corpus's classes. Otherwise only the
+    rows labelled with one of ``classes`` are scored, argmax over those classes.
+    """
+    from . import metrics as M
+
+    if classes is None:
+        mask = own_class_masks(pred)
+        rows = np.ones(len(pred["label"]), dtype=bool)
+    else:
+        allowed = np.zeros(len(LABELS), dtype=bool)
+        allowed[list(classes)] = True
+        rows = allowed[pred["label"]]
+        mask = np.broadcast_to(allowed, (int(rows.sum()), len(LABELS)))
+    y = pred["label"][rows]
+    if len(y) == 0:
+        return {"n": 0}
+    probs = _masked_softmax(pred["emotion_logits"][rows], mask, temperature)
+    yhat = probs.argmax(1)
+    present = sorted(set(np.flatnonzero(mask.any(axis=0)).tolist()))
+    g = pred["gender"][rows]
+    names = np.where(g == 1, "male", np.where(g == 0, "female", "unknown"))
+    out = {
+        "n": int(len(y)),
+        "classes": [LABELS[c] for c in present],
+        "uar": round(M.uar(y, yhat), 4),
+        "accuracy": round(M.accuracy(y, yhat), 4),
+        "ece": round(M.ece(probs, y), 4),
+        "confusion": M.confusion_matrix(y, yhat, len(LABELS))[np.ix_(present, present)].tolist(),
+    }
+    if {"female", "male"} <= set(names.tolist()):
+        out["uar_gap_female_minus_male"] = round(float(M.gender_uar_gap(y, yhat, names)), 4)
+    return out
+
+
+def open_figures(pred: Mapping[str, np.ndarray]) -> dict:
+    """What the shipped model does: argmax over all labels. UAR over the classes present, and the
+    share of clips given a label outside their corpus's classes (``predicted_absent``): masked
+    training never tells the model that an ASED clip is not calm, so this shows what that costs."""
+    from . import metrics as M
+
+    y, yhat = pred["label"], pred["emotion_logits"].argmax(1)
+    if len(y) == 0:
+        return {"n": 0}
+    own = own_class_masks(pred)
+    return {"n": int(len(y)), "uar": round(M.uar(y, yhat), 4), "accuracy": round(M.accuracy(y, yhat), 4),
+            "predicted_absent": round(float(np.mean(~own[np.arange(len(y)), yhat])), 4)}
+
+
+def calibration_and_fairness(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online") -> dict:
+    """Pooled-temperature ECE per fold and pooled, and per-corpus gender gaps, for one history mode.
+
+    ``folds``: each fold's predictions as :func:`load_predictions` returns them.
+    """
+    have = [f for f in folds if "val" in f and mode in f]
+    if not have:
+        return {}
+    temperature, n_val = fit_pooled_temperature([f["val"] for f in have])
+    tests = [f[mode] for f in have]
+    pooled = concat(tests)
+    per_fold_raw = [restricted_figures(t)["ece"] for t in tests]
+    per_fold = [restricted_figures(t, temperature=temperature)["ece"] for t in tests]
+    corpora = corpus_of(pooled["speaker"])
+    gaps = {}
+    for name in sorted(set(corpora.tolist())):
+        figs = restricted_figures(select(pooled, corpora == name))
+        gaps[name] = figs.get("uar_gap_female_minus_male")  # None: one gender only
+    return {
+        "mode": mode,
+        "temperature": round(float(temperature), 4),
+        "temperature_fitted_on": n_val,
+        "temperature_fit_enough": n_val > MIN_TEMPERATURE_CLIPS,
+        "ece_raw_pooled": restricted_figures(pooled)["ece"],
+        "ece_pooled": restricted_figures(pooled, temperature=temperature)["ece"],
+        "ece_folds": per_fold,
+        "ece_raw_folds": per_fold_raw,
+        "ece_mean": round(float(np.mean(per_fold)), 4),
+        "uar_gap_female_minus_male": gaps,
+    }
+
+
+def four_class_indices() -> list[int]:
+    return [LABELS.index(c) for c in FOUR_CLASSES]
