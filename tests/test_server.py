@@ -119,7 +119,10 @@ def test_events_flow_filtered_and_stats_reach_everyone() -> None:
             ]
             assert [(e["stream"], e.get("t")) for e in got_a] == [("a", 1.0), ("*", None), ("a", 3.0)]
             assert [(e["stream"], e.get("t")) for e in got_b] == [("b", 2.0), ("*", None)]
-            assert got_all[2] == STATS
+            # Every event carries its bus-wide id; filtered clients see the same ids.
+            assert [e["id"] for e in got_all] == [1, 2, 3, 4]
+            assert [e["id"] for e in got_a] == [1, 3, 4] and [e["id"] for e in got_b] == [2, 3]
+            assert {k: v for k, v in got_all[2].items() if k != "id"} == STATS
             # Nothing else is queued for b: the next message is the next matching event.
             bus.publish(speech("a", 4.0))
             bus.publish(speech("b", 5.0))
@@ -140,7 +143,7 @@ def test_messages_are_text_frames_of_compact_json() -> None:
             server.bus.publish(event)
             message = await asyncio.wait_for(conn.recv(), DEADLINE_S)
             assert isinstance(message, str)
-            assert message == events.dumps(event)
+            assert message == events.dumps({"id": 1, **event})
             await conn.close()
 
     run(main())
@@ -180,12 +183,28 @@ def test_slow_client_loses_oldest_events_and_fast_client_gets_all() -> None:
 
             # The slow client now reads: it gets the newest events, in order, and
             # what it got plus what was dropped for it is everything published.
+            # Each loss is announced by a `gap` event whose counts match the ids skipped.
             received_slow: list[int] = []
+            gaps: list[dict[str, Any]] = []
+            last_id = 0
             while not received_slow or received_slow[-1] != total - 1:
-                received_slow.append((await recv_json(slow))["seq"])
+                message = await recv_json(slow)
+                if message["type"] == "gap":
+                    assert message["reason"] == "overflow" and message["since"] == last_id
+                    gaps.append(message)
+                    continue
+                if gaps and gaps[-1].get("checked") is None:
+                    assert message["id"] == gaps[-1]["resume_from"] == last_id + gaps[-1]["lost"] + 1
+                    gaps[-1]["checked"] = True
+                else:
+                    assert message["id"] == last_id + 1
+                last_id = message["id"]
+                received_slow.append(message["seq"])
             assert received_slow == sorted(received_slow)
             assert len(received_slow) + slow_sub.dropped == total
             assert len(received_slow) < total
+            assert gaps and sum(g["lost"] for g in gaps) == slow_sub.dropped
+            assert slow_sub.gaps == len(gaps)
             await fast.close()
             await slow.close()
 
@@ -200,11 +219,16 @@ def test_bus_drops_oldest_and_serialises_once() -> None:
     for i in range(5):
         bus.publish(speech("a", float(i)))
     bus.publish(STATS)
+    gap = json.loads(small.get_nowait() or b"")
+    assert (gap["type"], gap["reason"], gap["lost"], gap["since"], gap["resume_from"]) == (
+        "gap", "overflow", 3, 0, 4
+    )
     got_small = [small.get_nowait() for _ in range(3)]
     assert small.get_nowait() is None
     assert [json.loads(p)["t"] if p and b'"t"' in p else "stats" for p in got_small] == [
         3.0, 4.0, "stats"
     ]
+    assert [json.loads(p or b"")["id"] for p in got_small] == [4, 5, 6]
     assert small.dropped == 3 and large.dropped == 0 and bus.events_dropped == 3
     assert filtered.pending == 1 and json.loads(filtered.get_nowait() or b"")["type"] == "stats"
     # The same bytes object went to every subscriber.
