@@ -521,3 +521,99 @@ def test_prometheus_text_escapes_labels_and_handles_empty() -> None:
     assert prometheus_text({}) == ""
     text = prometheus_text({"queues": {'we"ird\\q\nx': 2}})
     assert 'serstream_queue_depth{queue="we\\"ird\\\\q\\nx"} 2' in text.splitlines()
+
+
+# ------------------------------------------------------------------ reconnect with ?since=
+
+
+async def recv_until_id(conn: ClientConnection, last: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while not got or got[-1].get("id") != last:
+        got.append(await recv_json(conn))
+    return got
+
+
+def test_reconnecting_client_gets_exactly_what_it_missed_then_live() -> None:
+    async def main() -> None:
+        async with running_server() as server:
+            bus = server.bus
+            first = await client(server)
+            for i in range(5):
+                bus.publish(speech("a" if i % 2 else "b", float(i)))
+            seen = await recv_until_id(first, 5)
+            assert [e["id"] for e in seen] == [1, 2, 3, 4, 5]
+            await first.close()
+            await wait_until(lambda: bus.subscribers == 0)
+            for i in range(5, 12):  # published while nobody listens
+                bus.publish(speech("a" if i % 2 else "b", float(i)))
+            again = await client(server, "/events?since=5")
+            bus.publish(speech("a", 99.0))  # live, right after the replay
+            got = await recv_until_id(again, 13)
+            assert [e["id"] for e in got] == list(range(6, 14))  # contiguous: no gap, no duplicate
+            assert [e["t"] for e in got] == [float(i) for i in range(5, 12)] + [99.0]
+            assert all(e["type"] == "speech" for e in got)
+            # The filtered form: only b's missed events (and stats), from the same history.
+            only_b = await client(server, "/events?stream=b&since=5")
+            bus.publish(STATS)
+            got_b = await recv_until_id(only_b, 14)
+            assert [e["id"] for e in got_b] == [7, 9, 11, 14]
+            assert [e["stream"] for e in got_b] == ["b", "b", "b", "*"]
+            await again.close()
+            await only_b.close()
+
+    run(main())
+
+
+def test_events_older_than_the_history_become_one_gap_event() -> None:
+    now = [0.0]
+    bus = EventBus(history_s=10.0, clock=lambda: now[0])
+
+    async def main() -> None:
+        async with running_server(bus=bus) as server:
+            for i in range(10):
+                now[0] = float(i * 2)  # ids 1..10 at t = 0, 2, ..., 18
+                bus.publish(speech("a", float(i)))
+            conn = await client(server, "/events?since=2")  # ids 1..4 (t < 18 - 10) have left: 3 and 4 are lost
+            got = await recv_until_id(conn, 10)
+            gap, rest = got[0], got[1:]
+            assert gap["type"] == "gap" and "id" not in gap
+            assert (gap["reason"], gap["lost"], gap["since"], gap["resume_from"]) == ("history", 2, 2, 5)
+            assert [e["id"] for e in rest] == list(range(5, 11))
+            assert bus.gaps_sent == 1
+            await conn.close()
+
+    run(main())
+
+
+def test_since_from_the_future_replays_the_history_after_a_future_gap() -> None:
+    async def main() -> None:
+        async with running_server() as server:
+            server.bus.publish(speech("a", 1.0))
+            server.bus.publish(speech("a", 2.0))
+            conn = await client(server, "/events?since=900")  # e.g. the server restarted
+            got = await recv_until_id(conn, 2)
+            assert got[0]["type"] == "gap" and got[0]["reason"] == "future"
+            assert (got[0]["lost"], got[0]["since"], got[0]["resume_from"]) == (0, 900, 1)
+            assert [e["id"] for e in got[1:]] == [1, 2]
+            await conn.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("query", ["since=abc", "since=-3", "since=", "since=1.5", "since=" + "9" * 30])
+def test_garbage_since_is_refused_with_a_reason_and_counted(query: str) -> None:
+    async def main() -> None:
+        async with running_server() as server:
+            other = await client(server)
+            conn = await connect(ws_url(server, f"/events?{query}"), proxy=None)
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(conn.recv(), DEADLINE_S)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+            assert info.value.rcvd.reason.startswith("bad since: ")
+            assert server.refused_since == 1
+            # The other client keeps its stream.
+            server.bus.publish(speech("a", 1.0))
+            assert (await recv_json(other))["t"] == 1.0
+            await other.close()
+
+    run(main())
