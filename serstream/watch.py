@@ -7,7 +7,9 @@ otherwise). ``--json`` prints every event as the JSON line the monitor sent.
 
 The reading is :func:`serstream.client.events`: it reconnects with backoff
 when the monitor goes away and logs one line when it does and when it is
-back. A monitor that is not running is said once and retried, or, with
+back; it reconnects with the last event id it saw (``/events?since=ID``), so
+the events of the outage are printed after all, or one ``gap`` line says how
+many are gone. A monitor that is not running is said once and retried, or, with
 ``--no-retry``, ends the command with exit code 2 and one line.
 
 The CLI wires it in with two lines in :mod:`serstream.cli`::
@@ -60,6 +62,8 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-retry", action="store_true",
                         help="exit (code 2) when the monitor cannot be reached or goes away")
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS")
+    parser.add_argument("--since", type=int, default=None, metavar="ID",
+                        help="start with the events after this event id that the monitor still holds")
 
 
 class WatchError(Exception):
@@ -143,6 +147,11 @@ def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) 
         if event.get("reason"):
             line += f": {event['reason']}"
         return line
+    if kind == "gap":
+        why = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
+               "future": "the monitor restarted"}.get(str(event.get("reason")), str(event.get("reason", "?")))
+        return (f"{head} gap: {event.get('lost', '?')} events lost after id {event.get('since', '?')} ({why}); "
+                f"resuming at id {event.get('resume_from', '?')}")
     if kind == "error":
         return f"{head} error {event.get('code', '?')}: {event.get('message', '')} (x{event.get('count', '?')})"
     if kind == "stats" and options.stats:
@@ -198,7 +207,8 @@ class Printer:
 async def _watch(url: str, args: argparse.Namespace, printer: Printer) -> None:
     from serstream.client import UnknownEvent, events
 
-    async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry):
+    since = getattr(args, "since", None)
+    async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry, since=since):
         if isinstance(event, UnknownEvent):
             # Newer schema versions and unknown types still print raw with --json;
             # the client has logged once what it could not read.
@@ -216,6 +226,8 @@ def run_watch(args: argparse.Namespace) -> int:
         url = events_url(args.url)
         if args.duration is not None and args.duration < 0:
             raise WatchError("--duration must be >= 0")
+        if getattr(args, "since", None) is not None and args.since < 0:
+            raise WatchError("--since must be an event id >= 0")
     except WatchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2
