@@ -4,7 +4,8 @@ One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
 
 * ``/events`` (WebSocket): the event stream, every event as one text message;
   ``?stream=ID`` keeps only that stream's events (``stats`` events reach
-  every client regardless).
+  every client regardless); ``?since=ID`` first replays the events after that
+  id still in the bus history (a ``gap`` event first when some are gone).
 * ``/ingest`` (WebSocket): handed to the ``ingest_handler`` given to
   :class:`MonitorServer` (a client pushes audio there); closed with 1008
   "ingest not enabled" when there is none.
@@ -16,11 +17,13 @@ The plain HTTP routes are answered from ``process_request`` during the
 opening handshake, so one ``websockets`` server serves everything.
 
 :class:`EventBus` is the fan-out: :meth:`EventBus.publish` serialises an
-event once and offers the same bytes to every matching
-:class:`Subscription`. Each subscription is a bounded drop-oldest buffer, so
-a slow client loses its oldest events (counted per subscription and in
-``EventBus.events_dropped``) and never slows the publisher or the other
-clients. The bus lives on the event loop: call ``publish`` in the loop, or
+event once, gives it the next bus-wide ``id`` (spliced into the JSON as its
+first field), keeps it in a bounded history (``--history-s``) and offers the
+same bytes to every matching :class:`Subscription` and listener (the
+recorder). Each subscription is a bounded drop-oldest buffer, so a slow
+client loses its oldest events (counted per subscription and in
+``EventBus.events_dropped``, and announced to it by a ``gap`` event) and
+never slows the publisher or the other clients. The bus lives on the event loop: call ``publish`` in the loop, or
 :meth:`EventBus.publish_threadsafe` from any other thread.
 """
 
