@@ -18,7 +18,7 @@ opening handshake, so one ``websockets`` server serves everything.
 
 :class:`EventBus` is the fan-out: :meth:`EventBus.publish` serialises an
 event once, gives it the next bus-wide ``id`` (spliced into the JSON as its
-first field), keeps it in a bounded history (``--history-s``) and offers the
+last field), keeps it in a bounded history (``--history-s``) and offers the
 same bytes to every matching :class:`Subscription` and listener (the
 recorder). Each subscription is a bounded drop-oldest buffer, so a slow
 client loses its oldest events (counted per subscription and in
@@ -215,12 +215,16 @@ EventListener = Callable[[HistoryEntry], None]
 
 
 def _with_id(payload: bytes, event_id: int) -> bytes:
-    """The serialised event with ``"id":N`` as its first field (no second serialisation)."""
-    if payload[:1] != b"{":
+    """The serialised event with ``"id":N`` as its last field (no second serialisation).
+
+    Last, not first: consumers may test the prefix (``{"type":"stats"``), as
+    the ingest handler does, and a field's position carries no meaning in JSON.
+    """
+    body = payload.rstrip()
+    if body[:1] != b"{" or body[-1:] != b"}":
         raise ValueError("an event must serialise to a JSON object")
-    rest = payload[1:]
-    sep = b"" if rest.lstrip() == b"}" else b","
-    return b'{"id":' + str(event_id).encode("ascii") + sep + rest
+    sep = b"" if body[1:-1].strip() == b"" else b","
+    return body[:-1] + sep + b'"id":' + str(event_id).encode("ascii") + b"}"
 
 
 class EventBus:

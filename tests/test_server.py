@@ -143,7 +143,7 @@ def test_messages_are_text_frames_of_compact_json() -> None:
             server.bus.publish(event)
             message = await asyncio.wait_for(conn.recv(), DEADLINE_S)
             assert isinstance(message, str)
-            assert message == events.dumps({"id": 1, **event})
+            assert message == events.dumps({**event, "id": 1})
             await conn.close()
 
     run(main())
