@@ -197,7 +197,7 @@ async def subscribe(url: str, sub: Subscriber, stop: asyncio.Event) -> None:
                     account(sub, json.loads(message), time.time())
                     if stop.is_set():
                         break
-        except (OSError, ConnectionClosed, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ConnectionClosed):
             pass
         if sub.connected and not stop.is_set():
             sub.reconnects += 1

@@ -12,11 +12,12 @@ import argparse
 import csv
 import sys
 import time
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from serstream.record import RecordError, open_readonly
 
-__all__ = ["add_history_arguments", "run_history", "STREAM_COLUMNS", "TIMELINE_COLUMNS"]
+__all__ = ["STREAM_COLUMNS", "TIMELINE_COLUMNS", "add_history_arguments", "run_history"]
 
 PROG = "serstream"
 
@@ -60,8 +61,7 @@ def _rows(conn: Any, stream: str | None) -> tuple[tuple[str, ...], list[tuple[An
 def _table(columns: Sequence[str], rows: list[tuple[Any, ...]], out: TextIO) -> None:
     cells = [list(columns)] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    for row in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    out.writelines("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in cells)
 
 
 def run_history(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

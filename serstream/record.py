@@ -29,11 +29,12 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "RecordError", "Recorder", "RecorderStats", "open_readonly", "SCHEMA_SQL"]
+__all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "RecordError", "Recorder", "RecorderStats", "open_readonly"]
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import pytest
 from serstream import events
 from serstream.contract import LABELS
 from serstream.history_cli import TIMELINE_COLUMNS
-from serstream.record import SCHEMA_VERSION, RecordError, Recorder
+from serstream.record import SCHEMA_VERSION, Recorder, RecordError
 from tests.audio import speech_with_pauses, write_wav
 from tests.conftest import serstream_command
 from tests.test_cli import assert_one_line_error, run_cli

@@ -15,15 +15,15 @@ passes ``now`` (any monotonic seconds) and decides what to do with the plan.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 __all__ = [
+    "MAX_SINCE_DIGITS",
+    "EventHistory",
     "HistoryEntry",
     "ResumePlan",
-    "EventHistory",
     "parse_since",
-    "MAX_SINCE_DIGITS",
 ]
 
 #: ``since`` values longer than this are refused (no bus issues 10**18 events).
