@@ -80,7 +80,7 @@ def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
 
 def _add_history_args(parser: argparse.ArgumentParser) -> None:
     """Event history for reconnecting clients and the SQLite recording (``listen`` and ``serve``)."""
-    from serstream.server import DEFAULT_HISTORY_S
+    from serstream.core.history import DEFAULT_HISTORY_S
 
     parser.add_argument("--history-s", type=_non_negative_float, default=DEFAULT_HISTORY_S, metavar="SECONDS",
                         help="keep events this long for clients that reconnect with /events?since=ID "
@@ -381,7 +381,10 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     from serstream.sources.microphone import MicrophoneSource
 
     loop = asyncio.get_running_loop()
-    bus = EventBus(history_s=getattr(args, "history_s", 60.0))
+    from serstream.core.history import run_first_id
+
+    # Ids of this run start above every id of an earlier run: a client resuming across a restart is told so.
+    bus = EventBus(history_s=getattr(args, "history_s", 60.0), first_id=run_first_id(time.time()))
     quiet = bool(args.quiet)
     console = ConsoleOutput(json_lines=bool(args.json), quiet=quiet)
 

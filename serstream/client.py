@@ -199,7 +199,8 @@ class GapEvent(BaseEvent):
     """Events this client will never receive: ``lost`` after id ``since`` (see docs/events.md).
 
     ``reason``: ``history`` (they left the server's history before the
-    reconnect), ``overflow`` (this client read too slowly) or ``future`` (the
+    reconnect), ``overflow`` (this client read too slowly), ``restart`` (its
+    last id is from an earlier run of the monitor; this run's history follows) or ``future`` (the
     server does not know ``since``: it restarted; its history follows).
     """
 

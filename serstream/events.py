@@ -51,9 +51,10 @@ __all__ = [
 SCHEMA_VERSION = contract.EVENT_SCHEMA_VERSION
 EVENT_TYPES = ("stream", "speech", "emotion", "stats", "error", "file", "gap")
 #: Why a ``gap`` event was sent: events left the server's history before the client
-#: reconnected; the client's own buffer overflowed (it reads too slowly); or the
-#: client's ``since`` is beyond the last number issued (the server restarted).
-GAP_REASONS = ("history", "overflow", "future")
+#: reconnected; the client's own buffer overflowed (it reads too slowly); the
+#: client's ``since`` is from an earlier run of the server (it restarted); or
+#: ``since`` is beyond the last id issued.
+GAP_REASONS = ("history", "overflow", "restart", "future")
 STREAM_SOURCES = ("microphone", "file", "rtp", "websocket")
 SPEECH_END_REASONS = ("silence", "max_length", "flush", "gap")
 #: The error codes in use. Codes are stable identifiers; new ones may be added.

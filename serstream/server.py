@@ -47,7 +47,14 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from serstream.core.history import EventHistory, HistoryEntry, ResumePlan, parse_since
+from serstream.core.history import (
+    DEFAULT_HISTORY_MAX,
+    DEFAULT_HISTORY_S,
+    EventHistory,
+    HistoryEntry,
+    ResumePlan,
+    parse_since,
+)
 from serstream.events import STATS_STREAM, dumps, gap_event
 
 __all__ = [
@@ -70,9 +77,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-#: How long the bus keeps events for reconnecting clients (``--history-s``), and its hard count cap.
-DEFAULT_HISTORY_S = 60.0
-DEFAULT_HISTORY_MAX = 50_000
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Called with the ``/ingest`` connection and its handshake request; runs until the client is done.
@@ -115,7 +119,7 @@ class Subscription:
         self.maxlen = int(maxlen)
         self.dropped = 0
         self.delivered = 0
-        #: ``gap`` events sent to this consumer (overflow, history or future).
+        #: ``gap`` events sent to this consumer (overflow, history, restart or future).
         self.gaps = 0
         self.closed = False
         #: The id of the last event handed out (0: none yet).
@@ -233,7 +237,10 @@ class EventBus:
     Every published event gets the next bus-wide ``id`` and is kept in an
     :class:`~serstream.core.history.EventHistory` for ``history_s`` seconds
     (at most ``history_max`` events), so :meth:`subscribe` with ``since``
-    can replay what a reconnecting client missed.
+    can replay what a reconnecting client missed. ``first_id``: the number
+    of the first event; the CLI passes
+    :func:`~serstream.core.history.run_first_id` so that ids of a later run
+    exceed those of an earlier one.
     """
 
     #: Events handed over by other threads and not yet delivered by the loop.
@@ -246,9 +253,11 @@ class EventBus:
         history_s: float = DEFAULT_HISTORY_S,
         history_max: int = DEFAULT_HISTORY_MAX,
         clock: Callable[[], float] = time.monotonic,
+        first_id: int = 1,
     ) -> None:
         self._subscriptions: set[Subscription] = set()
-        self.history = EventHistory(max_age_s=float(history_s), max_events=int(history_max))
+        self.history = EventHistory(max_age_s=float(history_s), max_events=int(history_max),
+                                    first_id=int(first_id))
         self._clock = clock
         self._listeners: list[EventListener] = []
         self.events_published = 0

@@ -149,7 +149,7 @@ def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) 
         return line
     if kind == "gap":
         why = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
-               "future": "the monitor restarted"}.get(str(event.get("reason")), str(event.get("reason", "?")))
+               "restart": "the monitor restarted", "future": "the monitor does not know that id"}.get(str(event.get("reason")), str(event.get("reason", "?")))
         return (f"{head} gap: {event.get('lost', '?')} events lost after id {event.get('since', '?')} ({why}); "
                 f"resuming at id {event.get('resume_from', '?')}")
     if kind == "error":

@@ -600,6 +600,22 @@ def test_since_from_the_future_replays_the_history_after_a_future_gap() -> None:
     run(main())
 
 
+def test_since_from_an_earlier_run_gets_a_restart_gap_and_this_runs_events() -> None:
+    async def main() -> None:
+        async with running_server(bus=EventBus(first_id=2_000_001)) as server:
+            server.bus.publish(speech("a", 1.0))
+            server.bus.publish(speech("a", 2.0))
+            conn = await client(server, "/events?since=1000057")  # seen from the previous run
+            got = await recv_until_id(conn, 2_000_002)
+            assert (got[0]["type"], got[0]["reason"], got[0]["lost"], got[0]["resume_from"]) == (
+                "gap", "restart", 0, 2_000_001
+            )
+            assert [e["id"] for e in got[1:]] == [2_000_001, 2_000_002]
+            await conn.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("query", ["since=abc", "since=-3", "since=", "since=1.5", "since=" + "9" * 30])
 def test_garbage_since_is_refused_with_a_reason_and_counted(query: str) -> None:
     async def main() -> None:

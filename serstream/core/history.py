@@ -19,12 +19,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DEFAULT_HISTORY_MAX",
+    "DEFAULT_HISTORY_S",
     "MAX_SINCE_DIGITS",
     "EventHistory",
     "HistoryEntry",
     "ResumePlan",
     "parse_since",
+    "run_first_id",
 ]
+
+#: Defaults of the server's history (``--history-s``) and its hard count cap.
+DEFAULT_HISTORY_S = 60.0
+DEFAULT_HISTORY_MAX = 50_000
 
 #: ``since`` values longer than this are refused (no bus issues 10**18 events).
 MAX_SINCE_DIGITS = 18
@@ -58,9 +65,11 @@ class ResumePlan:
     upper bound of what it lost). ``resume_from`` is the first number the
     history still holds (the number the client resumes at when ``lost`` > 0).
     ``reason`` is ``None`` when nothing was lost, ``"history"`` when events
-    left the history, ``"future"`` when ``since`` is beyond the last number
-    issued (the server restarted, or the number is wrong): then every held
-    entry is replayed.
+    left the history, ``"restart"`` when ``since`` is below this run's first
+    number (the client saw an earlier run of the server), ``"future"`` when it
+    is beyond the last number issued (a wrong number, or a clock stepped
+    back); for both every held entry is replayed and ``lost`` counts this
+    run's events that are no longer held.
     """
 
     since: int
@@ -83,8 +92,10 @@ class EventHistory:
     ring and the numbering cannot disagree.
     """
 
-    max_age_s: float = 60.0
-    max_events: int = 50_000
+    max_age_s: float = DEFAULT_HISTORY_S
+    max_events: int = DEFAULT_HISTORY_MAX
+    #: The number of this run's first event (see :func:`run_first_id`).
+    first_id: int = 1
     _entries: deque[HistoryEntry] = field(default_factory=deque, init=False, repr=False)
     _last_id: int = field(default=0, init=False)
     #: Entries evicted so far (by age or by count).
@@ -95,6 +106,9 @@ class EventHistory:
             raise ValueError(f"history age must be >= 0 seconds, got {self.max_age_s}")
         if self.max_events < 0:
             raise ValueError(f"history count cap must be >= 0, got {self.max_events}")
+        if self.first_id < 1:
+            raise ValueError(f"the first id must be >= 1, got {self.first_id}")
+        self._last_id = self.first_id - 1
 
     # ------------------------------------------------------------ writing
 
@@ -145,7 +159,7 @@ class EventHistory:
     # ------------------------------------------------------------ reading
 
     def resume(self, since: int, wants: StreamFilter | None = None, now: float | None = None) -> ResumePlan:
-        """The plan for a client whose last seen number is ``since`` (0: it saw none).
+        """The plan for a client whose last seen number is ``since`` (0: it saw none of this run).
 
         Entries after ``since`` that ``wants`` accepts, oldest first; ``lost``
         and ``reason`` as in :class:`ResumePlan`. With ``now`` the ring is
@@ -155,9 +169,12 @@ class EventHistory:
             raise ValueError(f"since must be >= 0, got {since}")
         if now is not None:
             self.evict(now)
+        if since == 0:  # "nothing seen yet": from the start of this run
+            since = self.first_id - 1
         oldest = self.oldest_id
-        if since > self._last_id:
-            return ResumePlan(since, self._select(0, wants), self.oldest_id - 1, oldest, "future")
+        if since > self._last_id or since < self.first_id - 1:
+            reason = "future" if since > self._last_id else "restart"
+            return ResumePlan(since, self._select(0, wants), oldest - self.first_id, oldest, reason)
         lost = max(0, oldest - since - 1)
         return ResumePlan(since, self._select(since, wants), lost, oldest, "history" if lost else None)
 
@@ -168,6 +185,18 @@ class EventHistory:
         # A reconnect is rare and the ring is bounded: one linear pass (deque
         # indexing is not O(1) in the middle, so no bisection).
         return tuple(e for e in entries if e.id > since and (wants is None or wants(e.stream, e.broadcast)))
+
+
+def run_first_id(unix_seconds: float) -> int:
+    """The first id of a server run started at ``unix_seconds``: ``int(seconds) * 10**6 + 1``.
+
+    A later run starts above every id of an earlier one (unless that run made
+    more than a million events per second of its life), so a client that
+    reconnects across a restart is recognised (``restart``) instead of being
+    taken for one that saw part of the new run. The ids stay below 2**53,
+    exact in JavaScript numbers, until the year 2255.
+    """
+    return int(unix_seconds) * 1_000_000 + 1
 
 
 def parse_since(text: str) -> int:

@@ -119,5 +119,5 @@ def test_watch_prints_a_gap_as_one_line() -> None:
     gap = events.gap_event("*", reason="history", lost=15, since=2, resume_from=18, ts=TS)
     line = format_event(gap, WatchOptions())
     assert line is not None and "gap: 15 events lost after id 2" in line and "resuming at id 18" in line
-    future = format_event({**gap, "reason": "future", "lost": 0}, WatchOptions())
-    assert future is not None and "restarted" in future
+    restart = format_event({**gap, "reason": "restart", "lost": 0}, WatchOptions())
+    assert restart is not None and "restarted" in restart

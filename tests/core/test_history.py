@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serstream.core.history import EventHistory, HistoryEntry, parse_since
+from serstream.core.history import EventHistory, HistoryEntry, parse_since, run_first_id
 
 
 def fill(history: EventHistory, streams: list[str], t0: float = 0.0, dt: float = 1.0) -> list[int]:
@@ -58,6 +58,27 @@ def test_future_since_replays_everything_held_with_a_future_gap() -> None:
     plan = h.resume(5000)
     assert plan.reason == "future" and plan.gap
     assert [e.id for e in plan.entries] == [2, 3] and plan.lost == 1 and plan.resume_from == 2
+
+
+def test_since_from_an_earlier_run_is_a_restart_gap() -> None:
+    h = EventHistory(max_age_s=100, max_events=2, first_id=5_000_001)
+    assert h.oldest_id == 5_000_001 and h.last_id == 5_000_000
+    fill_ids = []
+    for t in range(3):
+        n = h.next_id()
+        h.append(HistoryEntry(n, float(t), "a", b"{}"))
+        fill_ids.append(n)
+    assert fill_ids == [5_000_001, 5_000_002, 5_000_003]
+    plan = h.resume(1234)  # an id of the previous run
+    assert plan.reason == "restart" and [e.id for e in plan.entries] == [5_000_002, 5_000_003]
+    assert plan.lost == 1 and plan.resume_from == 5_000_002
+    # The id just before this run's first: nothing of this run was seen, no restart.
+    assert h.resume(5_000_000).reason == "history" and h.resume(5_000_000).lost == 1
+    assert run_first_id(1_796_228_285.9) == 1_796_228_285_000_001
+    assert run_first_id(1_796_228_300.0) > 1_796_228_285_000_001 + 10 * 1_000_000 - 1
+    assert h.resume(0).reason == "history" and h.resume(0).since == 5_000_000  # 0: "nothing seen"
+    with pytest.raises(ValueError):
+        EventHistory(first_id=0)
 
 
 def test_zero_history_keeps_nothing_and_numbers_still_advance() -> None:
