@@ -159,6 +159,18 @@ def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
         add_rtp_arguments(parser)  # leaves --rtp and --rtp-map as defined here
 
 
+def _add_history_args(parser: argparse.ArgumentParser) -> None:
+    """Event history for reconnecting clients and the SQLite recording (``listen`` and ``serve``)."""
+    from serstream.core.history import DEFAULT_HISTORY_S
+
+    parser.add_argument("--history-s", type=_non_negative_float, default=DEFAULT_HISTORY_S, metavar="SECONDS",
+                        help="keep events this long for clients that reconnect with /events?since=ID "
+                        f"(default {DEFAULT_HISTORY_S:g}; 0 keeps none)")
+    parser.add_argument("--record", metavar="PATH",
+                        help="append every event to this SQLite database (created if missing; no audio); "
+                        "read it with `serstream history PATH`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog=PROG, description="Real-time speech emotion monitor.")
@@ -192,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(listen)
     _add_pipeline_options(listen)
     _add_network_options(listen, rtp=True)
+    _add_history_args(listen)
 
     sub.add_parser("devices", help="list audio input devices")
 
@@ -216,10 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     _add_pipeline_options(serve)
     _add_network_options(serve, rtp=False)
+    _add_history_args(serve)
 
     from serstream.watch import add_watch_arguments
 
     add_watch_arguments(sub.add_parser("watch", help="print a monitor's events live"))
+    from serstream.history_cli import add_history_arguments
+
+    add_history_arguments(sub.add_parser("history", help="print a --record database's streams or one stream's timeline"))
     bench = sub.add_parser("bench", help="measure inference speed, latency, capacity and memory")
     bench.add_argument("--quick", action="store_true", help="small settings: a smoke test in about a minute")
     bench.add_argument("--max-streams", type=int, default=None, metavar="N",
@@ -448,7 +465,10 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
 
     loop = asyncio.get_running_loop()
     access, limits = _access_settings(args)
-    bus = EventBus()
+    from serstream.core.history import run_first_id
+
+    # Ids of this run start above every id of an earlier run: a client resuming across a restart is told so.
+    bus = EventBus(history_s=getattr(args, "history_s", 60.0), first_id=run_first_id(time.time()))
     quiet = bool(args.quiet)
     console = ConsoleOutput(json_lines=bool(args.json), quiet=quiet)
 
@@ -486,9 +506,16 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         limits=limits, open_timeout=args.handshake_timeout, keepalive=args.keepalive,
     )
     monitor.add_stats_provider(server.refusal_counters)
+    recorder = _open_recorder(args)
+    if recorder is not None:
+        bus.add_listener(recorder.offer_entry)
+        monitor.add_stats_provider(lambda: {"record_dropped": recorder.dropped})
+    monitor.add_stats_provider(lambda: {"events_refused_since": server.refused_since})
     try:
         await server.start()
     except ServerError as exc:
+        if recorder is not None:
+            recorder.close()
         raise UserError(_one_line(exc)) from None
     monitor.start()
     stop = asyncio.Event()
@@ -511,6 +538,8 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         console.start()
         _info(f"model {model.info.version} on {model.device} ({model.path})", quiet)
         _print_endpoints(args.host, server.port, server.tls, access, quiet)
+        if recorder is not None:
+            _info(f"recording events to {recorder.path} (run {recorder.run_id}; no audio)", quiet)
         if mic is not None:
             _info(f"listening to {mic.device.describe()} at {mic.sample_rate} Hz; Ctrl-C to stop", quiet)
         for rtp in (s for s in started if s is not mic):
@@ -536,6 +565,14 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(source.stop)
         await asyncio.to_thread(monitor.stop, True)
+        # The final estimates are handed to the loop; let it number (and record) them.
+        handoff_deadline = time.monotonic() + 2.0
+        while bus.pending_handoff and time.monotonic() < handoff_deadline:
+            await asyncio.sleep(0.01)
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)
+            _info(f"recorded {recorder.written} events to {recorder.path} "
+                  f"({recorder.dropped} dropped)", quiet)
         # Give connected clients a moment to receive the last events (finals, stream closed).
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and any(s.pending for s in bus.subscriptions()):
@@ -575,6 +612,30 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _open_recorder(args: argparse.Namespace) -> Any:
+    """The --record database's writer, or None; UserError with one line when it cannot be used."""
+    path = getattr(args, "record", None)
+    if not path:
+        return None
+    from serstream.record import RecordError, Recorder
+
+    try:
+        return Recorder(path, command=" ".join(["serstream", args.command]), version=__version__)
+    except RecordError as exc:
+        raise UserError(_one_line(exc)) from None
 
 
 def _device_arg(device: str | None) -> int | str | None:
@@ -725,6 +786,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": _cmd_analyze,
     "bench": _cmd_bench,
     "watch": lambda args: __import__("serstream.watch", fromlist=["run_watch"]).run_watch(args),
+    "history": lambda args: __import__("serstream.history_cli", fromlist=["run_history"]).run_history(args),
 }
 
 

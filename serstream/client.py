@@ -69,6 +69,7 @@ __all__ = [
     "StatsEvent",
     "ErrorEvent",
     "FileEvent",
+    "GapEvent",
     "UnknownEvent",
     "Event",
     "parse_event",
@@ -162,6 +163,8 @@ class BaseEvent:
     v: int
     stream: str
     ts: float
+    #: The bus-wide event number (``/events`` only; None for ``gap`` events and ``analyze`` output).
+    id: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -235,13 +238,29 @@ class FileEvent(BaseEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GapEvent(BaseEvent):
+    """Events this client will never receive: ``lost`` after id ``since`` (see docs/events.md).
+
+    ``reason``: ``history`` (they left the server's history before the
+    reconnect), ``overflow`` (this client read too slowly), ``restart`` (its
+    last id is from an earlier run of the monitor; this run's history follows) or ``future`` (the
+    server does not know ``since``: it restarted; its history follows).
+    """
+
+    reason: str
+    lost: int
+    since: int
+    resume_from: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class UnknownEvent(BaseEvent):
     """A message this client cannot read as a known event; ``problem`` says why."""
 
     problem: str
 
 
-Event = Union[EmotionEvent, SpeechEvent, StreamEvent, StatsEvent, ErrorEvent, FileEvent, UnknownEvent]
+Event = Union[EmotionEvent, SpeechEvent, StreamEvent, StatsEvent, ErrorEvent, FileEvent, GapEvent, UnknownEvent]
 
 
 class _Malformed(ValueError):
@@ -316,6 +335,9 @@ _SPECS: dict[str, tuple[type[BaseEvent], _Spec]] = {
         "valence": (_num, True), "dominance": (_num, True), "segments": (_int, False),
         "duration_s": (_num, False),
     }),
+    "gap": (GapEvent, {
+        "reason": (_str, True), "lost": (_int, True), "since": (_int, True), "resume_from": (_int, True),
+    }),
 }
 
 _warned: set[str] = set()
@@ -336,9 +358,16 @@ def _unknown(raw: Mapping[str, Any], problem: str, warn_key: str) -> UnknownEven
         v=v if isinstance(v, int) and not isinstance(v, bool) else 0,
         stream=raw.get("stream") if isinstance(raw.get("stream"), str) else "",
         ts=float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else 0.0,
+        id=_event_id(raw),
         raw=raw,
         problem=problem,
     )
+
+
+def _event_id(raw: Mapping[str, Any]) -> int | None:
+    """The event's bus number when it has a valid one (an integer >= 1), else None."""
+    value = raw.get("id")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def parse_event(message: str | bytes | Mapping[str, Any]) -> Event:
@@ -380,7 +409,7 @@ def parse_event(message: str | bytes | Mapping[str, Any]) -> Event:
             values[name] = convert(obj[name])
         except _Malformed as exc:
             return _unknown(obj, f"a {kind} event whose {name!r} is not {exc}", f"malformed-{kind}")
-    return cls(type=kind, v=version, raw=obj, **values)  # type: ignore[return-value]
+    return cls(type=kind, v=version, id=_event_id(obj), raw=obj, **values)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- connections
@@ -454,6 +483,15 @@ def _with_stream(url: str, stream: str | None) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
+def _with_since(url: str, since: int | None) -> str:
+    """``url`` asking for the events after ``since`` (replacing a ``since`` already in it)."""
+    if since is None:
+        return url
+    parts = urlsplit(url)
+    kept = [pair for pair in parts.query.split("&") if pair and not pair.startswith("since=")]
+    return urlunsplit(parts._replace(query="&".join([*kept, f"since={int(since)}"])))
+
+
 async def events(
     url: str = DEFAULT_EVENTS_URL,
     *,
@@ -463,6 +501,8 @@ async def events(
     open_timeout_s: float = 5.0,
     token: str | None = None,
     ca_file: str | Path | None = None,
+    since: int | None = None,
+    resume: bool = True,
 ) -> AsyncIterator[Event]:
     """Every event from the monitor's ``/events`` (``stream``: one stream's events plus stats).
 
@@ -471,21 +511,29 @@ async def events(
     (default: the system's CAs). :class:`AccessDenied` and :class:`TLSFailed`
     are raised at once, with or without ``reconnect``.
 
-    With ``reconnect`` the iterator outlives a monitor restart: it logs one
-    line when the connection is lost, retries with exponential backoff (0.5 s
-    doubling up to ``max_backoff_s``, with jitter), and logs one line when it
-    is back. Without, a lost or refused connection raises
+    With ``reconnect`` the iterator outlives a lost connection or a monitor
+    restart: it logs one line when the connection is lost, retries with
+    exponential backoff (0.5 s doubling up to ``max_backoff_s``, with
+    jitter), and logs one line when it is back. With ``resume`` (default) it
+    remembers the last event ``id`` it yielded and reconnects with
+    ``?since=ID``: the server first sends what was missed (or a
+    :class:`GapEvent` saying how many events are gone), so nothing is lost
+    silently. ``since`` starts the first connection that way too. Without
+    ``reconnect``, a lost or refused connection raises
     :class:`MonitorUnavailable`. A bad URL raises :class:`BadURL` either way.
     """
     from websockets.exceptions import ConnectionClosed
 
-    target = _with_stream(_check_url(url, "/events"), stream)
-    context = client_ssl_context(target, ca_file)
+    base = _with_stream(_check_url(url, "/events"), stream)
+    target = base
+    last_id = since
+    context = client_ssl_context(base, ca_file)
     headers = _auth_headers(token)
     backoff = 0.5
     was_connected = False
     outage_logged = False
     while True:
+        target = _with_since(base, last_id) if resume or not was_connected else base
         try:
             ws = await _open(target, headers, open_timeout_s, None, context)
         except (AccessDenied, TLSFailed):
@@ -509,7 +557,10 @@ async def events(
         was_connected, outage_logged, backoff = True, False, 0.5
         try:
             async for message in ws:
-                yield parse_event(message)
+                event = parse_event(message)
+                if event.id is not None:
+                    last_id = event.id
+                yield event
             lost = f"the monitor closed the connection ({ws.close_code} {ws.close_reason})".strip()
         except ConnectionClosed as exc:
             lost = f"connection lost ({exc.rcvd.code if exc.rcvd else 'no close frame'})"

@@ -43,11 +43,18 @@ __all__ = [
     "error_event",
     "file_event",
     "file_event_no_speech",
+    "gap_event",
+    "GAP_REASONS",
     "probs_dict",
 ]
 
 SCHEMA_VERSION = contract.EVENT_SCHEMA_VERSION
-EVENT_TYPES = ("stream", "speech", "emotion", "stats", "error", "file")
+EVENT_TYPES = ("stream", "speech", "emotion", "stats", "error", "file", "gap")
+#: Why a ``gap`` event was sent: events left the server's history before the client
+#: reconnected; the client's own buffer overflowed (it reads too slowly); the
+#: client's ``since`` is from an earlier run of the server (it restarted); or
+#: ``since`` is beyond the last id issued.
+GAP_REASONS = ("history", "overflow", "restart", "future")
 STREAM_SOURCES = ("microphone", "file", "rtp", "websocket")
 SPEECH_END_REASONS = ("silence", "max_length", "flush", "gap")
 #: The error codes in use. Codes are stable identifiers; new ones may be added.
@@ -376,5 +383,24 @@ def file_event(
         dominance=dominance,
         segments=int(segments),
         duration_s=_num(duration_s, "duration_s"),
+    )
+    return event
+
+
+def gap_event(
+    stream: str, *, reason: str, lost: int, since: int, resume_from: int, ts: float
+) -> dict[str, Any]:
+    """Events this client will never receive: ``lost`` of them after id ``since``.
+
+    Sent by the server to one ``/events`` client (it has no ``id`` of its own):
+    ``resume_from`` is the first id the server still holds for it. ``stream``
+    is the client's ``?stream=`` filter, ``"*"`` without one.
+    """
+    if int(lost) < 0 or int(since) < 0 or int(resume_from) < 1:
+        raise ValueError(f"gap counts must be >= 0 (resume_from >= 1): {lost}, {since}, {resume_from}")
+    event = _base("gap", stream, ts)
+    event.update(
+        reason=_choice(reason, GAP_REASONS, "reason"), lost=int(lost), since=int(since),
+        resume_from=int(resume_from),
     )
     return event

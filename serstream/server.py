@@ -4,7 +4,8 @@ One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
 
 * ``/events`` (WebSocket): the event stream, every event as one text message;
   ``?stream=ID`` keeps only that stream's events (``stats`` events reach
-  every client regardless).
+  every client regardless); ``?since=ID`` first replays the events after that
+  id still in the bus history (a ``gap`` event first when some are gone).
 * ``/ingest`` (WebSocket): handed to the ``ingest_handler`` given to
   :class:`MonitorServer` (a client pushes audio there); closed with 1008
   "ingest not enabled" when there is none.
@@ -26,11 +27,13 @@ rules live in :mod:`serstream.access`. ``tls_cert``/``tls_key`` serve
 ``https://`` and ``wss://`` on the same port.
 
 :class:`EventBus` is the fan-out: :meth:`EventBus.publish` serialises an
-event once and offers the same bytes to every matching
-:class:`Subscription`. Each subscription is a bounded drop-oldest buffer, so
-a slow client loses its oldest events (counted per subscription and in
-``EventBus.events_dropped``) and never slows the publisher or the other
-clients. The bus lives on the event loop: call ``publish`` in the loop, or
+event once, gives it the next bus-wide ``id`` (spliced into the JSON as its
+last field), keeps it in a bounded history (``--history-s``) and offers the
+same bytes to every matching :class:`Subscription` and listener (the
+recorder). Each subscription is a bounded drop-oldest buffer, so a slow
+client loses its oldest events (counted per subscription and in
+``EventBus.events_dropped``, and announced to it by a ``gap`` event) and
+never slows the publisher or the other clients. The bus lives on the event loop: call ``publish`` in the loop, or
 :meth:`EventBus.publish_threadsafe` from any other thread.
 """
 
@@ -45,6 +48,7 @@ import mimetypes
 import re
 import ssl
 import threading
+import time
 from collections import deque
 from pathlib import Path, PurePosixPath
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -70,7 +74,15 @@ from serstream.access import (
     origin_allowed,
     token_from_subprotocols,
 )
-from serstream.events import dumps
+from serstream.core.history import (
+    DEFAULT_HISTORY_MAX,
+    DEFAULT_HISTORY_S,
+    EventHistory,
+    HistoryEntry,
+    ResumePlan,
+    parse_since,
+)
+from serstream.events import STATS_STREAM, dumps, gap_event
 
 __all__ = [
     "DEFAULT_HOST",
@@ -78,6 +90,9 @@ __all__ = [
     "ServerError",
     "Subscription",
     "EventBus",
+    "EventListener",
+    "DEFAULT_HISTORY_S",
+    "DEFAULT_HISTORY_MAX",
     "MonitorServer",
     "IngestHandler",
     "send_events",
@@ -117,7 +132,14 @@ def default_dashboard_dir() -> Path:
 
 
 class Subscription:
-    """One consumer's bounded, drop-oldest buffer of serialised events (UTF-8 JSON bytes)."""
+    """One consumer's bounded, drop-oldest buffer of numbered, serialised events (UTF-8 JSON bytes).
+
+    A subscription made with ``since`` starts with a replay of the events it
+    missed (held apart from the live buffer, so the replay is never cut by
+    ``maxlen``). When the live buffer overflows, the oldest events are dropped
+    and the next :meth:`get` first returns a ``gap`` event saying how many
+    were lost, so the client sees the loss instead of a silent jump in ids.
+    """
 
     def __init__(self, bus: "EventBus", stream: str | None, maxlen: int) -> None:
         if maxlen <= 0:
@@ -128,56 +150,88 @@ class Subscription:
         self.maxlen = int(maxlen)
         self.dropped = 0
         self.delivered = 0
+        #: ``gap`` events sent to this consumer (overflow, history, restart or future).
+        self.gaps = 0
         self.closed = False
-        self._buffer: deque[bytes] = deque()
+        #: The id of the last event handed out (0: none yet).
+        self.last_id = 0
+        self._replay: deque[bytes] = deque()
+        self._buffer: deque[tuple[int, bytes]] = deque()
+        self._lost = 0
         self._wakeup = asyncio.Event()
 
     def __repr__(self) -> str:
         return (
-            f"Subscription(stream={self.stream!r}, pending={len(self._buffer)}, "
+            f"Subscription(stream={self.stream!r}, pending={self.pending}, "
             f"dropped={self.dropped}, closed={self.closed})"
         )
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        return len(self._replay) + len(self._buffer)
 
     def wants(self, stream: str, is_stats: bool) -> bool:
         return self.stream is None or is_stats or stream == self.stream
 
-    def offer(self, payload: bytes) -> None:
+    def _start(self, plan: ResumePlan) -> None:
+        """Queue a resume plan (gap event first, then the missed events) before any live event."""
+        if plan.gap:
+            self._replay.append(self._gap_payload(plan.reason or "history", plan.lost, plan.since,
+                                                  plan.resume_from))
+        self._replay.extend(entry.payload for entry in plan.entries)
+        if self._replay:
+            self._wakeup.set()
+
+    def offer(self, event_id: int, payload: bytes) -> None:
         """Buffer one event; when full, the oldest buffered event is dropped (and counted)."""
         if self.closed:
             return
         if len(self._buffer) >= self.maxlen:
             self._buffer.popleft()
             self.dropped += 1
+            self._lost += 1
             self.bus.events_dropped += 1
-        self._buffer.append(payload)
+        self._buffer.append((event_id, payload))
         self._wakeup.set()
 
     def get_nowait(self) -> bytes | None:
-        """The oldest buffered event, or None when there is none."""
+        """The next event (a ``gap`` event first when some were dropped), or None when there is none."""
+        if self._replay:
+            self.delivered += 1
+            return self._replay.popleft()
         if not self._buffer:
             return None
+        if self._lost:
+            lost, self._lost = self._lost, 0
+            return self._gap_payload("overflow", lost, self.last_id, self._buffer[0][0])
+        event_id, payload = self._buffer.popleft()
+        self.last_id = event_id
         self.delivered += 1
-        return self._buffer.popleft()
+        return payload
 
     async def get(self) -> bytes | None:
         """Wait for the next event; None once the subscription is closed."""
         while not self.closed:
-            if self._buffer:
-                self.delivered += 1
-                return self._buffer.popleft()
+            payload = self.get_nowait()
+            if payload is not None:
+                return payload
             self._wakeup.clear()
             await self._wakeup.wait()
         return None
+
+    def _gap_payload(self, reason: str, lost: int, since: int, resume_from: int) -> bytes:
+        self.gaps += 1
+        self.bus.gaps_sent += 1
+        event = gap_event(self.stream or STATS_STREAM, reason=reason, lost=lost, since=since,
+                          resume_from=resume_from, ts=time.time())
+        return dumps(event).encode("utf-8")
 
     def close(self) -> None:
         """Stop receiving; wakes a waiting :meth:`get` (which returns None)."""
         if not self.closed:
             self.closed = True
             self._buffer.clear()
+            self._replay.clear()
             self._wakeup.set()
             self.bus.unsubscribe(self)
 
@@ -191,21 +245,60 @@ class Subscription:
         return payload
 
 
+#: Called in the loop with every numbered event (e.g. the recorder's ``offer``).
+EventListener = Callable[[HistoryEntry], None]
+
+
+def _with_id(payload: bytes, event_id: int) -> bytes:
+    """The serialised event with ``"id":N`` as its last field (no second serialisation).
+
+    Last, not first: consumers may test the prefix (``{"type":"stats"``), as
+    the ingest handler does, and a field's position carries no meaning in JSON.
+    """
+    body = payload.rstrip()
+    if body[:1] != b"{" or body[-1:] != b"}":
+        raise ValueError("an event must serialise to a JSON object")
+    sep = b"" if body[1:-1].strip() == b"" else b","
+    return body[:-1] + sep + b'"id":' + str(event_id).encode("ascii") + b"}"
+
+
 class EventBus:
-    """Fan-out of events to subscriptions; lives on one asyncio event loop."""
+    """Fan-out of numbered events to subscriptions, with a bounded history; lives on one event loop.
+
+    Every published event gets the next bus-wide ``id`` and is kept in an
+    :class:`~serstream.core.history.EventHistory` for ``history_s`` seconds
+    (at most ``history_max`` events), so :meth:`subscribe` with ``since``
+    can replay what a reconnecting client missed. ``first_id``: the number
+    of the first event; the CLI passes
+    :func:`~serstream.core.history.run_first_id` so that ids of a later run
+    exceed those of an earlier one.
+    """
 
     #: Events handed over by other threads and not yet delivered by the loop.
     #: Past this the loop is not keeping up (stalled, or starved of CPU): newer
     #: events are dropped and counted rather than queued without bound.
     MAX_PENDING_HANDOFF = 4096
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        history_s: float = DEFAULT_HISTORY_S,
+        history_max: int = DEFAULT_HISTORY_MAX,
+        clock: Callable[[], float] = time.monotonic,
+        first_id: int = 1,
+    ) -> None:
         self._subscriptions: set[Subscription] = set()
+        self.history = EventHistory(max_age_s=float(history_s), max_events=int(history_max),
+                                    first_id=int(first_id))
+        self._clock = clock
+        self._listeners: list[EventListener] = []
         self.events_published = 0
         #: Events dropped for slow consumers, summed over every subscription ever made,
         #: plus those refused at the thread handoff (``handoff_dropped``).
         self.events_dropped = 0
         self.handoff_dropped = 0
+        #: ``gap`` events sent to clients; listener calls that raised.
+        self.gaps_sent = 0
+        self.listener_failures = 0
         self._pending = 0
         self._pending_lock = threading.Lock()
 
@@ -213,39 +306,75 @@ class EventBus:
     def subscribers(self) -> int:
         return len(self._subscriptions)
 
+    @property
+    def last_id(self) -> int:
+        """The id of the last event published (0 before the first)."""
+        return self.history.last_id
+
+    @property
+    def pending_handoff(self) -> int:
+        """Events handed over by other threads that the loop has not published yet."""
+        return self._pending
+
     def subscriptions(self) -> list[Subscription]:
         return list(self._subscriptions)
 
-    def subscribe(self, stream: str | None = None, maxlen: int = 1000) -> Subscription:
-        """A new subscription to ``stream``'s events (None: all streams); stats always included."""
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener`` (in the loop, must not block) with every numbered event from now on."""
+        self._listeners.append(listener)
+
+    def subscribe(self, stream: str | None = None, maxlen: int = 1000, since: int | None = None) -> Subscription:
+        """A new subscription to ``stream``'s events (None: all streams); stats always included.
+
+        With ``since`` (the last id the client saw) the subscription first
+        yields the events after it still in the history (a ``gap`` event
+        first when some have left it), then the live feed: both are taken
+        here, in the loop, so nothing is lost or repeated at the seam.
+        """
         sub = Subscription(self, stream or None, maxlen)
+        if since is not None:
+            sub._start(self.history.resume(int(since), sub.wants, self._clock()))
+        sub.last_id = self.history.last_id
         self._subscriptions.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscriptions.discard(sub)
 
-    def publish(self, event: Mapping[str, Any]) -> None:
-        """Serialise ``event`` once and offer it to every matching subscription (in the loop)."""
-        self.publish_payload(
+    def publish(self, event: Mapping[str, Any]) -> int:
+        """Serialise ``event`` once, number it and offer it to every matching subscription (in the loop)."""
+        return self.publish_payload(
             dumps(event).encode("utf-8"),
             str(event.get("stream", "")),
             event.get("type") == "stats",
         )
 
-    def publish_payload(self, payload: bytes, stream: str, is_stats: bool = False) -> None:
-        """Offer already-serialised JSON (UTF-8) to every matching subscription (in the loop)."""
+    def publish_payload(self, payload: bytes, stream: str, is_stats: bool = False) -> int:
+        """Number already-serialised JSON (UTF-8), keep it, offer it to matching subscriptions; its id."""
         self.events_published += 1
+        event_id = self.history.next_id()
+        numbered = _with_id(payload, event_id)
+        entry = HistoryEntry(event_id, self._clock(), stream, numbered, is_stats)
+        self.history.append(entry)
         for sub in tuple(self._subscriptions):
             if sub.wants(stream, is_stats):
-                sub.offer(payload)
+                sub.offer(event_id, numbered)
+        for listener in self._listeners:
+            try:
+                listener(entry)
+            except Exception as exc:  # noqa: BLE001 - a listener's bug must not stop the fan-out
+                self.listener_failures += 1
+                if self.listener_failures == 1:
+                    log.error("event listener failed: %s: %s", type(exc).__name__, exc)
+        return event_id
 
     def publish_threadsafe(self, loop: asyncio.AbstractEventLoop, event: Mapping[str, Any]) -> bool:
-        """Publish from another thread: serialise here, deliver on ``loop``.
+        """Publish from another thread: serialise here, number and deliver on ``loop``.
 
         Returns False (and counts the event in ``events_dropped``) when the
         loop is already closed, or when :data:`MAX_PENDING_HANDOFF` events
         are already waiting for it (also counted in ``handoff_dropped``).
+        Such an event never gets an id, so no client can see it missing.
         """
         with self._pending_lock:
             if self._pending >= self.MAX_PENDING_HANDOFF:
@@ -349,6 +478,8 @@ class MonitorServer:
         #: Messages that /events clients sent (they are ignored).
         self.ignored_messages = 0
         self.http_requests = 0
+        #: /events clients refused for a ``?since=`` that is not an id.
+        self.refused_since = 0
 
     @property
     def tls(self) -> bool:
@@ -501,7 +632,19 @@ class MonitorServer:
             self.limits.release(kind, peer)
 
     async def _serve_events(self, conn: ServerConnection, stream: str | None) -> None:
-        sub = self.bus.subscribe(stream, self.client_buffer)
+        assert conn.request is not None
+        raw_since = parse_qs(urlsplit(conn.request.path).query, keep_blank_values=True).get("since")
+        since: int | None = None
+        if raw_since is not None:
+            try:
+                since = parse_since(raw_since[0])
+            except ValueError as exc:
+                self.refused_since += 1
+                if self.refused_since == 1:
+                    log.warning("refused an /events client: %s (further refusals only counted)", exc)
+                await conn.close(1008, f"bad since: {exc}"[:120])
+                return
+        sub = self.bus.subscribe(stream, self.client_buffer, since=since)
         self.event_clients += 1
         # Reading keeps pings and the close handshake flowing, enforces max_size
         # (1009) and tells us the client left while no event is coming.

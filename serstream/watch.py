@@ -7,7 +7,9 @@ otherwise). ``--json`` prints every event as the JSON line the monitor sent.
 
 The reading is :func:`serstream.client.events`: it reconnects with backoff
 when the monitor goes away and logs one line when it does and when it is
-back. A monitor that is not running is said once and retried, or, with
+back; it reconnects with the last event id it saw (``/events?since=ID``), so
+the events of the outage are printed after all, or one ``gap`` line says how
+many are gone. A monitor that is not running is said once and retried, or, with
 ``--no-retry``, ends the command with exit code 2 and one line.
 
 The CLI wires it in with two lines in :mod:`serstream.cli`::
@@ -66,6 +68,8 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read the token from PATH (first line), so it is not in the process list")
     parser.add_argument("--ca-file", default=None, metavar="PEM",
                         help="verify a wss:// monitor's certificate with this CA (or self-signed certificate) file")
+    parser.add_argument("--since", type=int, default=None, metavar="ID",
+                        help="start with the events after this event id that the monitor still holds")
 
 
 class WatchError(Exception):
@@ -179,6 +183,11 @@ def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) 
         if event.get("reason"):
             line += f": {event['reason']}"
         return line
+    if kind == "gap":
+        why = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
+               "restart": "the monitor restarted", "future": "the monitor does not know that id"}.get(str(event.get("reason")), str(event.get("reason", "?")))
+        return (f"{head} gap: {event.get('lost', '?')} events lost after id {event.get('since', '?')} ({why}); "
+                f"resuming at id {event.get('resume_from', '?')}")
     if kind == "error":
         return f"{head} error {event.get('code', '?')}: {event.get('message', '')} (x{event.get('count', '?')})"
     if kind == "stats" and options.stats:
@@ -234,8 +243,9 @@ class Printer:
 async def _watch(url: str, args: argparse.Namespace, printer: Printer) -> None:
     from serstream.client import UnknownEvent, events
 
+    since = getattr(args, "since", None)
     async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry,
-                              token=resolve_token(args), ca_file=getattr(args, "ca_file", None)):
+                              token=resolve_token(args), ca_file=getattr(args, "ca_file", None), since=since):
         if isinstance(event, UnknownEvent):
             # Newer schema versions and unknown types still print raw with --json;
             # the client has logged once what it could not read.
@@ -254,6 +264,8 @@ def run_watch(args: argparse.Namespace) -> int:
         resolve_token(args)  # a bad --token-file is said here, once
         if args.duration is not None and args.duration < 0:
             raise WatchError("--duration must be >= 0")
+        if getattr(args, "since", None) is not None and args.since < 0:
+            raise WatchError("--since must be an event id >= 0")
     except WatchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -81,6 +81,8 @@ def sample_events() -> dict[str, dict[str, Any]]:
             "call.wav", file="/data/call.wav", labels=LABELS, probs=probs_array(0),
             avd=(0.1, 0.2, 0.3), segments=4, duration_s=61.25, ts=TS,
         ),
+        "gap": events.gap_event("mic", reason="history", lost=12, since=40, resume_from=53, ts=TS),
+        "numbered": {"id": 41, **events.speech_start("mic", t=1.0, ts=TS)},
     }
 
 
@@ -235,3 +237,16 @@ def test_a_file_without_speech_has_null_figures_and_a_note(validator: jsonschema
     # Nulls are only allowed when nothing was heard.
     assert list(validator.iter_errors(dict(empty, segments=3)))
     assert list(validator.iter_errors(dict(empty, label="angry")))
+
+
+def test_schema_refuses_bad_ids_and_gaps(validator: jsonschema.Draft202012Validator) -> None:
+    numbered = sample_events()["numbered"]
+    for bad_id in (0, -1, 1.5, "7"):
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate({**numbered, "id": bad_id})
+    gap = sample_events()["gap"]
+    for field, value in (("reason", "lag"), ("lost", -1), ("resume_from", 0)):
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate({**gap, field: value})
+    with pytest.raises(ValueError, match="reason"):
+        events.gap_event("*", reason="lag", lost=1, since=0, resume_from=2, ts=TS)

@@ -119,7 +119,10 @@ def test_events_flow_filtered_and_stats_reach_everyone() -> None:
             ]
             assert [(e["stream"], e.get("t")) for e in got_a] == [("a", 1.0), ("*", None), ("a", 3.0)]
             assert [(e["stream"], e.get("t")) for e in got_b] == [("b", 2.0), ("*", None)]
-            assert got_all[2] == STATS
+            # Every event carries its bus-wide id; filtered clients see the same ids.
+            assert [e["id"] for e in got_all] == [1, 2, 3, 4]
+            assert [e["id"] for e in got_a] == [1, 3, 4] and [e["id"] for e in got_b] == [2, 3]
+            assert {k: v for k, v in got_all[2].items() if k != "id"} == STATS
             # Nothing else is queued for b: the next message is the next matching event.
             bus.publish(speech("a", 4.0))
             bus.publish(speech("b", 5.0))
@@ -140,7 +143,7 @@ def test_messages_are_text_frames_of_compact_json() -> None:
             server.bus.publish(event)
             message = await asyncio.wait_for(conn.recv(), DEADLINE_S)
             assert isinstance(message, str)
-            assert message == events.dumps(event)
+            assert message == events.dumps({**event, "id": 1})
             await conn.close()
 
     run(main())
@@ -180,12 +183,28 @@ def test_slow_client_loses_oldest_events_and_fast_client_gets_all() -> None:
 
             # The slow client now reads: it gets the newest events, in order, and
             # what it got plus what was dropped for it is everything published.
+            # Each loss is announced by a `gap` event whose counts match the ids skipped.
             received_slow: list[int] = []
+            gaps: list[dict[str, Any]] = []
+            last_id = 0
             while not received_slow or received_slow[-1] != total - 1:
-                received_slow.append((await recv_json(slow))["seq"])
+                message = await recv_json(slow)
+                if message["type"] == "gap":
+                    assert message["reason"] == "overflow" and message["since"] == last_id
+                    gaps.append(message)
+                    continue
+                if gaps and gaps[-1].get("checked") is None:
+                    assert message["id"] == gaps[-1]["resume_from"] == last_id + gaps[-1]["lost"] + 1
+                    gaps[-1]["checked"] = True
+                else:
+                    assert message["id"] == last_id + 1
+                last_id = message["id"]
+                received_slow.append(message["seq"])
             assert received_slow == sorted(received_slow)
             assert len(received_slow) + slow_sub.dropped == total
             assert len(received_slow) < total
+            assert gaps and sum(g["lost"] for g in gaps) == slow_sub.dropped
+            assert slow_sub.gaps == len(gaps)
             await fast.close()
             await slow.close()
 
@@ -200,11 +219,16 @@ def test_bus_drops_oldest_and_serialises_once() -> None:
     for i in range(5):
         bus.publish(speech("a", float(i)))
     bus.publish(STATS)
+    gap = json.loads(small.get_nowait() or b"")
+    assert (gap["type"], gap["reason"], gap["lost"], gap["since"], gap["resume_from"]) == (
+        "gap", "overflow", 3, 0, 4
+    )
     got_small = [small.get_nowait() for _ in range(3)]
     assert small.get_nowait() is None
     assert [json.loads(p)["t"] if p and b'"t"' in p else "stats" for p in got_small] == [
         3.0, 4.0, "stats"
     ]
+    assert [json.loads(p or b"")["id"] for p in got_small] == [4, 5, 6]
     assert small.dropped == 3 and large.dropped == 0 and bus.events_dropped == 3
     assert filtered.pending == 1 and json.loads(filtered.get_nowait() or b"")["type"] == "stats"
     # The same bytes object went to every subscriber.
@@ -498,3 +522,115 @@ def test_prometheus_text_escapes_labels_and_handles_empty() -> None:
     assert prometheus_text({}) == ""
     text = prometheus_text({"queues": {'we"ird\\q\nx': 2}})
     assert 'serstream_queue_depth{queue="we\\"ird\\\\q\\nx"} 2' in text.splitlines()
+
+
+# ------------------------------------------------------------------ reconnect with ?since=
+
+
+async def recv_until_id(conn: ClientConnection, last: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while not got or got[-1].get("id") != last:
+        got.append(await recv_json(conn))
+    return got
+
+
+def test_reconnecting_client_gets_exactly_what_it_missed_then_live() -> None:
+    async def main() -> None:
+        async with running_server() as server:
+            bus = server.bus
+            first = await client(server)
+            for i in range(5):
+                bus.publish(speech("a" if i % 2 else "b", float(i)))
+            seen = await recv_until_id(first, 5)
+            assert [e["id"] for e in seen] == [1, 2, 3, 4, 5]
+            await first.close()
+            await wait_until(lambda: bus.subscribers == 0)
+            for i in range(5, 12):  # published while nobody listens
+                bus.publish(speech("a" if i % 2 else "b", float(i)))
+            again = await client(server, "/events?since=5")
+            bus.publish(speech("a", 99.0))  # live, right after the replay
+            got = await recv_until_id(again, 13)
+            assert [e["id"] for e in got] == list(range(6, 14))  # contiguous: no gap, no duplicate
+            assert [e["t"] for e in got] == [float(i) for i in range(5, 12)] + [99.0]
+            assert all(e["type"] == "speech" for e in got)
+            # The filtered form: only b's missed events (and stats), from the same history.
+            only_b = await client(server, "/events?stream=b&since=5")
+            bus.publish(STATS)
+            got_b = await recv_until_id(only_b, 14)
+            assert [e["id"] for e in got_b] == [7, 9, 11, 14]
+            assert [e["stream"] for e in got_b] == ["b", "b", "b", "*"]
+            await again.close()
+            await only_b.close()
+
+    run(main())
+
+
+def test_events_older_than_the_history_become_one_gap_event() -> None:
+    now = [0.0]
+    bus = EventBus(history_s=10.0, clock=lambda: now[0])
+
+    async def main() -> None:
+        async with running_server(bus=bus) as server:
+            for i in range(10):
+                now[0] = float(i * 2)  # ids 1..10 at t = 0, 2, ..., 18
+                bus.publish(speech("a", float(i)))
+            conn = await client(server, "/events?since=2")  # ids 1..4 (t < 18 - 10) have left: 3 and 4 are lost
+            got = await recv_until_id(conn, 10)
+            gap, rest = got[0], got[1:]
+            assert gap["type"] == "gap" and "id" not in gap
+            assert (gap["reason"], gap["lost"], gap["since"], gap["resume_from"]) == ("history", 2, 2, 5)
+            assert [e["id"] for e in rest] == list(range(5, 11))
+            assert bus.gaps_sent == 1
+            await conn.close()
+
+    run(main())
+
+
+def test_since_from_the_future_replays_the_history_after_a_future_gap() -> None:
+    async def main() -> None:
+        async with running_server() as server:
+            server.bus.publish(speech("a", 1.0))
+            server.bus.publish(speech("a", 2.0))
+            conn = await client(server, "/events?since=900")  # e.g. the server restarted
+            got = await recv_until_id(conn, 2)
+            assert got[0]["type"] == "gap" and got[0]["reason"] == "future"
+            assert (got[0]["lost"], got[0]["since"], got[0]["resume_from"]) == (0, 900, 1)
+            assert [e["id"] for e in got[1:]] == [1, 2]
+            await conn.close()
+
+    run(main())
+
+
+def test_since_from_an_earlier_run_gets_a_restart_gap_and_this_runs_events() -> None:
+    async def main() -> None:
+        async with running_server(bus=EventBus(first_id=2_000_001)) as server:
+            server.bus.publish(speech("a", 1.0))
+            server.bus.publish(speech("a", 2.0))
+            conn = await client(server, "/events?since=1000057")  # seen from the previous run
+            got = await recv_until_id(conn, 2_000_002)
+            assert (got[0]["type"], got[0]["reason"], got[0]["lost"], got[0]["resume_from"]) == (
+                "gap", "restart", 0, 2_000_001
+            )
+            assert [e["id"] for e in got[1:]] == [2_000_001, 2_000_002]
+            await conn.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("query", ["since=abc", "since=-3", "since=", "since=1.5", "since=" + "9" * 30])
+def test_garbage_since_is_refused_with_a_reason_and_counted(query: str) -> None:
+    async def main() -> None:
+        async with running_server() as server:
+            other = await client(server)
+            conn = await connect(ws_url(server, f"/events?{query}"), proxy=None)
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(conn.recv(), DEADLINE_S)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+            assert info.value.rcvd.reason.startswith("bad since: ")
+            assert server.refused_since == 1
+            # The other client keeps its stream.
+            server.bus.publish(speech("a", 1.0))
+            assert (await recv_json(other))["t"] == 1.0
+            await other.close()
+
+    run(main())

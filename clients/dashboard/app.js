@@ -64,6 +64,9 @@
     retryAt: null,
     lastCloseReason: "",
     eventsSeen: 0,
+    lastId: null,        // the last bus event id seen: a reconnect asks for what came after it
+    gaps: 0,             // gap events received, and the events they say are lost
+    eventsLost: 0,
     malformed: 0,
     lastMalformed: "",
     unknownTypes: 0,
@@ -216,6 +219,7 @@
       return;
     }
     state.eventsSeen += 1;
+    if (Number.isInteger(event.id) && event.id >= 1) state.lastId = event.id;
     if (typeof event.v === "number" && event.v > SCHEMA_VERSION && state.newerSchema === null) {
       state.newerSchema = event.v;
       dirty.notice = true;
@@ -227,6 +231,7 @@
         case "stream": onStream(event); break;
         case "stats": onStats(event); break;
         case "error": onError(event); break;
+        case "gap": onGap(event); break;
         default: state.unknownTypes += 1; // newer event types are ignored by contract
       }
     } catch (err) {
@@ -235,6 +240,12 @@
     }
     dirty.status = true;
     scheduleRender();
+  }
+
+  function onGap(event) {
+    // Events this page will never see (they left the monitor's history, or it read too slowly).
+    state.gaps += 1;
+    state.eventsLost += typeof event.lost === "number" ? event.lost : 0;
   }
 
   function countMalformed(reason) {
@@ -419,7 +430,8 @@
     state.retryAt = null;
     let ws;
     try {
-      ws = token ? new WebSocket(state.url, tokenProtocols()) : new WebSocket(state.url);
+      const target = withSince(state.url, state.lastId);
+      ws = token ? new WebSocket(target, tokenProtocols()) : new WebSocket(target);
     } catch (err) {
       state.lastCloseReason = "invalid monitor URL " + state.url + ": " + err.message;
       scheduleReconnect();
@@ -458,6 +470,12 @@
         : "closed (" + closeEvent.code + (closeEvent.reason ? " " + closeEvent.reason : "") + ")";
       scheduleReconnect();
     };
+  }
+
+  /** The events URL asking for the events after `lastId` (the server replays them, or says they are gone). */
+  function withSince(url, lastId) {
+    if (lastId === null) return url;
+    return url + (url.indexOf("?") >= 0 ? "&" : "?") + "since=" + String(lastId);
   }
 
   function scheduleReconnect() {
@@ -824,6 +842,7 @@
     parts.push(state.eventsSeen + " events");
     parts.push(state.streams.size + " streams");
     if (state.disconnects) parts.push(state.disconnects + " reconnects");
+    if (state.gaps) parts.push(state.eventsLost + " events lost in " + state.gaps + " gaps");
     if (state.unknownTypes) parts.push(state.unknownTypes + " of unknown types ignored");
     dom.status.textContent = parts.join(" · ");
     if (state.malformed) {
@@ -835,6 +854,7 @@
     }
     const body = document.body;
     body.dataset.eventsSeen = String(state.eventsSeen);
+    body.dataset.eventsLost = String(state.eventsLost);
     body.dataset.malformed = String(state.malformed);
     body.dataset.streams = String(state.streams.size);
   }
@@ -1058,6 +1078,9 @@
     get connects() { return state.connects; },
     get disconnects() { return state.disconnects; },
     get eventsSeen() { return state.eventsSeen; },
+    get lastId() { return state.lastId; },
+    get gaps() { return state.gaps; },
+    get eventsLost() { return state.eventsLost; },
     get malformed() { return state.malformed; },
     get lastMalformed() { return state.lastMalformed; },
     get unknownTypes() { return state.unknownTypes; },

@@ -276,3 +276,72 @@ def test_a_lost_connection_ends_the_speaking_badge(browser: Any) -> None:
     # The next failed connection attempt (backoff at most 5 s) clears it.
     page.wait_for_function("() => window.serstreamDashboard.streams.a.speaking === false", timeout=15_000)
     assert page_errors == []
+
+
+def test_dashboard_resumes_with_since_after_a_lost_connection(browser: Any) -> None:
+    """A real MonitorServer on a thread: the page's connection is cut while events keep coming."""
+    import asyncio
+    import threading
+
+    from serstream import events as ev
+    from serstream.server import EventBus, MonitorServer
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def serve() -> None:
+        bus = EventBus()
+        server = MonitorServer(bus, "127.0.0.1", 0, health=dict, metrics=str, dashboard_dir=DASHBOARD)
+        await server.start()
+        holder.update(bus=bus, server=server, stop=asyncio.Event())
+        ready.set()
+        await holder["stop"].wait()
+        await server.close()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    bus, server = holder["bus"], holder["server"]
+
+    def on_loop(fn: Any) -> Any:
+        async def call() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
+
+    def publish(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            bus.publish(ev.speech_start("a", t=float(i), ts=1.0))
+
+    def cut_and_publish() -> int:
+        conns = list(server._server.connections)
+        for conn in conns:
+            conn.transport.abort()
+        publish(5, 5)  # in the same loop step: the cut connection never sends them
+        return len(conns)
+
+    try:
+        page = browser.new_page()
+        page_errors: list[str] = []
+        page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
+        on_loop(lambda: publish(0, 5))
+        page.wait_for_function("() => window.serstreamDashboard.lastId === 5", timeout=10_000)
+        assert on_loop(cut_and_publish) == 1
+        page.wait_for_function("() => window.serstreamDashboard.disconnects >= 1", timeout=10_000)
+        page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
+        on_loop(lambda: publish(10, 1))
+        page.wait_for_function("() => window.serstreamDashboard.lastId === 11", timeout=10_000)
+        state = page.evaluate("() => ({seen: window.serstreamDashboard.eventsSeen, gaps: window.serstreamDashboard.gaps})")
+        assert state == {"seen": 11, "gaps": 0}  # every id once: the outage replayed, nothing twice
+        # A gap event is counted and shown, never treated as malformed.
+        gap = ev.gap_event("*", reason="history", lost=7, since=11, resume_from=19, ts=1.0)
+        page.evaluate("(m) => window.serstreamDashboard.inject(m)", json.dumps(gap))
+        page.wait_for_function("() => document.body.dataset.eventsLost === '7'", timeout=5_000)
+        assert "7 events lost in 1 gaps" in page.locator("#status-line").inner_text()
+        assert page.evaluate("() => window.serstreamDashboard.malformed") == 0
+        assert page_errors == []
+    finally:
+        loop.call_soon_threadsafe(lambda: holder["stop"].set())
+        thread.join(10)

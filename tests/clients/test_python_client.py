@@ -60,7 +60,13 @@ def test_events_are_typed_filtered_and_survive_a_monitor_restart(
     assert not [e for e in every if isinstance(e, UnknownEvent)]
     kinds = {type(e) for e in every}
     assert {EmotionEvent, SpeechEvent} <= kinds, kinds
-    assert kinds <= {EmotionEvent, SpeechEvent, StreamEvent, StatsEvent}, kinds
+    assert kinds <= {EmotionEvent, SpeechEvent, StreamEvent, StatsEvent, client.GapEvent}, kinds
+    # The client resumed with ?since= the last id it saw; the restarted monitor numbers
+    # its ids above the old run's and says so with one `restart` gap, before its own events.
+    gaps = [e for e in every if isinstance(e, client.GapEvent)]
+    assert [g.reason for g in gaps] == ["restart"] and gaps[0] is after[0], gaps
+    old_ids = [e.id for e in before if e.id is not None]
+    assert old_ids and gaps[0].since == old_ids[-1] < gaps[0].resume_from
     # Filtered: only the asked-for stream (stats, for the whole monitor, come as "*").
     assert {e.stream for e in every if not isinstance(e, StatsEvent)} == {STREAM}
     assert OTHER not in {e.stream for e in every}

@@ -1,0 +1,276 @@
+"""``--record``: the SQLite writer, ``serstream history``, and real monitors killed mid-run.
+
+Everything here uses real SQLite files and real ``serstream`` subprocesses;
+the SIGKILL test reads the database the killed process left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serstream import events
+from serstream.contract import LABELS
+from serstream.history_cli import TIMELINE_COLUMNS
+from serstream.record import SCHEMA_VERSION, Recorder, RecordError
+from tests.audio import speech_with_pauses, write_wav
+from tests.conftest import serstream_command
+from tests.test_cli import assert_one_line_error, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+TS = 1_732_250_000.0
+
+
+def emotion(stream: str, utterance: int, kind: str = "final", top: int = 4, ts: float = TS) -> dict[str, Any]:
+    probs = [0.05] * len(LABELS)
+    probs[top] = 1.0 - 0.05 * (len(LABELS) - 1)
+    mood = {"label": LABELS[top], "confidence": probs[top], "probs": dict(zip(LABELS, probs)),
+            "arousal": 0.2, "valence": -0.1, "dominance": 0.3}
+    return events.emotion_event(stream, seq=utterance, kind=kind, utterance=utterance, t0=utterance * 2.0,
+                                t1=utterance * 2.0 + 1.5, labels=LABELS, probs=probs, avd=(0.5, -0.25, 0.125),
+                                smoothed=mood, latency_ms=10.0, ts=ts + utterance)
+
+
+def opened(stream: str) -> dict[str, Any]:
+    return events.stream_opened(stream, source="file", codec="pcm_s16le", sample_rate=16000, channels=1, ts=TS)
+
+
+def closed(stream: str) -> dict[str, Any]:
+    return events.stream_closed(stream, source="file", codec="pcm_s16le", sample_rate=16000, channels=1,
+                                ts=TS + 9, reason="end of file")
+
+
+def record(path: Path, evs: list[dict[str, Any]], first_id: int = 1) -> Recorder:
+    rec = Recorder(path, command="test")
+    for i, event in enumerate(evs):
+        assert rec.offer(first_id + i, events.dumps({"id": first_id + i, **event}).encode())
+    rec.close()
+    return rec
+
+
+def query(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ the writer
+
+
+def test_events_become_rows_and_a_restart_appends_a_run(tmp_path: Path) -> None:
+    db = tmp_path / "rec.db"
+    first = record(db, [opened("a"), emotion("a", 0, "partial"), emotion("a", 0), emotion("a", 1, top=2), closed("a")])
+    assert (first.written, first.dropped) == (5, 0)
+    assert query(db, "PRAGMA journal_mode") == [("wal",)]
+    assert query(db, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    # Partials are events, not utterances: one utterance row per final.
+    rows = query(db, "SELECT run_id, event_id, stream, utterance, t0, t1, label, confidence, arousal, valence, "
+                     "dominance, ts, probs FROM utterances ORDER BY id")
+    assert [r[:11] for r in rows] == [
+        (1, 3, "a", 0, 0.0, 1.5, "angry", 0.65, 0.5, -0.25, 0.125),
+        (1, 4, "a", 1, 2.0, 3.5, "happy", 0.65, 0.5, -0.25, 0.125),
+    ]
+    assert json.loads(rows[0][12]) == emotion("a", 0)["probs"]
+    assert query(db, "SELECT stream, source, opened_at, closed_at, close_reason FROM streams") == [
+        ("a", "file", TS, TS + 9, "end of file")
+    ]
+    raw = query(db, "SELECT event_id, type, json FROM events ORDER BY id")
+    assert [(r[0], r[1]) for r in raw] == [(1, "stream"), (2, "emotion"), (3, "emotion"), (4, "emotion"), (5, "stream")]
+    assert json.loads(raw[2][2])["id"] == 3
+    # A second run of the monitor appends: a new run row, the old rows stay.
+    record(db, [opened("a"), emotion("a", 0, top=3)])
+    assert query(db, "SELECT id, clean, events, dropped FROM runs ORDER BY id") == [(1, 1, 5, 0), (2, 1, 2, 0)]
+    assert query(db, "SELECT run_id, label FROM utterances ORDER BY id") == [(1, "angry"), (1, "happy"), (2, "sad")]
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    db = tmp_path / "busy.db"
+    Recorder(db).close()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the recorder's thread waits
+    try:
+        with pytest.raises(RecordError, match="locked"):
+            Recorder(db, max_queue=1)  # the run row cannot be written within the timeout
+    finally:
+        blocker.execute("ROLLBACK")
+    rec = Recorder(db, max_queue=3)
+    blocker.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    results = [rec.offer(i, events.dumps({"id": i, **opened(f"s{i}")})) for i in range(1, 200)]
+    assert time.monotonic() - started < 1.0  # offer never waited for the disk
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    rec.close()
+    assert results.count(False) == rec.dropped > 0
+    assert rec.written + rec.dropped == 199
+    assert query(db, "SELECT COUNT(*) FROM events WHERE run_id = 2") == [(rec.written,)]
+
+
+def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match="cannot record to"):
+        Recorder(tmp_path / "no" / "such" / "dir" / "x.db")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RecordError) as info:
+        Recorder(junk)
+    assert "\n" not in str(info.value)
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.executescript("CREATE TABLE schema_version (version INTEGER); INSERT INTO schema_version VALUES (99);")
+    conn.close()
+    with pytest.raises(RecordError, match="version 99"):
+        Recorder(other)
+
+
+# ------------------------------------------------------------------ serstream history
+
+
+def test_history_lists_streams_and_prints_a_timeline(tmp_path: Path) -> None:
+    db = tmp_path / "rec.db"
+    record(db, [opened("a"), opened("b"), emotion("a", 0), emotion("b", 0, top=1), emotion("a", 1, top=2), closed("a")])
+    listing = run_cli("history", str(db))
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["stream", "runs", "utterances", "first", "last"]
+    assert [ln.split()[:3] for ln in lines[1:]] == [["a", "1", "2"], ["b", "1", "1"]]
+    table = run_cli("history", str(db), "--stream", "a")
+    assert table.returncode == 0 and "angry" in table.stdout and "happy" in table.stdout
+    assert len(table.stdout.splitlines()) == 3
+    as_csv = run_cli("history", str(db), "--stream", "a", "--csv")
+    rows = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert tuple(rows[0]) == TIMELINE_COLUMNS
+    assert [(r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows[1:]] == [
+        ("0", "0.00", "1.50", "angry", "0.650", "+0.500"), ("1", "2.00", "3.50", "happy", "0.650", "+0.500")
+    ]
+    before = db.stat().st_mtime_ns
+    assert_one_line_error(run_cli("history", str(db), "--stream", "zz"), "no stream 'zz'")
+    assert_one_line_error(run_cli("history", str(tmp_path / "missing.db")), "no recording at")
+    junk = tmp_path / "junk.db"
+    junk.write_text("hello")
+    assert_one_line_error(run_cli("history", str(junk)), "not a serstream recording")
+    assert db.stat().st_mtime_ns == before and not (tmp_path / "missing.db").exists()
+
+
+# ------------------------------------------------------------------ a real monitor
+
+
+def start_listen(model: Path, wav: Path, db: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SERSTREAM_MODEL"}
+    return subprocess.Popen(
+        [*serstream_command(), "listen", "--model", str(model), "--file", str(wav), "--port", "0",
+         "--record", str(db), "--quiet", "--threads", "1", *extra],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def poll_count(db: Path, sql: str, at_least: int, proc: subprocess.Popen[str], timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        if db.exists():
+            try:
+                conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+                try:
+                    (n,) = conn.execute(sql).fetchone()
+                finally:
+                    conn.close()
+                if n >= at_least:
+                    return int(n)
+            except sqlite3.OperationalError:
+                pass  # the tables are not there yet
+        time.sleep(0.1)
+    raise AssertionError(f"{sql} never reached {at_least}")
+
+
+@pytest.fixture(scope="module")
+def long_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 20 s of speech-like audio: six utterances with pauses (no external tool needed)."""
+    pattern = tuple((0.8, 1.6 + 0.2 * i) for i in range(8))
+    return write_wav(tmp_path_factory.mktemp("rec-audio") / "long.wav", speech_with_pauses(pattern))
+
+
+def test_sigkill_leaves_a_database_with_everything_committed(tmp_path: Path, factory_model: Path,
+                                                              long_wav: Path) -> None:
+    db = tmp_path / "killed.db"
+    proc = start_listen(factory_model, long_wav, db, "--loop")
+    try:
+        seen_utterances = poll_count(db, "SELECT COUNT(*) FROM utterances", 2, proc)
+        seen_events = poll_count(db, "SELECT COUNT(*) FROM events", 1, proc)
+        time.sleep(1.5)  # whatever is written now is committed within a second
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        n_utt = conn.execute("SELECT COUNT(*) FROM utterances").fetchone()[0]
+        n_events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        assert n_utt >= seen_utterances and n_events > seen_events  # the 1.5 s before the kill are there
+        assert conn.execute("SELECT ended_at, clean FROM runs").fetchall() == [(None, 0)]
+        ids = [r[0] for r in conn.execute("SELECT event_id FROM events ORDER BY id")]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))  # no hole: every committed event in bus order
+        started = conn.execute("SELECT started_at FROM runs").fetchone()[0]
+        assert abs(ids[0] // 1_000_000 - started) < 5  # the run's ids start at its unix second x 10**6
+    finally:
+        conn.close()
+
+
+def test_sigterm_flushes_the_final_estimates_and_closes_cleanly(tmp_path: Path, factory_model: Path,
+                                                                  long_wav: Path) -> None:
+    db = tmp_path / "stopped.db"
+    proc = start_listen(factory_model, long_wav, db)
+    try:
+        poll_count(db, "SELECT COUNT(*) FROM utterances", 1, proc)
+        # Stop in the middle of an utterance: its final comes from the flush.
+        poll_count(db, "SELECT COUNT(*) FROM events WHERE type = 'emotion' AND json LIKE '%\"kind\":\"partial\"%' "
+                       "AND json LIKE '%\"utterance\":2,%'", 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
+    conn = sqlite3.connect(db)
+    try:
+        (ended, clean, n_events, dropped), = conn.execute("SELECT ended_at, clean, events, dropped FROM runs")
+        assert ended is not None and clean == 1 and dropped == 0
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == n_events
+        utterances = [r[0] for r in conn.execute("SELECT utterance FROM utterances ORDER BY id")]
+        assert utterances[:3] == [0, 1, 2]  # utterance 2 was in progress: its final was flushed
+        last = json.loads(conn.execute("SELECT json FROM events WHERE stream = 'file:long.wav' "
+                                       "ORDER BY id DESC LIMIT 1").fetchone()[0])
+        assert (last["type"], last["state"]) == ("stream", "closed")
+        assert conn.execute("SELECT closed_at IS NOT NULL FROM streams").fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+def test_unusable_record_path_is_one_line_exit_2(tmp_path: Path, factory_model: Path, long_wav: Path) -> None:
+    missing_dir = tmp_path / "nope" / "rec.db"
+    line = assert_one_line_error(run_cli("listen", "--model", str(factory_model), "--file", str(long_wav),
+                                         "--port", "0", "--record", str(missing_dir)), str(missing_dir))
+    assert "cannot record" in line
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite at all" * 64)
+    assert_one_line_error(run_cli("serve", "--model", str(factory_model), "--port", "0", "--record", str(junk)),
+                          "junk.db")
+    assert_one_line_error(run_cli("serve", "--model", str(factory_model), "--port", "0", "--record", str(tmp_path)),
+                          "cannot record")
+    assert_one_line_error(run_cli("serve", "--history-s", "-1"), "--history-s")
