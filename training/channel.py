@@ -13,7 +13,6 @@ FFT convolution with a synthetic exponentially decaying room response.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +39,24 @@ def band_limit(x: torch.Tensor, sample_rate: int, low_hz: float, high_hz: float)
     return torch.fft.irfft(spec, n=x.shape[-1], dim=-1)
 
 
-def mulaw_round_trip(x: torch.Tensor, mu: float = 255.0) -> torch.Tensor:
-    """8-bit mu-law companding and back (what a G.711 u-law call does to the waveform)."""
-    x = torch.clamp(x, -1.0, 1.0)
-    y = torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
-    y = torch.round(y * 127.0) / 127.0
-    return torch.sign(y) * ((1.0 + mu) ** y.abs() - 1.0) / mu
+def mulaw_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """G.711 u-law encode then decode (8 bits per sample), what a u-law call does to the waveform.
+
+    The segmented G.711 law (bias 132, eight segments of 16 steps), in torch
+    integer ops so it runs on the batch's device; it gives the same samples as
+    the monitor's own decoder (``serstream.rtp.g711``), which a test checks.
+    Input and output are floats in [-1, 1].
+    """
+    pcm = (x.clamp(-1.0, 1.0) * 32768.0).round().clamp(-32768, 32767).to(torch.int32)
+    negative = pcm < 0
+    magnitude = pcm.abs().clamp(max=32635) + 132
+    segment = torch.zeros_like(magnitude)
+    for step in range(8, 15):  # segment = number of thresholds 2^8 .. 2^14 reached
+        segment += (magnitude >= (1 << step)).to(torch.int32)
+    mantissa = torch.bitwise_and(torch.bitwise_right_shift(magnitude, segment + 3), 0xF)
+    decoded = torch.bitwise_left_shift(torch.bitwise_left_shift(mantissa, 3) + 132, segment) - 132
+    decoded = torch.where(negative, -decoded, decoded)
+    return decoded.to(x.dtype) / 32768.0
 
 
 def _rir(n: int, rt60: float, sample_rate: int, gen: torch.Generator) -> torch.Tensor:

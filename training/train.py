@@ -89,7 +89,7 @@ class TrainConfig:
     spec_time_masks: int = 2
     spec_freq_masks: int = 2
     # Per-row chance of a pitch shift (+/-2 semitones, duration kept) and of a
-    # tempo change (0.9-1.1x, pitch kept), by the phase vocoder of augment.py.
+    # tempo change (0.9-1.1x, pitch kept), by the phase vocoder of tempo.py.
     # Off by default: the shipped model's CV ran without them (see the model card).
     pitch_prob: float = 0.0
     stretch_prob: float = 0.0
@@ -392,7 +392,7 @@ def predict(
 def _voice_augment(audio: torch.Tensor, lengths: torch.Tensor, config: TrainConfig,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Pitch shift and tempo change of chosen rows (the speaker's voice, before the channel)."""
-    from .augment import pitch_shift, time_stretch
+    from .tempo import pitch_shift, time_stretch
 
     if config.pitch_prob > 0:
         audio, lengths = pitch_shift(audio, lengths, gen, p=config.pitch_prob)
