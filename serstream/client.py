@@ -14,8 +14,68 @@ lenient reader (:func:`serstream_client.read_event`: never raises, gives an
 
 from __future__ import annotations
 
-from serstream_client import *  # noqa: F403 - the re-export is the point
-from serstream_client import __all__ as _client_all
-from serstream_client import read_event as parse_event
+from serstream_client import (
+    DEFAULT_EVENTS_URL,
+    DEFAULT_INGEST_URL,
+    EVENT_CLASSES,
+    SCHEMA_VERSION,
+    AccessDenied,
+    AnyEvent,
+    BadURL,
+    BaseEvent,
+    ClientError,
+    EmotionEvent,
+    ErrorEvent,
+    Event,
+    EventError,
+    FileEvent,
+    GapEvent,
+    IngestClient,
+    IngestRefused,
+    MonitorUnavailable,
+    Mood,
+    SpeechEvent,
+    StatsEvent,
+    StreamEvent,
+    TLSFailed,
+    UnknownEvent,
+    client_ssl_context,
+    events,
+    push_file,
+    read_event,
+)
 
-__all__ = [name for name in _client_all if name != "read_event"]
+#: The lenient reader, under the name this module always gave it.
+parse_event = read_event
+
+__all__ = [
+    "DEFAULT_EVENTS_URL",
+    "DEFAULT_INGEST_URL",
+    "SCHEMA_VERSION",
+    "EVENT_CLASSES",
+    "ClientError",
+    "MonitorUnavailable",
+    "BadURL",
+    "IngestRefused",
+    "AccessDenied",
+    "TLSFailed",
+    "client_ssl_context",
+    "Mood",
+    "BaseEvent",
+    "EmotionEvent",
+    "SpeechEvent",
+    "StreamEvent",
+    "StatsEvent",
+    "ErrorEvent",
+    "FileEvent",
+    "GapEvent",
+    "UnknownEvent",
+    "Event",
+    "AnyEvent",
+    "EventError",
+    "read_event",
+    "events",
+    "IngestClient",
+    "push_file",
+    "parse_event",
+]

@@ -27,7 +27,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from serstream_client import model as model
-from serstream_client import model as model_types  # emotion_event has a parameter named `model`
+from serstream_client import (
+    model as model_types,  # emotion_event has a parameter named `model`
+)
 
 from serstream import contract
 

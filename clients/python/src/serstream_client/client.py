@@ -182,10 +182,12 @@ def _unknown(raw: Mapping[str, Any], problem: str, warn_key: str, malformed: boo
     v = raw.get("v")
     ts = raw.get("ts")
     event_id = raw.get("id")
+    kind = raw.get("type")
+    stream = raw.get("stream")
     return UnknownEvent(
-        type=raw.get("type") if isinstance(raw.get("type"), str) else "",
+        type=kind if isinstance(kind, str) else "",
         v=v if isinstance(v, int) and not isinstance(v, bool) else 0,
-        stream=raw.get("stream") if isinstance(raw.get("stream"), str) else "",
+        stream=stream if isinstance(stream, str) else "",
         ts=float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else 0.0,
         id=event_id if isinstance(event_id, int) and not isinstance(event_id, bool) and event_id >= 1 else None,
         raw=raw,
@@ -590,7 +592,7 @@ def push_file(
     stream's ``stream`` closed event (or after ``timeout_s`` past the end).
     """
     try:
-        import soundfile as sf
+        import soundfile as sf  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - soundfile is an optional dependency of the client
         raise OSError("push_file needs soundfile (pip install 'serstream-client[audio]')") from None
 
@@ -600,7 +602,7 @@ def push_file(
         raise OSError(f"cannot read audio file {path}: {' '.join(str(exc).split())}") from None
 
     async def run() -> list[AnyEvent]:
-        collected: list[Event] = []
+        collected: list[AnyEvent] = []
         with audio_file:
             client = IngestClient(url, stream, int(audio_file.samplerate), "f32le", token,
                                   channels=int(audio_file.channels), ca_file=ca_file)
