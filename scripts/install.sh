@@ -18,7 +18,8 @@ fi
 if [ "$mode" = "--dev" ]; then
   # The training code is its own distribution (training/pyproject.toml); torch is pinned there
   # to the CPU wheel, since a bare `torch` would pull a CUDA build.
-  .venv/bin/python -m pip install -q -e ".[test]" -e ./training
+  # The client distribution (clients/python, `serstream-client`) comes from this checkout, first.
+  .venv/bin/python -m pip install -q -e ./clients/python -e ".[test]" -e ./training
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q -e ./clients/python -e .
 fi

@@ -1,6 +1,11 @@
 """Constructors of the JSON events the monitor publishes (see docs/events.md).
 
-Each function returns a plain ``dict`` ready for :func:`dumps`: floats are
+The events themselves are the typed model of :mod:`serstream_client.model`
+(the ``serstream-client`` distribution, shared with the clients): each
+constructor here checks and rounds what the monitor computed (numpy arrays
+welcome), builds the model's dataclass and returns its ``to_dict()``, so
+every event on the wire is one of the model's. Each returns a plain
+``dict`` ready for :func:`dumps`: floats are
 rounded to 4 decimals, probabilities are objects ``label -> probability``
 in the model's label order, and every event carries ``type``, ``v`` (the
 schema version), ``stream`` and ``ts`` (unix wall-clock seconds, passed in:
@@ -21,6 +26,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from serstream_client import model as model
+from serstream_client import (
+    model as model_types,  # emotion_event has a parameter named `model`
+)
 
 from serstream import contract
 
@@ -49,7 +58,10 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = contract.EVENT_SCHEMA_VERSION
-EVENT_TYPES = ("stream", "speech", "emotion", "stats", "error", "file", "gap")
+if SCHEMA_VERSION != model.SCHEMA_VERSION:  # pragma: no cover - a release mistake, caught at import
+    raise ImportError(f"serstream speaks event schema v{SCHEMA_VERSION}, its serstream-client "
+                      f"v{model.SCHEMA_VERSION}; install the serstream-client of this checkout")
+EVENT_TYPES = tuple(model.EVENT_CLASSES)
 #: Why a ``gap`` event was sent: events left the server's history before the client
 #: reconnected; the client's own buffer overflowed (it reads too slowly); the
 #: client's ``since`` is from an earlier run of the server (it restarted); or
@@ -70,7 +82,7 @@ ERROR_CODES = (
     "stream_error",
 )
 #: ``stats`` events are about the whole monitor, not one stream.
-STATS_STREAM = "*"
+STATS_STREAM = model.STATS_STREAM
 EMOTION_KINDS = ("partial", "final")
 _DIGITS = 4
 _CODE = re.compile(r"[a-z][a-z0-9_]*")
@@ -121,8 +133,6 @@ def _choice(value: str, allowed: Sequence[str], name: str) -> str:
     return value
 
 
-def _base(kind: str, stream: str, ts: float) -> dict[str, Any]:
-    return {"type": kind, "v": SCHEMA_VERSION, "stream": str(stream), "ts": _num(ts, "ts")}
 
 
 def probs_dict(labels: Sequence[str], probs: np.ndarray | Sequence[float] | Mapping[str, float]) -> dict[str, float]:
@@ -174,17 +184,11 @@ def stream_opened(
     detail: str | None = None,
 ) -> dict[str, Any]:
     """A stream opened: where its audio comes from and in what native format."""
-    event = _base("stream", stream, ts)
-    event.update(
-        state="open",
-        source=_choice(source, STREAM_SOURCES, "source"),
-        codec=str(codec),
-        sample_rate=int(sample_rate),
-        channels=int(channels),
-    )
-    if detail is not None:
-        event["detail"] = str(detail)
-    return event
+    return model.StreamEvent(
+        stream=str(stream), ts=_num(ts, "ts"), state="open", source=_choice(source, STREAM_SOURCES, "source"),
+        codec=str(codec), sample_rate=int(sample_rate), channels=int(channels),
+        detail=None if detail is None else str(detail),
+    ).to_dict()
 
 
 def stream_closed(
@@ -199,35 +203,26 @@ def stream_closed(
     reason: str | None = None,
 ) -> dict[str, Any]:
     """A stream closed; ``reason`` says why (e.g. "end of file", "client closed")."""
-    event = stream_opened(
-        stream, source=source, codec=codec, sample_rate=sample_rate, channels=channels,
-        ts=ts, detail=detail,
-    )
-    event["state"] = "closed"
-    if reason is not None:
-        event["reason"] = _one_line(reason)
-    return event
+    return model.StreamEvent(
+        stream=str(stream), ts=_num(ts, "ts"), state="closed", source=_choice(source, STREAM_SOURCES, "source"),
+        codec=str(codec), sample_rate=int(sample_rate), channels=int(channels),
+        detail=None if detail is None else str(detail), reason=None if reason is None else _one_line(reason),
+    ).to_dict()
 
 
 def speech_start(stream: str, *, t: float, ts: float) -> dict[str, Any]:
     """Speech started at stream time ``t`` (seconds, pre-roll included)."""
-    event = _base("speech", stream, ts)
-    event.update(state="start", t=_num(t, "t"))
-    return event
+    return model.SpeechEvent(stream=str(stream), ts=_num(ts, "ts"), state="start", t=_num(t, "t")).to_dict()
 
 
 def speech_end(
     stream: str, *, t: float, duration: float, reason: str, ts: float
 ) -> dict[str, Any]:
     """Speech ended at stream time ``t`` after ``duration`` seconds; ``reason`` as in the VAD."""
-    event = _base("speech", stream, ts)
-    event.update(
-        state="end",
-        t=_num(t, "t"),
-        duration=_num(duration, "duration"),
+    return model.SpeechEvent(
+        stream=str(stream), ts=_num(ts, "ts"), state="end", t=_num(t, "t"), duration=_num(duration, "duration"),
         reason=_choice(reason, SPEECH_END_REASONS, "reason"),
-    )
-    return event
+    ).to_dict()
 
 
 def emotion_event(
@@ -260,8 +255,9 @@ def emotion_event(
     label, confidence = _top(p)
     arousal, valence, dominance = _avd(avd)
     smoothed_probs = probs_dict(labels, _field(smoothed, "probs"))
-    event = _base("emotion", stream, ts)
-    event.update(
+    return model_types.EmotionEvent(
+        stream=str(stream),
+        ts=_num(ts, "ts"),
         seq=int(seq),
         kind=_choice(kind, EMOTION_KINDS, "kind"),
         utterance=int(utterance),
@@ -273,21 +269,18 @@ def emotion_event(
         arousal=arousal,
         valence=valence,
         dominance=dominance,
-        smoothed={
-            "label": str(_field(smoothed, "label")),
-            "confidence": _prob(_field(smoothed, "confidence"), "smoothed.confidence"),
-            "probs": smoothed_probs,
-            "arousal": _unit(_field(smoothed, "arousal"), "smoothed.arousal"),
-            "valence": _unit(_field(smoothed, "valence"), "smoothed.valence"),
-            "dominance": _unit(_field(smoothed, "dominance"), "smoothed.dominance"),
-        },
+        smoothed=model_types.Mood(
+            label=str(_field(smoothed, "label")),
+            confidence=_prob(_field(smoothed, "confidence"), "smoothed.confidence"),
+            probs=smoothed_probs,
+            arousal=_unit(_field(smoothed, "arousal"), "smoothed.arousal"),
+            valence=_unit(_field(smoothed, "valence"), "smoothed.valence"),
+            dominance=_unit(_field(smoothed, "dominance"), "smoothed.dominance"),
+        ),
         latency_ms=_num(max(0.0, float(latency_ms)), "latency_ms"),
-    )
-    if gender is not None:
-        event["gender"] = probs_dict(("female", "male"), gender)
-    if model is not None:
-        event["model"] = str(model)
-    return event
+        gender=None if gender is None else probs_dict(("female", "male"), gender),
+        model=None if model is None else str(model),
+    ).to_dict()
 
 
 def stats_event(
@@ -307,8 +300,9 @@ def stats_event(
     ``batches``: count, mean_size, max_size. ``latency_ms``: p50, p95, p99
     (None while nothing is measured: sent as 0) and count.
     """
-    event = _base("stats", STATS_STREAM, ts)
-    event.update(
+    return model.StatsEvent(
+        stream=STATS_STREAM,
+        ts=_num(ts, "ts"),
         uptime_s=_num(uptime_s, "uptime_s"),
         streams=int(streams),
         windows_per_s=_num(windows_per_s, "windows_per_s"),
@@ -327,8 +321,7 @@ def stats_event(
             "count": int(latency_ms.get("count") or 0),
         },
         device=_choice(device, ("cpu", "cuda"), "device"),
-    )
-    return event
+    ).to_dict()
 
 
 def error_event(
@@ -343,19 +336,18 @@ def error_event(
         raise ValueError(f"error code must be a lower-case identifier, got {code!r}")
     if int(count) < 1:
         raise ValueError(f"error count must be >= 1 (the event reports an occurrence), got {count}")
-    event = _base("error", stream, ts)
-    event.update(code=code, message=_one_line(message) or code, count=int(count))
-    return event
+    return model.ErrorEvent(
+        stream=str(stream), ts=_num(ts, "ts"), code=code, message=_one_line(message) or code, count=int(count),
+    ).to_dict()
 
 
 def file_event_no_speech(stream: str, *, file: str, duration_s: float, ts: float) -> dict[str, Any]:
     """The summary of a file in which the VAD found no speech: nothing to average, so nulls and a note."""
-    event = _base("file", stream, ts)
-    event.update(
+    return model.FileEvent(
+        stream=str(stream), ts=_num(ts, "ts"),
         file=str(file), label=None, probs=None, arousal=None, valence=None, dominance=None,
         segments=0, duration_s=_num(duration_s, "duration_s"), note="no speech found",
-    )
-    return event
+    ).to_dict()
 
 
 def file_event(
@@ -373,8 +365,9 @@ def file_event(
     p = probs_dict(labels, probs)
     label, _ = _top(p)
     arousal, valence, dominance = _avd(avd)
-    event = _base("file", stream, ts)
-    event.update(
+    return model.FileEvent(
+        stream=str(stream),
+        ts=_num(ts, "ts"),
         file=str(file),
         label=label,
         probs=p,
@@ -383,8 +376,7 @@ def file_event(
         dominance=dominance,
         segments=int(segments),
         duration_s=_num(duration_s, "duration_s"),
-    )
-    return event
+    ).to_dict()
 
 
 def gap_event(
@@ -398,9 +390,7 @@ def gap_event(
     """
     if int(lost) < 0 or int(since) < 0 or int(resume_from) < 1:
         raise ValueError(f"gap counts must be >= 0 (resume_from >= 1): {lost}, {since}, {resume_from}")
-    event = _base("gap", stream, ts)
-    event.update(
-        reason=_choice(reason, GAP_REASONS, "reason"), lost=int(lost), since=int(since),
-        resume_from=int(resume_from),
-    )
-    return event
+    return model.GapEvent(
+        stream=str(stream), ts=_num(ts, "ts"), reason=_choice(reason, GAP_REASONS, "reason"), lost=int(lost),
+        since=int(since), resume_from=int(resume_from),
+    ).to_dict()

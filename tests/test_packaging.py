@@ -45,16 +45,28 @@ def test_wheel_carries_the_dashboard_files_and_schemas(tmp_path: Path) -> None:
         assert any(n.startswith("serstream/schema/") and n.endswith(".json") for n in names)
 
 
-def _build_wheel(dest: Path) -> Path:
+def _build_wheel(dest: Path, source: Path = REPO, pattern: str = "serstream-*.whl") -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dest),
-         str(REPO)],
+         str(source)],
         capture_output=True, text=True, timeout=300,
     )
     if proc.returncode != 0 and "No module named pip" in proc.stderr:
         pytest.skip("pip is not installed in this environment")
     assert proc.returncode == 0, proc.stderr
-    return next(dest.glob("serstream-*.whl"))
+    return next(dest.glob(pattern))
+
+
+def test_client_wheel_depends_only_on_websockets(tmp_path: Path) -> None:
+    """clients/python builds `serstream-client`: the package serstream_client, requiring websockets only."""
+    wheel = _build_wheel(tmp_path, REPO / "clients" / "python", "serstream_client-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    assert {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")} == {"serstream_client"}
+    assert "serstream_client/py.typed" in names
+    required = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert [r for r in required if "extra ==" not in r] == ["websockets>=13.0"], required
 
 
 @pytest.mark.slow
@@ -70,6 +82,7 @@ def test_wheel_in_a_fresh_venv_analyzes_from_any_folder(tmp_path: Path, syntheti
     import sysconfig
 
     wheel = _build_wheel(tmp_path / "dist")
+    client_wheel = _build_wheel(tmp_path / "dist", REPO / "clients" / "python", "serstream_client-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -77,8 +90,11 @@ def test_wheel_in_a_fresh_venv_analyzes_from_any_folder(tmp_path: Path, syntheti
                                   capture_output=True, text=True, check=True).stdout.strip())
     here = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     (purelib / "serstream-test-deps.pth").write_text("\n".join(sorted(here)) + "\n")
+    # Without PYTHONPATH: a checkout on it (with the egg-info a wheel build leaves) reads as "already installed".
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+                           "--no-index", str(client_wheel), str(wheel)], capture_output=True, text=True, timeout=300,
+                          env=clean)
     if proc.returncode != 0 and "no such option: --python" in proc.stderr:
         pytest.skip("this pip has no --python option")
     assert proc.returncode == 0, proc.stderr
@@ -86,12 +102,13 @@ def test_wheel_in_a_fresh_venv_analyzes_from_any_folder(tmp_path: Path, syntheti
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SERSTREAM_MODEL")}
-    where = subprocess.run([str(python), "-c", "import serstream, serstream.models as m; "
-                            "print(serstream.__file__); print(m.default_model_path())"],
+    where = subprocess.run([str(python), "-c", "import serstream, serstream.models as m, serstream_client as c; "
+                            "print(serstream.__file__); print(m.default_model_path()); print(c.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
-    package_file, model_path = where.stdout.split()
+    package_file, model_path, client_file = where.stdout.split()
     assert Path(package_file).is_relative_to(purelib), package_file   # the wheel's copy, not the checkout
+    assert Path(client_file).is_relative_to(purelib), client_file
     assert Path(model_path).is_file() and Path(model_path).is_relative_to(purelib), model_path
     training = subprocess.run([str(python), "-c", "import training"], cwd=elsewhere, env=env,
                               capture_output=True, text=True, timeout=60)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from serstream_client.model import Mood
 
 __all__ = ["SmootherConfig", "MoodState", "MoodSmoother"]
 
@@ -37,16 +38,10 @@ class SmootherConfig:
             raise ValueError(f"smoother final_weight must be > 0, got {self.final_weight}")
 
 
-@dataclass(frozen=True)
-class MoodState:
-    """The smoothed state of one stream after an update."""
-
-    label: str
-    confidence: float
-    probs: dict[str, float]
-    arousal: float
-    valence: float
-    dominance: float
+#: The smoothed state of one stream after an update: the event model's :class:`Mood`
+#: (``serstream_client.model``), the ``smoothed`` field of emotion events, so the
+#: monitor, the client and the Pipecat plugin share one type.
+MoodState = Mood
 
 
 class MoodSmoother:

@@ -30,7 +30,7 @@ def test_events_are_typed_filtered_and_survive_a_monitor_restart(
     factory_model: Path, speech_wav: Path, speech_wav_44k_stereo: Path, free_port: int,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="serstream.client")
+    caplog.set_level(logging.WARNING, logger="serstream_client.client")
     args = ["listen", "--model", str(factory_model), "--file", str(speech_wav), "--file",
             str(speech_wav_44k_stereo), "--loop", "--port", str(free_port)]
     monitors = [start_monitor(args)]

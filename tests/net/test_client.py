@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serstream import client, events
+from serstream_client import client as client_impl
 from serstream.client import (
     BadURL,
     EmotionEvent,
@@ -92,8 +93,8 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_unknown_types_and_newer_versions_warn_once(caplog: pytest.LogCaptureFixture) -> None:
-    client._warned.clear()
-    caplog.set_level(logging.WARNING, logger="serstream.client")
+    client_impl._warned.clear()
+    caplog.set_level(logging.WARNING, logger="serstream_client.client")
     newer = {**sample_events()[0], "v": 2}
     alien = {"type": "telepathy", "v": 1, "stream": "s", "ts": 1.0}
     broken_newer = {"type": "speech", "v": 3, "stream": "s", "ts": 1.0}  # a field we need was renamed
@@ -160,7 +161,7 @@ def _quiet_server(bus: EventBus, port: int) -> MonitorServer:
 
 
 def test_events_reconnects_after_the_monitor_restarts(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="serstream.client")
+    caplog.set_level(logging.WARNING, logger="serstream_client.client")
     port = _port()
     first_event, second_event = sample_events()[2], sample_events()[3]
 

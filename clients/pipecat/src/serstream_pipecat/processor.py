@@ -16,7 +16,8 @@ Turns are delimited by ``UserStartedSpeakingFrame``/``UserStoppedSpeakingFrame``
 or, until one of those is seen, by ``VADUserStartedSpeakingFrame``/
 ``VADUserStoppedSpeakingFrame``.
 
-The monitor is reached over its own small WebSocket client (``websockets``),
+The monitor is reached with the ``serstream-client`` distribution's
+:class:`~serstream_client.IngestClient` (it depends only on ``websockets``),
 not by importing serstream: pipecat-ai needs the plain ``onnxruntime``, which
 must never share an environment with the monitor's ``onnxruntime-gpu``. A
 monitor that is down, a lost connection, a rejected stream or an inference
@@ -33,14 +34,12 @@ self-signed or private certificate, ``ca_file=`` (its PEM file or its CA's).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import ssl
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
@@ -58,8 +57,16 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from serstream_client import (
+    AnyEvent,
+    EmotionEvent,
+    ErrorEvent,
+    IngestClient,
+    SpeechEvent,
+    StreamEvent,
+    UnknownEvent,
+    client_ssl_context,
+)
 
 from serstream_pipecat.turns import EmotionReading, TurnConfig, TurnTracker
 
@@ -182,7 +189,10 @@ class SerstreamEmotionProcessor(FrameProcessor):
         #: The monitor's id of this pipeline's stream (the requested name, or the one the monitor gave).
         self.stream_id = self._requested_stream
         self.ingest_url = _ingest_url(self.settings.url)
-        self._ssl = _ssl_context(self.ingest_url, self.settings.ca_file)
+        try:  # checked now, so a bad ca_file is one clear error at construction
+            client_ssl_context(self.ingest_url, self.settings.ca_file)
+        except ConnectionError as exc:
+            raise ValueError(f"serstream ca_file: {exc}") from None
         self._tracker = TurnTracker(self.stream_id, self.settings.turns)
         self._turn_source: str | None = None  # "user" once a User*SpeakingFrame was seen
         self._audio_format: tuple[int, int] | None = None  # (sample_rate, channels)
@@ -371,12 +381,11 @@ class SerstreamEmotionProcessor(FrameProcessor):
     async def _session(self) -> None:
         assert self._audio_format is not None
         rate, channels = self._audio_format
-        headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
-        async with connect(self.ingest_url, open_timeout=self.settings.open_timeout_s, additional_headers=headers,
-                           ssl=self._ssl, max_size=1 << 20, close_timeout=1.0) as ws:
-            hello: dict[str, Any] = {"type": "hello", "stream": self._requested_stream, "sample_rate": rate,
-                                     "format": "s16le", "channels": channels}
-            await ws.send(json.dumps(hello))
+        client = IngestClient(self.ingest_url, self._requested_stream, rate, "s16le", self.settings.token,
+                              channels=channels, open_timeout_s=self.settings.open_timeout_s,
+                              ca_file=self.settings.ca_file)
+        try:
+            await client.open()  # the hello, and the monitor's answer (a refusal raises here)
             self._tracker.new_connection()
             self._connected = True
             self._session_connected = True
@@ -387,15 +396,17 @@ class SerstreamEmotionProcessor(FrameProcessor):
             else:
                 logger.debug(f"serstream: streaming to {self.ingest_url} as {self.stream_id}")
             self._logged.discard("backlog")
-            reader = asyncio.ensure_future(self._read(ws))
+            reader = asyncio.ensure_future(self._read(client))
             try:
-                await self._write(ws, reader)
+                await self._write(client, reader)
             finally:
                 reader.cancel()
                 # Collects the reader's outcome; _write has already raised its error.
                 await asyncio.gather(reader, return_exceptions=True)
+        finally:
+            await client.abort()
 
-    async def _write(self, ws: ClientConnection, reader: asyncio.Future) -> None:
+    async def _write(self, client: IngestClient, reader: asyncio.Future) -> None:
         while self._running and not self._force_reconnect:
             if reader.done():
                 exc = reader.exception()
@@ -403,7 +414,7 @@ class SerstreamEmotionProcessor(FrameProcessor):
                     raise exc
                 raise ConnectionError("the monitor closed the connection")
             if not self._backlog and self._ending:
-                await ws.send(json.dumps({"type": "end"}))
+                await client.end()
                 await reader  # the last events, then the monitor closes the connection
                 return
             if not self._backlog:
@@ -414,43 +425,36 @@ class SerstreamEmotionProcessor(FrameProcessor):
                 continue
             chunk = self._backlog.popleft()
             self._backlog_bytes -= len(chunk)
-            await ws.send(chunk)
+            await client.send(chunk)
             rate, channels = self._audio_format or (1, 1)
             self.counters["audio_sent_s"] += len(chunk) / (rate * channels * _BYTES_PER_SAMPLE)
 
-    async def _read(self, ws: ClientConnection) -> None:
-        try:
-            async for message in ws:
-                self._on_message(message)
-        except ConnectionClosed as exc:
-            raise ConnectionError(_close_reason(exc)) from None
-        reason = f": {ws.close_reason}" if ws.close_reason else ""
-        raise ConnectionError(f"closed by the monitor (code {ws.close_code}{reason})")
+    async def _read(self, client: IngestClient) -> None:
+        async for event in client.events():
+            self._on_event(event)
+        reason = f": {client.close_reason}" if client.close_reason else ""
+        raise ConnectionError(f"closed by the monitor (code {client.close_code}{reason})")
 
-    def _on_message(self, message: str | bytes) -> None:
-        event = _parse_event(message)
-        if event is None:
-            self.counters["malformed_messages"] += 1
-            self._log_once("malformed", "serstream: ignored a malformed message from the monitor "
-                           "(further ones are only counted)")
-            return
-        version = event.get("v", SUPPORTED_SCHEMA_VERSION)
-        if isinstance(version, int) and version > SUPPORTED_SCHEMA_VERSION and not self._warned_version:
+    def _on_event(self, event: AnyEvent) -> None:
+        if event.v > SUPPORTED_SCHEMA_VERSION and not self._warned_version:
             self._warned_version = True
-            logger.warning(f"serstream: the monitor sends event schema v{version}; this plugin knows "
+            logger.warning(f"serstream: the monitor sends event schema v{event.v}; this plugin knows "
                            f"v{SUPPORTED_SCHEMA_VERSION} and reads only the fields it knows")
-        kind = event.get("type")
-        if kind == "stream" and event.get("state") == "open" and isinstance(event.get("stream"), str):
+        if isinstance(event, UnknownEvent):
+            if event.malformed:
+                self.counters["malformed_messages"] += 1
+                self._log_once("malformed", "serstream: ignored a malformed message from the monitor "
+                               "(further ones are only counted)")
+            return  # a newer monitor's event type: nothing to do with it
+        if isinstance(event, StreamEvent) and event.state == "open":
             # The monitor may rename a stream whose name is taken (``name-2``): use its id.
-            self.stream_id = self._tracker.stream = event["stream"]
-            return
-        if kind == "error":
+            self.stream_id = self._tracker.stream = event.stream
+        elif isinstance(event, ErrorEvent):
             self.counters["monitor_errors"] += 1
-            code = str(event.get("code", "error"))
-            self._log_once(f"error:{code}", f"serstream: monitor reported {code} on {self.stream_id}: "
-                           f"{event.get('message', '')}")
-        elif kind in ("speech", "emotion"):
-            self._tracker.monitor_event(event)
+            self._log_once(f"error:{event.code}", f"serstream: monitor reported {event.code} on "
+                           f"{self.stream_id}: {event.message}")
+        elif isinstance(event, (SpeechEvent, EmotionEvent)):
+            self._tracker.monitor_event(event.to_dict())
 
     def _log_once(self, key: str, message: str) -> None:
         if key in self._logged:
@@ -472,59 +476,13 @@ def _ingest_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-def _parse_event(message: str | bytes) -> dict[str, Any] | None:
-    """A JSON object with a string ``type``, and (for emotions) numeric times and probs; else None."""
-    try:
-        event = json.loads(message)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        return None
-    if event["type"] == "emotion":
-        probs = event.get("probs")
-        numbers = [event.get("t0"), event.get("t1"), event.get("arousal"), event.get("valence")]
-        if not isinstance(probs, Mapping) or not probs or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*numbers, *probs.values()]
-        ):
-            return None
-    return event
-
-
-def _close_reason(exc: ConnectionClosed) -> str:
-    frame = exc.rcvd
-    if frame is None:
-        return "connection lost"
-    return f"closed by the monitor (code {frame.code}{': ' + frame.reason if frame.reason else ''})"
-
-
-def _ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
-    """None for ``ws://``; for ``wss://`` the system CAs or ``ca_file``; ValueError (one line) if unusable."""
-    if urlsplit(url).scheme != "wss":
-        if ca_file is not None:
-            raise ValueError(f"ca_file needs a wss:// monitor URL, got {url!r}")
-        return None
-    try:
-        return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"serstream ca_file {ca_file} is not a readable PEM file: "
-                         f"{getattr(exc, 'strerror', None) or exc}") from None
-
-
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
-        return (f"the monitor refused this client (HTTP {exc.response.status_code}): "
-                "set token= to the monitor's token")
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"its certificate does not verify ({exc.verify_message}): set ca_file= to its CA"
-    if isinstance(exc, (ConnectionRefusedError,)):
-        return "connection refused: is `serstream serve` running?"
+    """One line for the log: the client's own message (ClientError), else the exception's."""
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "timed out"
-    if isinstance(exc, InvalidURI):
-        return f"invalid URL: {exc}"
-    if isinstance(exc, InvalidHandshake):
-        return f"handshake failed: {exc}"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: is `serstream serve` running?"
+    if isinstance(exc, OSError) and not str(exc):
+        return exc.strerror or type(exc).__name__
     text = " ".join(str(exc).split())
     return text or type(exc).__name__

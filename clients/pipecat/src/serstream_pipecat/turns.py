@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from serstream_client.model import Mood
+
 __all__ = ["TurnConfig", "EmotionReading", "TurnTracker"]
 
 #: How close a final's ``t1`` and a speech end's ``t`` must be to be the same instant (4-decimal rounding).
@@ -43,18 +45,17 @@ class TurnConfig:
     max_segments: int = 64
 
 
-@dataclass(frozen=True)
-class EmotionReading:
-    """The emotion of one user turn, from the serstream estimates that cover it."""
+@dataclass(frozen=True, kw_only=True)
+class EmotionReading(Mood):
+    """The emotion of one user turn, from the serstream estimates that cover it.
+
+    A :class:`serstream_client.model.Mood` (label, confidence, probs,
+    arousal, valence, dominance: the same fields as an emotion event's
+    ``smoothed`` state), plus where and what it covers.
+    """
 
     stream: str
     turn: int
-    label: str
-    confidence: float
-    probs: dict[str, float]
-    arousal: float
-    valence: float
-    dominance: float
     #: Stream time (seconds) of the audio the estimates cover.
     t0: float
     t1: float
