@@ -118,7 +118,7 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     import secrets
 
     from serstream.access import LimitsConfig, decide_token, normalise_origin
-    from serstream.ingest import TOKEN_ENV
+    from serstream.sources.ingest import TOKEN_ENV
 
     for origin in args.allow_origin:
         if origin.strip().lower() != "null" and normalise_origin(origin) is None:
@@ -150,7 +150,7 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
     """Options of the /ingest endpoint and, for ``listen``, of the RTP source (defined beside their code)."""
-    from serstream.ingest import add_ingest_arguments
+    from serstream.sources.ingest import add_ingest_arguments
 
     add_ingest_arguments(parser)
     if rtp:
@@ -440,7 +440,7 @@ class ConsoleOutput:
 
 def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str | None) -> Any:
     """The /ingest endpoint's handler, from the ingest options and the server's token."""
-    from serstream.ingest import ingest_handler_from_args
+    from serstream.sources.ingest import ingest_handler_from_args
 
     try:
         return ingest_handler_from_args(monitor, bus, args, token=token)
