@@ -161,6 +161,14 @@ class IngestHandler:
     def active(self) -> int:
         return len(self._live)
 
+    @property
+    def description(self) -> str:
+        return "receiving audio on /ingest"
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return sorted(self._live)
+
     def stats(self) -> dict[str, int]:
         return {**self.counters, "active": self.active}
 
