@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serstream.codecs import CODECS, CodecError, ingest_codec, ingest_formats, rtp_codec, rtp_encodings
+from serstream.codecs import (
+    CODECS,
+    CodecError,
+    ingest_codec,
+    ingest_formats,
+    rtp_codec,
+    rtp_encodings,
+)
 from serstream.rtp.g711 import encode_alaw, encode_ulaw
 from serstream.rtp.payload import SUPPORTED_ENCODINGS, PayloadFormat, decode_payload
 

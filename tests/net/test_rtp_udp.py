@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serstream.cli import UserError, _rtp_sources, build_parser
 from serstream.monitor import Monitor, MonitorConfig, SourceError
 from serstream.rtp import build_payload_map, build_rtp, encode_alaw, encode_ulaw
-from serstream.cli import UserError, _rtp_sources, build_parser
 from serstream.sources.base import Source
 from serstream.sources.rtp import RtpSource, RtpSourceConfig, parse_listen_address
 from tests.audio import speech_with_pauses
