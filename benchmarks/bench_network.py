@@ -261,7 +261,7 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
 
 def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
     from serstream.access import LimitsConfig
-    from serstream.ingest import make_ingest_handler
+    from serstream.sources.ingest import make_ingest_handler
     from serstream.monitor import Monitor, MonitorConfig
     from serstream.server import EventBus, MonitorServer, prometheus_text
 

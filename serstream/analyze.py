@@ -46,6 +46,7 @@ from serstream.core.estimator import Released, StreamEstimator
 from serstream.core.pipeline import SpeechEnded, StreamPipeline, WindowReady
 from serstream.core.scheduler import SchedulerConfig, Window
 from serstream.core.smoother import SmootherConfig
+from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
 from serstream.inference.worker import InferenceBackend
 from serstream.monitor import check_model_info, scheduler_config_for
@@ -109,9 +110,10 @@ def streams_from_args(files: Sequence[str | Path], csv_path: str | Path | None =
             specs.append(spec)
             seen.add(spec.stream)
     for name in files:
-        stream = str(name)
-        while stream in seen:
-            stream += "'"
+        # The same file twice: NAME, NAME-2, ... (the one rule of core/stream_ids.py).
+        stream = allocate(str(name), seen)
+        if stream is None:
+            raise AnalyzeError(f"{name} is given more than {MAX_SUFFIX} times")
         seen.add(stream)
         specs.append(StreamSpec(stream, (Path(name),)))
     return specs

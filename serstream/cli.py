@@ -21,10 +21,14 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
 
 from serstream import __version__, events
 from serstream.contract import ContractError
+
+if TYPE_CHECKING:
+    from serstream.monitor import Monitor
+    from serstream.sources.base import Source
 
 __all__ = ["main", "build_parser", "UserError", "ConsoleOutput", "load_model"]
 
@@ -118,7 +122,7 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     import secrets
 
     from serstream.access import LimitsConfig, decide_token, normalise_origin
-    from serstream.ingest import TOKEN_ENV
+    from serstream.sources.ingest import TOKEN_ENV
 
     for origin in args.allow_origin:
         if origin.strip().lower() != "null" and normalise_origin(origin) is None:
@@ -148,15 +152,30 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     return decision, limits
 
 
-def _add_network_options(parser: argparse.ArgumentParser, rtp: bool) -> None:
-    """Options of the /ingest endpoint and, for ``listen``, of the RTP source (defined beside their code)."""
-    from serstream.ingest import add_ingest_arguments
+def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the /ingest endpoint (defined beside its code)."""
+    from serstream.sources.ingest import add_ingest_arguments
 
     add_ingest_arguments(parser)
-    if rtp:
-        from serstream.sources.rtp import add_rtp_arguments
 
-        add_rtp_arguments(parser)  # leaves --rtp and --rtp-map as defined here
+
+def _add_rtp_options(parser: argparse.ArgumentParser) -> None:
+    """The RTP source's options (``listen`` only); read by :func:`_rtp_sources`."""
+    from serstream.sources.rtp import RtpSourceConfig
+
+    parser.add_argument("--rtp", action="append", default=[], metavar="HOST:PORT",
+                        help="receive RTP audio on HOST:PORT, RTCP on PORT+1 (repeatable)")
+    parser.add_argument("--rtp-map", action="append", default=[], metavar="PT=ENC/RATE/CH",
+                        help="dynamic RTP payload type, as SDP gives it (e.g. 96=L16/16000/1)")
+    parser.add_argument("--rtp-idle-timeout", type=float, default=RtpSourceConfig.idle_timeout_s, metavar="SECONDS",
+                        help="close an RTP stream after SECONDS without packets (default 5)")
+    parser.add_argument("--rtp-max-streams", type=int, default=RtpSourceConfig.max_streams, metavar="N",
+                        help="concurrent SSRCs per RTP port; more are refused and counted (default 512)")
+    parser.add_argument("--rtp-max-speed", type=float, default=RtpSourceConfig.max_speed, metavar="X",
+                        help="drop an SSRC's packets beyond X times real time after a 5 s burst, "
+                        "counted as 'flood' (default 2; 0 = no cap)")
+    parser.add_argument("--no-rtcp", dest="rtcp", action="store_false", default=True,
+                        help="do not bind PORT+1 for RTCP")
 
 
 def _add_history_args(parser: argparse.ArgumentParser) -> None:
@@ -188,10 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit once every file has been replayed and its estimates sent")
     listen.add_argument("--wait-for-client", action="store_true",
                         help="start the sources only once a client is connected to /events")
-    listen.add_argument("--rtp", action="append", default=[], metavar="HOST:PORT",
-                        help="receive RTP audio on HOST:PORT (repeatable)")
-    listen.add_argument("--rtp-map", action="append", default=[], metavar="PT=ENC/RATE/CH",
-                        help="dynamic RTP payload type, as SDP gives it (e.g. 96=L16/16000/1)")
     listen.add_argument("--sample-rate", type=_positive_int, default=None, metavar="HZ",
                         help="capture rate for the device (default: the device's default rate)")
     listen.add_argument("--channels", type=_positive_int, default=1, help="channels to capture (mixed to mono)")
@@ -203,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_access_args(listen)
     _add_model_options(listen)
     _add_pipeline_options(listen)
-    _add_network_options(listen, rtp=True)
+    _add_ingest_options(listen)
+    _add_rtp_options(listen)
     _add_history_args(listen)
 
     sub.add_parser("devices", help="list audio input devices")
@@ -228,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_access_args(serve)
     _add_model_options(serve)
     _add_pipeline_options(serve)
-    _add_network_options(serve, rtp=False)
+    _add_ingest_options(serve)
     _add_history_args(serve)
 
     from serstream.watch import add_watch_arguments
@@ -440,7 +456,7 @@ class ConsoleOutput:
 
 def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str | None) -> Any:
     """The /ingest endpoint's handler, from the ingest options and the server's token."""
-    from serstream.ingest import ingest_handler_from_args
+    from serstream.sources.ingest import ingest_handler_from_args
 
     try:
         return ingest_handler_from_args(monitor, bus, args, token=token)
@@ -448,13 +464,38 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
         raise UserError(_one_line(exc)) from None
 
 
-def _rtp_sources(monitor: Any, args: argparse.Namespace) -> list[Any]:
-    """The RTP sources of the --rtp options; objects with ``stop()``."""
+def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]:
+    """One bound :class:`RtpSource` per ``--rtp``; UserError (one line) on a bad option, address or port.
+
+    Every port is bound before any starts, so a taken port fails the whole set
+    cleanly; the caller starts them.
+    """
     if not args.rtp:
         return []
-    from serstream.sources.rtp import config_from_args, start_from_cli
+    from serstream.monitor import SourceError
+    from serstream.rtp import build_payload_map
+    from serstream.sources.rtp import RtpSource, RtpSourceConfig, parse_listen_address
 
-    return list(start_from_cli(monitor, list(args.rtp), list(args.rtp_map), config_from_args(args)))
+    try:
+        payload_map = build_payload_map(args.rtp_map)
+    except ValueError as exc:
+        raise UserError(_one_line(exc)) from None
+    try:
+        config = RtpSourceConfig(
+            idle_timeout_s=args.rtp_idle_timeout, max_streams=args.rtp_max_streams, rtcp=args.rtcp,
+            max_speed=None if not args.rtp_max_speed else args.rtp_max_speed,
+        )
+    except ValueError as exc:
+        raise UserError(f"bad RTP option: {_one_line(exc)}") from None
+    sources: list[Source] = []
+    try:
+        for host, port in [parse_listen_address(text) for text in args.rtp]:
+            sources.append(RtpSource(monitor, host, port, payload_map, config))
+    except SourceError as exc:
+        for source in sources:
+            source.stop()
+        raise UserError(_one_line(exc)) from None
+    return sources
 
 
 async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) -> int:
@@ -481,16 +522,12 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     monitor.set_bus_drop_counter(lambda: bus.events_dropped + console.dropped)
 
     # Build the sources first: a bad file or device is reported before anything starts.
-    files: list[Any] = []
-    mic: Any = None
+    # Ids: file:NAME, then file:NAME-2 ... for the same name again (core/stream_ids.py).
+    files: list[FileSource] = []
+    mic: MicrophoneSource | None = None
     if with_sources:
-        used: set[str] = set()
         for path in args.file:
-            stream_id = f"file:{Path(path).name}"
-            while stream_id in used:
-                stream_id += "'"
-            used.add(stream_id)
-            files.append(FileSource(monitor, path, realtime=not args.fast, loop=args.loop, stream_id=stream_id))
+            files.append(FileSource(monitor, path, realtime=not args.fast, loop=args.loop))
         # The microphone when asked for, or when nothing else is: `serstream listen` alone listens.
         if args.device is not None or not (files or args.rtp):
             mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
@@ -522,7 +559,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    started: list[Any] = []
+    started: list[Source] = []
     try:
         try:
             # Live sources first: a device or port problem is the one line the user sees.
@@ -530,7 +567,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                 mic.start()
                 started.append(mic)
             if with_sources:
-                started.extend(_rtp_sources(monitor, args))
+                for rtp in _rtp_sources(monitor, args):
+                    rtp.start()
+                    started.append(rtp)
         except MonitorError as exc:
             raise UserError(_one_line(exc)) from None
         # Events queued so far (a stream opened) print from here on; on a start-up error
@@ -540,10 +579,8 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         _print_endpoints(args.host, server.port, server.tls, access, quiet)
         if recorder is not None:
             _info(f"recording events to {recorder.path} (run {recorder.run_id}; no audio)", quiet)
-        if mic is not None:
-            _info(f"listening to {mic.device.describe()} at {mic.sample_rate} Hz; Ctrl-C to stop", quiet)
-        for rtp in (s for s in started if s is not mic):
-            _info(f"receiving RTP on {getattr(rtp, 'host', '?')}:{getattr(rtp, 'port', '?')}", quiet)
+        for source in started:
+            _info(f"{source.description}; Ctrl-C to stop" if source is mic else source.description, quiet)
         if files and getattr(args, "wait_for_client", False):
             _info("waiting for a client on /events before starting the sources", quiet)
             while bus.subscribers == 0 and not stop.is_set():

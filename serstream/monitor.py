@@ -57,6 +57,7 @@ from serstream.core.ringbuffer import AudioRing
 from serstream.core.scheduler import SchedulerConfig
 from serstream.core.smoother import SmootherConfig
 from serstream.core.stats import Counters, LatencyTracker, RateMeter
+from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
@@ -64,6 +65,7 @@ from serstream.inference.worker import InferenceBackend, InferenceWorker
 __all__ = [
     "MonitorError",
     "SourceError",
+    "StreamIdTaken",
     "MonitorConfig",
     "Monitor",
     "Lifecycle",
@@ -81,6 +83,10 @@ class MonitorError(RuntimeError):
 
 class SourceError(MonitorError):
     """An audio source cannot be opened or read (device, file, network); one line."""
+
+
+class StreamIdTaken(MonitorError):
+    """The stream id asked for (or, with ``unique=True``, every suffix of it) is already open."""
 
 
 @dataclass(frozen=True)
@@ -485,8 +491,15 @@ class Monitor:
         sample_rate: int,
         channels: int,
         detail: str | None = None,
+        unique: bool = False,
     ) -> StreamHandle:
-        """Register a stream and emit its ``stream`` open event; MonitorError on bad parameters."""
+        """Register a stream and emit its ``stream`` open event; MonitorError on bad parameters.
+
+        ``unique=False``: ``stream_id`` exactly, :class:`StreamIdTaken` if it is
+        open. ``unique=True``: ``stream_id`` or the first free ``stream_id-N``
+        (N = 2..100, the rule of :mod:`serstream.core.stream_ids`), chosen under
+        the registry lock; the handle's ``stream_id`` says which.
+        """
         try:
             rate = validate_rate(sample_rate)
         except ValueError as exc:
@@ -502,8 +515,15 @@ class Monitor:
         with self._registry_lock:
             if self._stopping:
                 raise MonitorError("monitor is stopping")
-            if stream_id in self._streams:
-                raise MonitorError(f"stream {stream_id!r} is already open")
+            if unique:
+                chosen = allocate(stream_id, self._streams)
+                if chosen is None:
+                    raise StreamIdTaken(f"stream id {stream_id!r} and its suffixes -2 to -{MAX_SUFFIX} are all open")
+                if len(chosen) > 200:
+                    raise MonitorError("stream id must be 1 to 200 characters")
+                stream_id = chosen
+            elif stream_id in self._streams:
+                raise StreamIdTaken(f"stream {stream_id!r} is already open")
             if len(self._streams) >= self.config.max_streams:
                 raise MonitorError(f"too many streams (max {self.config.max_streams})")
             st = _Stream(self, stream_id, source, codec, rate, channels, detail, ring)

@@ -173,3 +173,11 @@ def test_a_file_the_model_fails_on_is_reported_and_the_others_still_run(
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(err_lines) == 1 and str(quiet) in err_lines[0] and "model failed" in err_lines[0]
     assert [json.loads(ln)["file"] for ln in out.read_text().splitlines() if '"type":"file"' in ln] == [str(loud)]
+
+
+def test_the_same_file_twice_gets_the_one_suffix_rule(tmp_path: Path) -> None:
+    # Same rule as the live monitor's ids (serstream/core/stream_ids.py): NAME, NAME-2, NAME-3.
+    names = [s.stream for s in streams_from_args(["a.wav", "a.wav", "b.wav", "a.wav"])]
+    assert names == ["a.wav", "a.wav-2", "b.wav", "a.wav-3"]
+    with pytest.raises(AnalyzeError, match="given more than 100 times"):
+        streams_from_args(["a.wav"] * 101)

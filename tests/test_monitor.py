@@ -433,3 +433,25 @@ def test_a_closing_stream_never_waits_on_a_request_the_batcher_dropped(model: Em
     for n in names:
         closed = [e for e in sink.of(n, "stream") if e.get("state") == "closed"]
         assert len(closed) == 1 and closed[0]["reason"] == "end"
+
+
+def test_monitor_open_stream_applies_the_rule_and_raises_a_typed_error(model: EmotionModel) -> None:
+    from serstream.monitor import MonitorError, StreamIdTaken
+
+    events: list[dict[str, Any]] = []
+    monitor = Monitor(model, MonitorConfig(), events.append)
+    monitor.start()
+    try:
+        first = monitor.open_stream("file:a.wav", source="file", codec="pcm_16", sample_rate=16000, channels=1)
+        with pytest.raises(StreamIdTaken, match="'file:a.wav' is already open"):
+            monitor.open_stream("file:a.wav", source="file", codec="pcm_16", sample_rate=16000, channels=1)
+        second = monitor.open_stream("file:a.wav", source="file", codec="pcm_16", sample_rate=16000, channels=1,
+                                     unique=True)
+        assert (first.stream_id, second.stream_id) == ("file:a.wav", "file:a.wav-2")
+        opened = [e["stream"] for e in events if e["type"] == "stream" and e["state"] == "open"]
+        assert opened == ["file:a.wav", "file:a.wav-2"]
+        # StreamIdTaken is a MonitorError, so callers that only know MonitorError still see one line.
+        assert issubclass(StreamIdTaken, MonitorError)
+        first.close()
+    finally:
+        monitor.stop()

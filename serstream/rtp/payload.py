@@ -4,8 +4,9 @@ Static payload types follow RFC 3551 table 4 (PCMU 0, PCMA 8, L16 10 and 11);
 dynamic ones come from SDP-style ``rtpmap`` strings such as
 ``"96=L16/16000/1"`` (``"96 L16/16000"`` and ``"a=rtpmap:96 L16/16000/1"``
 are accepted too). Supported encodings: PCMU, PCMA (G.711) and L16 (big-endian
-signed 16-bit, RFC 3551 §4.5.11). Multi-channel payloads are interleaved and
-are averaged to mono.
+signed 16-bit, RFC 3551 §4.5.11), all decoded by the one codec registry in
+``serstream/codecs.py``. Multi-channel payloads are interleaved and are
+averaged to mono.
 
 Durations are in RTP timestamp units: for audio that is sample frames (one
 sample per channel) at the format's clock rate.
@@ -20,7 +21,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from serstream.rtp.g711 import decode_alaw, decode_ulaw
+from serstream.codecs import rtp_codec, rtp_encodings
 from serstream.rtp.packet import RtpError
 
 __all__ = [
@@ -34,8 +35,8 @@ __all__ = [
     "decode_payload",
 ]
 
-#: Encoding name -> bytes per sample.
-SUPPORTED_ENCODINGS: Mapping[str, int] = {"PCMU": 1, "PCMA": 1, "L16": 2}
+#: Encoding name -> bytes per sample (a view of the codec registry).
+SUPPORTED_ENCODINGS: Mapping[str, int] = {name: rtp_codec(name).bytes_per_sample for name in rtp_encodings()}
 
 # RFC 5761 §4: these payload types collide with RTCP packet types when RTP and
 # RTCP share a port (the parser classifies such packets as RTCP).
@@ -113,12 +114,12 @@ def build_payload_map(rtp_maps: Iterable[str] = ()) -> dict[int, PayloadFormat]:
 
 def payload_frames(fmt: PayloadFormat, n_bytes: int) -> int:
     """Sample frames (RTP timestamp units) in a payload of ``n_bytes``."""
-    return n_bytes // (SUPPORTED_ENCODINGS[fmt.encoding] * fmt.channels)
+    return rtp_codec(fmt.encoding).frames(n_bytes, fmt.channels)
 
 
 def check_payload(fmt: PayloadFormat, payload: bytes | bytearray | memoryview) -> None:
     """Raise ``RtpError("bad_payload")`` unless ``payload`` holds whole sample frames."""
-    frame_bytes = SUPPORTED_ENCODINGS[fmt.encoding] * fmt.channels
+    frame_bytes = rtp_codec(fmt.encoding).bytes_per_sample * fmt.channels
     if len(payload) % frame_bytes:
         raise RtpError(
             "bad_payload",
@@ -132,13 +133,7 @@ def decode_payload(
 ) -> npt.NDArray[np.float32]:
     """Payload -> float32 mono samples in [-1, 1] at ``fmt.rate``."""
     check_payload(fmt, payload)
-    if fmt.encoding == "PCMU":
-        samples = decode_ulaw(payload)
-    elif fmt.encoding == "PCMA":
-        samples = decode_alaw(payload)
-    else:
-        # L16 is network byte order (big-endian), whatever the host is.
-        samples = np.frombuffer(payload, dtype=">i2").astype(np.float32) * np.float32(1 / 32768)
+    samples = rtp_codec(fmt.encoding).decode(payload)
     if fmt.channels > 1:
         samples = samples.reshape(-1, fmt.channels).mean(axis=1, dtype=np.float32)
     return samples

@@ -1,6 +1,7 @@
 """File replay: any file soundfile reads, at its native rate and channels, into one stream.
 
-In real time the blocks are paced by a monotonic clock, as a microphone would
+Its stream id is ``file:NAME`` (``file:NAME-2`` ... when another stream has
+it: the rule of :mod:`serstream.core.stream_ids`). In real time the blocks are paced by a monotonic clock, as a microphone would
 deliver them (a block is pushed once its duration has elapsed). As fast as
 possible (``realtime=False``) the reader waits for ring space instead of
 overwriting, so a replay never drops audio. Opening an unreadable file raises
@@ -65,6 +66,7 @@ class FileSource:
         self.sample_rate = int(self._file.samplerate)
         self.channels = int(self._file.channels)
         self.chunk = max(1, int(round(chunk_s * self.sample_rate)))
+        # The base id; start() may give it a suffix (``file:a.wav-2``) if another stream has it.
         self.stream_id = stream_id or f"file:{self.path.name}"
         self.frames_pushed = 0
         self.error: str | None = None
@@ -86,9 +88,24 @@ class FileSource:
             sample_rate=self.sample_rate,
             channels=self.channels,
             detail=str(self.path),
+            unique=True,
         )
+        self.stream_id = self._handle.stream_id
         self._thread = threading.Thread(target=self._run, name=f"file-{self.path.name}", daemon=True)
         self._thread.start()
+
+    @property
+    def description(self) -> str:
+        mode = "in real time" if self.realtime else "as fast as possible"
+        return f"replaying {self.path} {mode}{' in a loop' if self.loop else ''}"
+
+    @property
+    def stream_ids(self) -> list[str]:
+        handle = self._handle
+        return [handle.stream_id] if handle is not None and not handle.closed else []
+
+    def stats(self) -> dict[str, Any]:
+        return {"frames_pushed": self.frames_pushed, "error": self.error, "done": self.done.is_set()}
 
     def stop(self) -> None:
         """Stop early; the stream is closed (flushed) by the replay thread."""

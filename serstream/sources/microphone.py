@@ -154,6 +154,7 @@ class MicrophoneSource:
         self.channels = min(int(channels), self.device.max_input_channels)
         # 20 ms blocks: small enough for low latency, large enough to keep callbacks cheap.
         self.blocksize = int(blocksize or max(1, self.sample_rate // 50))
+        # The base id; start() may give it a suffix (``mic:NAME-2``) if another stream has it.
         self.stream_id = stream_id or f"mic:{self.device.name}"
         self.overflows = 0
         self.callbacks = 0
@@ -172,7 +173,9 @@ class MicrophoneSource:
             sample_rate=self.sample_rate,
             channels=self.channels,
             detail=self.device.describe(),
+            unique=True,
         )
+        self.stream_id = self._handle.stream_id
         try:
             self._stream = sd.InputStream(
                 device=self.device.index,
@@ -205,6 +208,18 @@ class MicrophoneSource:
         # PortAudio ended the stream without being asked (device unplugged, driver error).
         if not self._stopping and self._handle is not None:
             self._handle.fail("input device stopped delivering audio (PortAudio stream finished)", code="device_error")
+
+    @property
+    def description(self) -> str:
+        return f"listening to {self.device.describe()} at {self.sample_rate} Hz"
+
+    @property
+    def stream_ids(self) -> list[str]:
+        handle = self._handle
+        return [handle.stream_id] if handle is not None and not handle.closed else []
+
+    def stats(self) -> dict[str, Any]:
+        return {"callbacks": self.callbacks, "overflows": self.overflows}
 
     def stop(self) -> None:
         """Stop capture and close the monitor stream (its open segment is flushed)."""

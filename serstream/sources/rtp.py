@@ -7,7 +7,8 @@ demux every ``poll_interval_s`` so held packets leave and idle streams close,
 and turns the demux events into monitor calls:
 
 * ``StreamOpened``  -> ``monitor.open_stream("rtp:<ssrc>", source="rtp", codec="pcmu"|"pcma"|"l16",
-  sample_rate=<native>)`` (the monitor's resampler takes 8 kHz to 16 kHz);
+  sample_rate=<native>, unique=True)`` (the monitor's resampler takes 8 kHz to 16 kHz;
+  an id already open, e.g. the same SSRC on another port, gets the usual ``-2`` suffix);
 * ``StreamAudio``   -> ``handle.push(samples)`` (one push per stream per socket drain, not per packet);
 * ``StreamClosed``  -> ``handle.close(reason)`` (``"idle"`` after ``idle_timeout_s`` without packets);
 * ``RejectNotice``  -> one log line and one ``error`` event (code = the reject cause), once per cause.
@@ -29,7 +30,6 @@ gives flat totals that each source registers with
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import selectors
@@ -40,11 +40,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from serstream import events
+from serstream.codecs import rtp_codec
 from serstream.monitor import MonitorError, SourceError
 from serstream.rtp import (
     DemuxConfig,
@@ -65,10 +66,6 @@ __all__ = [
     "RtpSourceConfig",
     "RtpSource",
     "parse_listen_address",
-    "add_rtp_arguments",
-    "config_from_args",
-    "start_rtp_sources",
-    "start_from_cli",
     "register_stats_provider",
 ]
 
@@ -264,6 +261,10 @@ class RtpSource:
     # ------------------------------------------------------------ counters
 
     @property
+    def description(self) -> str:
+        return f"receiving RTP on {self.host}:{self.port}"
+
+    @property
     def stream_ids(self) -> list[str]:
         """Monitor stream ids of the open streams."""
         with self._stats_lock:
@@ -439,20 +440,15 @@ class RtpSource:
         monitor_id = opened.stream_id
         error = ""
         # The id can be taken by the same SSRC on another port, or by this stream still
-        # closing after a clock-rate change: then a suffix makes it unique.
-        for candidate in (opened.stream_id, f"{opened.stream_id}@{self.port}",
-                          *(f"{opened.stream_id}@{self.port}.{n}" for n in range(2, 10))):
-            try:
-                handle = self.monitor.open_stream(
-                    candidate, source="rtp", codec=fmt.encoding.lower(), sample_rate=fmt.rate,
-                    channels=fmt.channels, detail=detail,
-                )
-                monitor_id = candidate
-                break
-            except MonitorError as exc:
-                error = " ".join(str(exc).split())
-                if "already open" not in error:
-                    break
+        # closing after a clock-rate change: the monitor then gives it the next free suffix.
+        try:
+            handle = self.monitor.open_stream(
+                opened.stream_id, source="rtp", codec=rtp_codec(fmt.encoding).stream_codec, sample_rate=fmt.rate,
+                channels=fmt.channels, detail=detail, unique=True,
+            )
+            monitor_id = handle.stream_id
+        except MonitorError as exc:
+            error = " ".join(str(exc).split())
         with self._stats_lock:
             self._outputs[opened.stream_id] = _Output(handle, monitor_id)
         if handle is None:
@@ -502,88 +498,3 @@ def register_stats_provider(monitor: "Monitor", provider: Callable[[], Mapping[s
         return False
     add(provider)
     return True
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_rtp_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the RTP options (``--rtp``, ``--rtp-map``, ``--rtp-idle-timeout``, ``--rtp-max-streams``,
-    ``--rtp-max-speed``, ``--no-rtcp``) to ``parser``; options the parser already has are left as they are."""
-    options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-        (("--rtp",), dict(action="append", default=[], metavar="HOST:PORT",
-                          help="receive RTP audio on HOST:PORT, RTCP on PORT+1 (repeatable)")),
-        (("--rtp-map",), dict(action="append", default=[], metavar="PT=ENC/RATE/CH",
-                              help="dynamic RTP payload type, as SDP gives it (e.g. 96=L16/16000/1)")),
-        (("--rtp-idle-timeout",), dict(type=float, default=RtpSourceConfig.idle_timeout_s, metavar="SECONDS",
-                                       help="close an RTP stream after SECONDS without packets (default 5)")),
-        (("--rtp-max-streams",), dict(type=int, default=RtpSourceConfig.max_streams, metavar="N",
-                                      help="concurrent SSRCs per RTP port; more are refused and counted "
-                                           "(default 512)")),
-        (("--rtp-max-speed",), dict(type=float, default=RtpSourceConfig.max_speed, metavar="X",
-                                    help="drop an SSRC's packets beyond X times real time after a 5 s burst, "
-                                         "counted as 'flood' (default 2; 0 = no cap)")),
-        (("--no-rtcp",), dict(dest="rtcp", action="store_false", default=True,
-                              help="do not bind PORT+1 for RTCP")),
-    ]
-    for flags, kwargs in options:
-        try:
-            parser.add_argument(*flags, **kwargs)
-        except argparse.ArgumentError:
-            pass  # the CLI defines it already
-
-
-def config_from_args(args: argparse.Namespace) -> RtpSourceConfig:
-    """An :class:`RtpSourceConfig` from parsed options (absent ones take the defaults)."""
-    try:
-        return RtpSourceConfig(
-            idle_timeout_s=float(getattr(args, "rtp_idle_timeout", RtpSourceConfig.idle_timeout_s)),
-            max_streams=int(getattr(args, "rtp_max_streams", RtpSourceConfig.max_streams)),
-            rtcp=bool(getattr(args, "rtcp", True)),
-            max_speed=_speed_option(getattr(args, "rtp_max_speed", RtpSourceConfig.max_speed)),
-        )
-    except ValueError as exc:
-        raise SourceError(f"bad RTP option: {exc}") from None
-
-
-def _speed_option(value: Any) -> float | None:
-    return None if value is None or float(value) == 0 else float(value)
-
-
-def _build_sources(
-    monitor: "Monitor", listen: Sequence[str], rtp_map: Sequence[str], config: RtpSourceConfig
-) -> list[RtpSource]:
-    try:
-        payload_map = build_payload_map(rtp_map)
-    except ValueError as exc:
-        raise SourceError(str(exc)) from None
-    addresses = [parse_listen_address(text) for text in listen]
-    sources: list[RtpSource] = []
-    try:
-        for host, port in addresses:
-            sources.append(RtpSource(monitor, host, port, payload_map, config))
-    except SourceError:
-        for source in sources:
-            source.stop()
-        raise
-    for source in sources:
-        source.start()
-    return sources
-
-
-async def start_rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list[RtpSource]:
-    """Bind and start one :class:`RtpSource` per ``args.rtp``; SourceError (one line) on a bad option.
-
-    Every port is bound before any starts, so a taken port fails the whole
-    set cleanly. Call ``source.stop()`` on each at shutdown.
-    """
-    return _build_sources(monitor, list(getattr(args, "rtp", []) or []),
-                          list(getattr(args, "rtp_map", []) or []), config_from_args(args))
-
-
-def start_from_cli(
-    monitor: "Monitor", listen: Sequence[str], rtp_map: Sequence[str],
-    config: RtpSourceConfig | None = None,
-) -> list[RtpSource]:
-    """The synchronous hook ``serstream.cli`` calls today: same as :func:`start_rtp_sources`."""
-    return _build_sources(monitor, list(listen), list(rtp_map), config or RtpSourceConfig())

@@ -19,7 +19,7 @@ import pytest
 
 from serstream.core.vad import VadConfig
 from serstream.inference.session import EmotionModel
-from serstream.ingest import IngestHandler, make_ingest_handler
+from serstream.sources.ingest import IngestHandler, make_ingest_handler
 from serstream.monitor import Monitor, MonitorConfig
 from serstream.server import EventBus, MonitorServer, prometheus_text
 from serstream.sources.rtp import RtpSource, RtpSourceConfig

@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from serstream.client import EmotionEvent, Event, IngestClient, IngestRefused, StreamEvent, parse_event
-from serstream.ingest import HelloError, parse_hello
+from serstream.sources.ingest import HelloError, parse_hello
 from tests.audio import speech_with_pauses
 from tests.net.conftest import LiveServer, wait_until
 

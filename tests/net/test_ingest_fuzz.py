@@ -13,7 +13,7 @@ Bounded, seeded loops (the same inputs every run) against a live server:
   stream must still produce emotion events.
 
 * hello parser: a seeded loop of 100,000 random and mutated first messages
-  through :func:`serstream.ingest.parse_hello` (no server: the pure part).
+  through :func:`serstream.sources.ingest.parse_hello` (no server: the pure part).
   Each is a valid hello or a :class:`HelloError` with a close code and a
   one-line reason that fits a WebSocket close frame; nothing else escapes.
 
@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from serstream.client import EmotionEvent, IngestClient
-from serstream.ingest import FORMATS, MAX_CLOSE_REASON_BYTES, Hello, HelloError, parse_hello
+from serstream.sources.ingest import FORMATS, MAX_CLOSE_REASON_BYTES, Hello, HelloError, parse_hello
 from serstream.rtp import build_rtp, encode_ulaw
 from serstream.sources.rtp import RtpSourceConfig
 from tests.audio import speech_with_pauses

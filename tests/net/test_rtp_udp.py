@@ -18,16 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serstream.cli import UserError, _rtp_sources, build_parser
 from serstream.monitor import Monitor, MonitorConfig, SourceError
 from serstream.rtp import build_payload_map, build_rtp, encode_alaw, encode_ulaw
-from serstream.sources.rtp import (
-    RtpSource,
-    RtpSourceConfig,
-    add_rtp_arguments,
-    config_from_args,
-    parse_listen_address,
-    start_from_cli,
-)
+from serstream.sources.base import Source
+from serstream.sources.rtp import RtpSource, RtpSourceConfig, parse_listen_address
 from tests.audio import speech_with_pauses
 from tests.net.conftest import Collector, wait_until
 
@@ -231,7 +226,7 @@ def test_a_port_in_use_is_a_one_line_error(monitor: Any) -> None:
             again.bind(("127.0.0.1", port - 1))
 
 
-def test_cli_hooks_parse_addresses_and_start_several_ports(monitor: Any) -> None:
+def test_cli_parses_rtp_options_and_binds_several_ports(monitor: Any) -> None:
     mon, _ = monitor
     assert parse_listen_address("127.0.0.1:5004") == ("127.0.0.1", 5004)
     assert parse_listen_address("[::1]:6000") == ("::1", 6000)
@@ -239,20 +234,30 @@ def test_cli_hooks_parse_addresses_and_start_several_ports(monitor: Any) -> None
     for bad in ("localhost:http", "1.2.3.4:70000", "::1:5004"):
         with pytest.raises(SourceError):
             parse_listen_address(bad)
-    parser = argparse.ArgumentParser()
-    add_rtp_arguments(parser)
-    assert config_from_args(parser.parse_args([])).max_speed == 2.0
-    assert config_from_args(parser.parse_args(["--rtp-max-speed", "3"])).demux_config().max_speed == 3.0
-    assert config_from_args(parser.parse_args(["--rtp-max-speed", "0"])).max_speed is None
-    with pytest.raises(SourceError, match="max_speed"):
-        config_from_args(parser.parse_args(["--rtp-max-speed", "0.5"]))
-    with pytest.raises(SourceError, match="bad RTP payload map"):
-        start_from_cli(mon, ["127.0.0.1:0"], ["96=OPUS/48000/2"])
-    sources = start_from_cli(mon, ["127.0.0.1:0", "127.0.0.1:0"], ["96=L16/16000/1"])
+    parser = build_parser()
+
+    def args(*extra: str) -> argparse.Namespace:
+        return parser.parse_args(["listen", *extra])
+
+    assert args().rtp_max_speed == 2.0 and _rtp_sources(mon, args()) == []
+    with pytest.raises(UserError, match="bad RTP option: max_speed"):
+        _rtp_sources(mon, args("--rtp", "127.0.0.1:0", "--rtp-max-speed", "0.5"))
+    with pytest.raises(UserError, match="bad RTP payload map"):
+        _rtp_sources(mon, args("--rtp", "127.0.0.1:0", "--rtp-map", "96=OPUS/48000/2"))
+    with pytest.raises(UserError, match="bad RTP address 'localhost:http'"):
+        _rtp_sources(mon, args("--rtp", "127.0.0.1:0", "--rtp", "localhost:http"))
+    sources = _rtp_sources(mon, args("--rtp", "127.0.0.1:0", "--rtp", "127.0.0.1:0", "--rtp-map", "96=L16/16000/1",
+                                     "--rtp-max-speed", "0", "--no-rtcp"))
+    rtp = [s for s in sources if isinstance(s, RtpSource)]
     try:
-        assert len({s.port for s in sources}) == 2 and all(s.running for s in sources)
-        assert all(s.payload_map[96].rate == 16000 for s in sources)
+        assert len(rtp) == 2 and all(isinstance(s, Source) for s in sources)
+        for s in rtp:
+            s.start()
+        assert len({s.port for s in rtp}) == 2 and all(s.running for s in rtp)
+        assert all(s.payload_map[96].rate == 16000 for s in rtp)
+        assert all(s.config.max_speed is None and s.rtcp_port is None for s in rtp)
+        assert rtp[0].description == f"receiving RTP on 127.0.0.1:{rtp[0].port}"
     finally:
-        for s in sources:
+        for s in rtp:
             s.stop()
-    assert not any(s.running for s in sources)
+    assert not any(s.running for s in rtp)
