@@ -50,6 +50,7 @@ from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
 from serstream.inference.worker import InferenceBackend
 from serstream.monitor import check_model_info, scheduler_config_for
+from serstream.errors import AnalyzeError
 
 __all__ = [
     "AnalyzeConfig",
@@ -63,10 +64,6 @@ __all__ = [
 
 #: Seconds of audio read from a file at a time (bounded memory for long files).
 _READ_BLOCK_S = 2.0
-
-
-class AnalyzeError(ValueError):
-    """A bad argument to the analysis (unreadable CSV, missing columns); one line."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
 
 from serstream import __version__, events
 from serstream.contract import ContractError
+from serstream.errors import UserError, one_line
 
 if TYPE_CHECKING:
     from serstream.monitor import Monitor
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["main", "build_parser", "UserError", "ConsoleOutput", "load_model"]
 
 PROG = "serstream"
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one ``serstream: error:`` line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +145,7 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
             max_ingest=args.max_ingest_clients, max_ingest_per_address=args.max_ingest_per_address,
         )
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     return decision, limits
 
 
@@ -274,7 +271,7 @@ def load_model(path: str | None, device: str = "auto", threads: int | None = Non
         resolved = resolve_model_path(path)
         return EmotionModel.load(resolved, device=device, threads=threads)
     except (ModelNotFoundError, ContractError, DeviceError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
 
 
 def _live_threads(requested: int | None) -> int:
@@ -289,9 +286,6 @@ def _live_threads(requested: int | None) -> int:
         return requested
     return max(1, (os.cpu_count() or 2) // 2)
 
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _monitor_config(args: argparse.Namespace, track_levels: bool) -> Any:
@@ -461,7 +455,7 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
     try:
         return ingest_handler_from_args(monitor, bus, args, token=token)
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
 
 
 def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]:
@@ -479,14 +473,14 @@ def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]
     try:
         payload_map = build_payload_map(args.rtp_map)
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     try:
         config = RtpSourceConfig(
             idle_timeout_s=args.rtp_idle_timeout, max_streams=args.rtp_max_streams, rtcp=args.rtcp,
             max_speed=None if not args.rtp_max_speed else args.rtp_max_speed,
         )
     except ValueError as exc:
-        raise UserError(f"bad RTP option: {_one_line(exc)}") from None
+        raise UserError(f"bad RTP option: {one_line(exc, limit=None)}") from None
     sources: list[Source] = []
     try:
         for host, port in [parse_listen_address(text) for text in args.rtp]:
@@ -494,7 +488,7 @@ def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]
     except SourceError as exc:
         for source in sources:
             source.stop()
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     return sources
 
 
@@ -553,7 +547,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     except ServerError as exc:
         if recorder is not None:
             recorder.close()
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     monitor.start()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -571,7 +565,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                     rtp.start()
                     started.append(rtp)
         except MonitorError as exc:
-            raise UserError(_one_line(exc)) from None
+            raise UserError(one_line(exc, limit=None)) from None
         # Events queued so far (a stream opened) print from here on; on a start-up error
         # above the console never starts, so the error stays the only line.
         console.start()
@@ -590,7 +584,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                 source.start()
                 started.append(source)
         except MonitorError as exc:
-            raise UserError(_one_line(exc)) from None
+            raise UserError(one_line(exc, limit=None)) from None
         if not with_sources:
             _info("serving; Ctrl-C to stop", quiet)
         await _wait_until_done(args, stop, files, with_sources)
@@ -672,7 +666,7 @@ def _open_recorder(args: argparse.Namespace) -> Any:
     try:
         return Recorder(path, command=" ".join(["serstream", args.command]), version=__version__)
     except RecordError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
 
 
 def _device_arg(device: str | None) -> int | str | None:
@@ -722,7 +716,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
             resolve_input_device(None, devices)  # raises the "no input device" error
         default = resolve_input_device(None, devices).index
     except MonitorError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     width = max(len(d.name) for d in devices)
     print(f"   {'index':>5}  {'name':<{width}}  {'host API':<10}  {'channels':>8}  {'default rate':>12}")
     for d in devices:
@@ -780,7 +774,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     try:
         streams = streams_from_args(args.files, args.csv)
     except AnalyzeError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     model = load_model(args.model, args.device_backend, args.threads)
     total = sum(len(s.files) for s in streams)
     progress = _Progress(total, enabled=args.progress or (total > 1 and sys.stderr.isatty()))
@@ -839,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except MonitorError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(exc, limit=None)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C outside the running monitor (e.g. while the model loads): a clean stop.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from serstream.errors import ContractError
 
 __all__ = [
     "LABELS",
@@ -68,10 +69,6 @@ META_STATE_INPUTS = "state_inputs"
 META_VERSION = "version"
 META_TRAINING_DATA = "training_data"
 META_CV_RESULTS = "cv_results"
-
-
-class ContractError(ValueError):
-    """A model, its metadata or its tensors do not match the serstream contract."""
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ from serstream.core.history import (
     parse_since,
 )
 from serstream.events import STATS_STREAM, dumps, gap_event
+from serstream.errors import ServerError
 
 __all__ = [
     "DEFAULT_HOST",
@@ -112,10 +113,6 @@ HEALTH_FIELDS = ("status", "pipeline", "inference", "device", "model", "uptime_s
 
 #: Called with the ``/ingest`` connection and its handshake request; runs until the client is done.
 IngestHandler = Callable[[ServerConnection, Request], Awaitable[None]]
-
-
-class ServerError(RuntimeError):
-    """The server cannot start (e.g. the port is taken); the message is one line for the user."""
 
 
 def default_dashboard_dir() -> Path:

@@ -34,6 +34,7 @@ from typing import Any, Sequence, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from serstream.events import dumps
+from serstream.errors import WatchError
 
 __all__ = [
     "add_watch_arguments",
@@ -70,10 +71,6 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verify a wss:// monitor's certificate with this CA (or self-signed certificate) file")
     parser.add_argument("--since", type=int, default=None, metavar="ID",
                         help="start with the events after this event id that the monitor still holds")
-
-
-class WatchError(Exception):
-    """A problem the user can fix: one line, exit code 2."""
 
 
 def token_from_url(url: str) -> str | None:

@@ -29,6 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from serstream.codecs import Codec, CodecError, ingest_codec, ingest_formats
+# HelloError fits its reason into a close frame, so the helper lives beside it in errors.py
+from serstream.errors import MAX_CLOSE_REASON_BYTES, HelloError, fit_close_reason
 
 __all__ = [
     "CLOSE_NORMAL",
@@ -72,10 +74,6 @@ _RESERVED_PREFIXES = ("rtp:", "file:")
 _MAX_RATE = 384_000
 _MAX_CHANNELS = 8
 
-#: RFC 6455 §5.5: a close frame's payload is at most 125 bytes, 2 of them the code.
-MAX_CLOSE_REASON_BYTES = 123
-
-
 @dataclass(frozen=True)
 class IngestConfig:
     """Limits of the ingest endpoint."""
@@ -100,30 +98,9 @@ class IngestConfig:
             raise ValueError("token must be a non-empty string or None")
 
 
-def fit_close_reason(reason: str) -> str:
-    """``reason`` cut to fit a close frame (123 UTF-8 bytes, whole characters, "..." when cut)."""
-    data = reason.encode("utf-8")
-    if len(data) <= MAX_CLOSE_REASON_BYTES:
-        return reason
-    return data[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
-
-
 def _short(value: Any, limit: int = 24) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class HelloError(ValueError):
-    """A hello the server refuses: ``code`` is the WebSocket close code, the message its reason.
-
-    The reason always fits a WebSocket close frame (:func:`fit_close_reason`).
-    """
-
-    def __init__(self, code: int, reason: str) -> None:
-        reason = fit_close_reason(reason)
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True)
