@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_watch_arguments(sub.add_parser("watch", help="print a monitor's events live"))
     from serstream.history_cli import add_history_arguments
 
-    add_history_arguments(sub.add_parser("history", help="print a --record database's streams or one stream's timeline"))
+    add_history_arguments(
+        sub.add_parser("history", help="print a --record database's streams or one stream's timeline"))
     bench = sub.add_parser("bench", help="measure inference speed, latency, capacity and memory")
     bench.add_argument("--quick", action="store_true", help="small settings: a smoke test in about a minute")
     bench.add_argument("--max-streams", type=int, default=None, metavar="N",
@@ -458,7 +459,7 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
         raise UserError(one_line(exc, limit=None)) from None
 
 
-def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]:
+def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
     """One bound :class:`RtpSource` per ``--rtp``; UserError (one line) on a bad option, address or port.
 
     Every port is bound before any starts, so a taken port fails the whole set
@@ -661,7 +662,7 @@ def _open_recorder(args: argparse.Namespace) -> Any:
     path = getattr(args, "record", None)
     if not path:
         return None
-    from serstream.record import RecordError, Recorder
+    from serstream.record import Recorder, RecordError
 
     try:
         return Recorder(path, command=" ".join(["serstream", args.command]), version=__version__)
@@ -784,8 +785,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {args.output}: {exc.strerror}") from None
     config = AnalyzeConfig(vad=VadConfig(aggressiveness=args.vad_aggressiveness), hop_s=args.hop,
                            partials=args.partials, max_batch=args.batch)
+    def write_event(event: dict[str, Any]) -> None:
+        out.write(events.dumps(event) + "\n")
+
     try:
-        summary = analyze(model, streams, lambda e: out.write(events.dumps(e) + "\n"), config, progress.step)
+        summary = analyze(model, streams, write_event, config, progress.step)
     finally:
         progress.close()
         if out is not sys.stdout:

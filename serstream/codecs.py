@@ -33,6 +33,7 @@ from typing import Callable, Final, Mapping
 
 import numpy as np
 import numpy.typing as npt
+
 from serstream.errors import CodecError
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
 from serstream.errors import ContractError
 
 __all__ = [
@@ -109,7 +110,7 @@ class ModelInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, str]) -> "ModelInfo":
+    def from_metadata(cls, meta: Mapping[str, str]) -> ModelInfo:
         """Parse ONNX ``metadata_props`` (all values strings). Raises ContractError."""
         try:
             contract = int(meta.get(META_CONTRACT, "0"))

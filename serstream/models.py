@@ -16,6 +16,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Mapping
+
 from serstream.errors import ModelNotFoundError
 
 __all__ = [

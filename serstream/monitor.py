@@ -59,9 +59,9 @@ from serstream.core.smoother import SmootherConfig
 from serstream.core.stats import Counters, LatencyTracker, RateMeter
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
+from serstream.errors import MonitorError, SourceError, StreamIdTaken, one_line
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
-from serstream.errors import MonitorError, SourceError, StreamIdTaken, one_line
 
 __all__ = [
     "MonitorError",
@@ -181,7 +181,7 @@ _ENDED = (Lifecycle.CLOSED, Lifecycle.FAILED)
 class _WindowContext:
     """What a request carries through the batch to its result."""
 
-    stream: "_Stream"
+    stream: _Stream
     pushed_at: float  # monotonic time the audio that completed the window was pushed
     state: Mapping[str, np.ndarray | None]  # the speaker state the window runs with (fixed at release)
 
@@ -196,7 +196,7 @@ class _Stream:
 
     def __init__(
         self,
-        monitor: "Monitor",
+        monitor: Monitor,
         stream_id: str,
         source: str,
         codec: str,
@@ -258,7 +258,7 @@ class _Stream:
 class StreamHandle:
     """What a source holds: push audio, report trouble, close. Safe to call from any thread."""
 
-    def __init__(self, monitor: "Monitor", stream: _Stream) -> None:
+    def __init__(self, monitor: Monitor, stream: _Stream) -> None:
         self._monitor = monitor
         self._stream = stream
 

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from serstream.errors import RecordError
 
 __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "RecordError", "Recorder", "RecorderStats", "open_readonly"]

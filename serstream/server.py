@@ -82,8 +82,8 @@ from serstream.core.history import (
     ResumePlan,
     parse_since,
 )
-from serstream.events import STATS_STREAM, dumps, gap_event
 from serstream.errors import ServerError
+from serstream.events import STATS_STREAM, dumps, gap_event
 
 __all__ = [
     "DEFAULT_HOST",
@@ -138,7 +138,7 @@ class Subscription:
     were lost, so the client sees the loss instead of a silent jump in ids.
     """
 
-    def __init__(self, bus: "EventBus", stream: str | None, maxlen: int) -> None:
+    def __init__(self, bus: EventBus, stream: str | None, maxlen: int) -> None:
         if maxlen <= 0:
             raise ValueError(f"subscription buffer must hold at least 1 event, got {maxlen}")
         self.bus = bus
@@ -232,7 +232,7 @@ class Subscription:
             self._wakeup.set()
             self.bus.unsubscribe(self)
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> bytes:
@@ -595,7 +595,7 @@ class MonitorServer:
             server.close()
             await server.wait_closed()
 
-    async def __aenter__(self) -> "MonitorServer":
+    async def __aenter__(self) -> MonitorServer:
         await self.start()
         return self
 

@@ -115,7 +115,7 @@ class CorpusScan:
     #: Files kept although something about them is odd, each with the decision taken.
     anomalies: list[str] = field(default_factory=list)
 
-    def extend(self, other: "CorpusScan") -> None:
+    def extend(self, other: CorpusScan) -> None:
         self.utterances.extend(other.utterances)
         self.skipped.extend(other.skipped)
         self.anomalies.extend(other.anomalies)

@@ -178,7 +178,7 @@ class EmotionModel:
         path: str | os.PathLike[str],
         device: str = "auto",
         threads: int | None = None,
-    ) -> "EmotionModel":
+    ) -> EmotionModel:
         """Load ``path``, validate it against the contract, and open a session.
 
         ``device``: "auto" (CUDA when usable, else CPU), "cpu", or "cuda"

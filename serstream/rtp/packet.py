@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+
 from serstream.errors import RtpError
 
 __all__ = [

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from serstream.codecs import Codec, CodecError, ingest_codec, ingest_formats
+
 # HelloError fits its reason into a close frame, so the helper lives beside it in errors.py
 from serstream.errors import MAX_CLOSE_REASON_BYTES, HelloError, fit_close_reason
 
@@ -144,7 +145,8 @@ def parse_hello(message: str | bytes) -> Hello:
             "hello 'stream' must be 1-100 characters: letters, digits and ._:@+/- (starting with a letter or digit)",
         )
     if stream.startswith(_RESERVED_PREFIXES):
-        raise HelloError(CLOSE_UNSUPPORTED, f"stream names starting with {' or '.join(_RESERVED_PREFIXES)} are reserved")
+        reserved = " or ".join(_RESERVED_PREFIXES)
+        raise HelloError(CLOSE_UNSUPPORTED, f"stream names starting with {reserved} are reserved")
     rate = _int_field(obj, "sample_rate")
     if not 1000 <= rate <= _MAX_RATE:
         raise HelloError(CLOSE_UNSUPPORTED, f"sample_rate {rate} Hz is outside 1000-{_MAX_RATE}")

@@ -44,7 +44,8 @@ class DeviceInfo:
     default_samplerate: float
 
     def describe(self) -> str:
-        return f"{self.index}: {self.name} ({self.hostapi}, {self.max_input_channels} ch, {self.default_samplerate:g} Hz)"
+        return (f"{self.index}: {self.name} ({self.hostapi}, {self.max_input_channels} ch, "
+                f"{self.default_samplerate:g} Hz)")
 
 
 def _sounddevice() -> Any:
@@ -134,7 +135,7 @@ class MicrophoneSource:
 
     def __init__(
         self,
-        monitor: "Monitor",
+        monitor: Monitor,
         device: int | str | None = None,
         sample_rate: int | None = None,
         channels: int = 1,

@@ -49,7 +49,7 @@ import logging
 import random
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def client_ssl_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext |
 # --------------------------------------------------------------------------- reading messages
 
 #: Anything a client may read: a known event, or an :class:`UnknownEvent` saying why not.
-AnyEvent = Union[Event, UnknownEvent]
+AnyEvent = Event | UnknownEvent
 
 _warned: set[str] = set()
 
@@ -440,7 +440,7 @@ class IngestClient:
         self._reader: asyncio.Task[None] | None = None
         self._ended = False
 
-    async def __aenter__(self) -> "IngestClient":
+    async def __aenter__(self) -> IngestClient:
         await self.open()
         return self
 
@@ -467,7 +467,7 @@ class IngestClient:
             first = await asyncio.wait_for(self._ws.recv(), self.open_timeout_s)
         except ConnectionClosed:
             raise IngestRefused(self._ws.close_code, self._ws.close_reason or "") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._ws.close()
             raise MonitorUnavailable(f"{self.url} accepted the connection but sent no stream event") from None
         event = read_event(first)
@@ -566,7 +566,7 @@ class IngestClient:
         if self._reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self._ws.close()
         if self._reader is not None:
@@ -630,7 +630,7 @@ def push_file(
                 await client.end()
                 try:
                     await asyncio.wait_for(reader, timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     reader.cancel()
         return collected
 
