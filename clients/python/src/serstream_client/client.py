@@ -467,7 +467,7 @@ class IngestClient:
             first = await asyncio.wait_for(self._ws.recv(), self.open_timeout_s)
         except ConnectionClosed:
             raise IngestRefused(self._ws.close_code, self._ws.close_reason or "") from None
-        except TimeoutError:
+        except asyncio.TimeoutError:
             await self._ws.close()
             raise MonitorUnavailable(f"{self.url} accepted the connection but sent no stream event") from None
         event = read_event(first)
@@ -566,7 +566,7 @@ class IngestClient:
         if self._reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
         await self._ws.close()
         if self._reader is not None:
@@ -630,7 +630,7 @@ def push_file(
                 await client.end()
                 try:
                     await asyncio.wait_for(reader, timeout_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     reader.cancel()
         return collected
 
