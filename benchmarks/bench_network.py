@@ -174,7 +174,7 @@ def ws_sender(url: str, streams: int, seconds: float, result: Any) -> None:
             await ws.send(json.dumps({"type": "end"}))
             try:
                 await asyncio.wait_for(reader, 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 reader.cancel()
 
     async def main() -> None:
@@ -261,9 +261,9 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
 
 def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
     from serstream.access import LimitsConfig
-    from serstream.sources.ingest import make_ingest_handler
     from serstream.monitor import Monitor, MonitorConfig
     from serstream.server import EventBus, MonitorServer, prometheus_text
+    from serstream.sources.ingest import make_ingest_handler
 
     ready = threading.Event()
     box: dict[str, Any] = {}
@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the steps as JSON as well")
     args = parser.parse_args(argv)
     seconds = args.seconds or (6.0 if args.quick else 15.0)
-    rtp_steps = _steps(args.rtp_steps) if args.rtp_steps else ([25, 100] if args.quick else [50, 100, 200, 300, 400, 500])
+    default_rtp_steps = [25, 100] if args.quick else [50, 100, 200, 300, 400, 500]
+    rtp_steps = _steps(args.rtp_steps) if args.rtp_steps else default_rtp_steps
     ws_steps = _steps(args.ws_steps) if args.ws_steps else ([10, 40] if args.quick else [25, 50, 100, 200, 300])
     model = _load_model(args.model, args.threads)
     print(f"model {model.info.version} on {model.device} ({model.path}); {os.cpu_count()} CPU cores; "

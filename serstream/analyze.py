@@ -48,6 +48,7 @@ from serstream.core.scheduler import SchedulerConfig, Window
 from serstream.core.smoother import SmootherConfig
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
+from serstream.errors import AnalyzeError
 from serstream.inference.worker import InferenceBackend
 from serstream.monitor import check_model_info, scheduler_config_for
 
@@ -63,10 +64,6 @@ __all__ = [
 
 #: Seconds of audio read from a file at a time (bounded memory for long files).
 _READ_BLOCK_S = 2.0
-
-
-class AnalyzeError(ValueError):
-    """A bad argument to the analysis (unreadable CSV, missing columns); one line."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +150,7 @@ def read_stream_csv(path: str | Path) -> list[StreamSpec]:
 class _Group:
     """Windows of one stream that see the same state: an utterance's partials and its final."""
 
-    job: "_StreamJob"
+    job: _StreamJob
     file: Path
     #: Released by the stream's estimator: each window with the speaker state it runs with.
     windows: list[Released[None]]
@@ -396,7 +393,8 @@ def _emit_results(
 
 def _file_summary(job: _StreamJob, done: _FileDone, info: ModelInfo) -> dict[str, Any]:
     if not job.weights:
-        return events.file_event_no_speech(job.spec.stream, file=str(done.file), duration_s=done.duration_s, ts=time.time())
+        return events.file_event_no_speech(job.spec.stream, file=str(done.file), duration_s=done.duration_s,
+                                           ts=time.time())
     weights = np.asarray(job.weights, np.float64)
     weights = weights / weights.sum()
     probs = (np.stack(job.probs) * weights[:, None]).sum(axis=0)

@@ -64,7 +64,7 @@ class BenchSettings:
     step_seconds: float = 20.0
 
     @classmethod
-    def quick(cls) -> "BenchSettings":
+    def quick(cls) -> BenchSettings:
         return cls(inference_repeats=4, latency_streams=2, latency_seconds=8.0, ramp=(10, 25, 50),
                    step_seconds=6.0)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
 
 from serstream import __version__, events
 from serstream.contract import ContractError
+from serstream.errors import UserError, one_line
 
 if TYPE_CHECKING:
     from serstream.monitor import Monitor
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["main", "build_parser", "UserError", "ConsoleOutput", "load_model"]
 
 PROG = "serstream"
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one ``serstream: error:`` line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +145,7 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
             max_ingest=args.max_ingest_clients, max_ingest_per_address=args.max_ingest_per_address,
         )
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     return decision, limits
 
 
@@ -252,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_watch_arguments(sub.add_parser("watch", help="print a monitor's events live"))
     from serstream.history_cli import add_history_arguments
 
-    add_history_arguments(sub.add_parser("history", help="print a --record database's streams or one stream's timeline"))
+    add_history_arguments(
+        sub.add_parser("history", help="print a --record database's streams or one stream's timeline"))
     bench = sub.add_parser("bench", help="measure inference speed, latency, capacity and memory")
     bench.add_argument("--quick", action="store_true", help="small settings: a smoke test in about a minute")
     bench.add_argument("--max-streams", type=int, default=None, metavar="N",
@@ -274,7 +272,7 @@ def load_model(path: str | None, device: str = "auto", threads: int | None = Non
         resolved = resolve_model_path(path)
         return EmotionModel.load(resolved, device=device, threads=threads)
     except (ModelNotFoundError, ContractError, DeviceError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
 
 
 def _live_threads(requested: int | None) -> int:
@@ -289,9 +287,6 @@ def _live_threads(requested: int | None) -> int:
         return requested
     return max(1, (os.cpu_count() or 2) // 2)
 
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _monitor_config(args: argparse.Namespace, track_levels: bool) -> Any:
@@ -461,10 +456,10 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
     try:
         return ingest_handler_from_args(monitor, bus, args, token=token)
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
 
 
-def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]:
+def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
     """One bound :class:`RtpSource` per ``--rtp``; UserError (one line) on a bad option, address or port.
 
     Every port is bound before any starts, so a taken port fails the whole set
@@ -479,14 +474,14 @@ def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]
     try:
         payload_map = build_payload_map(args.rtp_map)
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     try:
         config = RtpSourceConfig(
             idle_timeout_s=args.rtp_idle_timeout, max_streams=args.rtp_max_streams, rtcp=args.rtcp,
             max_speed=None if not args.rtp_max_speed else args.rtp_max_speed,
         )
     except ValueError as exc:
-        raise UserError(f"bad RTP option: {_one_line(exc)}") from None
+        raise UserError(f"bad RTP option: {one_line(exc, limit=None)}") from None
     sources: list[Source] = []
     try:
         for host, port in [parse_listen_address(text) for text in args.rtp]:
@@ -494,7 +489,7 @@ def _rtp_sources(monitor: "Monitor", args: argparse.Namespace) -> list["Source"]
     except SourceError as exc:
         for source in sources:
             source.stop()
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     return sources
 
 
@@ -553,7 +548,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     except ServerError as exc:
         if recorder is not None:
             recorder.close()
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     monitor.start()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -571,7 +566,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                     rtp.start()
                     started.append(rtp)
         except MonitorError as exc:
-            raise UserError(_one_line(exc)) from None
+            raise UserError(one_line(exc, limit=None)) from None
         # Events queued so far (a stream opened) print from here on; on a start-up error
         # above the console never starts, so the error stays the only line.
         console.start()
@@ -590,7 +585,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                 source.start()
                 started.append(source)
         except MonitorError as exc:
-            raise UserError(_one_line(exc)) from None
+            raise UserError(one_line(exc, limit=None)) from None
         if not with_sources:
             _info("serving; Ctrl-C to stop", quiet)
         await _wait_until_done(args, stop, files, with_sources)
@@ -667,12 +662,12 @@ def _open_recorder(args: argparse.Namespace) -> Any:
     path = getattr(args, "record", None)
     if not path:
         return None
-    from serstream.record import RecordError, Recorder
+    from serstream.record import Recorder, RecordError
 
     try:
         return Recorder(path, command=" ".join(["serstream", args.command]), version=__version__)
     except RecordError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
 
 
 def _device_arg(device: str | None) -> int | str | None:
@@ -722,7 +717,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
             resolve_input_device(None, devices)  # raises the "no input device" error
         default = resolve_input_device(None, devices).index
     except MonitorError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     width = max(len(d.name) for d in devices)
     print(f"   {'index':>5}  {'name':<{width}}  {'host API':<10}  {'channels':>8}  {'default rate':>12}")
     for d in devices:
@@ -780,7 +775,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     try:
         streams = streams_from_args(args.files, args.csv)
     except AnalyzeError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc, limit=None)) from None
     model = load_model(args.model, args.device_backend, args.threads)
     total = sum(len(s.files) for s in streams)
     progress = _Progress(total, enabled=args.progress or (total > 1 and sys.stderr.isatty()))
@@ -790,8 +785,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {args.output}: {exc.strerror}") from None
     config = AnalyzeConfig(vad=VadConfig(aggressiveness=args.vad_aggressiveness), hop_s=args.hop,
                            partials=args.partials, max_batch=args.batch)
+    def write_event(event: dict[str, Any]) -> None:
+        out.write(events.dumps(event) + "\n")
+
     try:
-        summary = analyze(model, streams, lambda e: out.write(events.dumps(e) + "\n"), config, progress.step)
+        summary = analyze(model, streams, write_event, config, progress.step)
     finally:
         progress.close()
         if out is not sys.stdout:
@@ -839,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except MonitorError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(exc, limit=None)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C outside the running monitor (e.g. while the model loads): a clean stop.

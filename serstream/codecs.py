@@ -34,6 +34,8 @@ from typing import Callable, Final, Mapping
 import numpy as np
 import numpy.typing as npt
 
+from serstream.errors import CodecError
+
 __all__ = [
     "Codec",
     "CODECS",
@@ -50,10 +52,6 @@ Bytes = bytes | bytearray | memoryview
 Decoder = Callable[[Bytes], npt.NDArray[np.float32]]
 
 _PCM16_SCALE = np.float32(1 / 32768)
-
-
-class CodecError(ValueError):
-    """An unknown codec name; the message is one line and lists the known ones."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from serstream.errors import ContractError
+
 __all__ = [
     "LABELS",
     "SAMPLE_RATE",
@@ -70,10 +72,6 @@ META_TRAINING_DATA = "training_data"
 META_CV_RESULTS = "cv_results"
 
 
-class ContractError(ValueError):
-    """A model, its metadata or its tensors do not match the serstream contract."""
-
-
 @dataclass(frozen=True)
 class StateInput:
     """An extra model input that carries per-stream state between windows.
@@ -112,7 +110,7 @@ class ModelInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, str]) -> "ModelInfo":
+    def from_metadata(cls, meta: Mapping[str, str]) -> ModelInfo:
         """Parse ONNX ``metadata_props`` (all values strings). Raises ContractError."""
         try:
             contract = int(meta.get(META_CONTRACT, "0"))

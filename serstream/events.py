@@ -32,6 +32,7 @@ from serstream_client import (
 )
 
 from serstream import contract
+from serstream.errors import one_line
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -95,7 +96,8 @@ def schema_path() -> Path:
 
 def load_schema() -> dict[str, Any]:
     """The JSON Schema as a dict."""
-    return json.loads(schema_path().read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(schema_path().read_text(encoding="utf-8"))
+    return schema
 
 
 def dumps(event: Mapping[str, Any]) -> str:
@@ -120,11 +122,6 @@ def _unit(value: Any, name: str) -> float:
 
 def _prob(value: Any, name: str) -> float:
     return min(1.0, max(0.0, _num(value, name)))
-
-
-def _one_line(text: str) -> str:
-    lines = str(text).strip().splitlines()
-    return lines[0].strip() if lines else ""
 
 
 def _choice(value: str, allowed: Sequence[str], name: str) -> str:
@@ -206,7 +203,8 @@ def stream_closed(
     return model.StreamEvent(
         stream=str(stream), ts=_num(ts, "ts"), state="closed", source=_choice(source, STREAM_SOURCES, "source"),
         codec=str(codec), sample_rate=int(sample_rate), channels=int(channels),
-        detail=None if detail is None else str(detail), reason=None if reason is None else _one_line(reason),
+        detail=None if detail is None else str(detail),
+        reason=None if reason is None else one_line(reason, first_line=True, limit=None),
     ).to_dict()
 
 
@@ -337,7 +335,8 @@ def error_event(
     if int(count) < 1:
         raise ValueError(f"error count must be >= 1 (the event reports an occurrence), got {count}")
     return model.ErrorEvent(
-        stream=str(stream), ts=_num(ts, "ts"), code=code, message=_one_line(message) or code, count=int(count),
+        stream=str(stream), ts=_num(ts, "ts"), code=code,
+        message=one_line(message, first_line=True, limit=None) or code, count=int(count),
     ).to_dict()
 
 

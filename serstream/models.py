@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
+from serstream.errors import ModelNotFoundError
+
 __all__ = [
     "MODEL_ENV",
     "DEFAULT_MODEL_NAME",
@@ -30,10 +32,6 @@ MODEL_ENV = "SERSTREAM_MODEL"
 
 #: File name of the shipped model in the package data (``serstream/data/``).
 DEFAULT_MODEL_NAME = "serstream-default.onnx"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """No model file where the user (or the default) said it would be; one-line message."""
 
 
 def default_model_path() -> Path:

@@ -59,6 +59,7 @@ from serstream.core.smoother import SmootherConfig
 from serstream.core.stats import Counters, LatencyTracker, RateMeter
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
+from serstream.errors import MonitorError, SourceError, StreamIdTaken, one_line
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
 
@@ -75,18 +76,6 @@ __all__ = [
 ]
 
 Sink = Callable[[dict[str, Any]], None]
-
-
-class MonitorError(RuntimeError):
-    """A request the monitor cannot serve (bad stream parameters, too many streams); one line."""
-
-
-class SourceError(MonitorError):
-    """An audio source cannot be opened or read (device, file, network); one line."""
-
-
-class StreamIdTaken(MonitorError):
-    """The stream id asked for (or, with ``unique=True``, every suffix of it) is already open."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +181,7 @@ _ENDED = (Lifecycle.CLOSED, Lifecycle.FAILED)
 class _WindowContext:
     """What a request carries through the batch to its result."""
 
-    stream: "_Stream"
+    stream: _Stream
     pushed_at: float  # monotonic time the audio that completed the window was pushed
     state: Mapping[str, np.ndarray | None]  # the speaker state the window runs with (fixed at release)
 
@@ -207,7 +196,7 @@ class _Stream:
 
     def __init__(
         self,
-        monitor: "Monitor",
+        monitor: Monitor,
         stream_id: str,
         source: str,
         codec: str,
@@ -269,7 +258,7 @@ class _Stream:
 class StreamHandle:
     """What a source holds: push audio, report trouble, close. Safe to call from any thread."""
 
-    def __init__(self, monitor: "Monitor", stream: _Stream) -> None:
+    def __init__(self, monitor: Monitor, stream: _Stream) -> None:
         self._monitor = monitor
         self._stream = stream
 
@@ -308,7 +297,7 @@ class StreamHandle:
         try:
             mono = _mono_view(block)
         except (ValueError, TypeError) as exc:
-            st.trouble = ("bad_samples", f"unusable audio block: {_one_line(exc)}")
+            st.trouble = ("bad_samples", f"unusable audio block: {one_line(exc, limit=None)}")
             self._monitor._mark(st)
             return
         now = time.monotonic()
@@ -378,7 +367,7 @@ class Monitor:
         try:
             self.scheduler_config = self.config.scheduler or scheduler_config_for(self.info, self.config.hop_s)
         except ValueError as exc:
-            raise MonitorError(_one_line(exc)) from None
+            raise MonitorError(one_line(exc, limit=None)) from None
         self._sink: Sink = sink or (lambda event: None)
         self._sink_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
@@ -757,7 +746,7 @@ class Monitor:
                 self._process_stream(st, now)
             except Exception as exc:  # noqa: BLE001 - one stream's failure stays its own
                 self._pipe.inc("pipeline_errors")
-                self._fail(st, "stream_error", f"stream pipeline failed: {_one_line(exc)}", now)
+                self._fail(st, "stream_error", f"stream pipeline failed: {one_line(exc, limit=None)}", now)
             if st.lifecycle is not Lifecycle.OPEN:
                 self._closing.add(st)
 
@@ -978,7 +967,7 @@ class Monitor:
                     finals.append(latency)
             except Exception as exc:  # noqa: BLE001 - a bad row fails its stream only
                 self._infer.inc("result_errors")
-                st.trouble = ("stream_error", f"result handling failed: {_one_line(exc)}")
+                st.trouble = ("stream_error", f"result handling failed: {one_line(exc, limit=None)}")
                 self._mark(st)
                 continue
             if cleared:
@@ -1023,7 +1012,3 @@ def _mono_view(block: np.ndarray) -> np.ndarray:
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

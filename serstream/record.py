@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serstream.errors import RecordError
+
 __all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "RecordError", "Recorder", "RecorderStats", "open_readonly"]
 
 log = logging.getLogger(__name__)
@@ -82,10 +84,6 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_run_event ON events (run_id, event_id);
 """
-
-
-class RecordError(RuntimeError):
-    """The database cannot be opened or written; the message is one line for the user."""
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ from serstream.core.history import (
     ResumePlan,
     parse_since,
 )
+from serstream.errors import ServerError
 from serstream.events import STATS_STREAM, dumps, gap_event
 
 __all__ = [
@@ -114,10 +115,6 @@ HEALTH_FIELDS = ("status", "pipeline", "inference", "device", "model", "uptime_s
 IngestHandler = Callable[[ServerConnection, Request], Awaitable[None]]
 
 
-class ServerError(RuntimeError):
-    """The server cannot start (e.g. the port is taken); the message is one line for the user."""
-
-
 def default_dashboard_dir() -> Path:
     """The dashboard of a checkout (``clients/dashboard``), else the copy installed with the package.
 
@@ -141,7 +138,7 @@ class Subscription:
     were lost, so the client sees the loss instead of a silent jump in ids.
     """
 
-    def __init__(self, bus: "EventBus", stream: str | None, maxlen: int) -> None:
+    def __init__(self, bus: EventBus, stream: str | None, maxlen: int) -> None:
         if maxlen <= 0:
             raise ValueError(f"subscription buffer must hold at least 1 event, got {maxlen}")
         self.bus = bus
@@ -235,7 +232,7 @@ class Subscription:
             self._wakeup.set()
             self.bus.unsubscribe(self)
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> bytes:
@@ -598,7 +595,7 @@ class MonitorServer:
             server.close()
             await server.wait_closed()
 
-    async def __aenter__(self) -> "MonitorServer":
+    async def __aenter__(self) -> MonitorServer:
         await self.start()
         return self
 

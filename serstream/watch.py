@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+from serstream.errors import WatchError
 from serstream.events import dumps
 
 __all__ = [
@@ -70,10 +71,6 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verify a wss:// monitor's certificate with this CA (or self-signed certificate) file")
     parser.add_argument("--since", type=int, default=None, metavar="ID",
                         help="start with the events after this event id that the monitor still holds")
-
-
-class WatchError(Exception):
-    """A problem the user can fix: one line, exit code 2."""
 
 
 def token_from_url(url: str) -> str | None:
@@ -162,6 +159,11 @@ def format_partial(event: dict[str, Any]) -> str:
     return f"{_clock(event.get('ts'))} [{event.get('stream', '?')}] {_emotion_text(event)}"
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """``value`` when it is a dict (an event's nested object), else an empty one: bad fields print as "?"."""
+    return value if isinstance(value, dict) else {}
+
+
 def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) -> str | None:
     """One readable line for an event, or None for what is not shown (partials, stats, unknown types)."""
     kind = event.get("type")
@@ -185,15 +187,14 @@ def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) 
         return line
     if kind == "gap":
         why = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
-               "restart": "the monitor restarted", "future": "the monitor does not know that id"}.get(str(event.get("reason")), str(event.get("reason", "?")))
+               "restart": "the monitor restarted", "future": "the monitor does not know that id"}.get(
+                   str(event.get("reason")), str(event.get("reason", "?")))
         return (f"{head} gap: {event.get('lost', '?')} events lost after id {event.get('since', '?')} ({why}); "
                 f"resuming at id {event.get('resume_from', '?')}")
     if kind == "error":
         return f"{head} error {event.get('code', '?')}: {event.get('message', '')} (x{event.get('count', '?')})"
     if kind == "stats" and options.stats:
-        latency = event.get("latency_ms") if isinstance(event.get("latency_ms"), dict) else {}
-        batches = event.get("batches") if isinstance(event.get("batches"), dict) else {}
-        drops = event.get("drops") if isinstance(event.get("drops"), dict) else {}
+        latency, batches, drops = _dict(event.get("latency_ms")), _dict(event.get("batches")), _dict(event.get("drops"))
         dropped = sum(v for v in drops.values() if isinstance(v, (int, float)))
         return (f"{head} stats {event.get('streams', '?')} streams, {_f(event.get('windows_per_s'), '.1f')} windows/s, "
                 f"latency p50 {_f(latency.get('p50'), '.0f')} p95 {_f(latency.get('p95'), '.0f')} ms, "

@@ -146,7 +146,8 @@ def test_training_wheel_installs_under_its_own_name(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(unpacked)
     names = sorted(Path(m).stem for m in modules if not m.endswith("__main__.py"))
-    code = "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module('serstream_training.' + n if n != '__init__' else 'serstream_training')"
+    code = ("import importlib, sys\nfor n in sys.argv[1:]: "
+            "importlib.import_module('serstream_training.' + n if n != '__init__' else 'serstream_training')")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(unpacked)
     proc = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, env=env, capture_output=True, text=True,

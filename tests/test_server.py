@@ -273,7 +273,11 @@ def test_threadsafe_handoff_is_bounded_while_the_loop_is_stalled() -> None:
         sub = bus.subscribe()
         loop = asyncio.get_running_loop()
         # The loop is busy in this coroutine (no await) while the thread publishes: a stalled loop.
-        thread = threading.Thread(target=lambda: [bus.publish_threadsafe(loop, speech("a", float(i))) for i in range(8)])
+        def publish() -> None:
+            for i in range(8):
+                bus.publish_threadsafe(loop, speech("a", float(i)))
+
+        thread = threading.Thread(target=publish)
         thread.start()
         thread.join()
         assert bus.handoff_dropped == 3 and bus.events_dropped == 3

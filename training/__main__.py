@@ -242,9 +242,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     ``--crosscorpus`` (a crosscorpus.json or its folder), else from a
     crosscorpus.json inside the ``--cv`` folder.
     """
-    from .crosscorpus import crosscorpus_markdown, find_crosscorpus
     from serstream.contract import LABELS
 
+    from .crosscorpus import crosscorpus_markdown, find_crosscorpus
     from .cv import collect, markdown_report, summarise, summed_confusion
     from .metrics import plot_confusion
 

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from serstream.contract import LABELS, SAMPLE_RATE
+
 from .datasets import DatasetError, Utterance, load_audio, scan_corpora
 from .folds import Fold, make_split, partition, ravdess_actor_folds
 from .metrics import (

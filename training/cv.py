@@ -47,7 +47,9 @@ def fold_metrics(pred: dict, temperature: float) -> dict:
     p_raw = M.softmax(logits) if hasattr(M, "softmax") else _softmax(logits)
     p_cal = _softmax(logits / temperature)
     yhat = logits.argmax(1)
-    avd_true = np.array([avd_target(LABELS[l], {0: "normal", 1: "strong"}.get(int(i))) for l, i in zip(y, pred["intensity"])])
+    avd_true = np.array([
+        avd_target(LABELS[label], {0: "normal", 1: "strong"}.get(int(i))) for label, i in zip(y, pred["intensity"])
+    ])
     g = pred["gender"]
     known = g >= 0
     out = {

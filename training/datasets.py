@@ -29,6 +29,7 @@ import soundfile as sf
 import soxr
 
 from serstream.contract import LABELS, SAMPLE_RATE
+from serstream.errors import one_line
 
 __all__ = [
     "AUDIO_SUFFIXES",
@@ -114,7 +115,7 @@ class CorpusScan:
     #: Files kept although something about them is odd, each with the decision taken.
     anomalies: list[str] = field(default_factory=list)
 
-    def extend(self, other: "CorpusScan") -> None:
+    def extend(self, other: CorpusScan) -> None:
         self.utterances.extend(other.utterances)
         self.skipped.extend(other.skipped)
         self.anomalies.extend(other.anomalies)
@@ -181,17 +182,12 @@ def _check_audio(path: Path, min_duration_s: float) -> None:
     try:
         info = sf.info(str(path))
     except Exception as exc:  # soundfile raises several types for corrupt headers
-        raise _Skip(f"unreadable audio: {_one_line(exc)}") from None
+        raise _Skip(f"unreadable audio: {one_line(exc, first_line=True, limit=None)}") from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise _Skip("unreadable audio: no samples")
     duration = info.frames / info.samplerate
     if duration < min_duration_s:
         raise _Skip(f"too short: {duration * 1000:.1f} ms < {min_duration_s * 1000:.0f} ms")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _scan(
@@ -478,7 +474,7 @@ def _read_crema_genders(path: Path) -> dict[str, str]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"crema-d: cannot read {path}: {_one_line(exc)}") from None
+        raise DatasetError(f"crema-d: cannot read {path}: {one_line(exc, first_line=True, limit=None)}") from None
     genders: dict[str, str] = {}
     for row in rows:
         actor = (row.get("ActorID") or "").strip()
@@ -693,7 +689,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, OSError...
-        raise DatasetError(f"cannot read audio {path}: {_one_line(exc)}") from None
+        raise DatasetError(f"cannot read audio {path}: {one_line(exc, first_line=True, limit=None)}") from None
     if data.shape[0] == 0:
         raise DatasetError(f"audio file {path} has no samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

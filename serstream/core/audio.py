@@ -51,7 +51,8 @@ def to_mono(block: np.ndarray) -> np.ndarray:
         raise ValueError("audio block has zero channels")
     if data.shape[1] == 1:
         return data[:, 0].astype(np.float32, copy=True)
-    return data.mean(axis=1, dtype=np.float32)
+    mixed: np.ndarray = data.mean(axis=1, dtype=np.float32)
+    return mixed
 
 
 def pcm16_to_float(pcm: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class WindowReady:
     arrived: float
 
 
-PipelineItem = Union[SpeechBegan, SpeechEnded, WindowReady]
+PipelineItem = SpeechBegan | SpeechEnded | WindowReady
 
 
 class StreamPipeline:

@@ -76,6 +76,7 @@ class StreamResampler:
             raise ValueError(f"resampler takes 1-D mono blocks, got shape {data.shape}")
         data = data.astype(np.float32, copy=False)
         self.samples_in += data.size
+        out: np.ndarray  # soxr is untyped: its results are Any
         if self._fir is not None:
             out = self._fir.process(data)
             self.samples_out += out.size
@@ -89,6 +90,7 @@ class StreamResampler:
 
     def flush(self) -> np.ndarray:
         """Return the samples still held in the filter and reset it for a new stream."""
+        out: np.ndarray  # soxr is untyped: its results are Any
         if self._fir is not None:
             out = self._fir.flush()
             self.samples_out += out.size
@@ -142,7 +144,8 @@ class _IntegerRatioFir:
             kept = filtered[self._phase :: self.down]
             self._phase = (self._phase - filtered.size) % self.down
             filtered = kept
-        return filtered.astype(np.float32)
+        result: np.ndarray = filtered.astype(np.float32)
+        return result
 
     def _stuff(self, data: np.ndarray) -> np.ndarray:
         if self.up == 1:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 import webrtcvad
@@ -152,7 +151,7 @@ class SpeechEnd:
     too_short: bool = False
 
 
-SpeechEvent = Union[SpeechStart, SpeechAudio, SpeechEnd]
+SpeechEvent = SpeechStart | SpeechAudio | SpeechEnd
 
 
 class VadSegmenter:

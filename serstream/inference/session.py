@@ -35,6 +35,7 @@ import onnxruntime as ort
 
 from serstream import contract
 from serstream.contract import ContractError, ModelInfo, StateInput
+from serstream.errors import DeviceError, InferenceError, one_line
 
 __all__ = [
     "DEVICES",
@@ -60,14 +61,6 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 _CUDA_PROVIDER = "CUDAExecutionProvider"
 _CPU_PROVIDER = "CPUExecutionProvider"
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used (e.g. ``device="cuda"`` on a machine without a GPU)."""
-
-
-class InferenceError(RuntimeError):
-    """A batch could not be run, or the model produced non-finite values."""
 
 
 @dataclass
@@ -185,7 +178,7 @@ class EmotionModel:
         path: str | os.PathLike[str],
         device: str = "auto",
         threads: int | None = None,
-    ) -> "EmotionModel":
+    ) -> EmotionModel:
         """Load ``path``, validate it against the contract, and open a session.
 
         ``device``: "auto" (CUDA when usable, else CPU), "cpu", or "cuda"
@@ -308,11 +301,11 @@ class EmotionModel:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
     # ORT messages start with "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : " and may
     # run over several lines; the informative part is the rest of the first line.
-    first = _ORT_PREFIX.sub("", text.splitlines()[0].strip())
-    return first if len(first) <= 300 else first[:297] + "..."
+    lines = str(exc).strip().splitlines()
+    first = _ORT_PREFIX.sub("", lines[0].strip()) if lines else ""
+    return one_line(first, limit=300) or type(exc).__name__
 
 
 def _merge_sidecar(model_path: Path, meta: dict[str, str]) -> dict[str, str]:

@@ -98,7 +98,8 @@ def encode_ulaw(samples: npt.ArrayLike) -> bytes:
     exponent = _bit_length(biased) - 8
     mantissa = (biased >> (exponent + 3)) & 0x0F
     code = ~(sign | (exponent << 4) | mantissa) & 0xFF
-    return code.astype(np.uint8).tobytes()
+    encoded: bytes = code.astype(np.uint8).tobytes()
+    return encoded
 
 
 def encode_alaw(samples: npt.ArrayLike) -> bytes:
@@ -111,4 +112,5 @@ def encode_alaw(samples: npt.ArrayLike) -> bytes:
     shift = np.where(exponent == 0, 4, exponent + 3)
     mantissa = (magnitude >> shift) & 0x0F
     code = (sign | (exponent << 4) | mantissa) ^ 0x55
-    return code.astype(np.uint8).tobytes()
+    encoded: bytes = code.astype(np.uint8).tobytes()
+    return encoded

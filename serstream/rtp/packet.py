@@ -26,6 +26,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from serstream.errors import RtpError
+
 __all__ = [
     "RTP_VERSION",
     "RTP_HEADER_SIZE",
@@ -47,19 +49,6 @@ _RTCP_SECOND_BYTE_MAX = 223
 
 _FIXED_HEADER = struct.Struct("!BBHII")
 _EXTENSION_HEADER = struct.Struct("!HH")
-
-
-class RtpError(ValueError):
-    """A datagram that is not an acceptable RTP packet.
-
-    ``cause`` is a stable short id (for counters and "report once" logic);
-    ``message`` is a one-line human explanation.
-    """
-
-    def __init__(self, cause: str, message: str) -> None:
-        super().__init__(f"{cause}: {message}")
-        self.cause = cause
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ pipeline and the other streams keep theirs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -133,7 +133,7 @@ class RejectNotice:
     message: str
 
 
-DemuxEvent = Union[StreamOpened, StreamAudio, StreamClosed, RejectNotice]
+DemuxEvent = StreamOpened | StreamAudio | StreamClosed | RejectNotice
 
 
 def stream_id_for(ssrc: int) -> str:

@@ -1,10 +1,11 @@
 """File replay: any file soundfile reads, at its native rate and channels, into one stream.
 
 Its stream id is ``file:NAME`` (``file:NAME-2`` ... when another stream has
-it: the rule of :mod:`serstream.core.stream_ids`). In real time the blocks are paced by a monotonic clock, as a microphone would
-deliver them (a block is pushed once its duration has elapsed). As fast as
-possible (``realtime=False``) the reader waits for ring space instead of
-overwriting, so a replay never drops audio. Opening an unreadable file raises
+it: the rule of :mod:`serstream.core.stream_ids`). In real time the blocks
+are paced by a monotonic clock, as a microphone would deliver them (a block
+is pushed once its duration has elapsed). As fast as possible
+(``realtime=False``) the reader waits for ring space instead of overwriting,
+so a replay never drops audio. Opening an unreadable file raises
 :class:`~serstream.monitor.SourceError`; a read failure later is reported on
 the stream and closes it.
 """
@@ -49,7 +50,7 @@ class FileSource:
 
     def __init__(
         self,
-        monitor: "Monitor",
+        monitor: Monitor,
         path: str | Path,
         realtime: bool = True,
         chunk_s: float = 0.02,
@@ -134,7 +135,7 @@ class FileSource:
             handle.close(reason=reason)
             self.done.set()
 
-    def _replay(self, handle: "StreamHandle") -> None:
+    def _replay(self, handle: StreamHandle) -> None:
         started = time.monotonic()
         while not self._stop.is_set():
             block: Any = self._file.read(self.chunk, dtype="float32", always_2d=True)

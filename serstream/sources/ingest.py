@@ -29,8 +29,8 @@ connection stays open. A message above the size limit closes with 1009.
 
 Names are unique among live streams: a name already in use gets a suffix
 (``call-17-2``, the one rule of :mod:`serstream.core.stream_ids`), so a client
-that reconnects while its old stream is still closing is not refused. Names starting with ``rtp:`` or ``file:`` are refused
-(1003): those prefixes belong to the monitor's own sources.
+that reconnects while its old stream is still closing is not refused. Names
+starting with ``rtp:`` or ``file:`` are refused (1003): those prefixes belong to the monitor's own sources.
 
 Flow control: audio goes into the stream's ring only when it fits with some
 headroom; until then the handler stops reading the socket, so the
@@ -116,7 +116,7 @@ class _FromEnv:
 TOKEN_FROM_ENV: Final = _FromEnv()
 
 
-def _bearer(request: "Request") -> str | None:
+def _bearer(request: Request) -> str | None:
     header = request.headers.get("Authorization")
     if header is None:
         return None
@@ -142,7 +142,7 @@ class IngestHandler:
     ingest streams.
     """
 
-    def __init__(self, monitor: "Monitor", bus: "EventBus", config: IngestConfig | None = None) -> None:
+    def __init__(self, monitor: Monitor, bus: EventBus, config: IngestConfig | None = None) -> None:
         self.monitor = monitor
         self.bus = bus
         self.config = config or IngestConfig()
@@ -197,7 +197,7 @@ class IngestHandler:
             self._logged.add(cause)
             log.warning("ingest: %s (further cases are counted, not logged)", message)
 
-    def _refused(self, conn: "ServerConnection", refusal: Refuse) -> _Refused:
+    def _refused(self, conn: ServerConnection, refusal: Refuse) -> _Refused:
         self._add(refusal.counts)
         if refusal.log is not None:
             self._log_once(refusal.log, f"refused a client from {_peer(conn)}: {refusal.reason}")
@@ -205,7 +205,7 @@ class IngestHandler:
 
     # ------------------------------------------------------------ one connection
 
-    async def __call__(self, conn: "ServerConnection", request: "Request") -> None:
+    async def __call__(self, conn: ServerConnection, request: Request) -> None:
         from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
         self._count("connections")
@@ -248,27 +248,27 @@ class IngestHandler:
                 try:
                     # The last estimates and the `stream` closed event go out before we close.
                     await asyncio.wait_for(asyncio.shield(sender), self.config.end_timeout_s)
-                except (asyncio.TimeoutError, ConnectionClosed):
+                except (TimeoutError, ConnectionClosed):
                     pass
                 await conn.close(CLOSE_NORMAL, "end of stream")
             sender.cancel()
             sub.close()
             self._live.discard(stream_id)
 
-    async def _handshake(self, conn: "ServerConnection", session: IngestSession) -> Hello:
+    async def _handshake(self, conn: ServerConnection, session: IngestSession) -> Hello:
         refusal = session.check_handshake()
         if refusal is not None:
             raise self._refused(conn, refusal)
         try:
             first = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self._refused(conn, session.hello_timed_out()) from None
         hello = session.accept_hello(first)
         if isinstance(hello, Refuse):
             raise self._refused(conn, hello)
         return hello
 
-    def _open(self, conn: "ServerConnection", session: IngestSession) -> tuple[str, "StreamHandle", "Subscription"]:
+    def _open(self, conn: ServerConnection, session: IngestSession) -> tuple[str, StreamHandle, Subscription]:
         hello = session.hello
         assert hello is not None
         refusal = session.check_capacity(len(self._live))
@@ -298,7 +298,7 @@ class IngestHandler:
         raise self._refused(conn, session.open_failed(
             f"stream name {hello.stream!r} and its suffixes -2 to -{MAX_SUFFIX} are all in use"))
 
-    async def _send_events(self, conn: "ServerConnection", sub: "Subscription", stream_id: str) -> None:
+    async def _send_events(self, conn: ServerConnection, sub: Subscription, stream_id: str) -> None:
         """This stream's events to the client until its ``stream`` closed event has gone out."""
         from websockets.exceptions import ConnectionClosed
 
@@ -315,7 +315,7 @@ class IngestHandler:
         finally:
             sub.close()
 
-    async def _read_audio(self, conn: "ServerConnection", session: IngestSession, handle: "StreamHandle") -> bool:
+    async def _read_audio(self, conn: ServerConnection, session: IngestSession, handle: StreamHandle) -> bool:
         """Read until the client ends (True) or closes (ConnectionClosed)."""
         while True:
             decision = session.receive(await conn.recv())
@@ -335,7 +335,7 @@ class IngestHandler:
                 # The monitor ended the stream (failure, shutdown): nothing more to take.
                 raise _Refused(Refuse(CLOSE_INTERNAL, "stream closed by the monitor"))
 
-    async def _push(self, session: IngestSession, handle: "StreamHandle", block: np.ndarray) -> None:
+    async def _push(self, session: IngestSession, handle: StreamHandle, block: np.ndarray) -> None:
         capacity = handle.capacity
         piece = max(1, capacity // 4)
         headroom = capacity // 8
@@ -366,7 +366,7 @@ class IngestHandler:
             pass
 
 
-def _peer(conn: "ServerConnection") -> str:
+def _peer(conn: ServerConnection) -> str:
     try:
         addr = conn.remote_address
     except Exception:  # noqa: BLE001 - the transport may already be gone
@@ -377,9 +377,9 @@ def _peer(conn: "ServerConnection") -> str:
 
 
 def make_ingest_handler(
-    monitor: "Monitor",
+    monitor: Monitor,
     *,
-    bus: "EventBus",
+    bus: EventBus,
     token: str | None | _FromEnv = TOKEN_FROM_ENV,
     max_frame_bytes: int = IngestConfig.max_frame_bytes,
     max_streams: int = IngestConfig.max_streams,
@@ -418,7 +418,7 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ingest_handler_from_args(
-    monitor: "Monitor", bus: "EventBus", args: argparse.Namespace, token: str | None | _FromEnv = TOKEN_FROM_ENV
+    monitor: Monitor, bus: EventBus, args: argparse.Namespace, token: str | None | _FromEnv = TOKEN_FROM_ENV
 ) -> IngestHandler:
     """:func:`make_ingest_handler` from parsed options; ValueError (one line) on a bad value.
 

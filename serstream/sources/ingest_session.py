@@ -30,6 +30,9 @@ import numpy.typing as npt
 
 from serstream.codecs import Codec, CodecError, ingest_codec, ingest_formats
 
+# HelloError fits its reason into a close frame, so the helper lives beside it in errors.py
+from serstream.errors import MAX_CLOSE_REASON_BYTES, HelloError, fit_close_reason
+
 __all__ = [
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL",
@@ -72,10 +75,6 @@ _RESERVED_PREFIXES = ("rtp:", "file:")
 _MAX_RATE = 384_000
 _MAX_CHANNELS = 8
 
-#: RFC 6455 §5.5: a close frame's payload is at most 125 bytes, 2 of them the code.
-MAX_CLOSE_REASON_BYTES = 123
-
-
 @dataclass(frozen=True)
 class IngestConfig:
     """Limits of the ingest endpoint."""
@@ -100,30 +99,9 @@ class IngestConfig:
             raise ValueError("token must be a non-empty string or None")
 
 
-def fit_close_reason(reason: str) -> str:
-    """``reason`` cut to fit a close frame (123 UTF-8 bytes, whole characters, "..." when cut)."""
-    data = reason.encode("utf-8")
-    if len(data) <= MAX_CLOSE_REASON_BYTES:
-        return reason
-    return data[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
-
-
 def _short(value: Any, limit: int = 24) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class HelloError(ValueError):
-    """A hello the server refuses: ``code`` is the WebSocket close code, the message its reason.
-
-    The reason always fits a WebSocket close frame (:func:`fit_close_reason`).
-    """
-
-    def __init__(self, code: int, reason: str) -> None:
-        reason = fit_close_reason(reason)
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -167,7 +145,8 @@ def parse_hello(message: str | bytes) -> Hello:
             "hello 'stream' must be 1-100 characters: letters, digits and ._:@+/- (starting with a letter or digit)",
         )
     if stream.startswith(_RESERVED_PREFIXES):
-        raise HelloError(CLOSE_UNSUPPORTED, f"stream names starting with {' or '.join(_RESERVED_PREFIXES)} are reserved")
+        reserved = " or ".join(_RESERVED_PREFIXES)
+        raise HelloError(CLOSE_UNSUPPORTED, f"stream names starting with {reserved} are reserved")
     rate = _int_field(obj, "sample_rate")
     if not 1000 <= rate <= _MAX_RATE:
         raise HelloError(CLOSE_UNSUPPORTED, f"sample_rate {rate} Hz is outside 1000-{_MAX_RATE}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serstream.monitor import SourceError
+from serstream.errors import SourceError, one_line
 
 if TYPE_CHECKING:
     from serstream.monitor import Monitor, StreamHandle
@@ -44,7 +44,8 @@ class DeviceInfo:
     default_samplerate: float
 
     def describe(self) -> str:
-        return f"{self.index}: {self.name} ({self.hostapi}, {self.max_input_channels} ch, {self.default_samplerate:g} Hz)"
+        return (f"{self.index}: {self.name} ({self.hostapi}, {self.max_input_channels} ch, "
+                f"{self.default_samplerate:g} Hz)")
 
 
 def _sounddevice() -> Any:
@@ -63,7 +64,7 @@ def list_input_devices() -> list[DeviceInfo]:
         devices = sd.query_devices()
         hostapis = sd.query_hostapis()
     except sd.PortAudioError as exc:
-        raise SourceError(f"PortAudio could not list devices: {_one_line(exc)}") from exc
+        raise SourceError(f"PortAudio could not list devices: {one_line(exc, limit=None)}") from exc
     found: list[DeviceInfo] = []
     for index, dev in enumerate(devices):
         if int(dev["max_input_channels"]) <= 0:
@@ -124,9 +125,6 @@ def resolve_input_device(device: int | str | None, devices: list[DeviceInfo] | N
     raise SourceError(f"no input device named {name!r}; input devices: {listing}")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
 
 class MicrophoneSource:
     """Capture one input device into one monitor stream.
@@ -137,7 +135,7 @@ class MicrophoneSource:
 
     def __init__(
         self,
-        monitor: "Monitor",
+        monitor: Monitor,
         device: int | str | None = None,
         sample_rate: int | None = None,
         channels: int = 1,
@@ -191,7 +189,7 @@ class MicrophoneSource:
             self._handle.close(reason="error")
             raise SourceError(
                 f"cannot open input device {self.device.index} ({self.device.name}) at "
-                f"{self.sample_rate} Hz, {self.channels} ch: {_one_line(exc)}"
+                f"{self.sample_rate} Hz, {self.channels} ch: {one_line(exc, limit=None)}"
             ) from exc
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:

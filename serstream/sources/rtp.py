@@ -157,7 +157,7 @@ def _bind_udp(host: str, port: int, receive_buffer: int) -> socket.socket:
 class _Output:
     """One demux stream as the monitor sees it."""
 
-    handle: "StreamHandle | None"  # None: the monitor refused the stream (its audio is counted)
+    handle: StreamHandle | None  # None: the monitor refused the stream (its audio is counted)
     monitor_id: str
     samples: int = 0
 
@@ -174,7 +174,7 @@ class RtpSource:
 
     def __init__(
         self,
-        monitor: "Monitor",
+        monitor: Monitor,
         host: str,
         port: int,
         payload_map: Mapping[int, PayloadFormat] | None = None,
@@ -251,7 +251,7 @@ class RtpSource:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def __enter__(self) -> "RtpSource":
+    def __enter__(self) -> RtpSource:
         self.start()
         return self
 
@@ -485,7 +485,7 @@ class RtpSource:
 # --------------------------------------------------------------------------- stats hook
 
 
-def register_stats_provider(monitor: "Monitor", provider: Callable[[], Mapping[str, int]]) -> bool:
+def register_stats_provider(monitor: Monitor, provider: Callable[[], Mapping[str, int]]) -> bool:
     """Ask the monitor to merge ``provider()`` into ``stats.drops``; False if it has no such hook.
 
     The hook the monitor needs: ``Monitor.add_stats_provider(fn)``, each

@@ -19,7 +19,7 @@ def start_monitor(args: list[str], attempts: int = 5, env: dict[str, str] | None
     for attempt in range(attempts):
         monitor = Background(args, env=env)
         try:
-            monitor.wait_for(lambda: monitor.stderr_has(ready), 60, "the monitor to start")
+            monitor.wait_for(lambda: monitor.stderr_has(ready), 60, "the monitor to start")  # noqa: B023 (called now)
             return monitor
         except AssertionError:
             monitor.kill()

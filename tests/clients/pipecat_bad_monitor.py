@@ -26,13 +26,12 @@ from pipecat.frames.frames import EndFrame, Frame, InputAudioRawFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.workers.runner import WorkerRunner
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-
-from serstream_pipecat import SerstreamEmotionProcessor
 
 # Run as a script from tests/clients/, so its sibling scenario module is importable.
 from pipecat_scenario import Collector
+from serstream_pipecat import SerstreamEmotionProcessor
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 BAD = [
     "this is not JSON",

@@ -36,7 +36,6 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
-
 from serstream_pipecat import TRANSCRIPTION_METADATA_KEY, EmotionFrame, SerstreamEmotionProcessor
 
 FRAME_S = 0.02

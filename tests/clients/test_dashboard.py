@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import pytest
 
 from serstream.contract import LABELS
-from tests.conftest import REPO
 from tests.clients.helpers import start_monitor
+from tests.conftest import REPO
 from tests.e2e.helpers import Background
 
 pytestmark = pytest.mark.slow
@@ -333,7 +333,8 @@ def test_dashboard_resumes_with_since_after_a_lost_connection(browser: Any) -> N
         page.wait_for_function("() => window.serstreamDashboard.connected === true", timeout=20_000)
         on_loop(lambda: publish(10, 1))
         page.wait_for_function("() => window.serstreamDashboard.lastId === 11", timeout=10_000)
-        state = page.evaluate("() => ({seen: window.serstreamDashboard.eventsSeen, gaps: window.serstreamDashboard.gaps})")
+        state = page.evaluate(
+            "() => ({seen: window.serstreamDashboard.eventsSeen, gaps: window.serstreamDashboard.gaps})")
         assert state == {"seen": 11, "gaps": 0}  # every id once: the outage replayed, nothing twice
         # A gap event is counted and shown, never treated as malformed.
         gap = ev.gap_event("*", reason="history", lost=7, since=11, resume_from=19, ts=1.0)

@@ -135,7 +135,8 @@ def pipecat_python() -> Path:
 
 
 def _installed(python: Path, distribution: str) -> bool:
-    code = f"import importlib.metadata as m\ntry: m.version({distribution!r})\nexcept m.PackageNotFoundError: raise SystemExit(1)"
+    code = (f"import importlib.metadata as m\ntry: m.version({distribution!r})\n"
+            "except m.PackageNotFoundError: raise SystemExit(1)")
     # Run outside the checkout: its serstream.egg-info would be found through the current directory.
     return subprocess.run([str(python), "-c", code], capture_output=True, cwd="/").returncode == 0
 

@@ -19,9 +19,9 @@ import pytest
 
 from serstream.core.vad import VadConfig
 from serstream.inference.session import EmotionModel
-from serstream.sources.ingest import IngestHandler, make_ingest_handler
 from serstream.monitor import Monitor, MonitorConfig
 from serstream.server import EventBus, MonitorServer, prometheus_text
+from serstream.sources.ingest import IngestHandler, make_ingest_handler
 from serstream.sources.rtp import RtpSource, RtpSourceConfig
 
 
@@ -92,7 +92,7 @@ class LiveServer:
         assert self.server is not None
         return f"ws://127.0.0.1:{self.server.port}{path}"
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self._thread.start()
         self._ready.wait(30)
         if self._error is not None:

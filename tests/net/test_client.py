@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from serstream_client import client as client_impl
 
 from serstream import client, events
-from serstream_client import client as client_impl
 from serstream.client import (
     BadURL,
     EmotionEvent,

@@ -115,7 +115,8 @@ def test_two_clients_get_only_their_own_events(
         assert {e.stream for e in received} == {stream_id}, "a client got another stream's events"
         opened = received[0]
         assert isinstance(opened, StreamEvent) and opened.state == "open"
-        assert (opened.source, opened.codec, opened.sample_rate, opened.channels) == ("websocket", codec, rate, channels)
+        got = (opened.source, opened.codec, opened.sample_rate, opened.channels)
+        assert got == ("websocket", codec, rate, channels)
         assert any(isinstance(e, EmotionEvent) for e in received), f"{stream_id} got no emotion event"
         last = received[-1]
         assert isinstance(last, StreamEvent) and last.state == "closed" and last.reason == "end of stream"

@@ -33,8 +33,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from serstream.client import EmotionEvent, IngestClient
-from serstream.sources.ingest import FORMATS, MAX_CLOSE_REASON_BYTES, Hello, HelloError, parse_hello
 from serstream.rtp import build_rtp, encode_ulaw
+from serstream.sources.ingest import FORMATS, MAX_CLOSE_REASON_BYTES, Hello, HelloError, parse_hello
 from serstream.sources.rtp import RtpSourceConfig
 from tests.audio import speech_with_pauses
 from tests.net.conftest import LiveServer, wait_until
@@ -256,7 +256,9 @@ def hello_candidate(rng: np.random.Generator, i: int) -> str | bytes:
     if kind == 5:  # cut anywhere
         return text[: int(rng.integers(0, len(text)))]
     if kind == 6:
-        return random_text(rng, int(rng.integers(0, 120))) if rng.random() < 0.7 else rng.bytes(int(rng.integers(0, 64)))
+        if rng.random() < 0.7:
+            return random_text(rng, int(rng.integers(0, 120)))
+        return rng.bytes(int(rng.integers(0, 64)))
     return "[" * int(rng.integers(1, 5000)) + "]" * int(rng.integers(0, 3))
 
 

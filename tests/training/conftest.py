@@ -36,7 +36,7 @@ def make_corpus(root: Path) -> Path:
         folder = root / "ravdess" / f"Actor_{actor:02d}"
         folder.mkdir(parents=True)
         base = 120.0 if actor % 2 else 210.0
-        for label, code in EMOTION_CODES.items():
+        for code in EMOTION_CODES.values():
             for rep in (1, 2):
                 f0 = base * (1 + 0.12 * code)
                 amp = 0.02 * (1 + code)

@@ -107,7 +107,7 @@ def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) ->
     out = capsys.readouterr().out
     assert "Leave-one-corpus-out" in out and "(partial: 1 of 3 held-out corpora finished)" in out
     assert f"| figure | {loco_run.name} | loco-v03 |" in out
-    line = next(l for l in out.splitlines() if l.startswith("| -> ased 4-class UAR (online) |"))
+    line = next(row for row in out.splitlines() if row.startswith("| -> ased 4-class UAR (online) |"))
     assert line.count("|") == 4 and "-" not in line.split("|")[2:4]
     # a flag given explicitly overrides the recipe
     assert main(["loco", "--data", str(data), "--out", str(tmp_path / "x"), "--cache", str(data / "cache"), *TINY,

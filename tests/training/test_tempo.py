@@ -36,8 +36,8 @@ def _peak_hz(signal: torch.Tensor) -> float:
 
 
 OPS = {
-    "pitch": lambda x, l, g: pitch_shift(x, l, g),
-    "stretch": lambda x, l, g: time_stretch(x, l, g),
+    "pitch": lambda x, lens, g: pitch_shift(x, lens, g),
+    "stretch": lambda x, lens, g: time_stretch(x, lens, g),
 }
 
 
@@ -61,8 +61,8 @@ def test_shapes_padding_and_reproducibility(name: str) -> None:
 def test_probability_zero_leaves_the_batch_alone() -> None:
     x, lengths = _batch()
     for op in (pitch_shift, time_stretch):
-        y, l = op(x, lengths, _gen(), p=0.0)
-        assert torch.equal(y, x) and torch.equal(l, lengths)
+        y, out_lengths = op(x, lengths, _gen(), p=0.0)
+        assert torch.equal(y, x) and torch.equal(out_lengths, lengths)
 
 
 def test_mulaw_round_trip_is_g711() -> None:

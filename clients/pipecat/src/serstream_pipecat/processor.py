@@ -118,7 +118,7 @@ class EmotionFrame(DataFrame):
     final: bool = True
 
     @classmethod
-    def from_reading(cls, reading: EmotionReading) -> "EmotionFrame":
+    def from_reading(cls, reading: EmotionReading) -> EmotionFrame:
         return cls(
             label=reading.label, confidence=reading.confidence, probs=dict(reading.probs),
             arousal=reading.arousal, valence=reading.valence, dominance=reading.dominance,

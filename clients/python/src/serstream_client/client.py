@@ -49,7 +49,7 @@ import logging
 import random
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def client_ssl_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext |
 # --------------------------------------------------------------------------- reading messages
 
 #: Anything a client may read: a known event, or an :class:`UnknownEvent` saying why not.
-AnyEvent = Union[Event, UnknownEvent]
+AnyEvent = Event | UnknownEvent
 
 _warned: set[str] = set()
 
@@ -440,7 +440,7 @@ class IngestClient:
         self._reader: asyncio.Task[None] | None = None
         self._ended = False
 
-    async def __aenter__(self) -> "IngestClient":
+    async def __aenter__(self) -> IngestClient:
         await self.open()
         return self
 

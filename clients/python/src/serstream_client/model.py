@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Union
+from typing import Any, Callable, ClassVar, Mapping
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -269,7 +269,7 @@ class UnknownEvent:
     malformed: bool = True
 
 
-Event = Union[StreamEvent, SpeechEvent, EmotionEvent, StatsEvent, ErrorEvent, FileEvent, GapEvent]
+Event = StreamEvent | SpeechEvent | EmotionEvent | StatsEvent | ErrorEvent | FileEvent | GapEvent
 
 #: The event classes by wire ``type``.
 EVENT_CLASSES: dict[str, type[BaseEvent]] = {
