@@ -23,6 +23,8 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TextIO
 
+from serstream_client.model import EmotionEvent, ErrorEvent, EventError, SpeechEvent, StreamEvent, parse_event
+
 from serstream import __version__, events
 from serstream.contract import ContractError
 from serstream.errors import UserError, one_line
@@ -398,35 +400,40 @@ class ConsoleOutput:
                 self.out.write(events.dumps(event) + "\n")
         if self.quiet:
             return
-        kind = event.get("type")
-        stream = str(event.get("stream"))
+        # The lines are printed from the typed event model, the one the clients parse with.
+        try:
+            typed = parse_event(event)
+        except EventError:
+            return  # the monitor's own events always parse; a stray dict is not worth a line
+        stream = typed.stream
+        kind = typed.type
         line: str | None = None
-        if kind == "emotion":
-            s = event["smoothed"]
-            status = (f"{event['kind']:<7} {s['label']:<9} {s['confidence']:4.2f}  "
-                      f"A{s['arousal']:+.2f} V{s['valence']:+.2f}  t={event['t1']:.1f}s")
+        if isinstance(typed, EmotionEvent):
+            s = typed.smoothed
+            status = (f"{typed.kind:<7} {s.label:<9} {s.confidence:4.2f}  "
+                      f"A{s.arousal:+.2f} V{s.valence:+.2f}  t={typed.t1:.1f}s")
             self._status[stream] = status
             line = f"[{stream}] {status}"
-        elif kind == "speech":
-            line = f"[{stream}] speech {event['state']} at {event['t']:.2f}s"
-            if event["state"] == "start":
+        elif isinstance(typed, SpeechEvent):
+            line = f"[{stream}] speech {typed.state} at {typed.t:.2f}s"
+            if typed.state == "start":
                 self._status.setdefault(stream, "speaking")
-        elif kind == "stream":
-            line = f"[{stream}] stream {event['state']} ({event['source']}, {event['codec']}, " \
-                   f"{event['sample_rate']} Hz, {event['channels']} ch)"
-            if event["state"] == "open":
+        elif isinstance(typed, StreamEvent):
+            line = (f"[{stream}] stream {typed.state} ({typed.source}, {typed.codec}, "
+                    f"{typed.sample_rate} Hz, {typed.channels} ch)")
+            if typed.state == "open":
                 self._status.setdefault(stream, "waiting for speech")
-            if event.get("reason"):
-                line += f": {event['reason']}"
-        elif kind == "error":
-            line = f"[{stream}] {event['code']}: {event['message']}"
+            if typed.reason:
+                line += f": {typed.reason}"
+        elif isinstance(typed, ErrorEvent):
+            line = f"[{stream}] {typed.code}: {typed.message}"
         if line is None:
             return
         if self.live:
             if kind in ("stream", "error"):
                 self._clear_block()
                 self._safe_write(self.err, line + "\n")
-            if kind == "stream" and event.get("state") == "closed":
+            if isinstance(typed, StreamEvent) and typed.state == "closed":
                 self._status.pop(stream, None)
         else:
             self._safe_write(self.err, line + "\n")

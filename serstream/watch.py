@@ -29,9 +29,21 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 from urllib.parse import urlsplit, urlunsplit
+
+from serstream_client.client import AnyEvent, read_event
+from serstream_client.model import (
+    EmotionEvent,
+    ErrorEvent,
+    GapEvent,
+    SpeechEvent,
+    StatsEvent,
+    StreamEvent,
+    UnknownEvent,
+)
 
 from serstream.errors import WatchError
 from serstream.events import dumps
@@ -142,64 +154,73 @@ def _f(value: Any, spec: str) -> str:
     return "?"
 
 
-def _emotion_text(e: dict[str, Any]) -> str:
-    mood = e.get("smoothed") if isinstance(e.get("smoothed"), dict) else {}
-    text = (f"{e.get('kind', '?'):<7} {str(e.get('label', '?')):<9} {_f(e.get('confidence'), '.2f')}  "
-            f"A{_f(e.get('arousal'), '+.2f')} V{_f(e.get('valence'), '+.2f')} D{_f(e.get('dominance'), '+.2f')}  "
-            f"{_f(e.get('t0'), '.1f')}-{_f(e.get('t1'), '.1f')}s")
-    if mood:
-        text += f"  mood {mood.get('label', '?')} {_f(mood.get('confidence'), '.2f')}"
-    if "latency_ms" in e:
-        text += f"  {_f(e.get('latency_ms'), '.0f')} ms"
-    return text
+def _emotion_text(e: EmotionEvent) -> str:
+    mood = e.smoothed
+    return (f"{e.kind:<7} {e.label:<9} {e.confidence:.2f}  "
+            f"A{e.arousal:+.2f} V{e.valence:+.2f} D{e.dominance:+.2f}  "
+            f"{e.t0:.1f}-{e.t1:.1f}s  mood {mood.label} {mood.confidence:.2f}  {e.latency_ms:.0f} ms")
 
 
-def format_partial(event: dict[str, Any]) -> str:
+def _typed(event: AnyEvent | Mapping[str, Any]) -> AnyEvent:
+    """The typed event (a dict from the monitor's bus is parsed, leniently, by the client's reader)."""
+    return read_event(event) if isinstance(event, Mapping) else event
+
+
+def _wire(event: AnyEvent | Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON object to print with --json: what the monitor sent, when known."""
+    if isinstance(event, Mapping):
+        return dict(event)
+    if event.raw:
+        return dict(event.raw)
+    return {} if isinstance(event, UnknownEvent) else event.to_dict()
+
+
+def format_partial(event: AnyEvent | Mapping[str, Any]) -> str:
     """The compact in-place line of a partial estimate."""
-    return f"{_clock(event.get('ts'))} [{event.get('stream', '?')}] {_emotion_text(event)}"
+    typed = _typed(event)
+    if not isinstance(typed, EmotionEvent):
+        return ""
+    return f"{_clock(typed.ts)} [{typed.stream}] {_emotion_text(typed)}"
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    """``value`` when it is a dict (an event's nested object), else an empty one: bad fields print as "?"."""
-    return value if isinstance(value, dict) else {}
+_GAP_REASONS = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
+                "restart": "the monitor restarted", "future": "the monitor does not know that id"}
 
 
-def format_event(event: dict[str, Any], options: WatchOptions = WatchOptions()) -> str | None:
-    """One readable line for an event, or None for what is not shown (partials, stats, unknown types)."""
-    kind = event.get("type")
-    head = f"{_clock(event.get('ts'))} [{event.get('stream', '?')}]"
-    if kind == "emotion":
-        if event.get("kind") != "final" and not options.partials_as_lines:
+def format_event(event: AnyEvent | Mapping[str, Any], options: WatchOptions = WatchOptions()) -> str | None:
+    """One readable line for an event, or None for what is not shown (partials, stats, unknown or malformed).
+
+    The line is made from the typed event model (:mod:`serstream_client.model`), the one every
+    client parses with; a dict is parsed first, and one that does not parse is not shown.
+    """
+    e = _typed(event)
+    head = f"{_clock(e.ts)} [{e.stream}]"
+    if isinstance(e, EmotionEvent):
+        if e.kind != "final" and not options.partials_as_lines:
             return None
-        return f"{head} {_emotion_text(event)}"
-    if kind == "speech":
-        if event.get("state") == "end":
-            return (f"{head} speech end at {_f(event.get('t'), '.2f')}s "
-                    f"({_f(event.get('duration'), '.2f')} s, {event.get('reason', '?')})")
-        return f"{head} speech {event.get('state', '?')} at {_f(event.get('t'), '.2f')}s"
-    if kind == "stream":
-        line = (f"{head} stream {event.get('state', '?')} ({event.get('source', '?')}, {event.get('codec', '?')}, "
-                f"{event.get('sample_rate', '?')} Hz, {event.get('channels', '?')} ch)")
-        if event.get("detail"):
-            line += f" {event['detail']}"
-        if event.get("reason"):
-            line += f": {event['reason']}"
+        return f"{head} {_emotion_text(e)}"
+    if isinstance(e, SpeechEvent):
+        if e.state == "end":
+            return f"{head} speech end at {e.t:.2f}s ({_f(e.duration, '.2f')} s, {e.reason or '?'})"
+        return f"{head} speech {e.state} at {e.t:.2f}s"
+    if isinstance(e, StreamEvent):
+        line = f"{head} stream {e.state} ({e.source}, {e.codec}, {e.sample_rate} Hz, {e.channels} ch)"
+        if e.detail:
+            line += f" {e.detail}"
+        if e.reason:
+            line += f": {e.reason}"
         return line
-    if kind == "gap":
-        why = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
-               "restart": "the monitor restarted", "future": "the monitor does not know that id"}.get(
-                   str(event.get("reason")), str(event.get("reason", "?")))
-        return (f"{head} gap: {event.get('lost', '?')} events lost after id {event.get('since', '?')} ({why}); "
-                f"resuming at id {event.get('resume_from', '?')}")
-    if kind == "error":
-        return f"{head} error {event.get('code', '?')}: {event.get('message', '')} (x{event.get('count', '?')})"
-    if kind == "stats" and options.stats:
-        latency, batches, drops = _dict(event.get("latency_ms")), _dict(event.get("batches")), _dict(event.get("drops"))
-        dropped = sum(v for v in drops.values() if isinstance(v, (int, float)))
-        return (f"{head} stats {event.get('streams', '?')} streams, {_f(event.get('windows_per_s'), '.1f')} windows/s, "
-                f"latency p50 {_f(latency.get('p50'), '.0f')} p95 {_f(latency.get('p95'), '.0f')} ms, "
-                f"batch mean {_f(batches.get('mean_size'), '.1f')} max {batches.get('max_size', '?')}, "
-                f"{dropped} dropped, {event.get('device', '?')}")
+    if isinstance(e, GapEvent):
+        why = _GAP_REASONS.get(e.reason, e.reason)
+        return f"{head} gap: {e.lost} events lost after id {e.since} ({why}); resuming at id {e.resume_from}"
+    if isinstance(e, ErrorEvent):
+        return f"{head} error {e.code}: {e.message} (x{e.count})"
+    if isinstance(e, StatsEvent) and options.stats:
+        dropped = sum(v for v in e.drops.values() if isinstance(v, (int, float)))
+        return (f"{head} stats {e.streams} streams, {e.windows_per_s:.1f} windows/s, "
+                f"latency p50 {_f(e.latency_ms.get('p50'), '.0f')} p95 {_f(e.latency_ms.get('p95'), '.0f')} ms, "
+                f"batch mean {_f(e.batches.get('mean_size'), '.1f')} max {_f(e.batches.get('max_size'), '.0f')}, "
+                f"{dropped} dropped, {e.device}")
     return None
 
 
@@ -213,11 +234,12 @@ class Printer:
         self.lines = 0
         self._partial_shown = False
 
-    def show(self, event: dict[str, Any]) -> None:
+    def show(self, event: AnyEvent | Mapping[str, Any]) -> None:
         if self.options.json_lines:
-            self._write(dumps(event) + "\n")
+            self._write(dumps(_wire(event)) + "\n")
             return
-        if (event.get("type") == "emotion" and event.get("kind") == "partial" and self.tty
+        event = _typed(event)
+        if (isinstance(event, EmotionEvent) and event.kind == "partial" and self.tty
                 and not self.options.partials_as_lines):
             self._write("\r\x1b[2K" + format_partial(event))
             self._partial_shown = True
@@ -253,7 +275,7 @@ async def _watch(url: str, args: argparse.Namespace, printer: Printer) -> None:
             if args.json and event.raw:
                 printer.show(dict(event.raw))
             continue
-        printer.show(dict(event.raw))
+        printer.show(event)
 
 
 def run_watch(args: argparse.Namespace) -> int:
