@@ -3,7 +3,8 @@
 One label order, one sample rate, one set of tensor names and metadata keys:
 ``training/`` imports these definitions (it may import serstream; serstream
 never imports torch or training), so the model that training exports and the
-monitor that runs it cannot disagree. See ../shared/DESIGN.md, "Contracts".
+monitor that runs it cannot disagree. docs/architecture.md ("Model contract in use")
+and models/README.md describe the contract in words.
 """
 
 from __future__ import annotations

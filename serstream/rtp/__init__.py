@@ -1,6 +1,6 @@
 """Network audio ingest, pure part: RTP parsing, G.711, payload formats, jitter buffer, demux.
 
-No sockets here (see ../shared/DESIGN.md, "Sans-I/O"): the UDP and WebSocket
+No sockets here (docs/architecture.md, "Pure interfaces"): the UDP and WebSocket
 adapters in ``serstream.sources`` feed bytes and arrival times in and turn the
 returned events into monitor streams.
 """
