@@ -181,12 +181,12 @@ _ENDED = (Lifecycle.CLOSED, Lifecycle.FAILED)
 class _WindowContext:
     """What a request carries through the batch to its result."""
 
-    stream: _Stream
+    stream: _MonitorStream
     pushed_at: float  # monotonic time the audio that completed the window was pushed
     state: Mapping[str, np.ndarray | None]  # the speaker state the window runs with (fixed at release)
 
 
-class _Stream:
+class _MonitorStream:
     """One stream: its ring and lifecycle (shared), its pipeline and its estimator.
 
     Fields are grouped by the thread that owns them; ``lock`` guards the ring,
@@ -258,7 +258,7 @@ class _Stream:
 class StreamHandle:
     """What a source holds: push audio, report trouble, close. Safe to call from any thread."""
 
-    def __init__(self, monitor: Monitor, stream: _Stream) -> None:
+    def __init__(self, monitor: Monitor, stream: _MonitorStream) -> None:
         self._monitor = monitor
         self._stream = stream
 
@@ -370,13 +370,13 @@ class Monitor:
             raise MonitorError(one_line(exc, limit=None)) from None
         self._sink: Sink = sink or (lambda event: None)
         self._sink_lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _MonitorStream] = {}
         self._registry_lock = threading.Lock()
-        self._dirty: deque[_Stream] = deque()
+        self._dirty: deque[_MonitorStream] = deque()
         # Streams whose held windows a result has cleared (inference thread appends, pipeline pops).
-        self._releasable: deque[_Stream] = deque()
+        self._releasable: deque[_MonitorStream] = deque()
         # Streams closing or failed (pipeline thread only): checked each tick until removed.
-        self._closing: set[_Stream] = set()
+        self._closing: set[_MonitorStream] = set()
         self._wake = threading.Event()
         self._result_wake = threading.Event()
         self._batcher = BatchFormer(
@@ -515,7 +515,7 @@ class Monitor:
                 raise StreamIdTaken(f"stream {stream_id!r} is already open")
             if len(self._streams) >= self.config.max_streams:
                 raise MonitorError(f"too many streams (max {self.config.max_streams})")
-            st = _Stream(self, stream_id, source, codec, rate, channels, detail, ring)
+            st = _MonitorStream(self, stream_id, source, codec, rate, channels, detail, ring)
             self._streams[stream_id] = st
             self._pipe.inc("streams_opened")
         self._emit(
@@ -531,7 +531,7 @@ class Monitor:
         with self._registry_lock:
             return list(self._streams)
 
-    def _mark(self, st: _Stream) -> None:
+    def _mark(self, st: _MonitorStream) -> None:
         # Called from audio threads: two attribute checks, a deque append and an Event.set at most.
         if not st.queued_for_wake:
             st.queued_for_wake = True
@@ -672,7 +672,7 @@ class Monitor:
             except Exception:  # noqa: BLE001 - a consumer's bug must not stop the pipeline
                 self._sink_failures += 1
 
-    def _report(self, st: _Stream, code: str, message: str, count: int) -> None:
+    def _report(self, st: _MonitorStream, code: str, message: str, count: int) -> None:
         """An ``error`` event the first time ``code`` happens on ``st`` (later only counted)."""
         if code in st.reported:
             return
@@ -750,7 +750,7 @@ class Monitor:
             if st.lifecycle is not Lifecycle.OPEN:
                 self._closing.add(st)
 
-    def _process_stream(self, st: _Stream, now: float) -> None:
+    def _process_stream(self, st: _MonitorStream, now: float) -> None:
         if st.ended:
             return
         if st.trouble is not None:
@@ -790,7 +790,7 @@ class Monitor:
                 if st.move(Lifecycle.DRAINING, only_from=(Lifecycle.CLOSING,)):
                     st.flushed_at = now
 
-    def _handle(self, st: _Stream, items: list[PipelineItem], now: float) -> None:
+    def _handle(self, st: _MonitorStream, items: list[PipelineItem], now: float) -> None:
         """Speech events out now; windows into the stream's order gate, then the batch former."""
         admitted = False
         for item in items:
@@ -807,7 +807,7 @@ class Monitor:
         if admitted:
             self._release(st, now)
 
-    def _release(self, st: _Stream, now: float) -> None:
+    def _release(self, st: _MonitorStream, now: float) -> None:
         """Hand the stream's cleared windows to the batch former, each with its speaker state."""
         with st.est_lock:
             ready = st.estimator.ready()
@@ -815,7 +815,7 @@ class Monitor:
             self._submit(st, released, now)
         self._settle_drops()
 
-    def _submit(self, st: _Stream, released: Released[float], now: float) -> None:
+    def _submit(self, st: _MonitorStream, released: Released[float], now: float) -> None:
         context = _WindowContext(st, released.tag, released.state)
         request = Request(stream=st.id, window=released.window, submitted=now, context=context)
         self._batcher.add(request, now, close=False)
@@ -881,13 +881,13 @@ class Monitor:
                 continue
             self._remove(st, st.close_reason or "closed")
 
-    def _fail(self, st: _Stream, code: str, message: str, now: float) -> None:
+    def _fail(self, st: _MonitorStream, code: str, message: str, now: float) -> None:
         st.move(Lifecycle.FAILED)
         self._pipe.inc("streams_failed")
         self._report(st, code, message, 1)
         self._remove(st, "error: " + message)
 
-    def _remove(self, st: _Stream, reason: str) -> None:
+    def _remove(self, st: _MonitorStream, reason: str) -> None:
         with st.lock:
             if st.lifecycle is not Lifecycle.FAILED:
                 st.lifecycle = Lifecycle.CLOSED

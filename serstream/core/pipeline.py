@@ -34,7 +34,7 @@ from serstream.contract import SAMPLE_RATE
 from serstream.core.audio import sanitize
 from serstream.core.resample import StreamResampler
 from serstream.core.scheduler import SchedulerConfig, Window, WindowScheduler
-from serstream.core.vad import SpeechEnd, SpeechEvent, SpeechStart, VadConfig, VadSegmenter
+from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadEvent, VadSegmenter
 
 __all__ = ["SpeechBegan", "SpeechEnded", "WindowReady", "PipelineItem", "StreamPipeline", "clean_in_place"]
 
@@ -180,7 +180,7 @@ class StreamPipeline:
         if speech:
             self._speech(speech, items)
 
-    def _speech(self, speech: list[SpeechEvent], items: list[PipelineItem]) -> None:
+    def _speech(self, speech: list[VadEvent], items: list[PipelineItem]) -> None:
         for ev in speech:
             if isinstance(ev, SpeechStart):
                 self._speech_start = ev.index

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serstream.contract import SAMPLE_RATE
-from serstream.core.vad import SpeechAudio, SpeechEnd, SpeechEvent, SpeechStart
+from serstream.core.vad import SpeechAudio, SpeechEnd, SpeechStart, VadEvent
 
 __all__ = ["SchedulerConfig", "Window", "WindowScheduler", "KIND_PARTIAL", "KIND_FINAL"]
 
@@ -111,7 +111,7 @@ class WindowScheduler:
         """Utterances started so far."""
         return self._utterance + 1
 
-    def feed(self, event: SpeechEvent) -> list[Window]:
+    def feed(self, event: VadEvent) -> list[Window]:
         """Consume one segmenter event; return the windows it makes due (zero or one)."""
         if isinstance(event, SpeechStart):
             return self._start(event)
@@ -121,7 +121,7 @@ class WindowScheduler:
             return self._end(event)
         raise TypeError(f"scheduler cannot take {type(event).__name__}")
 
-    def feed_all(self, events: list[SpeechEvent]) -> list[Window]:
+    def feed_all(self, events: list[VadEvent]) -> list[Window]:
         """Feed events in order and collect the windows."""
         windows: list[Window] = []
         for event in events:

@@ -47,7 +47,7 @@ __all__ = [
     "SpeechStart",
     "SpeechAudio",
     "SpeechEnd",
-    "SpeechEvent",
+    "VadEvent",
     "VadSegmenter",
 ]
 
@@ -151,7 +151,7 @@ class SpeechEnd:
     too_short: bool = False
 
 
-SpeechEvent = SpeechStart | SpeechAudio | SpeechEnd
+VadEvent = SpeechStart | SpeechAudio | SpeechEnd
 
 
 class VadSegmenter:
@@ -204,7 +204,7 @@ class VadSegmenter:
         """Absolute index the next pushed sample gets when ``push`` is called without ``index``."""
         return self._partial_index + self._partial.size
 
-    def push(self, samples: np.ndarray, index: int | None = None) -> list[SpeechEvent]:
+    def push(self, samples: np.ndarray, index: int | None = None) -> list[VadEvent]:
         """Feed a 1-D block; ``index`` (optional) is the absolute index of its first sample.
 
         An ``index`` beyond :attr:`next_index` means samples were lost upstream:
@@ -213,7 +213,7 @@ class VadSegmenter:
         data = np.asarray(samples)
         if data.ndim != 1:
             raise ValueError(f"VAD takes 1-D blocks, got shape {data.shape}")
-        events: list[SpeechEvent] = []
+        events: list[VadEvent] = []
         if index is not None and index != self.next_index:
             if index < self.next_index:
                 raise ValueError(
@@ -237,22 +237,22 @@ class VadSegmenter:
         self._emit_pending(events)
         return events
 
-    def flush(self) -> list[SpeechEvent]:
+    def flush(self) -> list[VadEvent]:
         """End an open segment (stream closed); its unframed tail samples are included."""
-        events: list[SpeechEvent] = []
+        events: list[VadEvent] = []
         self._close_open(REASON_FLUSH, events)
         self._restart_framing(self.next_index)
         return events
 
     # -- internals -------------------------------------------------------------------------
 
-    def _gap(self, index: int, events: list[SpeechEvent]) -> None:
+    def _gap(self, index: int, events: list[VadEvent]) -> None:
         self.gaps += 1
         self.gap_samples += index - self.next_index
         self._close_open(REASON_GAP, events)
         self._restart_framing(index)
 
-    def _close_open(self, reason: str, events: list[SpeechEvent]) -> None:
+    def _close_open(self, reason: str, events: list[VadEvent]) -> None:
         """End an open segment at the last contiguous sample, unframed tail included."""
         if self._in_speech:
             if self._partial.size:
@@ -270,7 +270,7 @@ class VadSegmenter:
         self._window.clear()
         self._window_voiced = 0
 
-    def _on_frame(self, index: int, frame: np.ndarray, voiced: bool, events: list[SpeechEvent]) -> None:
+    def _on_frame(self, index: int, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
         self.frames += 1
         self.voiced_frames += voiced
         end = index + self._frame
@@ -296,7 +296,7 @@ class VadSegmenter:
             if self._silence_run >= self._hangover_frames:
                 self._end_segment(end, REASON_SILENCE, events)
 
-    def _idle_frame(self, index: int, frame: np.ndarray, voiced: bool, events: list[SpeechEvent]) -> None:
+    def _idle_frame(self, index: int, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
         if len(self._window) == self._window.maxlen:
             self._window_voiced -= self._window[0]
         self._window.append(voiced)
@@ -319,7 +319,7 @@ class VadSegmenter:
         self._voiced_end = index + self._frame
         self._reset_idle()
 
-    def _begin_segment(self, index: int, events: list[SpeechEvent]) -> None:
+    def _begin_segment(self, index: int, events: list[VadEvent]) -> None:
         self._in_speech = True
         self._segment_start = index
         self._voiced_start = None
@@ -333,13 +333,13 @@ class VadSegmenter:
             self._pending_index = index
         self._pending.append(audio)
 
-    def _emit_pending(self, events: list[SpeechEvent]) -> None:
+    def _emit_pending(self, events: list[VadEvent]) -> None:
         if self._pending:
             audio = np.concatenate(self._pending)
             events.append(SpeechAudio(self._pending_index, audio))
             self._pending = []
 
-    def _end_segment(self, index: int, reason: str, events: list[SpeechEvent]) -> None:
+    def _end_segment(self, index: int, reason: str, events: list[VadEvent]) -> None:
         self._emit_pending(events)
         voiced = 0 if self._voiced_start is None else self._voiced_end - self._voiced_start
         events.append(SpeechEnd(index, reason, too_short=voiced < self._min_voiced))

@@ -142,7 +142,7 @@ def stream_id_for(ssrc: int) -> str:
 
 
 @dataclass
-class _Stream:
+class _SsrcStream:
     ssrc: int
     stream_id: str
     fmt: PayloadFormat
@@ -174,7 +174,7 @@ class RtpDemux:
     ) -> None:
         self.config = config
         self._payload_map = dict(STATIC_PAYLOAD_TYPES if payload_map is None else payload_map)
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, _SsrcStream] = {}
         self._closed_totals = JitterStats()
         #: Datagrams given to :meth:`receive`.
         self.received = 0
@@ -273,7 +273,7 @@ class RtpDemux:
 
     # -- internals -----------------------------------------------------------
 
-    def _within_speed(self, stream: _Stream, packet: RtpPacket, fmt: PayloadFormat, now: float) -> bool:
+    def _within_speed(self, stream: _SsrcStream, packet: RtpPacket, fmt: PayloadFormat, now: float) -> bool:
         """Flood guard: charge the packet's advance of the stream clock; False when over the limit."""
         speed = self.config.max_speed
         if speed is None:
@@ -320,13 +320,13 @@ class RtpDemux:
         addr: tuple[Any, ...],
         now: float,
         events: list[DemuxEvent],
-    ) -> _Stream:
+    ) -> _SsrcStream:
         payload_map = self._payload_map
 
         def duration_of(p: RtpPacket) -> int:
             return payload_frames(payload_map[p.payload_type], len(p.payload))
 
-        stream = _Stream(
+        stream = _SsrcStream(
             ssrc=packet.ssrc,
             stream_id=stream_id_for(packet.ssrc),
             fmt=fmt,
@@ -339,7 +339,7 @@ class RtpDemux:
         events.append(StreamOpened(packet.ssrc, stream.stream_id, fmt, tuple(addr)))
         return stream
 
-    def _close(self, stream: _Stream, reason: str, now: float, events: list[DemuxEvent]) -> None:
+    def _close(self, stream: _SsrcStream, reason: str, now: float, events: list[DemuxEvent]) -> None:
         self._emit_audio(stream, stream.jitter.flush(now), events)
         del self._streams[stream.ssrc]
         stats = stream.jitter.stats.as_dict()
@@ -347,7 +347,7 @@ class RtpDemux:
             setattr(self._closed_totals, key, getattr(self._closed_totals, key) + value)
         events.append(StreamClosed(stream.stream_id, reason, stats))
 
-    def _emit_audio(self, stream: _Stream, frames: list[Frame], events: list[DemuxEvent]) -> None:
+    def _emit_audio(self, stream: _SsrcStream, frames: list[Frame], events: list[DemuxEvent]) -> None:
         if not frames:
             return
         pieces = [
