@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import onnx
@@ -447,3 +448,15 @@ def model_failing_on_quiet_audio(source: Path, target: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
     return target
+
+
+class SlowModel:
+    """A real model behind a fixed delay per batch: a stand-in for a CPU that cannot keep up (same numbers)."""
+
+    def __init__(self, model: Any, delay_s: float) -> None:
+        self._model, self._delay_s = model, delay_s
+        self.info, self.device = model.info, model.device
+
+    def infer(self, audio: np.ndarray, lengths: np.ndarray, state: Any = None) -> Any:
+        time.sleep(self._delay_s)
+        return self._model.infer(audio, lengths, state)

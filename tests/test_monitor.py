@@ -23,6 +23,7 @@ from serstream.inference.session import EmotionModel
 from serstream.monitor import Monitor, MonitorConfig, MonitorError
 from tests.audio import SAMPLE_RATE, silence, speech_with_pauses, voiced
 from tests.e2e.helpers import model_with_metadata
+from tests.modelfactory import SlowModel
 
 CHUNK = 320  # 20 ms at 16 kHz
 
@@ -349,16 +350,6 @@ def test_model_metadata_the_pipeline_cannot_use_is_refused_in_one_line(
         assert fragment in message and str(path) in message and "\n" not in message
 
 
-class _SlowModel:
-    """The real model behind a fixed delay per batch: a stand-in for a CPU that cannot keep up."""
-
-    def __init__(self, model: EmotionModel, delay_s: float) -> None:
-        self._model, self._delay_s = model, delay_s
-        self.info, self.device = model.info, model.device
-
-    def infer(self, audio: np.ndarray, lengths: np.ndarray, state: Any = None) -> Any:
-        time.sleep(self._delay_s)
-        return self._model.infer(audio, lengths, state)
 
 
 def test_expired_partials_do_not_hold_back_closing_streams(model: EmotionModel) -> None:
@@ -366,7 +357,7 @@ def test_expired_partials_do_not_hold_back_closing_streams(model: EmotionModel) 
     audio = speech_with_pauses(((0.3, 2.5),), tail_s=0.8)
     names = [f"s{i}" for i in range(6)]
     # Twice real time into a model that needs 0.2 s a batch: partials fall due faster than it serves them.
-    sink, stats = run(_SlowModel(model, delay_s=0.2), {n: audio for n in names},
+    sink, stats = run(SlowModel(model, delay_s=0.2), {n: audio for n in names},
                       MonitorConfig(max_batch=2, partial_max_age_s=0.1), speed=2.0)
     assert stats["drops"]["partials_expired"] > 0
     for n in names:
@@ -383,7 +374,7 @@ def test_a_closing_stream_never_waits_on_a_request_the_batcher_dropped(model: Em
     # Segments up to a minute: the talkers make no finals of their own during the test.
     config = MonitorConfig(max_batch=2, max_pending=8, partial_max_age_s=None, close_timeout_s=30.0,
                            vad=VadConfig(max_segment_ms=60000))
-    monitor = Monitor(_SlowModel(model, delay_s=0.25), config, sink)
+    monitor = Monitor(SlowModel(model, delay_s=0.25), config, sink)
     monitor.start()
     stop = threading.Event()
     try:

@@ -26,6 +26,7 @@ from serstream.inference.session import EmotionModel
 from serstream.monitor import Monitor, MonitorConfig
 from tests.audio import SAMPLE_RATE, espeak_sentences, speech_with_pauses
 from tests.conftest import require_tools
+from tests.modelfactory import SlowModel
 
 CHUNK = 320  # 20 ms
 
@@ -53,16 +54,6 @@ def finals_of(events: list[dict[str, Any]], stream: str) -> list[dict[str, Any]]
     return [e for e in events if e["type"] == "emotion" and e["stream"] == stream and e["kind"] == "final"]
 
 
-class _SlowModel:
-    """The real model behind a fixed delay per batch: a CPU that cannot keep up (same numbers)."""
-
-    def __init__(self, model: EmotionModel, delay_s: float) -> None:
-        self._model, self._delay_s = model, delay_s
-        self.info, self.device = model.info, model.device
-
-    def infer(self, audio: np.ndarray, lengths: np.ndarray, state: Any = None) -> Any:
-        time.sleep(self._delay_s)
-        return self._model.infer(audio, lengths, state)
 
 
 def replay(model: EmotionModel, audio: np.ndarray, *, speed: float | None, others: int = 0) -> list[dict[str, Any]]:
@@ -78,7 +69,7 @@ def replay(model: EmotionModel, audio: np.ndarray, *, speed: float | None, other
         with lock:
             events.append(event)
 
-    backend: Any = _SlowModel(model, 0.15) if others else model
+    backend: Any = SlowModel(model, 0.15) if others else model
     # A long close timeout: the target closes when its last final is out, not when time is up.
     monitor = Monitor(backend, MonitorConfig(max_batch=4, close_timeout_s=30.0), sink)
     monitor.start()
