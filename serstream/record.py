@@ -96,7 +96,23 @@ class RecorderStats:
     queued: int
 
 
+def _create_private(path: Path) -> None:
+    """Create a new database file readable by its owner only (0600): it holds personal data.
+
+    SQLite gives its -wal and -shm files the main file's permissions, so they follow.
+    An existing file keeps the permissions its owner gave it.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise RecordError(f"cannot record to {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    _create_private(path)
     try:
         conn = sqlite3.connect(str(path), timeout=5.0, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")

@@ -118,6 +118,32 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> No
     assert query(db, "SELECT COUNT(*) FROM events WHERE run_id = 2") == [(rec.written,)]
 
 
+def test_a_new_recording_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """Emotion readings are personal data: the file (and SQLite's -wal/-shm beside it) is 0600."""
+    import stat
+
+    old = os.umask(0o022)  # the usual umask would make a plain file world-readable
+    try:
+        db = tmp_path / "private.db"
+        recorder = Recorder(db)
+        try:
+            assert recorder.offer(1, events.dumps({"id": 1, **opened("a")}).encode())
+            time.sleep(1.5)  # one commit: the -wal file exists now
+            for f in (db, db.with_name(db.name + "-wal")):
+                if f.exists():
+                    assert stat.S_IMODE(f.stat().st_mode) == 0o600, (f, oct(f.stat().st_mode))
+            assert db.exists()
+        finally:
+            recorder.close()
+        shared = tmp_path / "shared.db"
+        shared.touch(mode=0o640)
+        shared.chmod(0o640)
+        Recorder(shared).close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640  # an existing file keeps its owner's choice
+    finally:
+        os.umask(old)
+
+
 def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match="cannot record to"):
         Recorder(tmp_path / "no" / "such" / "dir" / "x.db")
