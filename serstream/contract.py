@@ -49,7 +49,8 @@ SAMPLE_RATE = 16_000
 #: Version of the ONNX model contract (metadata key ``serstream.contract``).
 CONTRACT_VERSION = 1
 
-#: Version of the JSON event schema (the ``v`` field of every event).
+#: Version of the JSON event schema (the ``v`` field of every event; additive revisions keep it,
+#: see serstream_client.model.SCHEMA_VERSION).
 EVENT_SCHEMA_VERSION = 1
 
 INPUT_AUDIO = "audio"  # float32 [batch, samples], 16 kHz mono in [-1, 1]

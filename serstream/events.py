@@ -68,7 +68,10 @@ EVENT_TYPES = tuple(model.EVENT_CLASSES)
 #: client's ``since`` is from an earlier run of the server (it restarted); or
 #: ``since`` is beyond the last id issued.
 GAP_REASONS = ("history", "overflow", "restart", "future")
-STREAM_SOURCES = ("microphone", "file", "rtp", "websocket")
+#: Where a stream's audio comes from: ``websocket`` is ``/ingest``; ``twilio`` Twilio Media
+#: Streams (``/twilio``), ``fork`` FreeSWITCH mod_audio_fork (``/fork``), ``audiosocket``
+#: Asterisk AudioSocket (TCP).
+STREAM_SOURCES = ("microphone", "file", "rtp", "websocket", "twilio", "fork", "audiosocket")
 SPEECH_END_REASONS = ("silence", "max_length", "flush", "gap")
 #: The error codes in use. Codes are stable identifiers; new ones may be added.
 ERROR_CODES = (
@@ -163,6 +166,10 @@ def _avd(avd: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     )
 
 
+def _opt_str(value: str | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def _field(obj: Any, name: str) -> Any:
     return obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
 
@@ -179,12 +186,16 @@ def stream_opened(
     channels: int,
     ts: float,
     detail: str | None = None,
+    call: str | None = None,
+    role: str | None = None,
+    params: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A stream opened: where its audio comes from and in what native format."""
+    """A stream opened: where its audio comes from, in what native format, and which party of which call."""
     return model.StreamEvent(
         stream=str(stream), ts=_num(ts, "ts"), state="open", source=_choice(source, STREAM_SOURCES, "source"),
         codec=str(codec), sample_rate=int(sample_rate), channels=int(channels),
         detail=None if detail is None else str(detail),
+        call=_opt_str(call), role=_opt_str(role), params=None if params is None else {str(k): str(v) for k, v in params.items()},
     ).to_dict()
 
 
@@ -198,6 +209,8 @@ def stream_closed(
     ts: float,
     detail: str | None = None,
     reason: str | None = None,
+    call: str | None = None,
+    role: str | None = None,
 ) -> dict[str, Any]:
     """A stream closed; ``reason`` says why (e.g. "end of file", "client closed")."""
     return model.StreamEvent(
@@ -205,6 +218,7 @@ def stream_closed(
         codec=str(codec), sample_rate=int(sample_rate), channels=int(channels),
         detail=None if detail is None else str(detail),
         reason=None if reason is None else one_line(reason, first_line=True, limit=None),
+        call=_opt_str(call), role=_opt_str(role),
     ).to_dict()
 
 
@@ -239,6 +253,8 @@ def emotion_event(
     ts: float,
     gender: np.ndarray | Sequence[float] | Mapping[str, float] | None = None,
     model: str | None = None,
+    call: str | None = None,
+    role: str | None = None,
 ) -> dict[str, Any]:
     """One estimate for the window ``[t0, t1)`` (stream seconds).
 
@@ -278,6 +294,7 @@ def emotion_event(
         latency_ms=_num(max(0.0, float(latency_ms)), "latency_ms"),
         gender=None if gender is None else probs_dict(("female", "male"), gender),
         model=None if model is None else str(model),
+        call=_opt_str(call), role=_opt_str(role),
     ).to_dict()
 
 

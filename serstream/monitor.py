@@ -204,6 +204,8 @@ class _MonitorStream:
         channels: int,
         detail: str | None,
         ring_samples: int,
+        call: str | None = None,
+        role: str | None = None,
     ) -> None:
         self.id = stream_id
         self.source = source
@@ -211,6 +213,8 @@ class _MonitorStream:
         self.rate = sample_rate
         self.channels = channels
         self.detail = detail
+        self.call = call
+        self.role = role
         self.opened_at = time.monotonic()
         cfg = monitor.config
 
@@ -240,7 +244,8 @@ class _MonitorStream:
 
         # Both threads, under `est_lock`.
         self.est_lock = threading.Lock()
-        self.estimator: StreamEstimator[float] = StreamEstimator(stream_id, monitor.info, cfg.smoother)
+        self.estimator: StreamEstimator[float] = StreamEstimator(
+            stream_id, monitor.info, cfg.smoother, call=call, role=role)
 
     @property
     def ended(self) -> bool:
@@ -481,8 +486,16 @@ class Monitor:
         channels: int,
         detail: str | None = None,
         unique: bool = False,
+        call: str | None = None,
+        role: str | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> StreamHandle:
         """Register a stream and emit its ``stream`` open event; MonitorError on bad parameters.
+
+        ``call``/``role`` make the stream one party of a call (both carried on
+        its ``stream`` and ``emotion`` events; e.g. ``role`` "inbound" of the
+        Twilio call ``call``); ``params`` are the source's per-stream
+        parameters, shown on the open event (e.g. Twilio ``customParameters``).
 
         ``unique=False``: ``stream_id`` exactly, :class:`StreamIdTaken` if it is
         open. ``unique=True``: ``stream_id`` or the first free ``stream_id-N``
@@ -500,6 +513,9 @@ class Monitor:
         channels = int(channels)
         if not stream_id or len(stream_id) > 200:
             raise MonitorError("stream id must be 1 to 200 characters")
+        for name, tag in (("call", call), ("role", role)):
+            if tag is not None and (not isinstance(tag, str) or not 1 <= len(tag) <= 200 or not tag.isprintable()):
+                raise MonitorError(f"stream {stream_id!r}: {name} must be 1 to 200 printable characters")
         ring = max(1, int(math.ceil(self.config.ring_seconds * rate)))
         with self._registry_lock:
             if self._stopping:
@@ -515,13 +531,13 @@ class Monitor:
                 raise StreamIdTaken(f"stream {stream_id!r} is already open")
             if len(self._streams) >= self.config.max_streams:
                 raise MonitorError(f"too many streams (max {self.config.max_streams})")
-            st = _MonitorStream(self, stream_id, source, codec, rate, channels, detail, ring)
+            st = _MonitorStream(self, stream_id, source, codec, rate, channels, detail, ring, call, role)
             self._streams[stream_id] = st
             self._pipe.inc("streams_opened")
         self._emit(
             events.stream_opened(
                 stream_id, source=source, codec=codec, sample_rate=rate, channels=channels,
-                ts=time.time(), detail=detail,
+                ts=time.time(), detail=detail, call=call, role=role, params=params,
             )
         )
         return StreamHandle(self, st)
@@ -905,7 +921,7 @@ class Monitor:
         self._emit(
             events.stream_closed(
                 st.id, source=st.source, codec=st.codec, sample_rate=st.rate, channels=st.channels,
-                ts=time.time(), detail=st.detail, reason=reason,
+                ts=time.time(), detail=st.detail, reason=reason, call=st.call, role=st.role,
             )
         )
 

@@ -51,8 +51,19 @@ class Released(Generic[T]):
 class StreamEstimator(Generic[T]):
     """Per-stream estimation state; ``tag`` is the caller's own data carried with each window."""
 
-    def __init__(self, stream: str, info: ModelInfo, smoother: SmootherConfig | None = None) -> None:
+    def __init__(
+        self,
+        stream: str,
+        info: ModelInfo,
+        smoother: SmootherConfig | None = None,
+        *,
+        call: str | None = None,
+        role: str | None = None,
+    ) -> None:
         self.stream = stream
+        #: The call and party the stream's events name (None: a lone stream).
+        self.call = call
+        self.role = role
         self.labels = tuple(info.labels)
         self.model_version = info.version
         self.smoother = MoodSmoother(self.labels, smoother or SmootherConfig())
@@ -148,6 +159,7 @@ class StreamEstimator(Generic[T]):
                 self.stream, seq=seq, kind=window.kind, utterance=utterance_offset + window.utterance,
                 t0=window.start / SAMPLE_RATE, t1=t1, labels=self.labels, probs=probs, avd=avd,
                 smoothed=mood, latency_ms=latency_ms, ts=ts, gender=gender, model=self.model_version,
+                call=self.call, role=self.role,
             )
         finally:
             self._resolve(window)

@@ -46,7 +46,9 @@ __all__ = [
     "parse_event",
 ]
 
-#: The event schema version this model describes (``v`` of every event).
+#: The event schema version this model describes (``v`` of every event). ``v`` changes only on
+#: breaking changes; additive revisions keep it: 1.1 added ``id`` and ``gap``, 1.2 ``call``/``role``
+#: (stream and emotion events) and ``params`` (stream events).
 SCHEMA_VERSION = 1
 #: ``stats`` events are about the whole monitor, not one stream.
 STATS_STREAM = "*"
@@ -134,7 +136,7 @@ class StreamEvent(BaseEvent):
     """A stream opened (``state`` "open") or closed ("closed", with a ``reason``)."""
 
     TYPE: ClassVar[str] = "stream"
-    OMIT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"detail", "reason"})
+    OMIT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"detail", "reason", "call", "role", "params"})
 
     state: str
     source: str
@@ -143,6 +145,12 @@ class StreamEvent(BaseEvent):
     channels: int
     detail: str | None = None
     reason: str | None = None
+    #: The call this stream is one party of (e.g. a Twilio callSid); None for a lone stream.
+    call: str | None = None
+    #: The party within the call (e.g. ``caller``/``callee``, ``inbound``/``outbound``, ``left``/``right``).
+    role: str | None = None
+    #: Parameters the source was given for this stream (e.g. Twilio ``customParameters``).
+    params: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,7 +171,7 @@ class EmotionEvent(BaseEvent):
     """One estimate for the stream audio ``[t0, t1)``; ``smoothed`` is the stream's state after it."""
 
     TYPE: ClassVar[str] = "emotion"
-    OMIT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"gender", "model"})
+    OMIT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"gender", "model", "call", "role"})
 
     seq: int
     kind: str
@@ -180,6 +188,9 @@ class EmotionEvent(BaseEvent):
     latency_ms: float
     gender: dict[str, float] | None = None
     model: str | None = None
+    #: As on the stream's ``stream`` event: the call and the party this estimate is of.
+    call: str | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,6 +319,12 @@ def _numbers(value: Any) -> dict[str, float]:
     return {str(k): _num(v) for k, v in value.items()}
 
 
+def _strings(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise _Bad("an object of strings")
+    return {str(k): _str(v) for k, v in value.items()}
+
+
 def _counts(value: Any) -> dict[str, int]:
     if not isinstance(value, Mapping):
         raise _Bad("an object of integers")
@@ -330,6 +347,7 @@ _Reader = Callable[[Any], Any]
 # The reader of each field's annotation (the annotations are strings: `from __future__ import annotations`).
 _READERS: dict[str, _Reader] = {
     "str": _str, "int": _int, "float": _num, "dict[str, float]": _numbers, "dict[str, int]": _counts,
+    "dict[str, str]": _strings,
     "Mood": _mood,
 }
 
