@@ -446,3 +446,40 @@ def test_monitor_open_stream_applies_the_rule_and_raises_a_typed_error(model: Em
         first.close()
     finally:
         monitor.stop()
+
+
+def test_parties_of_a_call_carry_call_and_role_on_their_events(
+    model: EmotionModel, validator: jsonschema.Draft202012Validator
+) -> None:
+    sink = Collector()
+    monitor = Monitor(model, MonitorConfig(), sink)
+    monitor.start()
+    audio = speech_with_pauses(((0.5, 1.5),), tail_s=1.0)
+    try:
+        handles = {
+            role: monitor.open_stream(f"call7:{role}", source="twilio", codec="pcmu", sample_rate=SAMPLE_RATE,
+                                      channels=1, call="call7", role=role,
+                                      params={"customer": "42"} if role == "inbound" else None)
+            for role in ("inbound", "outbound")
+        }
+        lone = monitor.open_stream("lone", source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+        push_all({**handles, "lone": lone}, {"inbound": audio, "outbound": audio, "lone": audio}, monitor=monitor)
+        for handle in (*handles.values(), lone):
+            handle.close(reason="end")
+        assert monitor.wait_idle(timeout=60)
+        with pytest.raises(MonitorError, match="role must be 1 to 200 printable"):
+            monitor.open_stream("bad", source="file", codec="pcm", sample_rate=SAMPLE_RATE, channels=1,
+                                call="c", role="a\nb")
+    finally:
+        monitor.stop()
+    for event in sink.events:
+        validator.validate(event)
+    for role in ("inbound", "outbound"):
+        mine = [e for e in sink.of(f"call7:{role}") if e["type"] in ("stream", "emotion")]
+        assert {e["type"] for e in mine} == {"stream", "emotion"}
+        assert all(e["call"] == "call7" and e["role"] == role for e in mine)
+        opened = next(e for e in mine if e["type"] == "stream" and e["state"] == "open")
+        assert opened.get("params") == ({"customer": "42"} if role == "inbound" else None)
+    # A lone stream's events do not mention a call at all (fields omitted, not null).
+    assert all("call" not in e and "role" not in e for e in sink.of("lone"))
+    assert any(e["type"] == "emotion" for e in sink.of("lone"))
