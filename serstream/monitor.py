@@ -62,6 +62,7 @@ from serstream.core.vad import VadConfig
 from serstream.errors import MonitorError, SourceError, StreamIdTaken, one_line
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
+from serstream.metrics import MonitorMetrics
 
 __all__ = [
     "MonitorError",
@@ -386,11 +387,16 @@ class Monitor:
             partial_wait_s=self.config.partial_wait_s,
             partial_max_age_s=self.config.partial_max_age_s,
         )
+        #: Prometheus instruments (own registry; serstream/metrics.py): histograms observed here and
+        #: in the worker, counters and gauges mirrored from stats() on each stats tick and scrape.
+        self.metrics = MonitorMetrics()
+        self.metrics.set_device(self.device, str(getattr(model_or_backend, "provider", "") or self.device))
         self._worker = InferenceWorker(
             self.backend,
             self._on_result,
             max_queue=self.config.worker_queue,
             state_for=self._state_for if self.info.state_inputs else None,
+            observe=self.metrics.observe_batch,
         )
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -636,8 +642,9 @@ class Monitor:
         }
 
     def stats_event(self) -> dict[str, Any]:
-        """The ``stats`` event for now."""
+        """The ``stats`` event for now (its snapshot is mirrored into :attr:`metrics` too)."""
         s = self.stats()
+        self.metrics.update(s)
         return events.stats_event(
             uptime_s=s["uptime_s"], streams=s["streams"], windows_per_s=s["windows_per_s"],
             batches=s["batches"], queues=s["queues"], drops=s["drops"], latency_ms=s["latency_ms"],
@@ -965,6 +972,7 @@ class Monitor:
                 latencies.append(latency)
                 if window.final:
                     finals.append(latency)
+                self.metrics.observe_event(window.final, latency)
             except Exception as exc:  # noqa: BLE001 - a bad row fails its stream only
                 self._infer.inc("result_errors")
                 st.trouble = ("stream_error", f"result handling failed: {one_line(exc, limit=None)}")

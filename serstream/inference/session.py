@@ -16,16 +16,26 @@ available on every machine, and asking for it where no GPU is usable makes
 ONNX Runtime log errors before it falls back. So CUDA is requested only when
 the provider is listed *and* the CUDA driver (``libcuda.so.1``) loads and
 reports at least one device. What the session actually got is what
-:attr:`EmotionModel.device` reports.
+:attr:`EmotionModel.device` and :attr:`EmotionModel.provider` report, and
+:func:`describe_device` puts it (with why CUDA was not used) in one line.
+
+The CUDA libraries can come from PyPI (``pip install "serstream[gpu]"``: the
+``nvidia-*`` wheels that this onnxruntime-gpu build needs, docs/scale-out.md),
+without a system CUDA install: where the driver reports a GPU,
+``onnxruntime.preload_dlls()`` (onnxruntime-gpu 1.21 and later) loads them
+from site-packages first, its printed complaints captured, never shown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
@@ -45,6 +55,9 @@ __all__ = [
     "EmotionModel",
     "pad_batch",
     "cuda_usable",
+    "cuda_check",
+    "CudaCheck",
+    "describe_device",
     "softmax",
 ]
 
@@ -105,39 +118,84 @@ def pad_batch(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return audio, lengths
 
 
-def cuda_usable() -> bool:
-    """True when ONNX Runtime could really run on CUDA here.
+@dataclass(frozen=True)
+class CudaCheck:
+    """Whether CUDA is usable here and, when not, why (one line for the startup log)."""
+
+    usable: bool
+    reason: str = ""
+
+
+def cuda_check() -> CudaCheck:
+    """Can ONNX Runtime really run on CUDA here? Never prints, never raises.
 
     All three must hold: ONNX Runtime lists the CUDA provider; the CUDA
     driver (``libcuda.so.1``) loads and reports at least one device; and the
     provider's own library loads, which needs the CUDA runtime, cuBLAS and
-    cuDNN versions it was built for. Checking these with ``ctypes`` first is
-    what keeps ONNX Runtime from logging errors on machines without them.
+    cuDNN versions it was built for (from the system, or from the ``nvidia-*``
+    wheels of the ``gpu`` extra, which :func:`_preload_cuda_libraries` loads).
+    Checking these with ``ctypes`` first is what keeps ONNX Runtime from
+    logging errors on machines without them.
     """
     if _CUDA_PROVIDER not in ort.get_available_providers():
-        return False
+        return CudaCheck(False, "this onnxruntime has no CUDA provider")
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
         if libcuda.cuInit(0) != 0:
-            return False
+            return CudaCheck(False, "the CUDA driver did not initialise")
         count = ctypes.c_int(0)
         if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= 0:
-            return False
+            return CudaCheck(False, "the CUDA driver reports no GPU")
     except (OSError, AttributeError):  # no driver, or not a real driver library
-        return False
+        return CudaCheck(False, "no CUDA driver (libcuda.so.1)")
+    _preload_cuda_libraries()
     capi = Path(ort.__file__).parent / "capi"
     provider = capi / "libonnxruntime_providers_cuda.so"
     shared = capi / "libonnxruntime_providers_shared.so"
     if not provider.is_file():
-        return False
+        return CudaCheck(False, "onnxruntime's CUDA provider library is missing")
     try:
         if shared.is_file():
             # The provider resolves symbols from the shared bridge, as when ORT loads it.
             ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(provider))
-    except OSError:  # e.g. libcublasLt.so.N or libcudnn.so.N missing
-        return False
-    return True
+    except OSError as exc:  # e.g. libcublasLt.so.N or libcudnn.so.N missing
+        missing = str(exc).split(":")[0].strip() or "a CUDA library"
+        return CudaCheck(False, f"CUDA libraries missing ({missing}; pip install 'serstream[gpu]')")
+    return CudaCheck(True)
+
+
+def cuda_usable() -> bool:
+    """True when ONNX Runtime could really run on CUDA here (see :func:`cuda_check`)."""
+    return cuda_check().usable
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the ``nvidia-*`` wheels, when this onnxruntime can.
+
+    ``onnxruntime.preload_dlls`` prints (rather than raises) what it could not
+    load; that text is captured and dropped here, since :func:`cuda_check`
+    says in one line what is missing.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a failed preload only means CUDA stays unusable
+            log.debug("onnxruntime.preload_dlls failed: %s", _one_line(exc))
+
+
+def describe_device(model: Any) -> str:
+    """``cpu (CPUExecutionProvider; CUDA not used: no CUDA driver (libcuda.so.1))``: one line."""
+    device = str(getattr(model, "device", "cpu"))
+    provider = str(getattr(model, "provider", "") or "")
+    note = str(getattr(model, "device_note", "") or "")
+    inside = "; ".join(part for part in (provider, f"CUDA not used: {note}" if note else "") if part)
+    return f"{device} ({inside})" if inside else device
 
 
 class EmotionModel:
@@ -159,6 +217,10 @@ class EmotionModel:
         #: What the session actually runs on, in priority order.
         self.providers: list[str] = list(session.get_providers())
         self.device: str = "cuda" if _CUDA_PROVIDER in self.providers else "cpu"
+        #: The execution provider that runs the model (the first of ``providers``).
+        self.provider: str = self.providers[0] if self.providers else _CPU_PROVIDER
+        #: Why CUDA was not used when ``device="auto"`` fell back to CPU ("" otherwise).
+        self.device_note = ""
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
         self.labels = info.labels
@@ -193,7 +255,8 @@ class EmotionModel:
         if not model_path.is_file():
             raise ContractError(f"{model_path}: model file not found")
 
-        want_cuda = device != "cpu" and cuda_usable()
+        check = cuda_check() if device != "cpu" else CudaCheck(False, "")
+        want_cuda = check.usable
         if device == "cuda" and not want_cuda:
             raise DeviceError(
                 "device 'cuda' requested but no usable CUDA GPU was found "
@@ -228,8 +291,8 @@ class EmotionModel:
         _validate(model_path, session, info)
 
         model = cls(model_path, session, info)
-        if want_cuda and model.device != "cuda" and device == "auto":
-            log.warning("%s: CUDA looked usable but the session runs on CPU", model_path)
+        if device == "auto" and model.device != "cuda":
+            model.device_note = check.reason or "CUDA looked usable but the session runs on CPU"
         if device == "cuda" and model.device != "cuda":
             raise DeviceError(
                 f"{model_path}: device 'cuda' requested but the session fell back to "
