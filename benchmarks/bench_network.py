@@ -232,18 +232,18 @@ def _load_model(path: str | None, threads: int | None) -> Any:
 
 
 class _Collector:
-    """Sink part that keeps each emotion event's latency by kind while ``live`` (light: monitor threads)."""
+    """Sink part that keeps each emotion event's latency by kind until ``until`` (light: monitor threads)."""
 
     def __init__(self) -> None:
         self.partial: list[float] = []
         self.final: list[float] = []
         self.events = 0
-        self.live = True
+        self.until = float("inf")  # monotonic time after which events are counted but not timed
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("type") == "emotion":
             self.events += 1
-            if self.live:
+            if time.monotonic() < self.until:
                 (self.final if event.get("kind") == "final" else self.partial).append(float(event["latency_ms"]))
 
 
@@ -298,12 +298,13 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
     sender = ctx.Process(target=rtp_sender, args=(source.port, streams, seconds, send), daemon=True)
     sender.start()
     counts = receive.recv() if receive.poll(seconds + 60) else {"sent": 0, "dropped": 0}
+    # Latency of the live phase: the finals that the idle-timeout close (1 s after the last
+    # packet) flushes wait for that timeout by design (the sender never says a call ended),
+    # so events from half the timeout after the last packet on are left out of the latencies.
+    collected.until = time.monotonic() + 0.5
     sender.join(10)
     time.sleep(0.3)  # estimates of the last audio
     cpu = (_cpu_seconds() - cpu0) / max(1e-6, time.monotonic() - wall0) * 100
-    # Latency of the live phase: the finals that the idle-timeout close flushes later wait
-    # for the timeout by design (the sender never says a call ended), so they are left out.
-    collected.live = False
     time.sleep(1.5)  # idle timeout: every stream closes and flushes
     monitor.wait_idle(timeout=30)
     source.stop()
