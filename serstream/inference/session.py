@@ -22,7 +22,7 @@ reports at least one device. What the session actually got is what
 The CUDA libraries can come from PyPI (``pip install "serstream[gpu]"``: the
 ``nvidia-*`` wheels that this onnxruntime-gpu build needs, docs/scale-out.md),
 without a system CUDA install: where the driver reports a GPU,
-``onnxruntime.preload_dlls()`` (onnxruntime-gpu 1.21 and later) loads them
+``onnxruntime.preload_dlls()`` (where this onnxruntime has it) loads them
 from site-packages first, its printed complaints captured, never shown.
 """
 
