@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from typing import Any, Mapping, Protocol
 
@@ -61,6 +62,12 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+_COUNTER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,80}$")
+
+
+#: Names ``update(counters=...)`` may not use: the families above already have them.
+_TAKEN = frozenset({"drops", "batches", "windows", "events", "audio_samples"})
+
 
 def multiprocess_dir() -> str | None:
     """The multiprocess folder when that mode is on (the environment variable is set), else None."""
@@ -78,6 +85,9 @@ class MonitorMetrics:
         self._seen: dict[tuple[str, str], float] = {}
         #: Snapshot values that went down (a source's counter reset): not added, only counted.
         self.counter_resets = 0
+        #: Counter names of ``update(counters=...)`` refused (not a plain lower-case name): counted, not exported.
+        self.bad_counter_names = 0
+        self._named: dict[str, Counter] = {}
 
         self.partial_latency = Histogram(
             "serstream_partial_latency_seconds",
@@ -136,12 +146,17 @@ class MonitorMetrics:
 
     # ------------------------------------------------------------------ mirrored from the snapshot
 
-    def update(self, stats: Mapping[str, Any]) -> None:
+    def update(self, stats: Mapping[str, Any], counters: Mapping[str, int] | None = None) -> None:
         """Mirror a ``Monitor.stats()`` snapshot: counters grow by what is new, gauges are set.
 
         Fields absent from ``stats`` are left alone, so a partial snapshot is fine.
+        ``counters`` (``Monitor.counters()``) become ``serstream_NAME_total`` each.
         """
         with self._lock:
+            for name, count in sorted((counters or {}).items()):
+                counter = self._named_counter(str(name))
+                if counter is not None:
+                    self._grow(counter, "counter", str(name), count)
             for cause, value in sorted((stats.get("drops") or {}).items()):
                 self._grow(self.drops.labels(cause=str(cause)), "drops", str(cause), value)
             batches = stats.get("batches") or {}
@@ -160,6 +175,22 @@ class MonitorMetrics:
                 self.rate.set(float(stats["windows_per_s"]))
             for queue, depth in sorted((stats.get("queues") or {}).items()):
                 self.queues.labels(queue=str(queue)).set(float(depth))
+
+    def _named_counter(self, name: str) -> Counter | None:
+        # Called with the lock held.
+        counter = self._named.get(name)
+        if counter is None:
+            if not _COUNTER_NAME.match(name) or name in _TAKEN:
+                self.bad_counter_names += 1
+                return None
+            try:
+                counter = Counter(f"serstream_{name}", f"The monitor's {name.replace('_', ' ')} since start "
+                                  "(Monitor.counters()).", registry=self.registry)
+            except ValueError:  # its name collides with a family already registered
+                self.bad_counter_names += 1
+                return None
+            self._named[name] = counter
+        return counter
 
     def _grow(self, counter: Any, name: str, label: str, value: Any) -> None:
         # Called with the lock held.
@@ -207,8 +238,10 @@ class _Scrapable(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def counters(self) -> dict[str, int]: ...
+
 
 def scrape(monitor: _Scrapable) -> str:
     """What ``/metrics`` serves for a running monitor: its snapshot mirrored in, then the exposition."""
-    monitor.metrics.update(monitor.stats())
+    monitor.metrics.update(monitor.stats(), monitor.counters())
     return monitor.metrics.render()

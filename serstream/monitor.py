@@ -644,12 +644,22 @@ class Monitor:
     def stats_event(self) -> dict[str, Any]:
         """The ``stats`` event for now (its snapshot is mirrored into :attr:`metrics` too)."""
         s = self.stats()
-        self.metrics.update(s)
+        self.metrics.update(s, self.counters())
         return events.stats_event(
             uptime_s=s["uptime_s"], streams=s["streams"], windows_per_s=s["windows_per_s"],
             batches=s["batches"], queues=s["queues"], drops=s["drops"], latency_ms=s["latency_ms"],
             device=s["device"] if s["device"] in ("cpu", "cuda") else "cpu", ts=time.time(),
         )
+
+    def counters(self) -> dict[str, int]:
+        """The monitor's and its worker's own counters (``/metrics`` exports each as ``serstream_NAME_total``)."""
+        worker = self._worker.stats()
+        return {
+            **self._pipe.snapshot(), **self._infer.snapshot(),
+            "worker_batches_submitted": worker.submitted, "worker_batches_dropped": worker.dropped_batches,
+            "worker_batches_split": worker.batches_split, "worker_callback_failures": worker.callback_failures,
+            "worker_observe_failures": worker.observe_failures, "sink_failures": self._sink_failures,
+        }
 
     def levels(self) -> dict[str, float]:
         """Each stream's RMS level of its latest audio (0..1; with ``track_levels``)."""

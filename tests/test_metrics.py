@@ -67,6 +67,18 @@ def test_counters_grow_by_what_is_new_and_gauges_are_set() -> None:
     assert metrics.counter_resets == 1
 
 
+def test_named_counters_become_families_and_bad_names_are_counted() -> None:
+    metrics = MonitorMetrics()
+    metrics.update({}, {"streams_opened": 2, "pipeline_errors": 0, "Bad Name": 1, "drops": 3, "uptime_seconds": 1})
+    metrics.update({}, {"streams_opened": 5})
+    table = samples(metrics.render())
+    assert value(table, "serstream_streams_opened_total") == 5
+    assert value(table, "serstream_pipeline_errors_total") == 0
+    # Not a plain name, a family of its own ("drops"), a gauge's name: refused and counted, never raised.
+    assert metrics.bad_counter_names == 3
+    assert value(table, "serstream_uptime_seconds") == 0
+
+
 def test_latency_histograms_have_the_targets_as_bucket_edges() -> None:
     assert 0.25 in LATENCY_BUCKETS_S and 0.5 in LATENCY_BUCKETS_S
     metrics = MonitorMetrics()
@@ -124,6 +136,7 @@ def _get(port: int, path: str, token: str | None = None) -> tuple[int, str, str]
 def test_a_live_monitor_scrape_matches_what_it_sent(factory_model: Path) -> None:
     model = EmotionModel.load(factory_model, device="cpu", threads=1)
     sent: list[dict[str, Any]] = []
+    monitor_counters: list[dict[str, int]] = []
     lock = threading.Lock()
 
     async def main() -> tuple[tuple[int, str, str], tuple[int, str, str], dict[str, Any]]:
@@ -152,6 +165,7 @@ def test_a_live_monitor_scrape_matches_what_it_sent(factory_model: Path) -> None
             refused = await asyncio.to_thread(_get, server.port, "/metrics")
             answer = await asyncio.to_thread(_get, server.port, "/metrics", "s3cret-token")
             stats = monitor.stats()
+            monitor_counters.append(monitor.counters())
         finally:
             await asyncio.to_thread(monitor.stop)
             await server.close()
@@ -183,6 +197,11 @@ def test_a_live_monitor_scrape_matches_what_it_sent(factory_model: Path) -> None
         assert value(table, "serstream_drops_total", cause=cause) == count, cause
     assert value(table, "serstream_device_info", device="cpu", provider="CPUExecutionProvider") == 1
     assert value(table, "serstream_streams") == 0
+    counters = monitor_counters[0]
+    assert value(table, "serstream_streams_opened_total") == counters["streams_opened"] == 1
+    assert value(table, "serstream_streams_closed_total") == 1
+    assert value(table, "serstream_batches_sent_total") == counters["batches_sent"] == stats["batches"]["count"]
+    assert value(table, "serstream_worker_batches_split_total") == 0
 
 
 # ------------------------------------------------------------------ multiprocess mode
