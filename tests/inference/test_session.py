@@ -16,7 +16,9 @@ from serstream.inference.session import (
     EmotionModel,
     InferenceError,
     InferenceOutput,
+    cuda_check,
     cuda_usable,
+    describe_device,
     pad_batch,
     softmax,
 )
@@ -76,6 +78,22 @@ def test_auto_device_matches_what_the_session_got(model_dir: Path) -> None:
     expected = "cuda" if cuda_usable() else "cpu"
     assert model.device == expected
     assert ("CUDAExecutionProvider" in model.providers) == (expected == "cuda")
+
+
+def test_the_provider_and_why_not_cuda_are_reported(model_dir: Path) -> None:
+    path = build_test_model(model_dir / "provider.onnx")
+    cpu = EmotionModel.load(path, device="cpu")
+    assert (cpu.provider, cpu.device_note) == ("CPUExecutionProvider", "")
+    assert describe_device(cpu) == "cpu (CPUExecutionProvider)"
+    auto = EmotionModel.load(path, device="auto")
+    check = cuda_check()
+    assert auto.provider == auto.providers[0]
+    if check.usable:
+        assert auto.provider == "CUDAExecutionProvider" and auto.device_note == ""
+    else:
+        assert check.reason and "\n" not in check.reason
+        assert auto.device_note == check.reason
+        assert describe_device(auto) == f"cpu (CPUExecutionProvider; CUDA not used: {check.reason})"
 
 
 @pytest.mark.skipif(cuda_usable(), reason="this machine has a usable GPU")
