@@ -7,6 +7,8 @@ and that every counter the table shows comes from the step.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,7 @@ def test_a_small_step_through_file_sources(model: EmotionModel, tmp_path: Path) 
     assert int(fields[8]) == step.partials_superseded and int(fields[9]) == step.partials_expired
     assert f"sustained (every partial): {report.max_sustained_streams} streams" in table
     assert f"with partials thinned:     {report.max_thinned_streams} streams" in table
+    # --json: every figure, the verdicts and their reasons included
+    dumped = json.loads(json.dumps(asdict(report)))
+    assert dumped["steps"][0]["sustained"] == step.sustained and dumped["steps"][0]["why"] == step.why
+    assert dumped["max_thinned_streams"] == report.max_thinned_streams and dumped["provider"] == report.provider
