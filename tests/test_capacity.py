@@ -7,7 +7,11 @@ that the benchmarks' synthetic speech has conversational density as the real VAD
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +27,8 @@ from serstream.core.capacity import (
     judge,
 )
 from serstream.core.vad import SpeechEnd, SpeechStart, VadConfig, VadSegmenter
+
+REPO = Path(__file__).resolve().parent.parent
 
 CLEAN = StepOutcome(
     streams=50, audio_dropped=0, partials_expired=0, partials_dropped=0, finals_dropped=0,
@@ -127,3 +133,36 @@ def test_the_real_vad_finds_one_segment_per_utterance() -> None:
     # pre-roll (0.3 s) and hangover (0.4 s) around each 1-8 s utterance; none split at max length
     assert all(0.9 <= x <= 8.9 for x in lengths), lengths
     assert all(e.reason in ("silence", "flush") for e in ends)
+
+
+# ------------------------------------------------------------------ benchmarks/bench_network.py uses the rule
+
+
+def _bench_network() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_network", REPO / "benchmarks" / "bench_network.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_network"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_network_judges_its_steps_by_the_same_rule() -> None:
+    bn = _bench_network()
+    collected = bn._Collector()
+    for kind, latency in [("partial", 80.0)] * 19 + [("partial", 240.0), ("final", 120.0), ("final", 300.0)]:
+        collected({"type": "emotion", "kind": kind, "latency_ms": latency})
+    collected.until = 0.0  # after the live phase: counted, not timed (idle-timeout flushes)
+    collected({"type": "emotion", "kind": "final", "latency_ms": 1054.0})
+    drops = {"audio_samples": 0, "events_dropped": 0, "partials_expired": 0, "partials_dropped": 0,
+             "partials_superseded": 2, "finals_dropped": 0}
+    step = bn._fill(bn.Step("rtp", 5, 5.0, sent=1250), collected, dict(drops))
+    assert (step.partials, step.finals, step.emotion_events) == (20, 2, 23)
+    assert step.final_p95_ms is not None and step.final_p95_ms < 500
+    assert step.sustained and step.thinned and step.why == ""
+    expired = bn._fill(bn.Step("rtp", 5, 5.0, sent=1250), collected, dict(drops, partials_expired=3))
+    assert not expired.sustained and expired.thinned and "3 partials expired" in expired.why
+    skipped = bn._fill(bn.Step("websocket", 5, 5.0, sent=1200, sender_dropped=50), collected, dict(drops))
+    assert not skipped.sustained and not skipped.thinned and "50 sender drops" in skipped.why
+    nothing = bn._fill(bn.Step("rtp", 5, 5.0, sent=0), bn._Collector(), dict(drops))
+    assert not nothing.thinned and "1 nothing sent" in nothing.why and "no final estimates" in nothing.why
