@@ -85,6 +85,8 @@ class MonitorMetrics:
         self._seen: dict[tuple[str, str], float] = {}
         #: Snapshot values that went down (a source's counter reset): not added, only counted.
         self.counter_resets = 0
+        #: Snapshot values that were not finite numbers: left out, only counted.
+        self.bad_values = 0
         #: Counter names of ``update(counters=...)`` refused (not a plain lower-case name): counted, not exported.
         self.bad_counter_names = 0
         self._named: dict[str, Counter] = {}
@@ -163,18 +165,15 @@ class MonitorMetrics:
             if "count" in batches:
                 self._grow(self.batches, "batches", "", batches["count"])
             if "max_size" in batches:
-                self.batch_max.set(float(batches["max_size"]))
+                self._set(self.batch_max, batches["max_size"])
             for key, counter in (("windows", self.windows), ("events", self.events), ("audio_samples", self.audio)):
                 if key in stats:
                     self._grow(counter, key, "", stats[key])
-            if "uptime_s" in stats:
-                self.uptime.set(float(stats["uptime_s"]))
-            if "streams" in stats:
-                self.streams.set(float(stats["streams"]))
-            if "windows_per_s" in stats:
-                self.rate.set(float(stats["windows_per_s"]))
+            for key, gauge in (("uptime_s", self.uptime), ("streams", self.streams), ("windows_per_s", self.rate)):
+                if key in stats:
+                    self._set(gauge, stats[key])
             for queue, depth in sorted((stats.get("queues") or {}).items()):
-                self.queues.labels(queue=str(queue)).set(float(depth))
+                self._set(self.queues.labels(queue=str(queue)), depth)
 
     def _named_counter(self, name: str) -> Counter | None:
         # Called with the lock held.
@@ -192,10 +191,26 @@ class MonitorMetrics:
             self._named[name] = counter
         return counter
 
+    def _number(self, value: Any) -> float | None:
+        """``value`` as a finite float; anything else is counted in ``bad_values`` and left out."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            self.bad_values += 1
+            return None
+        return number
+
+    def _set(self, gauge: Any, value: Any) -> None:
+        number = self._number(value)
+        if number is not None:
+            gauge.set(number)
+
     def _grow(self, counter: Any, name: str, label: str, value: Any) -> None:
         # Called with the lock held.
-        current = float(value)
-        if not math.isfinite(current):
+        current = self._number(value)
+        if current is None:
             return
         key = (name, label)
         last = self._seen.get(key, 0.0)

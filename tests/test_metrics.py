@@ -79,6 +79,15 @@ def test_named_counters_become_families_and_bad_names_are_counted() -> None:
     assert value(table, "serstream_uptime_seconds") == 0
 
 
+def test_values_that_are_not_numbers_are_counted_not_raised() -> None:
+    metrics = MonitorMetrics()
+    metrics.update({"streams": "many", "uptime_s": float("inf"), "drops": {"x": None, "y": 2}, "queues": {"q": "?"}})
+    table = samples(metrics.render())
+    assert metrics.bad_values == 4
+    assert value(table, "serstream_drops_total", cause="y") == 2
+    assert value(table, "serstream_streams") == 0
+
+
 def test_latency_histograms_have_the_targets_as_bucket_edges() -> None:
     assert 0.25 in LATENCY_BUCKETS_S and 0.5 in LATENCY_BUCKETS_S
     metrics = MonitorMetrics()
