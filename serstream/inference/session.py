@@ -35,10 +35,12 @@ import json
 import logging
 import os
 import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -58,6 +60,7 @@ __all__ = [
     "cuda_check",
     "CudaCheck",
     "describe_device",
+    "captured_stderr",
     "softmax",
 ]
 
@@ -189,6 +192,27 @@ def _preload_cuda_libraries() -> None:
             log.debug("onnxruntime.preload_dlls failed: %s", _one_line(exc))
 
 
+@contextlib.contextmanager
+def captured_stderr(into: list[str]) -> Iterator[None]:
+    """Send what anyone writes to file descriptor 2 (C++ libraries too) into ``into``, not the terminal.
+
+    Used around the few ONNX Runtime calls that print instead of raising;
+    the process-wide redirect lasts only as long as the ``with`` block.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            into.append(sink.read().decode("utf-8", "replace"))
+
+
 def describe_device(model: Any) -> str:
     """``cpu (CPUExecutionProvider; CUDA not used: no CUDA driver (libcuda.so.1))``: one line."""
     device = str(getattr(model, "device", "cpu"))
@@ -277,8 +301,13 @@ class EmotionModel:
         # needs; a live monitor waits for audio most of the time, so they sleep.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # With CUDA asked for, ONNX Runtime's C++ side may print pages about a library it could
+        # not load before it falls back: that text is captured, and its first line becomes the
+        # one-line reason (device_note) instead.
+        captured: list[str] = []
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=providers)
+            with captured_stderr(captured) if want_cuda else contextlib.nullcontext():
+                session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as exc:  # ORT raises several pybind types; all mean "cannot load"
             raise ContractError(f"{model_path}: cannot load ONNX model: {_one_line(exc)}") from None
 
@@ -292,7 +321,9 @@ class EmotionModel:
 
         model = cls(model_path, session, info)
         if device == "auto" and model.device != "cuda":
-            model.device_note = check.reason or "CUDA looked usable but the session runs on CPU"
+            said = next((line.strip() for line in "".join(captured).splitlines() if line.strip()), "")
+            model.device_note = check.reason or one_line(
+                "CUDA looked usable but the session runs on CPU" + (f": {said}" if said else ""), limit=300)
         if device == "cuda" and model.device != "cuda":
             raise DeviceError(
                 f"{model_path}: device 'cuda' requested but the session fell back to "
