@@ -501,8 +501,10 @@ def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
 
 
 async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) -> int:
+    from serstream.inference.session import describe_device
+    from serstream.metrics import scrape
     from serstream.monitor import Monitor, MonitorError
-    from serstream.server import EventBus, MonitorServer, ServerError, default_dashboard_dir, prometheus_text
+    from serstream.server import EventBus, MonitorServer, ServerError, default_dashboard_dir
     from serstream.sources.file import FileSource
     from serstream.sources.microphone import MicrophoneSource
 
@@ -537,7 +539,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
 
     server = MonitorServer(
         bus, args.host, args.port, health=monitor.health,
-        metrics=lambda: prometheus_text(monitor.stats()), dashboard_dir=default_dashboard_dir(),
+        metrics=lambda: scrape(monitor), dashboard_dir=default_dashboard_dir(),
         ingest_handler=_ingest_handler(monitor, bus, args, access.token),
         # The ingest's frame limit must fit in a WebSocket message.
         max_message_bytes=max(1 << 20, int(getattr(args, "max_frame_bytes", 0) or 0)),
@@ -577,7 +579,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         # Events queued so far (a stream opened) print from here on; on a start-up error
         # above the console never starts, so the error stays the only line.
         console.start()
-        _info(f"model {model.info.version} on {model.device} ({model.path})", quiet)
+        _info(f"model {model.info.version} on {describe_device(model)} ({model.path})", quiet)
         _print_endpoints(args.host, server.port, server.tls, access, quiet)
         if recorder is not None:
             _info(f"recording events to {recorder.path} (run {recorder.run_id}; no audio)", quiet)

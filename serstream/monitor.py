@@ -62,6 +62,7 @@ from serstream.core.vad import VadConfig
 from serstream.errors import MonitorError, SourceError, StreamIdTaken, one_line
 from serstream.inference.session import InferenceOutput
 from serstream.inference.worker import InferenceBackend, InferenceWorker
+from serstream.metrics import MonitorMetrics
 
 __all__ = [
     "MonitorError",
@@ -391,11 +392,16 @@ class Monitor:
             partial_wait_s=self.config.partial_wait_s,
             partial_max_age_s=self.config.partial_max_age_s,
         )
+        #: Prometheus instruments (own registry; serstream/metrics.py): histograms observed here and
+        #: in the worker, counters and gauges mirrored from stats() on each stats tick and scrape.
+        self.metrics = MonitorMetrics()
+        self.metrics.set_device(self.device, str(getattr(model_or_backend, "provider", "") or self.device))
         self._worker = InferenceWorker(
             self.backend,
             self._on_result,
             max_queue=self.config.worker_queue,
             state_for=self._state_for if self.info.state_inputs else None,
+            observe=self.metrics.observe_batch,
         )
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -652,13 +658,24 @@ class Monitor:
         }
 
     def stats_event(self) -> dict[str, Any]:
-        """The ``stats`` event for now."""
+        """The ``stats`` event for now (its snapshot is mirrored into :attr:`metrics` too)."""
         s = self.stats()
+        self.metrics.update(s, self.counters())
         return events.stats_event(
             uptime_s=s["uptime_s"], streams=s["streams"], windows_per_s=s["windows_per_s"],
             batches=s["batches"], queues=s["queues"], drops=s["drops"], latency_ms=s["latency_ms"],
             device=s["device"] if s["device"] in ("cpu", "cuda") else "cpu", ts=time.time(),
         )
+
+    def counters(self) -> dict[str, int]:
+        """The monitor's and its worker's own counters (``/metrics`` exports each as ``serstream_NAME_total``)."""
+        worker = self._worker.stats()
+        return {
+            **self._pipe.snapshot(), **self._infer.snapshot(),
+            "worker_batches_submitted": worker.submitted, "worker_batches_dropped": worker.dropped_batches,
+            "worker_batches_split": worker.batches_split, "worker_callback_failures": worker.callback_failures,
+            "worker_observe_failures": worker.observe_failures, "sink_failures": self._sink_failures,
+        }
 
     def levels(self) -> dict[str, float]:
         """Each stream's RMS level of its latest audio (0..1; with ``track_levels``)."""
@@ -981,6 +998,7 @@ class Monitor:
                 latencies.append(latency)
                 if window.final:
                     finals.append(latency)
+                self.metrics.observe_event(window.final, latency)
             except Exception as exc:  # noqa: BLE001 - a bad row fails its stream only
                 self._infer.inc("result_errors")
                 st.trouble = ("stream_error", f"result handling failed: {one_line(exc, limit=None)}")

@@ -10,7 +10,8 @@ One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
   :class:`MonitorServer` (a client pushes audio there); closed with 1008
   "ingest not enabled" when there is none.
 * ``/healthz`` (HTTP GET): ``health()`` as JSON; ``/metrics`` (HTTP GET):
-  ``metrics()`` as Prometheus text; ``/`` and the files of the dashboard
+  ``metrics()`` as Prometheus text (the monitor's ``prometheus_client``
+  registry, :mod:`serstream.metrics`); ``/`` and the files of the dashboard
   directory (HTTP GET, no path traversal). Anything else is 404.
 
 The plain HTTP routes are answered from ``process_request`` during the
@@ -43,7 +44,6 @@ import asyncio
 import errno
 import json
 import logging
-import math
 import mimetypes
 import re
 import ssl
@@ -84,6 +84,7 @@ from serstream.core.history import (
 )
 from serstream.errors import ServerError
 from serstream.events import STATS_STREAM, dumps, gap_event
+from serstream.metrics import prometheus_text  # re-exported: /metrics text comes from serstream/metrics.py
 
 __all__ = [
     "DEFAULT_HOST",
@@ -881,78 +882,3 @@ def _response(status: int, content_type: str, body: bytes) -> Response:
 
 def _error_response(status: int, text: str) -> Response:
     return _response(status, "text/plain; charset=utf-8", (text + "\n").encode("utf-8"))
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _escape_label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: Any) -> str:
-    x = float(value)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "+Inf" if x > 0 else "-Inf"
-    return repr(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
-
-
-def prometheus_text(stats: Mapping[str, Any]) -> str:
-    """Render a ``stats`` event (see :func:`serstream.events.stats_event`) as Prometheus text.
-
-    Fields absent from ``stats`` are left out, so an empty dict gives an
-    empty exposition.
-    """
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, Any]]) -> None:
-        rows = list(samples)
-        if not rows:
-            return
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for suffix, value in rows:
-            lines.append(f"{name}{suffix} {_number(value)}")
-
-    def labelled(label: str, values: Mapping[str, Any]) -> list[tuple[str, Any]]:
-        return [(f'{{{label}="{_escape_label(k)}"}}', v) for k, v in sorted(values.items())]
-
-    if "uptime_s" in stats:
-        family("serstream_uptime_seconds", "gauge", "Seconds since the monitor started.",
-               [("", stats["uptime_s"])])
-    if "streams" in stats:
-        family("serstream_streams", "gauge", "Streams open now.", [("", stats["streams"])])
-    if "windows_per_s" in stats:
-        family("serstream_windows_per_second", "gauge",
-               "Windows run through the model per second (recent average).",
-               [("", stats["windows_per_s"])])
-    batches = stats.get("batches") or {}
-    if "count" in batches:
-        family("serstream_batches_total", "counter", "Batches run since start.",
-               [("", batches["count"])])
-    if "mean_size" in batches:
-        family("serstream_batch_size_mean", "gauge", "Mean windows per batch.",
-               [("", batches["mean_size"])])
-    if "max_size" in batches:
-        family("serstream_batch_size_max", "gauge", "Largest batch so far.",
-               [("", batches["max_size"])])
-    family("serstream_queue_depth", "gauge", "Items waiting in each queue now.",
-           labelled("queue", stats.get("queues") or {}))
-    family("serstream_drops_total", "counter", "Items dropped since start, by cause.",
-           labelled("cause", stats.get("drops") or {}))
-    latency = stats.get("latency_ms") or {}
-    quantiles = [
-        (f'{{quantile="{q}"}}', latency[key])
-        for key, q in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
-        if latency.get(key) is not None
-    ]
-    if quantiles or "count" in latency:
-        rows = quantiles + ([("_count", latency["count"])] if "count" in latency else [])
-        family("serstream_latency_ms", "summary",
-               "End-to-end latency of emotion estimates, milliseconds.", rows)
-    if "device" in stats:
-        family("serstream_device_info", "gauge", "Where the model runs (label), always 1.",
-               [(f'{{device="{_escape_label(stats["device"])}"}}', 1)])
-    return "\n".join(lines) + ("\n" if lines else "")

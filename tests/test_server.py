@@ -307,8 +307,8 @@ def test_healthz_and_metrics() -> None:
             assert status == 200
             assert headers["content-type"].startswith("text/plain; version=0.0.4")
             text = body.decode()
-            assert "serstream_streams 2\n" in text
-            assert 'serstream_drops_total{cause="events"} 4\n' in text
+            assert "serstream_streams 2.0\n" in text
+            assert 'serstream_drops_total{cause="events"} 4.0\n' in text
 
     run(main())
 
@@ -495,37 +495,7 @@ def test_close_disconnects_clients() -> None:
     run(main())
 
 
-# ------------------------------------------------------------------ prometheus_text
-
-
-def test_prometheus_text_renders_stats() -> None:
-    text = prometheus_text(STATS)
-    lines = text.splitlines()
-    assert "# TYPE serstream_streams gauge" in lines
-    assert "serstream_streams 2" in lines
-    assert "serstream_windows_per_second 3.5" in lines
-    assert "serstream_uptime_seconds 5" in lines
-    assert "serstream_batches_total 7" in lines
-    assert 'serstream_queue_depth{queue="inference"} 1' in lines
-    assert 'serstream_drops_total{cause="audio_samples"} 0' in lines
-    assert 'serstream_drops_total{cause="events"} 4' in lines
-    assert 'serstream_latency_ms{quantile="0.5"} 10' in lines
-    assert 'serstream_latency_ms{quantile="0.99"} 30' in lines
-    assert "serstream_latency_ms_count 9" in lines
-    assert 'serstream_device_info{device="cpu"} 1' in lines
-    assert text.endswith("\n")
-    # Every sample line belongs to a declared family.
-    declared = {line.split()[2] for line in lines if line.startswith("# TYPE")}
-    for line in lines:
-        if not line.startswith("#"):
-            name = line.split("{")[0].split()[0].removesuffix("_count")
-            assert name in declared, line
-
-
-def test_prometheus_text_escapes_labels_and_handles_empty() -> None:
-    assert prometheus_text({}) == ""
-    text = prometheus_text({"queues": {'we"ird\\q\nx': 2}})
-    assert 'serstream_queue_depth{queue="we\\"ird\\\\q\\nx"} 2' in text.splitlines()
+# prometheus_text itself is tested in tests/test_metrics.py.
 
 
 # ------------------------------------------------------------------ reconnect with ?since=

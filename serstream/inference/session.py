@@ -16,19 +16,31 @@ available on every machine, and asking for it where no GPU is usable makes
 ONNX Runtime log errors before it falls back. So CUDA is requested only when
 the provider is listed *and* the CUDA driver (``libcuda.so.1``) loads and
 reports at least one device. What the session actually got is what
-:attr:`EmotionModel.device` reports.
+:attr:`EmotionModel.device` and :attr:`EmotionModel.provider` report, and
+:func:`describe_device` puts it (with why CUDA was not used) in one line.
+
+The CUDA libraries can come from PyPI (``pip install "serstream[gpu]"``: the
+``nvidia-*`` wheels that this onnxruntime-gpu build needs, docs/scale-out.md),
+without a system CUDA install: where the driver reports a GPU,
+``onnxruntime.preload_dlls()`` (where this onnxruntime has it) loads them
+from site-packages first, its printed complaints captured, never shown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
 import re
+import sys
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -45,6 +57,10 @@ __all__ = [
     "EmotionModel",
     "pad_batch",
     "cuda_usable",
+    "cuda_check",
+    "CudaCheck",
+    "describe_device",
+    "captured_stderr",
     "softmax",
 ]
 
@@ -105,39 +121,105 @@ def pad_batch(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return audio, lengths
 
 
-def cuda_usable() -> bool:
-    """True when ONNX Runtime could really run on CUDA here.
+@dataclass(frozen=True)
+class CudaCheck:
+    """Whether CUDA is usable here and, when not, why (one line for the startup log)."""
+
+    usable: bool
+    reason: str = ""
+
+
+def cuda_check() -> CudaCheck:
+    """Can ONNX Runtime really run on CUDA here? Never prints, never raises.
 
     All three must hold: ONNX Runtime lists the CUDA provider; the CUDA
     driver (``libcuda.so.1``) loads and reports at least one device; and the
     provider's own library loads, which needs the CUDA runtime, cuBLAS and
-    cuDNN versions it was built for. Checking these with ``ctypes`` first is
-    what keeps ONNX Runtime from logging errors on machines without them.
+    cuDNN versions it was built for (from the system, or from the ``nvidia-*``
+    wheels of the ``gpu`` extra, which :func:`_preload_cuda_libraries` loads).
+    Checking these with ``ctypes`` first is what keeps ONNX Runtime from
+    logging errors on machines without them.
     """
     if _CUDA_PROVIDER not in ort.get_available_providers():
-        return False
+        return CudaCheck(False, "this onnxruntime has no CUDA provider")
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
         if libcuda.cuInit(0) != 0:
-            return False
+            return CudaCheck(False, "the CUDA driver did not initialise")
         count = ctypes.c_int(0)
         if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= 0:
-            return False
+            return CudaCheck(False, "the CUDA driver reports no GPU")
     except (OSError, AttributeError):  # no driver, or not a real driver library
-        return False
+        return CudaCheck(False, "no CUDA driver (libcuda.so.1)")
+    _preload_cuda_libraries()
     capi = Path(ort.__file__).parent / "capi"
     provider = capi / "libonnxruntime_providers_cuda.so"
     shared = capi / "libonnxruntime_providers_shared.so"
     if not provider.is_file():
-        return False
+        return CudaCheck(False, "onnxruntime's CUDA provider library is missing")
     try:
         if shared.is_file():
             # The provider resolves symbols from the shared bridge, as when ORT loads it.
             ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(provider))
-    except OSError:  # e.g. libcublasLt.so.N or libcudnn.so.N missing
-        return False
-    return True
+    except OSError as exc:  # e.g. libcublasLt.so.N or libcudnn.so.N missing
+        missing = str(exc).split(":")[0].strip() or "a CUDA library"
+        return CudaCheck(False, f"CUDA libraries missing ({missing}; pip install 'serstream[gpu]')")
+    return CudaCheck(True)
+
+
+def cuda_usable() -> bool:
+    """True when ONNX Runtime could really run on CUDA here (see :func:`cuda_check`)."""
+    return cuda_check().usable
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of the ``nvidia-*`` wheels, when this onnxruntime can.
+
+    ``onnxruntime.preload_dlls`` prints (rather than raises) what it could not
+    load; that text is captured and dropped here, since :func:`cuda_check`
+    says in one line what is missing.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a failed preload only means CUDA stays unusable
+            log.debug("onnxruntime.preload_dlls failed: %s", _one_line(exc))
+
+
+@contextlib.contextmanager
+def captured_stderr(into: list[str]) -> Iterator[None]:
+    """Send what anyone writes to file descriptor 2 (C++ libraries too) into ``into``, not the terminal.
+
+    Used around the few ONNX Runtime calls that print instead of raising;
+    the process-wide redirect lasts only as long as the ``with`` block.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            into.append(sink.read().decode("utf-8", "replace"))
+
+
+def describe_device(model: Any) -> str:
+    """``cpu (CPUExecutionProvider; CUDA not used: no CUDA driver (libcuda.so.1))``: one line."""
+    device = str(getattr(model, "device", "cpu"))
+    provider = str(getattr(model, "provider", "") or "")
+    note = str(getattr(model, "device_note", "") or "")
+    inside = "; ".join(part for part in (provider, f"CUDA not used: {note}" if note else "") if part)
+    return f"{device} ({inside})" if inside else device
 
 
 class EmotionModel:
@@ -159,6 +241,10 @@ class EmotionModel:
         #: What the session actually runs on, in priority order.
         self.providers: list[str] = list(session.get_providers())
         self.device: str = "cuda" if _CUDA_PROVIDER in self.providers else "cpu"
+        #: The execution provider that runs the model (the first of ``providers``).
+        self.provider: str = self.providers[0] if self.providers else _CPU_PROVIDER
+        #: Why CUDA was not used when ``device="auto"`` fell back to CPU ("" otherwise).
+        self.device_note = ""
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
         self.labels = info.labels
@@ -193,7 +279,8 @@ class EmotionModel:
         if not model_path.is_file():
             raise ContractError(f"{model_path}: model file not found")
 
-        want_cuda = device != "cpu" and cuda_usable()
+        check = cuda_check() if device != "cpu" else CudaCheck(False, "")
+        want_cuda = check.usable
         if device == "cuda" and not want_cuda:
             raise DeviceError(
                 "device 'cuda' requested but no usable CUDA GPU was found "
@@ -214,8 +301,13 @@ class EmotionModel:
         # needs; a live monitor waits for audio most of the time, so they sleep.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # With CUDA asked for, ONNX Runtime's C++ side may print pages about a library it could
+        # not load before it falls back: that text is captured, and its first line becomes the
+        # one-line reason (device_note) instead.
+        captured: list[str] = []
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=providers)
+            with captured_stderr(captured) if want_cuda else contextlib.nullcontext():
+                session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as exc:  # ORT raises several pybind types; all mean "cannot load"
             raise ContractError(f"{model_path}: cannot load ONNX model: {_one_line(exc)}") from None
 
@@ -228,8 +320,10 @@ class EmotionModel:
         _validate(model_path, session, info)
 
         model = cls(model_path, session, info)
-        if want_cuda and model.device != "cuda" and device == "auto":
-            log.warning("%s: CUDA looked usable but the session runs on CPU", model_path)
+        if device == "auto" and model.device != "cuda":
+            said = next((line.strip() for line in "".join(captured).splitlines() if line.strip()), "")
+            model.device_note = check.reason or one_line(
+                "CUDA looked usable but the session runs on CPU" + (f": {said}" if said else ""), limit=300)
         if device == "cuda" and model.device != "cuda":
             raise DeviceError(
                 f"{model_path}: device 'cuda' requested but the session fell back to "

@@ -113,6 +113,8 @@ class WorkerStats:
     failure_counts: dict[str, int] = field(default_factory=dict)
     #: Failed batches of several windows that were run again one window at a time.
     batches_split: int = 0
+    #: ``observe`` calls that raised (the batch's results still went out).
+    observe_failures: int = 0
 
 
 @dataclass
@@ -148,6 +150,7 @@ class InferenceWorker:
         *,
         state_for: StateProvider | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        observe: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_queue <= 0:
             raise ValueError(f"max_queue must be > 0, got {max_queue}")
@@ -156,6 +159,9 @@ class InferenceWorker:
         self.max_queue = int(max_queue)
         self.state_for = state_for
         self._clock = clock
+        #: ``observe(windows, seconds)`` for each batch the model ran without failing (metrics histograms).
+        self.observe = observe
+        self._observe_failures = 0
         self._queue: deque[BatchLike] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -251,6 +257,7 @@ class InferenceWorker:
                 infer_ms_p99=_ms(pct[99]),
                 failure_counts=dict(self._failures),
                 batches_split=self._split,
+                observe_failures=self._observe_failures,
             )
 
     # ------------------------------------------------------------------ thread
@@ -316,6 +323,12 @@ class InferenceWorker:
 
         if failed and error is not None:
             log.warning("inference failed: %s", error)
+        if not failed and self.observe is not None:
+            try:
+                self.observe(size, elapsed)
+            except Exception:  # noqa: BLE001 - a metrics bug must not lose the batch's results
+                with self._cond:
+                    self._observe_failures += 1
         try:
             self.on_result(batch, output, error)
         except Exception as exc:

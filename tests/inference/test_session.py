@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ from serstream.inference.session import (
     EmotionModel,
     InferenceError,
     InferenceOutput,
+    cuda_check,
     cuda_usable,
+    describe_device,
     pad_batch,
     softmax,
 )
@@ -76,6 +79,42 @@ def test_auto_device_matches_what_the_session_got(model_dir: Path) -> None:
     expected = "cuda" if cuda_usable() else "cpu"
     assert model.device == expected
     assert ("CUDAExecutionProvider" in model.providers) == (expected == "cuda")
+
+
+def test_captured_stderr_takes_what_c_code_writes_to_fd_2() -> None:
+    """The capture used around ONNX Runtime's CUDA set-up: fd-level, restored afterwards."""
+    probe = (
+        "import os, sys\n"
+        "from serstream.inference.session import captured_stderr\n"
+        "got = []\n"
+        "with captured_stderr(got):\n"
+        "    os.write(2, b'[E:onnxruntime] libcudnn.so.9: cannot open shared object file\\n')\n"
+        "    print('python stderr too', file=sys.stderr)\n"
+        "print('after', file=sys.stderr)\n"
+        "print(repr(got[0]))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), str(repo / "clients/python/src")]))
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "after\n"  # nothing leaked, and fd 2 works again
+    assert "libcudnn.so.9: cannot open" in proc.stdout and "python stderr too" in proc.stdout
+
+
+def test_the_provider_and_why_not_cuda_are_reported(model_dir: Path) -> None:
+    path = build_test_model(model_dir / "provider.onnx")
+    cpu = EmotionModel.load(path, device="cpu")
+    assert (cpu.provider, cpu.device_note) == ("CPUExecutionProvider", "")
+    assert describe_device(cpu) == "cpu (CPUExecutionProvider)"
+    auto = EmotionModel.load(path, device="auto")
+    check = cuda_check()
+    assert auto.provider == auto.providers[0]
+    if check.usable:
+        assert auto.provider == "CUDAExecutionProvider" and auto.device_note == ""
+    else:
+        assert check.reason and "\n" not in check.reason
+        assert auto.device_note == check.reason
+        assert describe_device(auto) == f"cpu (CPUExecutionProvider; CUDA not used: {check.reason})"
 
 
 @pytest.mark.skipif(cuda_usable(), reason="this machine has a usable GPU")

@@ -285,3 +285,29 @@ def test_a_window_the_model_fails_on_does_not_take_its_batch_mates_down(tmp_path
     for batch, output, _ in results.calls:
         if output is not None:
             assert batch.size == 1 and np.all(np.isfinite(output.probs))
+
+
+def test_observe_hears_each_batch_that_ran_and_its_failure_loses_nothing(model: EmotionModel) -> None:
+    """The metrics hook (serstream/metrics.py's batch histograms): successful batches only, never fatal."""
+    heard: list[tuple[int, float]] = []
+
+    def observe(size: int, seconds: float) -> None:
+        heard.append((size, seconds))
+        if len(heard) == 2:
+            raise RuntimeError("metrics bug")
+
+    results = Results()
+    worker = InferenceWorker(ExplodingBackend(model), results, observe=observe)
+    worker.start()
+    try:
+        for batch in (make_batch([LOUD, QUIET]), make_batch([np.full(100, 0.5, np.float32)]), make_batch([QUIET]),
+                      make_batch([LOUD, LOUD, QUIET])):
+            assert worker.submit(batch)
+        results.wait_for(4)
+    finally:
+        worker.stop()
+    assert [size for size, _ in heard] == [2, 1, 3]  # the exploding batch is not a timing
+    assert all(0 <= seconds < WAIT_S for _, seconds in heard)
+    assert [output is not None for _, output, _ in results.calls] == [True, False, True, True]
+    stats = worker.stats()
+    assert stats.observe_failures == 1 and stats.callback_failures == 0
