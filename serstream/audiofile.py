@@ -95,7 +95,10 @@ class AudioReader(ABC):
         self.close()
 
     def _error(self, exc: BaseException | str) -> SourceError:
-        return SourceError(f"cannot read audio file {self.path}: {one_line(exc)}")
+        # FFmpeg's errors (and OSError) carry "[Errno N] text: 'path'": the text alone is the cause.
+        strerror = getattr(exc, "strerror", None)
+        reason = strerror if isinstance(strerror, str) and strerror else exc
+        return SourceError(f"cannot read audio file {self.path}: {one_line(reason)}")
 
 
 def open_audio(path: str | Path) -> AudioReader:
@@ -105,6 +108,8 @@ def open_audio(path: str | Path) -> AudioReader:
         raise SourceError(f"audio file not found: {p}")
     if p.is_dir():
         raise SourceError(f"audio file is a directory: {p}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise SourceError(f"cannot read audio file {p}: the file is empty")
     try:
         return _SndfileReader(p)
     except SourceError as sndfile_error:

@@ -280,7 +280,7 @@ def test_analyze_an_empty_folder_is_one_line(factory_model: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_listen_replays_a_folder_of_m4a_and_opus_to_final_events(
+def test_listen_replays_a_folder_of_m4a_and_webm_to_final_events(
     factory_model: Path, recordings: dict[str, Path], free_port: int, tmp_path: Path
 ) -> None:
     root = tmp_path / "calls"
@@ -288,7 +288,7 @@ def test_listen_replays_a_folder_of_m4a_and_opus_to_final_events(
     (root / "b").mkdir()
     (root / "a" / "call.m4a").write_bytes(recordings["call.m4a"].read_bytes())
     (root / "b" / "call.m4a").write_bytes(recordings["call.m4a"].read_bytes())
-    (root / "b" / "call.opus").write_bytes(recordings["call.opus"].read_bytes())
+    (root / "b" / "call.webm").write_bytes(recordings["call.webm"].read_bytes())
     proc = run_cli("listen", "--model", str(factory_model), "--file", str(root), "--fast", "--exit-when-done",
                    "--json", "--quiet", "--port", str(free_port))
     assert proc.returncode == 0, proc.stderr
@@ -299,9 +299,9 @@ def test_listen_replays_a_folder_of_m4a_and_opus_to_final_events(
     assert opened["file:call.m4a"]["detail"] == str(root / "a" / "call.m4a")
     assert opened["file:call.m4a-2"]["detail"] == str(root / "b" / "call.m4a")
     assert opened["file:call.m4a"]["codec"] == "aac"
-    assert opened["file:call.opus"]["sample_rate"] == 48_000
+    assert (opened["file:call.webm"]["codec"], opened["file:call.webm"]["sample_rate"]) == ("opus", 48_000)
     closed = {e["stream"]: e["reason"] for e in lines if e["type"] == "stream" and e["state"] == "closed"}
-    assert closed == {"file:call.m4a": "end", "file:call.m4a-2": "end", "file:call.opus": "end"}
+    assert closed == {"file:call.m4a": "end", "file:call.m4a-2": "end", "file:call.webm": "end"}
     for stream in closed:
         finals = [e for e in lines if e["stream"] == stream and e["type"] == "emotion" and e["kind"] == "final"]
         assert len(finals) >= 3, stream
