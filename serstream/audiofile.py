@@ -176,8 +176,7 @@ class _AvReader(AudioReader):
         self._pending_frames = 0
         self._read_frames = 0  # frames handed out since the last rewind
         self._ended = False
-        self._open()
-        stream = self._container.streams.audio[0]
+        stream = self._open()
         self.codec = str(stream.codec_context.name or "unknown")
         first = self._next_frame()
         if first is None:
@@ -192,7 +191,8 @@ class _AvReader(AudioReader):
         block = self._convert(first)  # after rate and channels are known: it checks against them
         self._pending, self._pending_frames = [block], block.shape[0]
 
-    def _open(self) -> None:
+    def _open(self) -> Any:
+        """Open the container and start decoding its first audio stream, which is returned."""
         import av  # only when libsndfile could not read the file: FFmpeg's libraries load on first use
 
         try:
@@ -202,8 +202,10 @@ class _AvReader(AudioReader):
         if not self._container.streams.audio:
             self.close()
             raise self._error("no audio stream in it")
-        self._frames_iter = iter(self._container.decode(self._container.streams.audio[0]))
+        stream = self._container.streams.audio[0]
+        self._frames_iter = iter(self._container.decode(stream))
         self._ended = False
+        return stream
 
     def _next_frame(self) -> Any:
         """The next decoded audio frame, or None at the end; SourceError when FFmpeg fails."""
