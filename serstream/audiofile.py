@@ -170,6 +170,7 @@ class _AvReader(AudioReader):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.sample_rate = self.channels = 0  # known from the first decoded frame
         self._container: Any = None
         self._frames_iter: Iterator[Any] | None = None
         self._pending: list[np.ndarray] = []  # decoded [n, channels] blocks not yet read
@@ -218,7 +219,10 @@ class _AvReader(AudioReader):
             return None
         except Exception as exc:  # noqa: BLE001 - InvalidDataError and friends: corrupt or truncated data
             self._ended = True
-            raise self._error(exc) from None
+            # FFmpeg's own words can mislead (a bad AAC frame reads "Operation not permitted"): say where and what.
+            at = (self._read_frames + self._pending_frames) / self.sample_rate if self.sample_rate else 0.0
+            strerror = getattr(exc, "strerror", None)
+            raise self._error(f"corrupt audio data after {at:.2f} s (FFmpeg: {strerror or one_line(exc)})") from None
 
     def _convert(self, frame: Any) -> np.ndarray:
         """One decoded frame as float32 ``[samples, channels]``, whatever FFmpeg's sample format."""
@@ -322,7 +326,8 @@ def expand_audio_paths(args: Sequence[str | Path]) -> list[Path]:
             files = audio_files_under(path)
             if not files:
                 raise SourceError(
-                    f"no audio files under {path} (looked for .{', .'.join(AUDIO_EXTENSIONS)}; hidden ones skipped)"
+                    f"no audio files under {path} (none ends in a known audio extension such as .wav, .flac, "
+                    ".mp3, .m4a, .opus, .webm; hidden files are skipped)"
                 )
             out.extend(files)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tracemalloc
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serstream.analyze import AnalyzeConfig, analyze, streams_from_args
 from serstream.audiofile import AUDIO_EXTENSIONS, audio_files_under, expand_audio_paths, open_audio
 from serstream.errors import SourceError
+from serstream.inference.session import EmotionModel
 from tests.audio import SAMPLE_RATE, write_wav
 from tests.conftest import REPO, require_tools, serstream_command
 
@@ -175,6 +178,31 @@ def test_a_truncated_m4a_is_refused_or_read_to_where_it_stops(recordings: dict[s
         assert "half.m4a" in str(exc) and "\n" not in str(exc)
     else:
         assert 0.3 * full < got < 0.7 * full
+
+
+def test_corrupt_audio_inside_an_m4a_fails_that_file_alone(
+    factory_model: Path, recordings: dict[str, Path], tmp_path: Path
+) -> None:
+    fast = encode(recordings["call.wav"], tmp_path / "fast.m4a", "-c:a", "aac", "-movflags", "+faststart")
+    data = bytearray(fast.read_bytes())
+    middle = len(data) // 2  # inside the audio packets: the index is in front (+faststart)
+    data[middle: middle + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.m4a"
+    bad.write_bytes(bytes(data))
+    pattern = rf"^cannot read audio file {re.escape(str(bad))}: corrupt audio data after \d+\.\d\d s \(FFmpeg: .+\)$"
+    with pytest.raises(SourceError, match=pattern), open_audio(bad) as reader:
+        while reader.read(SAMPLE_RATE).shape[0]:
+            pass
+    # In a batch the failure is that file's: an error event on its stream, the other file analysed whole.
+    model = EmotionModel.load(factory_model, device="cpu", threads=1)
+    out: list[dict[str, Any]] = []
+    summary = analyze(model, streams_from_args([bad, recordings["call.m4a"]]), out.append, AnalyzeConfig())
+    assert summary.failed == [str(bad)]
+    errors = [e for e in out if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["stream"] == str(bad) and errors[0]["code"] == "decode_error"
+    assert re.match(pattern, errors[0]["message"])
+    files = [e for e in out if e["type"] == "file"]
+    assert [e["file"] for e in files] == [str(recordings["call.m4a"])] and files[0]["segments"] >= 3
 
 
 def test_a_folder_gives_its_audio_files_recursively_in_a_stable_order(tmp_path: Path) -> None:
