@@ -46,7 +46,7 @@ __all__ = [
 #: What a folder argument picks up (lower case, no dot): libsndfile's containers and FFmpeg's usual audio ones.
 AUDIO_EXTENSIONS: tuple[str, ...] = (
     "wav", "wave", "w64", "rf64", "flac", "aif", "aiff", "aifc", "caf", "au", "snd",
-    "ogg", "oga", "opus", "spx", "mp3", "mp2", "m4a", "m4b", "mp4", "aac", "3gp", "amr",
+    "ogg", "oga", "opus", "mp3", "mp2", "m4a", "m4b", "mp4", "aac", "3gp", "amr",
     "webm", "weba", "mka", "mkv", "wma",
 )
 
@@ -173,23 +173,26 @@ class _AvReader(AudioReader):
         self.sample_rate = self.channels = 0  # known from the first decoded frame
         self._container: Any = None
         self._frames_iter: Iterator[Any] | None = None
+        self.codec = "unknown"
         self._pending: list[np.ndarray] = []  # decoded [n, channels] blocks not yet read
         self._pending_frames = 0
         self._read_frames = 0  # frames handed out since the last rewind
         self._ended = False
         stream = self._open()
-        self.codec = str(stream.codec_context.name or "unknown")
-        first = self._next_frame()
-        if first is None:
-            self.close()
-            raise self._error("no decodable audio in it")
-        self.sample_rate = int(first.sample_rate)
-        self.channels = int(first.layout.nb_channels)
-        if self.sample_rate <= 0 or self.channels <= 0:
-            self.close()
-            raise self._error("no audio channels or rate")
-        self.frames = _estimated_frames(self._container, stream, self.sample_rate)
-        block = self._convert(first)  # after rate and channels are known: it checks against them
+        try:
+            self.codec = str(getattr(stream.codec_context, "name", None) or "unknown")
+            first = self._next_frame()
+            if first is None:
+                raise self._error("no decodable audio in it")
+            self.sample_rate = int(first.sample_rate)
+            self.channels = int(first.layout.nb_channels)
+            if self.sample_rate <= 0 or self.channels <= 0:
+                raise self._error("no audio channels or rate")
+            self.frames = _estimated_frames(self._container, stream, self.sample_rate)
+            block = self._convert(first)  # after rate and channels are known: it checks against them
+        except BaseException:
+            self.close()  # a refused file leaves no FFmpeg context open
+            raise
         self._pending, self._pending_frames = [block], block.shape[0]
 
     def _open(self) -> Any:
@@ -220,9 +223,11 @@ class _AvReader(AudioReader):
         except Exception as exc:  # noqa: BLE001 - InvalidDataError and friends: corrupt or truncated data
             self._ended = True
             # FFmpeg's own words can mislead (a bad AAC frame reads "Operation not permitted"): say where and what.
-            at = (self._read_frames + self._pending_frames) / self.sample_rate if self.sample_rate else 0.0
-            strerror = getattr(exc, "strerror", None)
-            raise self._error(f"corrupt audio data after {at:.2f} s (FFmpeg: {strerror or one_line(exc)})") from None
+            ffmpeg = getattr(exc, "strerror", None) or one_line(exc)
+            if not self.sample_rate:  # not one frame decoded yet
+                raise self._error(f"cannot decode its {self.codec} audio (FFmpeg: {ffmpeg})") from None
+            at = (self._read_frames + self._pending_frames) / self.sample_rate
+            raise self._error(f"corrupt audio data after {at:.2f} s (FFmpeg: {ffmpeg})") from None
 
     def _convert(self, frame: Any) -> np.ndarray:
         """One decoded frame as float32 ``[samples, channels]``, whatever FFmpeg's sample format."""

@@ -109,6 +109,24 @@ def test_a_stereo_44k_m4a_is_read_at_its_native_rate_and_channels_in_blocks(tmp_
     assert rms[1] == pytest.approx(0.1 / np.sqrt(2), rel=0.05)
 
 
+@pytest.mark.parametrize(("codec", "tolerance"), [
+    ("pcm_s16le", 1 / 32768), ("pcm_s32le", 1e-6), ("pcm_u8", 1 / 128), ("pcm_f64le", 1e-7),
+])
+def test_every_sample_format_ffmpeg_gives_becomes_the_same_float_samples(
+    tmp_path: Path, codec: str, tolerance: float
+) -> None:
+    """PCM in Matroska (libsndfile cannot open it): packed integer, unsigned and double samples, interleaved."""
+    rate = 22_050
+    original = tones(0.5, rate, 440.0, 1000.0)
+    wav = write_wav(tmp_path / "in.wav", original, rate=rate, subtype="FLOAT")
+    with open_audio(encode(wav, tmp_path / f"{codec}.mka", "-c:a", codec)) as reader:
+        assert (reader.decoder, reader.codec, reader.sample_rate, reader.channels) == ("ffmpeg", codec, rate, 2)
+        decoded = reader.read(rate)
+        assert reader.read(rate).shape == (0, 2)
+    assert decoded.dtype == np.float32 and decoded.shape == original.shape
+    assert float(np.abs(decoded - original).max()) <= tolerance
+
+
 def test_a_long_recording_is_decoded_block_by_block_not_into_memory(tmp_path: Path) -> None:
     rate, seconds = 44_100, 60.0
     wav = write_wav(tmp_path / "long.wav", tones(seconds, rate, 300.0, 600.0), rate=rate)
