@@ -46,7 +46,7 @@ __all__ = [
 #: What a folder argument picks up (lower case, no dot): libsndfile's containers and FFmpeg's usual audio ones.
 AUDIO_EXTENSIONS: tuple[str, ...] = (
     "wav", "wave", "w64", "rf64", "flac", "aif", "aiff", "aifc", "caf", "au", "snd",
-    "ogg", "oga", "opus", "mp3", "mp2", "m4a", "m4b", "mp4", "aac", "3gp", "amr",
+    "ogg", "oga", "opus", "spx", "mp3", "mp2", "m4a", "m4b", "mp4", "aac", "3gp", "amr",
     "webm", "weba", "mka", "mkv", "wma",
 )
 
