@@ -2,7 +2,7 @@
 # Installs the Debian packages serstream and its tests need, only where missing.
 # Runtime: libportaudio2 (sounddevice), libsndfile1 (soundfile).
 # Tests: espeak-ng and sox make speech, pulseaudio stands in for a microphone,
-# ffmpeg sends real RTP, chromium drives the dashboard tests.
+# ffmpeg sends real RTP and encodes test recordings (M4A, Opus, MP3), chromium drives the dashboard tests.
 set -euo pipefail
 want_runtime=(libportaudio2 libsndfile1)
 want_test=(espeak-ng sox pulseaudio pulseaudio-utils ffmpeg chromium)

@@ -22,7 +22,9 @@ Output per stream: one ``emotion`` event per final (and per partial with
 and an extra ``file`` field; one ``file`` summary per file (the
 segment-duration-weighted mean of its finals' probabilities and
 arousal/valence/dominance). A file with no speech gets ``label: null``,
-``probs: null`` and ``segments: 0``. A file that cannot be read gets an
+``probs: null`` and ``segments: 0``. Files are opened by
+:func:`serstream.audiofile.open_audio` (libsndfile, else FFmpeg: M4A/AAC,
+Opus, MP4 ...) and read in blocks. A file that cannot be read gets an
 ``error`` event (``decode_error``) and the run goes on; so does a file whose
 audio the model fails on (``inference_error``: a failing batch is rerun one
 stream at a time, so only the files the model fails on are lost).
@@ -37,9 +39,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import soundfile as sf
 
 from serstream import events
+from serstream.audiofile import AudioReader, open_audio
 from serstream.contract import SAMPLE_RATE, ModelInfo
 from serstream.core.audio import to_mono
 from serstream.core.estimator import Released, StreamEstimator
@@ -48,7 +50,7 @@ from serstream.core.scheduler import SchedulerConfig, Window
 from serstream.core.smoother import SmootherConfig
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.core.vad import VadConfig
-from serstream.errors import AnalyzeError
+from serstream.errors import AnalyzeError, SourceError
 from serstream.inference.worker import InferenceBackend
 from serstream.monitor import check_model_info, scheduler_config_for
 
@@ -195,23 +197,23 @@ class _StreamJob:
         for path in self.spec.files:
             self.weights, self.probs, self.avds = [], [], []
             self.file_error = None
-            if not path.is_file():
-                yield _FileFailed(path, f"audio file not found: {path}")
-                continue
             try:
-                handle = sf.SoundFile(str(path))
-            except Exception as exc:  # noqa: BLE001 - libsndfile raises several types; all mean unreadable
-                yield _FileFailed(path, f"cannot read audio file {path}: {_reason(exc)}")
+                # libsndfile, else FFmpeg (serstream/audiofile.py); a missing file is a SourceError too.
+                handle = open_audio(path)
+            except SourceError as exc:
+                yield _FileFailed(path, str(exc))
                 continue
             try:
                 yield from self._file(path, handle)
-            except Exception as exc:  # noqa: BLE001 - a file corrupt past its header
+            except SourceError as exc:  # a file corrupt past its header: the reader's one line
+                yield _FileFailed(path, str(exc))
+            except Exception as exc:  # noqa: BLE001 - anything else that breaks reading it is this file's alone
                 yield _FileFailed(path, f"cannot read audio file {path}: {_reason(exc)}")
             finally:
                 handle.close()
 
-    def _file(self, path: Path, handle: sf.SoundFile) -> Iterator[_Group | _FileDone]:
-        rate = int(handle.samplerate)
+    def _file(self, path: Path, handle: AudioReader) -> Iterator[_Group | _FileDone]:
+        rate = handle.sample_rate
         pipeline = StreamPipeline(rate, self.config.vad, self.scheduler_config)
         block = max(1, int(_READ_BLOCK_S * rate))
         estimator = self.estimator
@@ -235,7 +237,7 @@ class _StreamJob:
 
         index = 0
         while True:
-            data = handle.read(block, dtype="float32", always_2d=True)
+            data = handle.read(block)
             if data.shape[0] == 0:
                 break
             mono = to_mono(data)

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     listen = sub.add_parser("listen", help="monitor live audio (microphone, files, RTP) and serve events")
     listen.add_argument("--device", metavar="DEV", help="input device index or name (default: the default input)")
     listen.add_argument("--file", action="append", default=[], metavar="PATH",
-                        help="replay an audio file in real time instead of a device (repeatable)")
+                        help="replay an audio file (WAV, FLAC, M4A, Opus, MP3 ...) or every audio file under a "
+                        "folder in real time instead of a device (repeatable)")
     listen.add_argument("--fast", action="store_true", help="replay files as fast as possible (no audio dropped)")
     listen.add_argument("--loop", action="store_true", help="replay files in a loop")
     listen.add_argument("--exit-when-done", action="store_true",
@@ -224,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("devices", help="list audio input devices")
 
     analyze = sub.add_parser("analyze", help="analyse files offline, JSON lines out")
-    analyze.add_argument("files", nargs="*", metavar="FILE", help="audio files (each its own stream)")
+    analyze.add_argument("files", nargs="*", metavar="FILE",
+                         help="audio files (WAV, FLAC, M4A, Opus, MP3 ...), each its own stream; a folder: "
+                         "every audio file under it, sorted")
     analyze.add_argument("--csv", metavar="LIST.csv",
                          help="CSV with columns file,stream: files of one stream are analysed in order "
                          "as one speaker (state carries over)")
@@ -699,9 +702,20 @@ async def _wait_until_done(
             await asyncio.wait_for(stop.wait(), timeout=0.05)
 
 
+def _expand_files(paths: Sequence[str]) -> list[str]:
+    """FILE arguments with each folder replaced by the audio files under it (serstream/audiofile.py)."""
+    from serstream.audiofile import SourceError, expand_audio_paths
+
+    try:
+        return [str(path) for path in expand_audio_paths(paths)]
+    except SourceError as exc:
+        raise UserError(one_line(exc, limit=None)) from None
+
+
 def _cmd_listen(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration < 0:
         raise UserError("--duration must be >= 0")
+    args.file = _expand_files(args.file)
     if args.exit_when_done and not args.file:
         raise UserError("--exit-when-done needs at least one --file")
     model = load_model(args.model, args.device_backend, _live_threads(args.threads))
@@ -782,7 +796,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not args.hop > 0:
         raise UserError(f"--hop must be > 0, got {args.hop}")
     try:
-        streams = streams_from_args(args.files, args.csv)
+        streams = streams_from_args(_expand_files(args.files), args.csv)
     except AnalyzeError as exc:
         raise UserError(one_line(exc, limit=None)) from None
     model = load_model(args.model, args.device_backend, args.threads)

@@ -1,6 +1,8 @@
-"""File replay: any file soundfile reads, at its native rate and channels, into one stream.
+"""File replay: any file :mod:`serstream.audiofile` reads, at its native rate and channels, into one stream.
 
-Its stream id is ``file:NAME`` (``file:NAME-2`` ... when another stream has
+libsndfile reads WAV, FLAC, AIFF, Ogg Vorbis ...; FFmpeg (PyAV) what
+recorders write besides (M4A/AAC, MP4, Opus in WebM or Ogg, MP3). Its
+stream id is ``file:NAME`` (``file:NAME-2`` ... when another stream has
 it: the rule of :mod:`serstream.core.stream_ids`). In real time the blocks
 are paced by a monotonic clock, as a microphone would deliver them (a block
 is pushed once its duration has elapsed). As fast as possible
@@ -17,8 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import soundfile as sf
-
+from serstream.audiofile import AudioReader, open_audio
+from serstream.errors import one_line
 from serstream.monitor import SourceError
 
 if TYPE_CHECKING:
@@ -27,22 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["FileSource", "open_audio_file"]
 
 
-def open_audio_file(path: str | Path) -> sf.SoundFile:
-    """Open ``path`` for reading, or raise SourceError with a one-line reason."""
-    p = Path(path)
-    if not p.exists():
-        raise SourceError(f"audio file not found: {p}")
-    if p.is_dir():
-        raise SourceError(f"audio file is a directory: {p}")
-    try:
-        handle = sf.SoundFile(str(p))
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        reason = " ".join(str(exc).split())
-        raise SourceError(f"cannot read audio file {p}: {reason}") from exc
-    if handle.samplerate <= 0 or handle.channels <= 0:
-        handle.close()
-        raise SourceError(f"cannot read audio file {p}: no audio channels or rate")
-    return handle
+def open_audio_file(path: str | Path) -> AudioReader:
+    """Open ``path`` for reading (libsndfile, else FFmpeg), or raise SourceError with a one-line reason."""
+    return open_audio(path)
 
 
 class FileSource:
@@ -64,8 +53,8 @@ class FileSource:
         self.realtime = realtime
         self.loop = loop
         self._file = open_audio_file(self.path)
-        self.sample_rate = int(self._file.samplerate)
-        self.channels = int(self._file.channels)
+        self.sample_rate = self._file.sample_rate
+        self.channels = self._file.channels
         self.chunk = max(1, int(round(chunk_s * self.sample_rate)))
         # The base id; start() may give it a suffix (``file:a.wav-2``) if another stream has it.
         self.stream_id = stream_id or f"file:{self.path.name}"
@@ -85,7 +74,7 @@ class FileSource:
         self._handle = self.monitor.open_stream(
             self.stream_id,
             source="file",
-            codec=str(self._file.subtype or self._file.format).lower(),
+            codec=self._file.codec,
             sample_rate=self.sample_rate,
             channels=self.channels,
             detail=str(self.path),
@@ -127,7 +116,9 @@ class FileSource:
             if self._stop.is_set():
                 reason = "stopped"
         except Exception as exc:  # noqa: BLE001 - any read failure is this stream's, reported on it
-            self.error = f"cannot read audio file {self.path}: {' '.join(str(exc).split()) or type(exc).__name__}"
+            # The reader's SourceError already names the file and the cause.
+            known = isinstance(exc, SourceError)
+            self.error = str(exc) if known else f"cannot read audio file {self.path}: {one_line(exc)}"
             handle.fail(self.error, code="decode_error")
             reason = "error"
         finally:
@@ -138,10 +129,10 @@ class FileSource:
     def _replay(self, handle: StreamHandle) -> None:
         started = time.monotonic()
         while not self._stop.is_set():
-            block: Any = self._file.read(self.chunk, dtype="float32", always_2d=True)
+            block = self._file.read(self.chunk)
             if block.shape[0] == 0:
                 if self.loop and self.frames_pushed > 0:
-                    self._file.seek(0)
+                    self._file.rewind()
                     continue
                 return
             if self.realtime:
