@@ -184,7 +184,9 @@ def test_a_pasted_dashboard_url_gives_the_events_url_and_its_token(monkeypatch: 
 def test_roles_name_the_party_of_each_line() -> None:
     opened = {"type": "stream", "v": 1, "stream": "c:caller", "ts": 1.7e9, "state": "open", "source": "websocket",
               "codec": "pcm_s16le", "sample_rate": 8000, "channels": 1, "call": "c", "role": "caller"}
-    assert format_event(opened).endswith("[c:caller] caller: stream open (websocket, pcm_s16le, 8000 Hz, 1 ch) (call c)")
+    line = format_event(opened)
+    assert line is not None
+    assert line.endswith("[c:caller] caller: stream open (websocket, pcm_s16le, 8000 Hz, 1 ch) (call c)")
     speech = {"type": "speech", "v": 1, "stream": "c:caller", "ts": 1.7e9, "state": "start", "t": 1.0}
     assert format_event(speech).endswith("[c:caller] speech start at 1.00s")
     out = io.StringIO()
