@@ -27,6 +27,14 @@ message with a partial sample are dropped, counted, and reported once per
 connection as an ``error`` event (codes ``bad_message``, ``bad_frame``); the
 connection stays open. A message above the size limit closes with 1009.
 
+A hello with ``"split": true`` (or ``"roles": [...]``, one per channel) and
+``channels`` >= 2 is a call with one party per channel: one mono stream per
+party, ``<name>:<role>``, each with the call (the hello's ``call``, else the
+name) and its role; every message is de-interleaved by
+:mod:`serstream.core.parties` and pushed to all the parties at once (once all
+their rings have room), so they stay on one clock. Without ``split`` the
+channels are mixed, as before; ``call``/``role`` then tag the one stream.
+
 Names are unique among live streams: a name already in use gets a suffix
 (``call-17-2``, the one rule of :mod:`serstream.core.stream_ids`), so a client
 that reconnects while its old stream is still closing is not refused. Names
