@@ -28,6 +28,13 @@ Opus, MP4 ...) and read in blocks. A file that cannot be read gets an
 ``error`` event (``decode_error``) and the run goes on; so does a file whose
 audio the model fails on (``inference_error``: a failing batch is rerun one
 stream at a time, so only the files the model fails on are lost).
+
+Two-party calls (``split_channels``): a stream whose files have two or more
+channels becomes one stream per channel, ``FILE:left`` and ``FILE:right``
+(roles from :mod:`serstream.core.parties`), each reading its own channel of
+the same files; their ``emotion`` events carry ``call`` (the unsplit stream's
+name) and ``role``. Each party counts time from the start of the file, so one
+instant has one ``t0`` in both. Mono files stay one stream.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from serstream.audiofile import AudioReader, open_audio
 from serstream.contract import SAMPLE_RATE, ModelInfo
 from serstream.core.audio import to_mono
 from serstream.core.estimator import Released, StreamEstimator
+from serstream.core.parties import plan_parties, take_channel
 from serstream.core.pipeline import SpeechEnded, StreamPipeline, WindowReady
 from serstream.core.scheduler import SchedulerConfig, Window
 from serstream.core.smoother import SmootherConfig
@@ -60,6 +68,7 @@ __all__ = [
     "StreamSpec",
     "AnalyzeSummary",
     "streams_from_args",
+    "split_channels",
     "read_stream_csv",
     "analyze",
 ]
@@ -82,10 +91,56 @@ class AnalyzeConfig:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """One stream: its id and its files, analysed in this order."""
+    """One stream: its id and its files, analysed in this order.
+
+    ``channel`` (0-based) makes the stream one party of a call: only that
+    channel of each file is analysed, and its events carry ``call``/``role``.
+    None: every channel, mixed to mono.
+    """
 
     stream: str
     files: tuple[Path, ...]
+    channel: int | None = None
+    call: str | None = None
+    role: str | None = None
+
+
+def _channels_of(path: Path) -> int | None:
+    """The file's channel count, or None when it cannot be read (its error comes when it is analysed)."""
+    try:
+        reader = open_audio(path)
+    except Exception:  # noqa: BLE001 - unreadable here means unreadable later, reported there
+        return None
+    try:
+        return int(reader.channels)
+    finally:
+        reader.close()
+
+
+def split_channels(
+    specs: Sequence[StreamSpec], roles: str | Sequence[str] | None = None
+) -> tuple[list[StreamSpec], list[StreamSpec]]:
+    """Each stream whose files all have the same two or more channels becomes its parties' streams.
+
+    Returns (the streams to analyse, the streams left whole: mono, mixed
+    channel counts or unreadable). ValueError (one line) when ``roles`` do
+    not fit a file's channels.
+    """
+    out: list[StreamSpec] = []
+    whole: list[StreamSpec] = []
+    for spec in specs:
+        counts = {_channels_of(path) for path in spec.files}
+        channels = counts.pop() if len(counts) == 1 else None
+        if channels is None or channels < 2 or spec.channel is not None:
+            out.append(spec)
+            whole.append(spec)
+            continue
+        try:
+            split = plan_parties(spec.stream, channels, roles)
+        except ValueError as exc:
+            raise ValueError(f"{spec.files[0]}: {exc}") from None
+        out.extend(StreamSpec(p.stream, spec.files, p.channel, split.call, p.role) for p in split.parties)
+    return out, whole
 
 
 @dataclass
@@ -179,7 +234,8 @@ class _StreamJob:
         self.spec = spec
         self.config = config
         self.scheduler_config = scheduler
-        self.estimator: StreamEstimator[None] = StreamEstimator(spec.stream, info, config.smoother)
+        self.estimator: StreamEstimator[None] = StreamEstimator(
+            spec.stream, info, config.smoother, call=spec.call, role=spec.role)
         #: Why the current file's windows failed in the model (first message), if they did.
         self.file_error: str | None = None
         self.utterances = 0  # utterances of earlier files, so numbering continues in the stream
@@ -240,7 +296,8 @@ class _StreamJob:
             data = handle.read(block)
             if data.shape[0] == 0:
                 break
-            mono = to_mono(data)
+            channel = self.spec.channel
+            mono = to_mono(data) if channel is None else take_channel(data, channel)
             yield from feed(pipeline.push(index, mono, 0.0))
             index += mono.size
         yield from feed(pipeline.finish(0.0))

@@ -189,6 +189,34 @@ def _add_history_args(parser: argparse.ArgumentParser) -> None:
                         "read it with `serstream history PATH`")
 
 
+def _add_split_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--split-channels`` and ``--roles`` (two-party calls, serstream/core/parties.py)."""
+    parser.add_argument("--split-channels", action="store_true", help=f"{what}; mono files are unaffected")
+    parser.add_argument("--roles", default=None, metavar="A,B",
+                        help="with --split-channels: the parties' roles, one per channel "
+                             "(default left,right; e.g. caller,callee)")
+
+
+def _check_split_args(args: argparse.Namespace) -> None:
+    from serstream.core.parties import parse_roles
+
+    if args.roles is None:
+        return
+    if not args.split_channels:
+        raise UserError("--roles needs --split-channels")
+    names = [part.strip() for part in str(args.roles).split(",")]
+    try:
+        parse_roles(names, len(names))
+    except ValueError as exc:
+        raise UserError(f"--roles: {exc}") from None
+
+
+def _say_unsplit(names: Sequence[str], quiet: bool = False) -> None:
+    """Once for all the mono files of a --split-channels run."""
+    if names:
+        _info(f"--split-channels: not split (one channel): {', '.join(names)}", quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog=PROG, description="Real-time speech emotion monitor.")
@@ -203,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder in real time instead of a device (repeatable)")
     listen.add_argument("--fast", action="store_true", help="replay files as fast as possible (no audio dropped)")
     listen.add_argument("--loop", action="store_true", help="replay files in a loop")
+    _add_split_args(listen, "a stereo --file is a call: one stream per channel (file:NAME:left, file:NAME:right)")
     listen.add_argument("--exit-when-done", action="store_true",
                         help="exit once every file has been replayed and its estimates sent")
     listen.add_argument("--wait-for-client", action="store_true",
@@ -235,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--partials", action="store_true", help="also write partial estimates")
     analyze.add_argument("--progress", action="store_true", help="progress bar on stderr even when not a TTY")
     analyze.add_argument("--batch", type=int, default=32, help="windows per inference batch (default 32)")
+    _add_split_args(analyze, "a stereo file is a call: one stream per channel (FILE:left, FILE:right)")
     _add_model_options(analyze)
     _add_pipeline_options(analyze)
 
@@ -534,7 +564,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     mic: MicrophoneSource | None = None
     if with_sources:
         for path in args.file:
-            files.append(FileSource(monitor, path, realtime=not args.fast, loop=args.loop))
+            files.append(FileSource(monitor, path, realtime=not args.fast, loop=args.loop,
+                                    split=args.split_channels, roles=args.roles))
+        _say_unsplit([str(f.path) for f in files if f.split_skipped], quiet)
         # The microphone when asked for, or when nothing else is: `serstream listen` alone listens.
         if args.device is not None or not (files or args.rtp):
             mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
@@ -718,6 +750,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     args.file = _expand_files(args.file)
     if args.exit_when_done and not args.file:
         raise UserError("--exit-when-done needs at least one --file")
+    _check_split_args(args)
     model = load_model(args.model, args.device_backend, _live_threads(args.threads))
     return asyncio.run(_run_server(args, model, with_sources=True))
 
@@ -786,7 +819,7 @@ class _Progress:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from serstream.analyze import AnalyzeConfig, AnalyzeError, analyze, streams_from_args
+    from serstream.analyze import AnalyzeConfig, AnalyzeError, analyze, split_channels, streams_from_args
     from serstream.core.vad import VadConfig
 
     if not args.files and not args.csv:
@@ -795,9 +828,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise UserError("--batch must be >= 1")
     if not args.hop > 0:
         raise UserError(f"--hop must be > 0, got {args.hop}")
+    _check_split_args(args)
     try:
         streams = streams_from_args(_expand_files(args.files), args.csv)
-    except AnalyzeError as exc:
+        if args.split_channels:
+            streams, whole = split_channels(streams, args.roles)
+            _say_unsplit([str(f) for spec in whole for f in spec.files])
+    except (AnalyzeError, ValueError) as exc:
         raise UserError(one_line(exc, limit=None)) from None
     model = load_model(args.model, args.device_backend, args.threads)
     total = sum(len(s.files) for s in streams)

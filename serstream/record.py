@@ -6,7 +6,8 @@ events after the earlier runs'. Tables (see docs/recording.md):
 
 * ``schema_version(version)``: :data:`SCHEMA_VERSION`, checked on open;
 * ``runs``: one row per monitor run (start, end, command, clean shutdown);
-* ``streams``: one row per stream and run (source, codec, opened/closed);
+* ``streams``: one row per stream and run (source, codec, opened/closed, and
+  the ``call``/``role`` of a call's party stream);
 * ``utterances``: one row per **final** emotion estimate, the columns a
   person queries (stream, utterance, t0, t1, label, confidence, probs JSON,
   arousal, valence, dominance, wall time, event id);
@@ -36,12 +37,16 @@ from typing import Any
 
 from serstream.errors import RecordError
 
-__all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "RecordError", "Recorder", "RecorderStats", "open_readonly"]
+__all__ = ["SCHEMA_SQL", "SCHEMA_VERSION", "READABLE_VERSIONS", "RecordError", "Recorder", "RecorderStats",
+           "open_readonly", "schema_version"]
 
 log = logging.getLogger(__name__)
 
-#: Version of the table layout below; a database of another version is refused.
-SCHEMA_VERSION = 1
+#: Version of the table layout below. Version 1 (before ``streams.call``/``role``) is migrated
+#: in place when a recorder opens it, and read as it is; other versions are refused.
+SCHEMA_VERSION = 2
+#: Versions :func:`open_readonly` reads (a version 1 database has no calls).
+READABLE_VERSIONS = (1, 2)
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -60,6 +65,7 @@ CREATE TABLE IF NOT EXISTS streams (
     stream TEXT NOT NULL,
     source TEXT, codec TEXT, sample_rate INTEGER, channels INTEGER, detail TEXT,
     opened_at REAL, closed_at REAL, close_reason TEXT,
+    call TEXT, role TEXT,              -- a call's party stream (schema 2); NULL for a lone stream
     PRIMARY KEY (run_id, stream)
 );
 CREATE TABLE IF NOT EXISTS utterances (
@@ -84,6 +90,15 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_run_event ON events (run_id, event_id);
 """
+
+#: From version 1 to 2: the parties of calls (event schema revision 1.2's ``call`` and ``role``).
+_MIGRATE_1_TO_2 = """
+ALTER TABLE streams ADD COLUMN call TEXT;
+ALTER TABLE streams ADD COLUMN role TEXT;
+UPDATE schema_version SET version = 2;
+"""
+#: After the layout is current (version 1 tables lack the column until migrated).
+_INDEXES_SQL = "CREATE INDEX IF NOT EXISTS streams_call ON streams (call);"
 
 
 @dataclass(frozen=True)
@@ -123,10 +138,15 @@ def _connect(path: Path) -> sqlite3.Connection:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         if row is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif int(row[0]) == 1:
+            # One transaction: a failure leaves the version 1 database as it was.
+            conn.executescript(f"BEGIN; {_MIGRATE_1_TO_2} COMMIT;")
+            log.info("recording: %s migrated from schema version 1 to 2 (streams.call, streams.role)", path)
         elif int(row[0]) != SCHEMA_VERSION:
             conn.close()
             raise RecordError(f"{path}: recording schema version {row[0]}, this serstream writes "
                               f"{SCHEMA_VERSION}; record to another file")
+        conn.executescript(_INDEXES_SQL)
         return conn
     except sqlite3.Error as exc:
         raise RecordError(f"cannot record to {path}: {exc}") from None
@@ -142,11 +162,17 @@ def open_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         row = conn.execute("SELECT version FROM schema_version").fetchone()
     except sqlite3.Error as exc:
         raise RecordError(f"{p} is not a serstream recording: {exc}") from None
-    if row is None or int(row[0]) != SCHEMA_VERSION:
+    if row is None or int(row[0]) not in READABLE_VERSIONS:
         conn.close()
         raise RecordError(f"{p}: recording schema version {row[0] if row else 'missing'}, "
-                          f"this serstream reads {SCHEMA_VERSION}")
+                          f"this serstream reads {' and '.join(map(str, READABLE_VERSIONS))}")
     return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The table layout version of an open recording."""
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return int(row[0]) if row else 0
 
 
 _STOP = object()
@@ -302,9 +328,10 @@ class Recorder:
             if event.get("state") == "open":
                 conn.execute(
                     "INSERT OR REPLACE INTO streams (run_id, stream, source, codec, sample_rate, channels, "
-                    "detail, opened_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "detail, opened_at, call, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (self.run_id, stream, event.get("source"), event.get("codec"), event.get("sample_rate"),
-                     event.get("channels"), event.get("detail"), ts),
+                     event.get("channels"), event.get("detail"), ts, _text(event.get("call")),
+                     _text(event.get("role"))),
                 )
             else:
                 cur = conn.execute(
@@ -314,11 +341,15 @@ class Recorder:
                 if cur.rowcount == 0:  # opened before the recording began
                     conn.execute(
                         "INSERT INTO streams (run_id, stream, source, codec, sample_rate, channels, detail, "
-                        "closed_at, close_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "closed_at, close_reason, call, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (self.run_id, stream, event.get("source"), event.get("codec"),
                          event.get("sample_rate"), event.get("channels"), event.get("detail"), ts,
-                         event.get("reason")),
+                         event.get("reason"), _text(event.get("call")), _text(event.get("role"))),
                     )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _float(value: Any) -> float | None:

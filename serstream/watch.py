@@ -68,6 +68,8 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the monitor (default ws://127.0.0.1:8765; /events is added when no path is given)")
     parser.add_argument("--stream", metavar="ID", default=None,
                         help="only this stream's events (stats still come with --stats)")
+    parser.add_argument("--call", metavar="ID", default=None,
+                        help="only the events of this call's parties (both sides, each line with its role)")
     parser.add_argument("--json", action="store_true", help="print every event as a JSON line")
     parser.add_argument("--partials", action="store_true",
                         help="print partial estimates as lines even when stdout is not a terminal")
@@ -180,21 +182,31 @@ def format_partial(event: AnyEvent | Mapping[str, Any]) -> str:
     typed = _typed(event)
     if not isinstance(typed, EmotionEvent):
         return ""
-    return f"{_clock(typed.ts)} [{typed.stream}] {_emotion_text(typed)}"
+    return f"{_head(typed, None)} {_emotion_text(typed)}"
 
 
 _GAP_REASONS = {"history": "no longer held by the monitor", "overflow": "this client read too slowly",
                 "restart": "the monitor restarted", "future": "the monitor does not know that id"}
 
 
-def format_event(event: AnyEvent | Mapping[str, Any], options: WatchOptions = WatchOptions()) -> str | None:
+def _head(e: AnyEvent, roles: Mapping[str, str] | None) -> str:
+    """``HH:MM:SS [stream]``, and the party's role for a call's stream (``[file:c.wav:left] left:``)."""
+    role = getattr(e, "role", None) or (roles or {}).get(e.stream)
+    return f"{_clock(e.ts)} [{e.stream}]" + (f" {role}:" if role else "")
+
+
+def format_event(
+    event: AnyEvent | Mapping[str, Any], options: WatchOptions = WatchOptions(),
+    roles: Mapping[str, str] | None = None,
+) -> str | None:
     """One readable line for an event, or None for what is not shown (partials, stats, unknown or malformed).
 
     The line is made from the typed event model (:mod:`serstream_client.model`), the one every
     client parses with; a dict is parsed first, and one that does not parse is not shown.
+    ``roles`` (stream -> role) names the party of events that do not carry their role (speech, error).
     """
     e = _typed(event)
-    head = f"{_clock(e.ts)} [{e.stream}]"
+    head = _head(e, roles)
     if isinstance(e, EmotionEvent):
         if e.kind != "final" and not options.partials_as_lines:
             return None
@@ -209,6 +221,8 @@ def format_event(event: AnyEvent | Mapping[str, Any], options: WatchOptions = Wa
             line += f" {e.detail}"
         if e.reason:
             line += f": {e.reason}"
+        if e.call:
+            line += f" (call {e.call})"
         return line
     if isinstance(e, GapEvent):
         why = _GAP_REASONS.get(e.reason, e.reason)
@@ -233,18 +247,22 @@ class Printer:
         self.tty = tty
         self.lines = 0
         self._partial_shown = False
+        #: The role of each call party's stream seen (its stream and emotion events carry it).
+        self.roles: dict[str, str] = {}
 
     def show(self, event: AnyEvent | Mapping[str, Any]) -> None:
         if self.options.json_lines:
             self._write(dumps(_wire(event)) + "\n")
             return
         event = _typed(event)
+        if isinstance(event, (StreamEvent, EmotionEvent)) and event.role:
+            self.roles[event.stream] = event.role
         if (isinstance(event, EmotionEvent) and event.kind == "partial" and self.tty
                 and not self.options.partials_as_lines):
             self._write("\r\x1b[2K" + format_partial(event))
             self._partial_shown = True
             return
-        line = format_event(event, self.options)
+        line = format_event(event, self.options, self.roles)
         if line is not None:
             self._write(("\r\x1b[2K" if self._partial_shown else "") + line + "\n")
             self._partial_shown = False
@@ -267,7 +285,8 @@ async def _watch(url: str, args: argparse.Namespace, printer: Printer) -> None:
     from serstream.client import UnknownEvent, events
 
     since = getattr(args, "since", None)
-    async for event in events(url, stream=args.stream or None, reconnect=not args.no_retry,
+    async for event in events(url, stream=args.stream or None, call=getattr(args, "call", None) or None,
+                              reconnect=not args.no_retry,
                               token=resolve_token(args), ca_file=getattr(args, "ca_file", None), since=since):
         if isinstance(event, UnknownEvent):
             # Newer schema versions and unknown types still print raw with --json;
@@ -296,6 +315,8 @@ def run_watch(args: argparse.Namespace) -> int:
     printer = Printer(sys.stdout, options, tty=bool(getattr(sys.stdout, "isatty", lambda: False)()))
     if not args.json:
         where = f"{url} (stream {args.stream})" if args.stream else url
+        if getattr(args, "call", None):
+            where += f" (call {args.call})"
         print(f"{PROG}: watching {where}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
     async def bounded() -> None:

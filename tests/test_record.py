@@ -21,7 +21,7 @@ import pytest
 
 from serstream import events
 from serstream.contract import LABELS
-from serstream.history_cli import TIMELINE_COLUMNS
+from serstream.history_cli import CALL_COLUMNS, TIMELINE_COLUMNS
 from serstream.record import SCHEMA_VERSION, Recorder, RecordError
 from tests.audio import speech_with_pauses, write_wav
 from tests.conftest import serstream_command
@@ -169,7 +169,7 @@ def test_history_lists_streams_and_prints_a_timeline(tmp_path: Path) -> None:
     listing = run_cli("history", str(db))
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
-    assert lines[0].split() == ["stream", "runs", "utterances", "first", "last"]
+    assert lines[0].split() == ["stream", "runs", "utterances", "first", "last", "call", "role"]
     assert [ln.split()[:3] for ln in lines[1:]] == [["a", "1", "2"], ["b", "1", "1"]]
     table = run_cli("history", str(db), "--stream", "a")
     assert table.returncode == 0 and "angry" in table.stdout and "happy" in table.stdout
@@ -187,6 +187,94 @@ def test_history_lists_streams_and_prints_a_timeline(tmp_path: Path) -> None:
     junk.write_text("hello")
     assert_one_line_error(run_cli("history", str(junk)), "not a serstream recording")
     assert db.stat().st_mtime_ns == before and not (tmp_path / "missing.db").exists()
+
+
+# ------------------------------------------------------------------ calls (schema 2)
+
+
+def party(stream: str, call: str, role: str) -> dict[str, Any]:
+    return events.stream_opened(stream, source="websocket", codec="pcm_s16le", sample_rate=8000, channels=1,
+                                ts=TS, call=call, role=role)
+
+
+def party_emotion(stream: str, call: str, role: str, utterance: int, t0: float, top: int) -> dict[str, Any]:
+    event = emotion(stream, utterance, top=top)
+    return {**event, "t0": t0, "t1": t0 + 1.0, "call": call, "role": role}
+
+
+def test_call_and_role_are_stored_and_history_prints_a_call(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    record(db, [
+        party("c1:caller", "c1", "caller"), party("c1:callee", "c1", "callee"), opened("lone"),
+        party("c2:left", "c2", "left"),
+        party_emotion("c1:caller", "c1", "caller", 0, 1.0, top=4),
+        party_emotion("c1:callee", "c1", "callee", 0, 3.0, top=3),
+        party_emotion("c1:caller", "c1", "caller", 1, 5.0, top=2),
+        party_emotion("c2:left", "c2", "left", 0, 0.5, top=1),
+        emotion("lone", 0),
+    ])
+    assert query(db, "SELECT version FROM schema_version") == [(2,)] == [(SCHEMA_VERSION,)]
+    assert query(db, "SELECT stream, call, role FROM streams ORDER BY stream") == [
+        ("c1:callee", "c1", "callee"), ("c1:caller", "c1", "caller"), ("c2:left", "c2", "left"),
+        ("lone", None, None)]
+    listing = run_cli("history", str(db))
+    assert listing.returncode == 0, listing.stderr
+    rows = {ln.split()[0]: ln.split() for ln in listing.stdout.splitlines()[1:]}
+    assert rows["c1:caller"][-2:] == ["c1", "caller"] and len(rows["lone"]) == 7  # no call, no role
+    # Both parties of c1, in stream-time order, each with its role; c2 and the lone stream left out.
+    as_csv = run_cli("history", str(db), "--call", "c1", "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    table = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert tuple(table[0]) == CALL_COLUMNS
+    assert [(r[2], r[3], r[5], r[7]) for r in table[1:]] == [
+        ("caller", "c1:caller", "1.00", "angry"), ("callee", "c1:callee", "3.00", "sad"),
+        ("caller", "c1:caller", "5.00", "happy")]
+    readable = run_cli("history", str(db), "--call", "c1")
+    assert readable.returncode == 0 and len(readable.stdout.splitlines()) == 4
+    assert_one_line_error(run_cli("history", str(db), "--call", "nope"), "no call 'nope'")
+    assert run_cli("history", str(db), "--call", "c1", "--stream", "lone").returncode == 2
+
+
+#: The version 1 layout of the streams table (before call/role), as a database of that version has it.
+V1_STREAMS = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE runs (id INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL, command TEXT NOT NULL,
+    serstream_version TEXT NOT NULL, clean INTEGER NOT NULL DEFAULT 0, events INTEGER NOT NULL DEFAULT 0,
+    dropped INTEGER NOT NULL DEFAULT 0);
+INSERT INTO runs (started_at, command, serstream_version, clean) VALUES (1.0, 'old', '0.9', 1);
+CREATE TABLE streams (run_id INTEGER NOT NULL REFERENCES runs(id), stream TEXT NOT NULL,
+    source TEXT, codec TEXT, sample_rate INTEGER, channels INTEGER, detail TEXT,
+    opened_at REAL, closed_at REAL, close_reason TEXT, PRIMARY KEY (run_id, stream));
+INSERT INTO streams (run_id, stream, source, opened_at) VALUES (1, 'old-stream', 'file', 1.0);
+CREATE TABLE utterances (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id), event_id INTEGER,
+    stream TEXT NOT NULL, utterance INTEGER NOT NULL, t0 REAL NOT NULL, t1 REAL NOT NULL, label TEXT NOT NULL,
+    confidence REAL NOT NULL, probs TEXT NOT NULL, arousal REAL, valence REAL, dominance REAL, ts REAL NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id), event_id INTEGER,
+    ts REAL, stream TEXT, type TEXT, json TEXT NOT NULL);
+"""
+
+
+def test_a_version_1_recording_is_read_as_it_is_and_migrated_when_recorded_to(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(V1_STREAMS)
+    conn.close()
+    # Reading never changes it: listed without calls, and --call says why there are none.
+    listing = run_cli("history", str(db))
+    assert listing.returncode == 0 and "old-stream" in listing.stdout, listing.stderr
+    assert_one_line_error(run_cli("history", str(db), "--call", "c1"), "recorded before calls were stored")
+    assert query(db, "SELECT version FROM schema_version") == [(1,)]
+    # Recording to it migrates it in place: the old rows stay, new ones carry their call.
+    record(db, [party("c1:left", "c1", "left"), party_emotion("c1:left", "c1", "left", 0, 2.0, top=4)])
+    assert query(db, "SELECT version FROM schema_version") == [(2,)]
+    assert query(db, "SELECT run_id, stream, call, role FROM streams ORDER BY run_id") == [
+        (1, "old-stream", None, None), (2, "c1:left", "c1", "left")]
+    call = run_cli("history", str(db), "--call", "c1", "--csv")
+    assert call.returncode == 0 and "c1:left" in call.stdout, call.stderr
+    # A second recorder on the migrated file finds version 2: nothing to do.
+    record(db, [opened("b")])
+    assert query(db, "SELECT COUNT(*) FROM runs") == [(3,)]
 
 
 # ------------------------------------------------------------------ a real monitor

@@ -73,6 +73,7 @@
     newerSchema: null,
     labels: [],
     streams: new Map(),
+    streamsMade: 0,
     selected: null,
     stats: null,
   };
@@ -125,6 +126,9 @@
       codec: "",
       sampleRate: null,
       detail: "",
+      call: null,          // the call this stream is one party of (schema 1.2), and its role in it
+      role: null,
+      order: state.streamsMade++,  // first seen: a call's parties show in the order they opened
       mood: null,          // smoothed: {label, confidence, probs, arousal, valence, dominance}
       last: null,          // last estimate: {label, confidence, probs, arousal, valence, kind, t0, t1, latency}
       emotions: 0,
@@ -303,6 +307,7 @@
     };
     const mood = event.smoothed !== undefined ? moodOf(event.smoothed, "smoothed") : null;
     const st = streamFor(id);
+    noteParty(st, event);
     noteLabels(probs);
     st.open = true;
     st.closedAt = null;
@@ -362,6 +367,18 @@
     dirty.streams.add(id);
   }
 
+  /** A call's party: group it with the other parties of its call (a change regroups the cards). */
+  function noteParty(st, event) {
+    const call = typeof event.call === "string" && event.call ? event.call : null;
+    const role = typeof event.role === "string" && event.role ? event.role : null;
+    if (call === null) return;
+    if (st.call !== call || st.role !== role) {
+      st.call = call;
+      st.role = role;
+      dirty.lists = true;
+    }
+  }
+
   function onStream(event) {
     const id = streamId(event);
     const streamState = str(event.state, "state");
@@ -370,6 +387,7 @@
     if (typeof event.codec === "string") st.codec = event.codec;
     if (typeof event.sample_rate === "number") st.sampleRate = event.sample_rate;
     if (typeof event.detail === "string") st.detail = event.detail;
+    noteParty(st, event);
     if (streamState === "open") {
       if (!st.open || st.lastT !== null) resetTimeline(st);
       st.open = true;
@@ -516,6 +534,7 @@
   };
   const listItems = new Map();   // stream id -> {li, name, tag, swatch}
   const cards = new Map();       // stream id -> {card, name, mood, canvas}
+  const callGroups = new Map();  // call id -> {group, parties}: one row per call, its parties side by side
   const barRows = new Map();     // label -> {row, fill, tick, value}
   const dirty = {
     connection: true, status: true, stats: true, notice: false, lists: true, legend: true,
@@ -621,6 +640,26 @@
       (a.open === b.open ? 0 : a.open ? -1 : 1) || a.id.localeCompare(b.id));
   }
 
+  /** The call's row in "All streams": a header with the call id, then a card per party. */
+  function callGroup(call) {
+    let entry = callGroups.get(call);
+    if (!entry) {
+      const group = document.createElement("div");
+      group.className = "call-group";
+      group.dataset.call = call;
+      const head = document.createElement("div");
+      head.className = "call-name";
+      head.textContent = "call " + call;
+      head.title = call;
+      const parties = document.createElement("div");
+      parties.className = "parties";
+      group.append(head, parties);
+      entry = { group: group, parties: parties };
+      callGroups.set(call, entry);
+    }
+    return entry;
+  }
+
   function select(id) {
     state.selected = id;
     dirty.lists = true;
@@ -641,13 +680,36 @@
     for (const [id, card] of cards) {
       if (!state.streams.has(id)) { card.card.remove(); cards.delete(id); }
     }
+    // A call's parties share one row, in the order they opened; the row sits where its first party sorts.
+    const byCall = new Map();
+    for (const st of streams) {
+      if (st.call === null) continue;
+      if (!byCall.has(st.call)) byCall.set(st.call, []);
+      byCall.get(st.call).push(st);
+    }
+    for (const [call, entry] of callGroups) {
+      if (!byCall.has(call)) { entry.group.remove(); callGroups.delete(call); }
+    }
     for (const st of streams) {
       let item = listItems.get(st.id);
       if (!item) item = makeListItem(st.id);
       dom.list.appendChild(item.li); // re-appending keeps the sorted order
       let card = cards.get(st.id);
       if (!card) card = makeCard(st.id);
-      dom.multiples.appendChild(card.card);
+      if (st.call === null) {
+        dom.multiples.appendChild(card.card);
+      } else {
+        const group = callGroup(st.call);
+        const parties = byCall.get(st.call);
+        if (parties[0] === st) {
+          dom.multiples.appendChild(group.group);
+          parties.slice().sort((a, b) => a.order - b.order)
+            .forEach((party) => {
+              const partyCard = cards.get(party.id) || makeCard(party.id);
+              group.parties.appendChild(partyCard.card);
+            });
+        }
+      }
       renderStreamSummary(st.id);
     }
   }
@@ -665,10 +727,13 @@
     tag.className = "tag";
     const swatch = document.createElement("span");
     swatch.className = "swatch";
-    button.append(name, tag);
+    const role = document.createElement("span");
+    role.className = "role";
+    role.hidden = true;
+    button.append(role, name, tag);
     button.addEventListener("click", () => select(id));
     li.appendChild(button);
-    const item = { li: li, tag: tag, swatch: swatch };
+    const item = { li: li, tag: tag, swatch: swatch, role: role };
     listItems.set(id, item);
     return item;
   }
@@ -684,9 +749,12 @@
     name.className = "card-name";
     name.textContent = id;
     name.title = id;
+    const role = document.createElement("span");
+    role.className = "card-role";
+    role.hidden = true;
     const conf = document.createElement("span");
     conf.className = "muted";
-    head.append(name, conf);
+    head.append(role, name, conf);
     const mood = document.createElement("div");
     mood.className = "card-mood";
     const canvas = document.createElement("canvas");
@@ -694,7 +762,7 @@
     canvas.height = 56;
     card.append(head, mood, canvas);
     card.addEventListener("click", () => select(id));
-    const entry = { card: card, conf: conf, mood: mood, canvas: canvas };
+    const entry = { card: card, conf: conf, mood: mood, canvas: canvas, role: role };
     cards.set(id, entry);
     return entry;
   }
@@ -718,7 +786,15 @@
         item.tag.textContent = st.open ? (st.speaking ? "speaking" : "waiting") : "closed";
       }
     }
+    if (item) {
+      if (st.call !== null) item.li.dataset.call = st.call; else delete item.li.dataset.call;
+      item.role.textContent = st.role || "";
+      item.role.hidden = !st.role;
+    }
     if (card) {
+      if (st.role) card.card.dataset.role = st.role; else delete card.card.dataset.role;
+      card.role.textContent = st.role || "";
+      card.role.hidden = !st.role;
       card.card.dataset.open = String(st.open);
       card.card.dataset.label = label;
       card.card.setAttribute("aria-pressed", String(selected));
@@ -751,6 +827,7 @@
     if (st.codec) meta.push(st.codec);
     if (st.sampleRate) meta.push(st.sampleRate + " Hz");
     if (st.detail) meta.push(st.detail);
+    if (st.call !== null) meta.push("call " + st.call + (st.role ? ", " + st.role : ""));
     if (!st.open) meta.push("closed" + (st.closedReason ? ": " + st.closedReason : ""));
     dom.meta.textContent = meta.join(" · ");
     if (st.mood) {
@@ -1088,11 +1165,21 @@
     get labels() { return state.labels.slice(); },
     get selected() { return state.selected; },
     get stats() { return state.stats ? Object.assign({}, state.stats) : null; },
+    /** Call id -> its parties' stream ids, in the order the page shows them side by side. */
+    get calls() {
+      const out = {};
+      for (const [call, entry] of callGroups) {
+        out[call] = Array.from(entry.parties.querySelectorAll(".card")).map((c) => c.dataset.stream);
+      }
+      return out;
+    },
     get streams() {
       const out = {};
       for (const [id, st] of state.streams) {
         out[id] = {
           open: st.open,
+          call: st.call,
+          role: st.role,
           label: st.mood ? st.mood.label : null,
           confidence: st.mood ? st.mood.confidence : null,
           arousal: st.mood ? st.mood.arousal : null,

@@ -27,6 +27,14 @@ message with a partial sample are dropped, counted, and reported once per
 connection as an ``error`` event (codes ``bad_message``, ``bad_frame``); the
 connection stays open. A message above the size limit closes with 1009.
 
+A hello with ``"split": true`` (or ``"roles": [...]``, one per channel) and
+``channels`` >= 2 is a call with one party per channel: one mono stream per
+party, ``<name>:<role>``, each with the call (the hello's ``call``, else the
+name) and its role; every message is de-interleaved by
+:mod:`serstream.core.parties` and pushed to all the parties at once (once all
+their rings have room), so they stay on one clock. Without ``split`` the
+channels are mixed, as before; ``call``/``role`` then tag the one stream.
+
 Names are unique among live streams: a name already in use gets a suffix
 (``call-17-2``, the one rule of :mod:`serstream.core.stream_ids`), so a client
 that reconnects while its old stream is still closing is not refused. Names
@@ -53,11 +61,13 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Mapping
 
 import numpy as np
 
 from serstream import events
+from serstream.core.parties import PartySplit
 from serstream.core.stream_ids import MAX_SUFFIX, candidates
 from serstream.monitor import MonitorError, StreamIdTaken
 from serstream.sources.ingest_session import (
@@ -128,6 +138,28 @@ class _Refused(Exception):
     def __init__(self, refusal: Refuse) -> None:
         super().__init__(refusal.reason)
         self.refusal = refusal
+
+
+@dataclass(frozen=True)
+class _OpenStream:
+    stream_id: str
+    handle: StreamHandle
+    sub: Subscription
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A connection's streams: one, or (``split``) one per party in channel order."""
+
+    streams: tuple[_OpenStream, ...]
+    split: PartySplit | None
+
+
+def _undo(opened: list[_OpenStream]) -> None:
+    """Close streams opened for a name that could not be had whole (no audio went in)."""
+    for o in opened:
+        o.sub.close()
+        o.handle.close(reason="stream name taken")
 
 
 class IngestHandler:
@@ -212,7 +244,7 @@ class IngestHandler:
         session = IngestSession(self.config, _bearer(request))
         try:
             await self._handshake(conn, session)
-            stream_id, handle, sub = self._open(conn, session)
+            opened = self._open(conn, session)
         except _Refused as refused:
             await conn.close(refused.refusal.code, refused.refusal.reason)
             return
@@ -222,11 +254,13 @@ class IngestHandler:
             else:
                 self._count("no_hello")  # the client left before its hello
             return
-        sender = asyncio.create_task(self._send_events(conn, sub, stream_id))
+        # One sender per stream (a split connection has one per party), all on this connection.
+        senders = [asyncio.create_task(self._send_events(conn, o.sub, o.stream_id)) for o in opened.streams]
+        handles = [o.handle for o in opened.streams]
         reason = "client closed"
         ended = False
         try:
-            ended = await self._read_audio(conn, session, handle)
+            ended = await self._read_audio(conn, session, handles, opened.split)
             reason = "end of stream" if ended else "client closed"
         except _Refused as refused:
             reason = refused.refusal.reason
@@ -242,18 +276,21 @@ class IngestHandler:
         except ConnectionClosed:
             self._count("client_closes")
         finally:
-            handle.close(reason=reason)
+            for handle in handles:
+                handle.close(reason=reason)
             if ended:
                 self._count("ended")
                 try:
-                    # The last estimates and the `stream` closed event go out before we close.
-                    await asyncio.wait_for(asyncio.shield(sender), self.config.end_timeout_s)
+                    # The last estimates and the `stream` closed events go out before we close.
+                    await asyncio.wait_for(asyncio.shield(asyncio.gather(*senders)), self.config.end_timeout_s)
                 except (TimeoutError, ConnectionClosed):
                     pass
                 await conn.close(CLOSE_NORMAL, "end of stream")
-            sender.cancel()
-            sub.close()
-            self._live.discard(stream_id)
+            for sender in senders:
+                sender.cancel()
+            for o in opened.streams:
+                o.sub.close()
+                self._live.discard(o.stream_id)
 
     async def _handshake(self, conn: ServerConnection, session: IngestSession) -> Hello:
         refusal = session.check_handshake()
@@ -268,33 +305,47 @@ class IngestHandler:
             raise self._refused(conn, hello)
         return hello
 
-    def _open(self, conn: ServerConnection, session: IngestSession) -> tuple[str, StreamHandle, Subscription]:
+    def _open(self, conn: ServerConnection, session: IngestSession) -> _Opened:
+        """Open the connection's stream, or (a split hello) one stream per party under one base name."""
         hello = session.hello
         assert hello is not None
         refusal = session.check_capacity(len(self._live))
         if refusal is not None:
             raise self._refused(conn, refusal)
         taken = set(self.monitor.stream_ids) | self._live
-        for stream_id in candidates(hello.stream):
-            if stream_id in taken:
+        for base in candidates(hello.stream):
+            split = hello.parties(base) if hello.split else None
+            wanted = [(p.stream, p.role) for p in split.parties] if split else [(base, hello.role)]
+            if any(stream_id in taken for stream_id, _ in wanted):
                 continue
-            # Subscribe first, so the client gets its own `stream` open event.
-            sub = self.bus.subscribe(stream_id, self.config.event_buffer)
+            call = split.call if split else hello.call
+            opened: list[_OpenStream] = []
             try:
-                handle = self.monitor.open_stream(
-                    stream_id, source="websocket", codec=codec_name(hello.format), sample_rate=hello.sample_rate,
-                    channels=hello.channels, detail=_peer(conn),
-                )
+                for stream_id, role in wanted:
+                    # Subscribe first, so the client gets its own `stream` open event.
+                    sub = self.bus.subscribe(stream_id, self.config.event_buffer)
+                    try:
+                        handle = self.monitor.open_stream(
+                            stream_id, source="websocket", codec=codec_name(hello.format),
+                            sample_rate=hello.sample_rate, channels=1 if split else hello.channels,
+                            detail=_peer(conn), call=call, role=role,
+                        )
+                    except BaseException:
+                        sub.close()
+                        raise
+                    opened.append(_OpenStream(stream_id, handle, sub))
             except StreamIdTaken:
-                sub.close()  # taken in the meantime by another source: the next suffix
+                # Taken in the meantime by another source: undo this name's streams, try the next suffix.
+                _undo(opened)
                 continue
             except MonitorError as exc:
-                sub.close()
+                _undo(opened)
                 raise self._refused(conn, session.open_failed(" ".join(str(exc).split()))) from None
-            self._live.add(stream_id)
-            self._count("streams_opened")
-            session.opened(stream_id, time.monotonic())
-            return stream_id, handle, sub
+            for o in opened:
+                self._live.add(o.stream_id)
+            self._count("streams_opened", len(opened))
+            session.opened([o.stream_id for o in opened], time.monotonic())
+            return _Opened(tuple(opened), split)
         raise self._refused(conn, session.open_failed(
             f"stream name {hello.stream!r} and its suffixes -2 to -{MAX_SUFFIX} are all in use"))
 
@@ -315,7 +366,9 @@ class IngestHandler:
         finally:
             sub.close()
 
-    async def _read_audio(self, conn: ServerConnection, session: IngestSession, handle: StreamHandle) -> bool:
+    async def _read_audio(
+        self, conn: ServerConnection, session: IngestSession, handles: list[StreamHandle], split: PartySplit | None
+    ) -> bool:
         """Read until the client ends (True) or closes (ConnectionClosed)."""
         while True:
             decision = session.receive(await conn.recv())
@@ -330,26 +383,42 @@ class IngestHandler:
                 continue
             assert isinstance(decision, Audio)
             if decision.samples.shape[0]:
-                await self._push(session, handle, decision.samples)
-            if handle.closed:
-                # The monitor ended the stream (failure, shutdown): nothing more to take.
+                await self._push(session, handles, decision.samples, split)
+            if any(handle.closed for handle in handles):
+                # The monitor ended a stream (failure, shutdown): nothing more to take.
                 raise _Refused(Refuse(CLOSE_INTERNAL, "stream closed by the monitor"))
 
-    async def _push(self, session: IngestSession, handle: StreamHandle, block: np.ndarray) -> None:
-        capacity = handle.capacity
+    async def _push(
+        self, session: IngestSession, handles: list[StreamHandle], block: np.ndarray, split: PartySplit | None
+    ) -> None:
+        """Push ``block`` (split: each party its channel) once every stream has room for it.
+
+        A split connection's parties get the same frames in the same pushes, so
+        their clocks stay equal: no party's ring takes a piece until all of them can.
+        """
+        capacity = min(handle.capacity for handle in handles)
         piece = max(1, capacity // 4)
         headroom = capacity // 8
+
+        def room(frames: int) -> bool:
+            return all(handle.free_space >= frames + headroom or handle.closed for handle in handles)
+
         for start in range(0, block.shape[0], piece):
             part = block[start:start + piece]
-            if handle.free_space < part.shape[0] + headroom:
+            frames = int(part.shape[0])
+            if not room(frames):
                 self._count("backpressure_waits")
                 # Not reading the socket meanwhile is the point: TCP slows the sender.
-                while handle.free_space < part.shape[0] + headroom and not handle.closed:
+                while not room(frames):
                     await asyncio.sleep(0.01)
-            if handle.closed:
+            if any(handle.closed for handle in handles):
                 return
-            handle.push(part)
-            session.pushed(int(part.shape[0]))
+            if split is None:
+                handles[0].push(part)
+            else:
+                for handle, mono in zip(handles, split.split(part), strict=True):
+                    handle.push(mono)
+            session.pushed(frames)
             delay = session.pace_delay(time.monotonic())
             if delay > 0:
                 self._count("speed_waits")

@@ -23,12 +23,13 @@ import hmac
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Final, Mapping
+from typing import Any, Final, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from serstream.codecs import Codec, CodecError, ingest_codec, ingest_formats
+from serstream.core.parties import PartySplit, parse_roles, plan_parties
 
 # HelloError fits its reason into a close frame, so the helper lives beside it in errors.py
 from serstream.errors import MAX_CLOSE_REASON_BYTES, HelloError, fit_close_reason
@@ -106,17 +107,33 @@ def _short(value: Any, limit: int = 24) -> str:
 
 @dataclass(frozen=True)
 class Hello:
-    """A validated hello."""
+    """A validated hello.
+
+    ``split``: one stream per channel (the parties of a call, ids
+    ``<stream>:<role>``) instead of one mixed stream; ``roles`` names the
+    channels' parties (None: ``left``/``right``, :mod:`serstream.core.parties`).
+    ``call``/``role`` tag the stream(s): without ``split`` the one stream is
+    the party ``role`` of ``call``; with it every party stream has ``call``
+    (default: the assigned base name).
+    """
 
     stream: str
     sample_rate: int
     format: str
     channels: int
     token: str | None
+    split: bool = False
+    roles: tuple[str, ...] | None = None
+    call: str | None = None
+    role: str | None = None
 
     @property
     def codec(self) -> Codec:
         return ingest_codec(self.format)
+
+    def parties(self, base: str) -> PartySplit:
+        """The party streams of a split hello whose stream got the id ``base`` (``call`` defaults to it)."""
+        return plan_parties(base, self.channels, self.roles, self.call)
 
 
 def _int_field(obj: Mapping[str, Any], name: str, default: int | None = None) -> int:
@@ -159,7 +176,43 @@ def parse_hello(message: str | bytes) -> Hello:
     token = obj.get("token")
     if token is not None and not isinstance(token, str):
         raise HelloError(CLOSE_PROTOCOL, "hello 'token' must be a string")
-    return Hello(stream=stream, sample_rate=rate, format=str(fmt), channels=channels, token=token)
+    split, roles, call, role = _party_fields(obj, channels)
+    return Hello(stream=stream, sample_rate=rate, format=str(fmt), channels=channels, token=token,
+                 split=split, roles=roles, call=call, role=role)
+
+
+def _party_fields(
+    obj: Mapping[str, Any], channels: int
+) -> tuple[bool, tuple[str, ...] | None, str | None, str | None]:
+    """``split``, ``roles``, ``call`` and ``role`` of a hello (two-party calls), checked."""
+    split = obj.get("split", False)
+    if not isinstance(split, bool):
+        raise HelloError(CLOSE_PROTOCOL, "hello 'split' must be true or false")
+    raw_roles = obj.get("roles")
+    roles: tuple[str, ...] | None = None
+    if raw_roles is not None:
+        if not isinstance(raw_roles, list):
+            raise HelloError(CLOSE_PROTOCOL, "hello 'roles' must be a list of names, one per channel")
+        split = True  # naming the channels' parties asks for them
+    if split:
+        if channels < 2:
+            raise HelloError(CLOSE_UNSUPPORTED, "hello 'split' needs 'channels' of 2 or more (one party per channel)")
+        try:
+            roles = parse_roles(raw_roles, channels) if raw_roles is not None else None
+        except ValueError as exc:
+            raise HelloError(CLOSE_PROTOCOL, f"hello 'roles': {exc}") from None
+    call = obj.get("call")
+    if call is not None and (not isinstance(call, str) or not _NAME.fullmatch(call)):
+        raise HelloError(CLOSE_PROTOCOL, "hello 'call' must be 1-100 characters: letters, digits and ._:@+/-")
+    role = obj.get("role")
+    if role is not None:
+        if split:
+            raise HelloError(CLOSE_PROTOCOL, "hello 'role' names a one-party stream; a split hello names 'roles'")
+        try:
+            (role,) = parse_roles([role], 1)
+        except ValueError as exc:
+            raise HelloError(CLOSE_PROTOCOL, f"hello 'role': {exc}") from None
+    return split, roles, call, role
 
 
 def is_end(message: str) -> bool:
@@ -238,7 +291,8 @@ class IngestSession:
         self.header_token = header_token
         self.state = SessionState.AWAIT_HELLO
         self.hello: Hello | None = None
-        self.stream_id: str | None = None
+        self.stream_id: str | None = None  # the first (or only) stream of this connection
+        self.stream_ids: tuple[str, ...] = ()
         self.bad_messages = 0
         self.bad_frames = 0
         self.samples = 0  # sample frames pushed (the speed cap's measure)
@@ -275,9 +329,15 @@ class IngestSession:
         self.state = SessionState.HELLO_OK
         return hello
 
+    @property
+    def streams_wanted(self) -> int:
+        """Streams this connection opens: one per channel when split, else one."""
+        hello = self.hello
+        return hello.channels if hello is not None and hello.split else 1
+
     def check_capacity(self, live_streams: int) -> Refuse | None:
-        """Refuse (1013) when ``live_streams`` ingest streams are already open."""
-        if live_streams >= self.config.max_streams:
+        """Refuse (1013) when this connection's streams do not fit beside ``live_streams`` open ones."""
+        if live_streams + self.streams_wanted > self.config.max_streams:
             return self._refuse(
                 CLOSE_TRY_LATER, f"too many ingest streams (max {self.config.max_streams}); try later", "refused_busy"
             )
@@ -287,10 +347,15 @@ class IngestSession:
         """The monitor refused every candidate id (or is full, or stopping): 1013."""
         return self._refuse(CLOSE_TRY_LATER, reason[:120], "refused_busy")
 
-    def opened(self, stream_id: str, now: float) -> None:
+    def opened(self, stream_id: str | Sequence[str], now: float) -> None:
+        """The monitor opened this connection's stream (or, split, its party streams in channel order)."""
         if self.state is not SessionState.HELLO_OK:
             raise RuntimeError(f"opened in state {self.state.value}")
-        self.stream_id = stream_id
+        ids = (stream_id,) if isinstance(stream_id, str) else tuple(stream_id)
+        if not ids:
+            raise ValueError("opened needs at least one stream id")
+        self.stream_ids = ids
+        self.stream_id = ids[0]
         self.started = now
         self.state = SessionState.OPEN
 

@@ -346,3 +346,53 @@ def test_dashboard_resumes_with_since_after_a_lost_connection(browser: Any) -> N
     finally:
         loop.call_soon_threadsafe(lambda: holder["stop"].set())
         thread.join(10)
+
+
+def test_a_calls_parties_share_one_row_side_by_side(
+    browser: Any, factory_model: Path, speech_wav: Path, speech_wav_44k_stereo: Path, free_port: int
+) -> None:
+    """A real monitor replaying a stereo file as a call (--split-channels) beside a lone mono stream."""
+    call = "file:speech-44k.wav"
+    caller, callee = f"{call}:caller", f"{call}:callee"
+    monitor = start_monitor(["listen", "--model", str(factory_model), "--file", str(speech_wav), "--file",
+                             str(speech_wav_44k_stereo), "--split-channels", "--roles", "caller,callee", "--loop",
+                             "--port", str(free_port), "--token", TOKEN])
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page_errors: list[str] = []
+        page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+        page.goto(_dashboard_url(monitor))
+        page.wait_for_function("() => window.serstreamDashboard && window.serstreamDashboard.connected === true",
+                               timeout=20_000)
+        for stream in (caller, callee, STREAM):
+            page.wait_for_function(
+                f"() => (window.serstreamDashboard.streams[{json.dumps(stream)}] || {{}}).emotions >= 1",
+                timeout=30_000)
+        streams = _state(page, "window.serstreamDashboard.streams")
+        assert (streams[caller]["call"], streams[caller]["role"]) == (call, "caller")
+        assert (streams[callee]["call"], streams[callee]["role"]) == (call, "callee")
+        assert streams[STREAM]["call"] is None and streams[STREAM]["role"] is None
+        # One row for the call, its parties in the order they opened; the lone stream is a card of its own.
+        assert _state(page, "window.serstreamDashboard.calls") == {call: [caller, callee]}
+        group = page.locator(f'#multiples .call-group[data-call="{call}"]')
+        assert group.count() == 1 and call in group.locator(".call-name").inner_text()
+        assert page.locator(f'#multiples > .card[data-stream="{STREAM}"]').count() == 1
+        assert page.locator("#multiples .call-group .card").count() == 2
+        # Side by side: the same top, the caller left of the callee, both labelled with their roles.
+        boxes = {s: page.locator(f'.call-group .card[data-stream="{s}"]').bounding_box() for s in (caller, callee)}
+        assert abs(boxes[caller]["y"] - boxes[callee]["y"]) < 1
+        assert boxes[caller]["x"] + boxes[caller]["width"] <= boxes[callee]["x"]
+        for stream, role in ((caller, "caller"), (callee, "callee")):
+            card = page.locator(f'.call-group .card[data-stream="{stream}"]')
+            assert card.get_attribute("data-role") == role
+            assert card.locator(".card-role").inner_text().lower() == role
+        # The detail view names the call and the party.
+        page.locator(f'#stream-list li[data-stream="{callee}"] button').click()
+        page.wait_for_function(f"() => document.getElementById('detail').dataset.stream === {json.dumps(callee)}",
+                               timeout=5_000)
+        assert f"call {call}, callee" in page.locator("#detail-meta").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-call.png"), full_page=True)
+        assert page_errors == []
+    finally:
+        monitor.kill()

@@ -179,3 +179,41 @@ def test_a_pasted_dashboard_url_gives_the_events_url_and_its_token(monkeypatch: 
     monkeypatch.setenv("SERSTREAM_TOKEN", "from-env")
     assert resolve_token(args) == "from-env"
     assert resolve_token(argparse.Namespace(url=pasted, token="flag", token_file=None)) == "flag"
+
+
+def test_roles_name_the_party_of_each_line() -> None:
+    opened = {"type": "stream", "v": 1, "stream": "c:caller", "ts": 1.7e9, "state": "open", "source": "websocket",
+              "codec": "pcm_s16le", "sample_rate": 8000, "channels": 1, "call": "c", "role": "caller"}
+    line = format_event(opened)
+    assert line is not None
+    assert line.endswith("[c:caller] caller: stream open (websocket, pcm_s16le, 8000 Hz, 1 ch) (call c)")
+    speech = {"type": "speech", "v": 1, "stream": "c:caller", "ts": 1.7e9, "state": "start", "t": 1.0}
+    assert format_event(speech).endswith("[c:caller] speech start at 1.00s")
+    out = io.StringIO()
+    printer = Printer(out, WatchOptions(), tty=False)
+    for event in (opened, speech, {**_emotion("final"), "stream": "c:caller", "call": "c", "role": "caller"}):
+        printer.show(event)
+    lines = out.getvalue().splitlines()
+    # The speech event has no role of its own: the printer remembers the party from its stream event.
+    assert len(lines) == 3 and all("[c:caller] caller: " in line for line in lines), lines
+
+
+def test_watch_call_prints_both_parties_with_their_roles(
+    factory_model: Path, speech_wav: Path, speech_wav_44k_stereo: Path, free_port: int
+) -> None:
+    monitor = Background(["listen", "--model", str(factory_model), "--file", str(speech_wav), "--file",
+                          str(speech_wav_44k_stereo), "--split-channels", "--roles", "caller,callee", "--loop",
+                          "--port", str(free_port)])
+    url = f"ws://127.0.0.1:{free_port}"
+    try:
+        monitor.wait_for(lambda: monitor.stderr_has("dashboard http://"), 60, "the monitor to start")
+        code, text, err = _finish(_watch(url, "--call", "file:speech-44k.wav", "--duration", "9", "--since", "0"))
+    finally:
+        monitor.kill()
+    assert code == 0 and "Traceback" not in err, err
+    assert "(call file:speech-44k.wav)" in err
+    lines = text.splitlines()
+    for role in ("caller", "callee"):
+        assert any(f"[file:speech-44k.wav:{role}] {role}: final" in line for line in lines), text
+        assert any(f"[file:speech-44k.wav:{role}] {role}: speech start" in line for line in lines), text
+    assert not any("file:speech.wav" in line for line in lines), text

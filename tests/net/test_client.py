@@ -261,3 +261,56 @@ def test_ingest_client_encodes_samples_in_the_declared_format() -> None:
     assert f32._encode(stereo) == stereo.astype("<f4").tobytes()
     with pytest.raises(ValueError, match="channels"):
         f32._encode(np.zeros((4, 3)))
+
+
+def test_events_filtered_by_call_give_both_parties_and_nothing_else() -> None:
+    """A real server and bus: two calls and a lone stream; ``events(call=...)`` keeps one call's parties."""
+    port = _port()
+
+    def opened(stream: str, call: str | None = None, role: str | None = None) -> dict[str, Any]:
+        return events.stream_opened(stream, source="websocket", codec="pcm_s16le", sample_rate=8000, channels=1,
+                                    ts=1.0, call=call, role=role)
+
+    def closed(stream: str, call: str) -> dict[str, Any]:
+        return events.stream_closed(stream, source="websocket", codec="pcm_s16le", sample_rate=8000, channels=1,
+                                    ts=2.0, reason="end of stream", call=call, role="left")
+
+    published = [
+        opened("c1:left", "c1", "left"), opened("c1:right", "c1", "right"), opened("c2:left", "c2", "left"),
+        opened("lone"),
+        events.speech_start("c1:left", t=1.0, ts=1.0), events.speech_start("c2:left", t=1.0, ts=1.0),
+        events.speech_start("lone", t=1.0, ts=1.0), events.speech_start("c1:right", t=2.0, ts=1.0),
+        closed("c1:left", "c1"),
+        # The id is free again: another stream of that name is not the call's.
+        events.speech_start("c1:left", t=9.0, ts=1.0),
+        events.speech_end("c1:right", t=3.0, duration=1.0, reason="silence", ts=1.0),
+    ]
+
+    async def run() -> list[Any]:
+        received: list[Any] = []
+        bus = EventBus()
+        server = _quiet_server(bus, port)
+        await server.start()
+
+        async def consume() -> None:
+            async for event in client.events(f"ws://127.0.0.1:{port}/events", call="c1", reconnect=False):
+                received.append(event)
+                if isinstance(event, SpeechEvent) and event.state == "end":
+                    return
+
+        task = asyncio.create_task(consume())
+        while bus.subscribers == 0:
+            await asyncio.sleep(0.01)
+        for event in published:
+            bus.publish(event)
+        await asyncio.wait_for(task, 20)
+        await server.close()
+        return received
+
+    received = asyncio.run(run())
+    got = [(type(e).__name__, e.stream, getattr(e, "state", None), getattr(e, "role", None)) for e in received]
+    assert got == [
+        ("StreamEvent", "c1:left", "open", "left"), ("StreamEvent", "c1:right", "open", "right"),
+        ("SpeechEvent", "c1:left", "start", None), ("SpeechEvent", "c1:right", "start", None),
+        ("StreamEvent", "c1:left", "closed", "left"), ("SpeechEvent", "c1:right", "end", None),
+    ]

@@ -322,3 +322,37 @@ def test_a_replay_faster_than_real_time_is_paced_to_the_speed_cap(live_server_fa
     assert server.monitor is not None and server.monitor.stats()["drops"]["audio_samples"] == 0
     finals = [e for e in received if isinstance(e, EmotionEvent) and e.kind == "final"]
     assert len({e.utterance for e in finals}) == 2
+
+
+def test_split_connections_share_the_name_rule_and_the_stream_cap(live_server_factory: Any) -> None:
+    """Two split clients ask for one name: the second's parties move to the next base; a third is refused.
+
+    The second names its call (CA1): its parties carry that call, the first's carry their base name.
+    """
+    server: LiveServer = live_server_factory(max_streams=5)
+    url = server.url("/ingest")
+    stereo = np.stack([speech_with_pauses(((0.3, 1.2),), seed=1), speech_with_pauses(((0.3, 1.2),), seed=2)], axis=1)
+
+    async def run() -> tuple[list[Event], list[Event], Any]:
+        first = IngestClient(url, "desk", 16000, "f32le", channels=2, split=True)
+        second = IngestClient(url, "desk", 16000, "f32le", channels=2, roles=["left", "right"], call="CA1")
+        async with first, second:
+            # 4 of 5 streams are open: another split connection (2 more) does not fit.
+            ws, reply = await hello_then(url, {"type": "hello", "stream": "more", "sample_rate": 16000,
+                                               "channels": 2, "split": True})
+            got = await asyncio.gather(push_and_collect(first, stereo, 1600), push_and_collect(second, stereo, 1600))
+        return got[0], got[1], (ws.close_code, ws.close_reason, reply)
+
+    first_events, second_events, refused = asyncio.run(run())
+    assert refused[0] == 1013 and "too many ingest streams" in refused[1] and refused[2] is None
+    for received, ids, call in (
+        (first_events, {"desk:left": "left", "desk:right": "right"}, "desk"),
+        (second_events, {"desk-2:left": "left", "desk-2:right": "right"}, "CA1"),
+    ):
+        opened = {e.stream: e for e in received if isinstance(e, StreamEvent) and e.state == "open"}
+        assert {sid: e.role for sid, e in opened.items()} == ids
+        assert {e.call for e in opened.values()} == {call}
+        assert {e.stream for e in received if isinstance(e, EmotionEvent)} == set(ids), "a party got no estimate"
+    assert server.handler is not None and server.handler.counters["streams_opened"] == 4
+    assert server.handler.counters["refused_busy"] == 1
+    wait_until(lambda: server.handler is not None and server.handler.active == 0, 10, "the streams to be let go")

@@ -49,7 +49,7 @@ import logging
 import random
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ __all__ = [
     "parse_event",
     "read_event",
     "events",
+    "CallFilter",
     "IngestClient",
     "push_file",
 ]
@@ -307,10 +308,43 @@ def _with_since(url: str, since: int | None) -> str:
     return urlunsplit(parts._replace(query="&".join([*kept, f"since={int(since)}"])))
 
 
+class CallFilter:
+    """Which events belong to one call: the ``call=`` option of :func:`events`, usable on its own.
+
+    ``stream`` and ``emotion`` events name their call (schema revision 1.2);
+    ``speech`` and ``error`` events name only their stream, so a stream joins
+    the call's set when an event of it names the call, and leaves it when its
+    ``stream`` closed event has passed (an id may be reused by another call
+    later). Monitor-wide ``stats`` and the connection's ``gap`` events pass,
+    as they do with ``stream=``. A party's speech event that comes before any
+    event of it naming the call (a client that joins mid-call, before that
+    party's next estimate) is not recognised: read from an earlier ``since``
+    to get the ``stream`` open events.
+    """
+
+    def __init__(self, call: str) -> None:
+        self.call = call
+        #: The call's streams seen so far (stream id -> role, or "" when none was given).
+        self.streams: dict[str, str] = {}
+
+    def __call__(self, event: AnyEvent) -> bool:
+        if isinstance(event, (StatsEvent, GapEvent)):
+            return True
+        named = getattr(event, "call", None)
+        if isinstance(event, (StreamEvent, EmotionEvent)) and named == self.call:
+            if isinstance(event, StreamEvent) and event.state == "closed":
+                self.streams.pop(event.stream, None)
+            else:
+                self.streams[event.stream] = event.role or ""
+            return True
+        return event.stream in self.streams
+
+
 async def events(
     url: str = DEFAULT_EVENTS_URL,
     *,
     stream: str | None = None,
+    call: str | None = None,
     reconnect: bool = True,
     max_backoff_s: float = 10.0,
     open_timeout_s: float = 5.0,
@@ -320,6 +354,10 @@ async def events(
     resume: bool = True,
 ) -> AsyncIterator[AnyEvent]:
     """Every event from the monitor's ``/events`` (``stream``: one stream's events plus stats).
+
+    ``call``: only the events of that call's parties (both sides of a
+    two-party call, each ``stream``/``emotion`` event naming its ``role``),
+    plus stats and gaps; filtered here, by :class:`CallFilter`.
 
     ``token``: the monitor's token (sent as ``Authorization: Bearer``);
     ``ca_file``: PEM file to verify a ``wss://`` monitor's certificate with
@@ -340,6 +378,7 @@ async def events(
     from websockets.exceptions import ConnectionClosed
 
     base = _with_stream(_check_url(url, "/events"), stream)
+    wanted = CallFilter(call) if call else None
     target = base
     last_id = since
     context = client_ssl_context(base, ca_file)
@@ -375,7 +414,8 @@ async def events(
                 event = read_event(message)
                 if event.id is not None:
                     last_id = event.id
-                yield event
+                if wanted is None or wanted(event):
+                    yield event
             lost = f"the monitor closed the connection ({ws.close_code} {ws.close_reason})".strip()
         except ConnectionClosed as exc:
             lost = f"connection lost ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
@@ -402,6 +442,13 @@ class IngestClient:
     server assigned (the requested name, or it with a suffix when taken).
     A monitor with a token refuses a wrong ``token`` at the handshake
     (:class:`AccessDenied`); ``ca_file`` verifies a ``wss://`` monitor.
+
+    A call with one party per channel: ``split=True`` (or ``roles=[...]``, one
+    name per channel) makes the server open one stream per channel
+    (``<stream>:left``, ``<stream>:right``, ...), all with ``call`` (default:
+    the assigned name); :meth:`events` then yields every party's events and
+    :attr:`stream_id` is the first party's. ``call``/``role`` without a split
+    tag the one stream as a party of a call sent on its own connection.
     """
 
     def __init__(
@@ -417,6 +464,10 @@ class IngestClient:
         open_timeout_s: float = 5.0,
         event_buffer: int = 10_000,
         ca_file: str | Path | None = None,
+        split: bool = False,
+        roles: Sequence[str] | None = None,
+        call: str | None = None,
+        role: str | None = None,
     ) -> None:
         if sample_format not in ("s16le", "f32le"):
             raise ValueError(f"sample_format must be 's16le' or 'f32le', got {sample_format!r}")
@@ -431,6 +482,10 @@ class IngestClient:
         self.token = token
         self.max_frame_bytes = int(max_frame_bytes)
         self.open_timeout_s = float(open_timeout_s)
+        self.split = bool(split or roles is not None)
+        self.roles = None if roles is None else list(roles)
+        self.call = call
+        self.role = role
         self.stream_id: str | None = None
         #: Events the buffer could not keep because nobody read them (oldest dropped first).
         self.events_dropped = 0
@@ -462,6 +517,8 @@ class IngestClient:
         self._ws = await _open(self.url, _auth_headers(self.token), self.open_timeout_s, None, self._ssl)
         hello = {"type": "hello", "stream": self.stream, "sample_rate": self.sample_rate,
                  "format": self.sample_format, "channels": self.channels}
+        extra = {"split": self.split or None, "roles": self.roles, "call": self.call, "role": self.role}
+        hello.update({key: value for key, value in extra.items() if value is not None})
         try:
             await self._ws.send(json.dumps(hello))
             first = await asyncio.wait_for(self._ws.recv(), self.open_timeout_s)
