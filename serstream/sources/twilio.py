@@ -1,0 +1,170 @@
+"""The ``/twilio`` WebSocket: Twilio Media Streams (and the Telnyx variant) into party streams.
+
+Point a ``<Start><Stream url="wss://HOST/twilio?token=...">`` (or
+``<Connect><Stream>``) at the monitor; docs/telephony.md has the set-up.
+This adapter reads the socket and carries out what the pure
+:class:`~serstream.sources.twilio_session.TwilioSession` decides: at
+``start`` it opens one stream per track (``twilio:<callSid>:inbound`` and
+``...:outbound``, source ``twilio``, the call's ``callSid`` as ``call``, the
+track as ``role``, ``customParameters`` as ``params``); each ``media`` chunk
+goes to its track's stream at its timestamp's place; ``stop`` closes them
+(reason ``stop``). A call that goes quiet for ``idle_timeout_s`` is closed
+(reason ``idle timeout``), one whose socket drops is closed ``disconnected``.
+
+Bad input (malformed JSON, a payload that is not base64, ``media`` before
+``start``, ...) is dropped and counted by cause, logged once per cause and
+reported once per connection as an ``error`` event on the call's streams;
+an unknown encoding refuses the call (1003). Nothing is sent back to Twilio.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+
+from serstream.sources.telephony import CallHandlerBase, peer_of
+from serstream.sources.twilio_session import (
+    CLOSE_NORMAL,
+    OpenTrack,
+    Refuse,
+    Rejected,
+    StartCall,
+    Stop,
+    TrackAudio,
+    TwilioConfig,
+    TwilioSession,
+)
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
+    from websockets.http11 import Request
+
+    from serstream.monitor import Monitor, StreamHandle
+
+__all__ = ["TwilioHandler", "make_twilio_handler"]
+
+CLOSE_TRY_LATER = 1013
+
+
+class TwilioHandler(CallHandlerBase):
+    """The handler of ``/twilio`` (``MonitorServer(..., audio_routes={"/twilio": handler})``).
+
+    ``counters`` (totals since start): ``connections``, ``messages``, ``starts``,
+    ``stops``, ``connected``, ``dtmf``, ``mark``, ``chunks``, ``gaps``,
+    ``gap_frames`` (silence filled), ``overlap_frames``, ``clock_jumps``,
+    ``rejected_<cause>`` (see :data:`~serstream.sources.twilio_session.REJECT_CAUSES`),
+    the refusals ``bad_start``, ``unknown_encoding``, ``no_start``, ``refused_busy``,
+    and ``idle_timeouts``, ``disconnects``, ``streams_opened``,
+    ``backpressure_waits``, ``speed_waits``.
+    """
+
+    source = "twilio"
+    prefix = "twilio"
+    drop_keys = ("bad_start", "unknown_encoding", "no_start", "refused_busy", "idle_timeouts", "disconnects",
+                 "clock_jumps")
+
+    def __init__(self, monitor: Monitor, config: TwilioConfig | None = None, max_calls: int = 256) -> None:
+        super().__init__(monitor, max_calls)
+        self.config = config or TwilioConfig()
+
+    @property
+    def description(self) -> str:
+        return "receiving Twilio Media Streams on /twilio"
+
+    async def __call__(self, conn: ServerConnection, request: Request) -> None:
+        self._count("connections")
+        session = TwilioSession(self.config, time.monotonic(), self.counters)
+        handles: dict[str, StreamHandle] = {}
+        counted_call = False
+        reason = "client closed"
+        try:
+            while not session.stopped:
+                message = await self._recv(conn, session.deadline)
+                if message is None:
+                    expired = session.expire(time.monotonic())
+                    if isinstance(expired, Refuse):
+                        self._log_once(expired.cause, f"refused a stream from {peer_of(conn)}: {expired.reason}")
+                        await conn.close(expired.code, expired.reason)
+                        return
+                    if isinstance(expired, Stop):
+                        reason = expired.reason
+                        await conn.close(CLOSE_NORMAL, expired.reason)
+                        return
+                    continue
+                for decision in session.receive(message, time.monotonic()):
+                    if isinstance(decision, TrackAudio):
+                        handle = handles.get(decision.track)
+                        if handle is not None and decision.samples.shape[0]:
+                            await self._push(handle, decision.samples, session.pace_delay)
+                    elif isinstance(decision, Rejected):
+                        if decision.report:
+                            track_handle = handles.get(decision.track or "")
+                            targets = [track_handle] if track_handle else list(handles.values())
+                            self._report([h.stream_id for h in targets], decision.cause, decision.message,
+                                         decision.count)
+                    elif isinstance(decision, StartCall):
+                        if self._calls >= self.max_calls:
+                            self._count("refused_busy")
+                            await conn.close(CLOSE_TRY_LATER, f"too many calls (max {self.max_calls})")
+                            return
+                        self._calls += 1
+                        counted_call = True
+                        for track in decision.tracks:
+                            if not await self._open_track(conn, decision, track, handles):
+                                return
+                    elif isinstance(decision, OpenTrack):
+                        assert session.call is not None
+                        if not await self._open_track(conn, session.call, decision.track, handles):
+                            return
+                    elif isinstance(decision, Stop):
+                        reason = decision.reason
+                        await conn.close(CLOSE_NORMAL, "stop")
+                        return
+                    else:
+                        assert isinstance(decision, Refuse)
+                        self._log_once(decision.cause, f"refused a stream from {peer_of(conn)}: {decision.reason}")
+                        reason = decision.reason
+                        await conn.close(decision.code, decision.reason)
+                        return
+                    if any(h.closed for h in handles.values()) and not session.stopped:
+                        # The monitor ended a party (failure, shutdown): end the call.
+                        reason = "stream closed by the monitor"
+                        await conn.close(1011, reason)
+                        return
+        except ConnectionClosedError:
+            self._count("disconnects")
+            reason = "disconnected"
+        except ConnectionClosed:
+            reason = "client closed"
+        finally:
+            self._close_parties(handles.values(), reason)
+            if counted_call:
+                self._calls -= 1
+
+    async def _open_track(
+        self, conn: ServerConnection, call: StartCall, track: str, handles: dict[str, StreamHandle]
+    ) -> bool:
+        opened = self._open_party(
+            conn, call.stream_id(track), codec=call.codec.stream_codec, sample_rate=call.sample_rate,
+            call=call.call, role=track, params=call.params or None,
+        )
+        if isinstance(opened, str):
+            self._count("refused_busy")
+            self._log_once("refused_busy", f"could not open a stream for call {call.call}: {opened}")
+            await conn.close(CLOSE_TRY_LATER, opened)
+            return False
+        handles[track] = opened
+        return True
+
+
+def make_twilio_handler(
+    monitor: Monitor, config: TwilioConfig | None = None, max_calls: int = 256
+) -> TwilioHandler:
+    """The ``/twilio`` handler, its counters registered with the monitor's ``stats.drops``."""
+    handler = TwilioHandler(monitor, config, max_calls)
+    add = getattr(monitor, "add_stats_provider", None)
+    if add is not None:
+        add(handler.drop_counters)
+    return handler
