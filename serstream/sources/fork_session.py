@@ -75,7 +75,7 @@ _CODEC = CODECS["s16le"]
 
 
 def parse_rate(value: Any) -> int | None:
-    """``8k``/``16k``/``8000``/16000 ... -> Hz (8000-64000); None when it is not one."""
+    """``8k``/``16k``/``8000``/16000 ... -> Hz; None unless a multiple of 8000 in 8000-64000 (the module's rule)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -84,7 +84,7 @@ def parse_rate(value: Any) -> int | None:
         if match is None:
             return None
         value = int(match.group(1)) * 1000 if match.group(1) else int(text)
-    if not isinstance(value, int) or not _MIN_RATE <= value <= _MAX_RATE:
+    if not isinstance(value, int) or not _MIN_RATE <= value <= _MAX_RATE or value % 8000:
         return None
     return value
 
