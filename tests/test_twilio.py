@@ -261,7 +261,7 @@ def test_fuzz_100k_mutated_messages_into_the_session() -> None:
     sessions = 0
     session: TwilioSession | None = None
     now = 0.0
-    for n in range(100_000):
+    for _ in range(100_000):
         if session is None or session.stopped:
             session = TwilioSession(TwilioConfig(), now, totals)
             sessions += 1
@@ -500,7 +500,8 @@ def test_connection_closed_without_stop_is_reported_disconnected_or_closed(call_
 
     async def run() -> None:
         ws = await connect(server.url("/twilio"))
-        for message in [call.connected(), call.start()] + [m for _, m in call.track_media("inbound", voiced(0.5, RATE))]:
+        media = [m for _, m in call.track_media("inbound", voiced(0.5, RATE))]
+        for message in [call.connected(), call.start(), *media]:
             await ws.send(message)
         await ws.close()
 
