@@ -466,14 +466,12 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
         raise UserError(one_line(exc, limit=None)) from None
 
 
-def _telephony_routes(monitor: Any) -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
-    """The /twilio and /fork handlers (served whenever the server runs) and /fork's subprotocol."""
+def _telephony_routes(monitor: Any, token: str | None) -> dict[str, Any]:
+    """The /twilio and /fork handlers: served whenever the server runs (docs/telephony.md)."""
     from serstream.sources.fork import make_fork_handler
-    from serstream.sources.fork_session import SUBPROTOCOL as FORK_SUBPROTOCOL
     from serstream.sources.twilio import make_twilio_handler
 
-    routes = {"/twilio": make_twilio_handler(monitor), "/fork": make_fork_handler(monitor)}
-    return routes, {"/fork": (FORK_SUBPROTOCOL,)}
+    return {"/twilio": make_twilio_handler(monitor, token=token), "/fork": make_fork_handler(monitor)}
 
 
 def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
@@ -545,12 +543,11 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
             mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
                                    channels=args.channels)
 
-    audio_routes, route_subprotocols = _telephony_routes(monitor)
     server = MonitorServer(
         bus, args.host, args.port, health=monitor.health,
         metrics=lambda: prometheus_text(monitor.stats()), dashboard_dir=default_dashboard_dir(),
         ingest_handler=_ingest_handler(monitor, bus, args, access.token),
-        audio_routes=audio_routes, route_subprotocols=route_subprotocols,
+        audio_routes=_telephony_routes(monitor, access.token),
         # The ingest's frame limit must fit in a WebSocket message.
         max_message_bytes=max(1 << 20, int(getattr(args, "max_frame_bytes", 0) or 0)),
         token=access.token, allow_origins=args.allow_origin, tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -12,8 +12,10 @@ One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
 * Further audio-in WebSocket paths (``audio_routes``: ``/twilio`` Twilio Media
   Streams, ``/fork`` FreeSWITCH mod_audio_fork), each handed to its handler,
   capped like ``/ingest`` connections; their clients cannot set headers, so
-  the token may ride in the URL query (``?token=...``), and a route may name
-  the subprotocols it accepts (``audio.drachtio.org`` on ``/fork``).
+  the token may ride in the URL query (``?token=...``) or, where the handler
+  says it checks it (``checks_token``: ``/twilio`` reads it from the start
+  message's ``customParameters``), be left to the handler; a handler may name
+  the subprotocols it accepts (``subprotocols``: ``audio.drachtio.org`` on ``/fork``).
 * ``/healthz`` (HTTP GET): ``health()`` as JSON; ``/metrics`` (HTTP GET):
   ``metrics()`` as Prometheus text; ``/`` and the files of the dashboard
   directory (HTTP GET, no path traversal). Anything else is 404.
@@ -457,7 +459,6 @@ class MonitorServer:
         max_message_bytes: int = 1 << 20,
         ingest_handler: IngestHandler | None = None,
         audio_routes: Mapping[str, IngestHandler] | None = None,
-        route_subprotocols: Mapping[str, Sequence[str]] | None = None,
         client_buffer: int = 1000,
         close_timeout: float = 2.0,
         token: str | None = None,
@@ -489,9 +490,12 @@ class MonitorServer:
         for path, audio_handler in (audio_routes or {}).items():
             if not path.startswith("/") or path in self.routes:
                 raise ValueError(f"audio route {path!r} must be a new path starting with /")
+            # A handler may check the token itself in its first message (``checks_token``, as
+            # /twilio does in its start) and name the subprotocols its clients offer.
             self.routes[path] = WebSocketRoute(
                 self._audio_route(path, audio_handler), "ingest", query_token=True,
-                subprotocols=tuple((route_subprotocols or {}).get(path, ())),
+                hello_token=bool(getattr(audio_handler, "checks_token", False)),
+                subprotocols=tuple(getattr(audio_handler, "subprotocols", ())),
             )
         self.client_buffer = int(client_buffer)
         self.close_timeout = float(close_timeout)

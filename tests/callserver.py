@@ -29,7 +29,7 @@ from serstream.inference.session import EmotionModel
 from serstream.monitor import Monitor, MonitorConfig
 from serstream.server import EventBus, MonitorServer, prometheus_text
 from serstream.sources.fork import ForkHandler, make_fork_handler
-from serstream.sources.fork_session import SUBPROTOCOL, ForkConfig
+from serstream.sources.fork_session import ForkConfig
 from serstream.sources.twilio import TwilioHandler, make_twilio_handler
 from serstream.sources.twilio_session import TwilioConfig
 from tests.net.conftest import Collector, wait_until
@@ -173,12 +173,11 @@ class CallServer:
 
         monitor = Monitor(self.model, self.monitor_config, sink)
         self.monitor = monitor
-        self.twilio = make_twilio_handler(monitor, self.twilio_config)
+        self.twilio = make_twilio_handler(monitor, self.twilio_config, token=self.token)
         self.fork = make_fork_handler(monitor, self.fork_config)
         self.server = MonitorServer(
             bus, "127.0.0.1", 0, health=monitor.health, metrics=lambda: prometheus_text(monitor.stats()),
             token=self.token, audio_routes={"/twilio": self.twilio, "/fork": self.fork},
-            route_subprotocols={"/fork": (SUBPROTOCOL,)},
         )
         await self.server.start()
         monitor.start()

@@ -328,14 +328,15 @@ def interleave(*tracks: list[tuple[int, str]]) -> list[str]:
 
 def test_two_party_call_end_to_end(call_server_factory: Any, speech_8k: dict[str, np.ndarray]) -> None:
     server: CallServer = call_server_factory(token=TOKEN)
-    call = TwilioCall("CAe2e0001", custom={"agent": "ada", "ticket": "T-17"})
+    # <Stream url> takes no query string: the token comes as <Parameter name="token">, in customParameters.
+    call = TwilioCall("CAe2e0001", custom={"agent": "ada", "ticket": "T-17", "token": TOKEN})
     messages = [call.connected(), call.start()]
     messages += interleave(call.track_media("inbound", speech_8k["inbound"]),
                            call.track_media("outbound", speech_8k["outbound"]))
     messages.insert(5, call.dtmf("1"))
     messages.append(call.mark("greeting"))
     messages.append(call.stop())
-    ws = asyncio.run(send_all(server.url(f"/twilio?token={TOKEN}"), messages))
+    ws = asyncio.run(send_all(server.url("/twilio"), messages))
     assert ws.close_code == 1000
     ids = {track: f"twilio:CAe2e0001:{track}" for track in ("inbound", "outbound")}
     wait_until(lambda: set(ids.values()) <= server.closed_streams(), 60, "both party streams to close")
@@ -357,21 +358,45 @@ def test_two_party_call_end_to_end(call_server_factory: Any, speech_8k: dict[str
     assert stats["dtmf"] == 1 and stats["mark"] == 1 and stats["stops"] == 1 and stats["active"] == 0
 
 
-def test_token_rides_in_the_url_query(call_server_factory: Any) -> None:
+def test_start_token_check() -> None:
+    config = TwilioConfig(token=TOKEN)
+    for custom, expected in (({"token": TOKEN, "a": "b"}, StartCall), ({"token": "nope"}, Refuse), ({}, Refuse)):
+        session = TwilioSession(config, 0.0)
+        (decision,) = session.receive(TwilioCall("CA1", custom=custom).start(), 0.0)
+        assert isinstance(decision, expected), (custom, decision)
+        if isinstance(decision, StartCall):
+            assert dict(decision.params) == {"a": "b"}, "the token must not reach the stream event"
+        else:
+            assert decision.code == 1008 and session.counts["refused_token"] == 1
+    # A handshake that carried the token (checked by the server) needs none in the start.
+    trusted = TwilioSession(config, 0.0, authenticated=True)
+    assert isinstance(trusted.receive(TwilioCall("CA1").start(), 0.0)[0], StartCall)
+
+
+def test_token_in_custom_parameters_or_the_url_query(call_server_factory: Any) -> None:
     server: CallServer = call_server_factory(token=TOKEN)
 
-    async def attempt(url: str) -> int:
+    async def attempt(url: str, custom: dict[str, str]) -> tuple[int, int | None]:
+        call = TwilioCall("CAtok", tracks=("inbound",), custom=custom)
         try:
             async with connect(url) as ws:
-                await ws.send(TwilioCall("CAtok").connected())
-                return 101
+                await ws.send(call.connected())
+                await ws.send(call.start())
+                await ws.send(call.stop())
+                await asyncio.wait_for(ws.wait_closed(), 10)
+                return 101, ws.close_code
         except InvalidStatus as exc:
-            return exc.response.status_code
+            return exc.response.status_code, None
 
-    assert asyncio.run(attempt(server.url("/twilio"))) == 401
-    assert asyncio.run(attempt(server.url("/twilio?token=wrong"))) == 401
-    assert asyncio.run(attempt(server.url(f"/twilio?token={TOKEN}"))) == 101
-    assert server.server is not None and server.server.refusals["unauthorized"] == 2
+    assert asyncio.run(attempt(server.url("/twilio"), {})) == (101, 1008)
+    assert asyncio.run(attempt(server.url("/twilio"), {"token": "wrong"})) == (101, 1008)
+    assert asyncio.run(attempt(server.url("/twilio"), {"token": TOKEN})) == (101, 1000)
+    assert asyncio.run(attempt(server.url("/twilio?token=wrong"), {"token": TOKEN})) == (401, None)
+    assert asyncio.run(attempt(server.url(f"/twilio?token={TOKEN}"), {})) == (101, 1000)
+    assert server.server is not None and server.server.refusals["unauthorized"] == 1
+    assert server.twilio is not None and server.twilio.counters["refused_token"] == 2
+    opened = server.collector.of(type_="stream", state="open", call="CAtok")
+    assert len(opened) == 2 and all("token" not in e.get("params", {}) for e in opened)
 
 
 def test_bad_input_counted_reported_once_and_other_calls_untouched(

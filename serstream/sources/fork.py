@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
 from serstream.sources.fork_session import (
+    SUBPROTOCOL,
     ForkConfig,
     ForkSession,
     OpenCall,
@@ -64,6 +65,8 @@ class ForkHandler(CallHandlerBase):
 
     source = "fork"
     prefix = "fork"
+    #: mod_audio_fork offers this subprotocol and expects it selected.
+    subprotocols = (SUBPROTOCOL,)
     drop_keys = ("bad_format", "bad_metadata", "no_metadata", "refused_busy", "idle_timeouts", "disconnects")
 
     def __init__(self, monitor: Monitor, config: ForkConfig | None = None, max_calls: int = 256) -> None:

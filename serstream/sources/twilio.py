@@ -19,8 +19,10 @@ an unknown encoding refuses the call (1003). Nothing is sent back to Twilio.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
@@ -62,8 +64,10 @@ class TwilioHandler(CallHandlerBase):
 
     source = "twilio"
     prefix = "twilio"
-    drop_keys = ("bad_start", "unknown_encoding", "no_start", "refused_busy", "idle_timeouts", "disconnects",
-                 "clock_jumps")
+    #: The server lets a handshake without credentials through: the start's token decides.
+    checks_token = True
+    drop_keys = ("refused_token", "bad_start", "unknown_encoding", "no_start", "refused_busy", "idle_timeouts",
+                 "disconnects", "clock_jumps")
 
     def __init__(self, monitor: Monitor, config: TwilioConfig | None = None, max_calls: int = 256) -> None:
         super().__init__(monitor, max_calls)
@@ -75,7 +79,8 @@ class TwilioHandler(CallHandlerBase):
 
     async def __call__(self, conn: ServerConnection, request: Request) -> None:
         self._count("connections")
-        session = TwilioSession(self.config, time.monotonic(), self.counters)
+        session = TwilioSession(self.config, time.monotonic(), self.counters,
+                                authenticated=_handshake_token(request) is not None)
         handles: dict[str, StreamHandle] = {}
         counted_call = False
         reason = "client closed"
@@ -159,10 +164,25 @@ class TwilioHandler(CallHandlerBase):
         return True
 
 
+def _handshake_token(request: Request) -> str | None:
+    """The token the handshake carried (``Authorization: Bearer`` or ``?token=``); the server checked it."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        return header
+    return parse_qs(urlsplit(request.path).query).get("token", [None])[0]
+
+
 def make_twilio_handler(
-    monitor: Monitor, config: TwilioConfig | None = None, max_calls: int = 256
+    monitor: Monitor, config: TwilioConfig | None = None, max_calls: int = 256, token: str | None = None
 ) -> TwilioHandler:
-    """The ``/twilio`` handler, its counters registered with the monitor's ``stats.drops``."""
+    """The ``/twilio`` handler, its counters registered with the monitor's ``stats.drops``.
+
+    ``token``: the server's token (None: none), checked at ``start`` when the
+    handshake carried none (see :class:`~serstream.sources.twilio_session.TwilioConfig`).
+    """
+    config = config or TwilioConfig()
+    if token is not None:
+        config = dataclasses.replace(config, token=token)
     handler = TwilioHandler(monitor, config, max_calls)
     add = getattr(monitor, "add_stats_provider", None)
     if add is not None:

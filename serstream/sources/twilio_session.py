@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL",
     "CLOSE_UNSUPPORTED",
+    "CLOSE_POLICY",
     "TRACKS",
     "REJECT_CAUSES",
     "ENCODINGS",
@@ -69,6 +71,7 @@ __all__ = [
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL = 1002
 CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
 
 #: The tracks a Media Stream can carry; each becomes one party stream (its ``role``).
 TRACKS: Final[tuple[str, ...]] = ("inbound", "outbound")
@@ -113,6 +116,10 @@ class TwilioConfig:
     max_param_chars: int = 200  # longer names or values are cut to this
     max_speed: float | None = 8.0  # intake cap, times real time, after burst_s (None: no cap)
     burst_s: float = 2.0
+    #: The server's token; a stream whose handshake carried none must name it in
+    #: ``customParameters.token`` (``<Parameter name="token" .../>``): Twilio's
+    #: ``<Stream url>`` takes no query string and Twilio sets no headers.
+    token: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_message_chars < 256:
@@ -222,11 +229,14 @@ class TwilioSession:
     ``counts``: a mapping the session adds every count to (the handler's
     totals; a fresh dict by default). ``self.counts`` holds this connection's
     own. Times are seconds on any monotonic clock the caller chooses.
+    ``authenticated``: the handshake already carried the right token (the
+    server checked it), so the start need not.
     """
 
     config: TwilioConfig
     now: float
     totals: MutableMapping[str, int] = field(default_factory=dict)
+    authenticated: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     call: StartCall | None = None
     stopped: bool = False
@@ -357,7 +367,14 @@ class TwilioSession:
                                                         "(inbound, outbound)", "bad_start")
                 if track not in tracks:
                     tracks.append(track)
-        params = self._params(start.get("customParameters", start.get("custom_parameters")))
+        raw_params = start.get("customParameters", start.get("custom_parameters"))
+        given = raw_params.pop("token", None) if isinstance(raw_params, dict) else None
+        expected = self.config.token
+        if expected is not None and not self.authenticated and not (
+            isinstance(given, str) and hmac.compare_digest(expected.encode("utf-8"), given.encode("utf-8"))
+        ):
+            return self._refuse(CLOSE_POLICY, "invalid token", "refused_token")
+        params = self._params(raw_params)
         self.call = StartCall(
             call=call, stream_sid=stream_sid or call, dialect="telnyx" if telnyx else "twilio",
             tracks=tuple(tracks), codec=CODECS[codec_name], sample_rate=rate, params=params,
