@@ -152,10 +152,12 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the /ingest endpoint (defined beside its code)."""
+    """Options of the /ingest endpoint and the telephony paths (defined beside their code)."""
     from serstream.sources.ingest import add_ingest_arguments
+    from serstream.sources.twilio import add_twilio_arguments
 
     add_ingest_arguments(parser)
+    add_twilio_arguments(parser)
 
 
 def _add_rtp_options(parser: argparse.ArgumentParser) -> None:
@@ -466,12 +468,13 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
         raise UserError(one_line(exc, limit=None)) from None
 
 
-def _telephony_routes(monitor: Any, token: str | None) -> dict[str, Any]:
+def _telephony_routes(monitor: Any, args: argparse.Namespace, token: str | None) -> dict[str, Any]:
     """The /twilio and /fork handlers: served whenever the server runs (docs/telephony.md)."""
     from serstream.sources.fork import make_fork_handler
-    from serstream.sources.twilio import make_twilio_handler
+    from serstream.sources.twilio import make_twilio_handler, twilio_config_from_args
 
-    return {"/twilio": make_twilio_handler(monitor, token=token), "/fork": make_fork_handler(monitor)}
+    return {"/twilio": make_twilio_handler(monitor, twilio_config_from_args(args), token=token),
+            "/fork": make_fork_handler(monitor)}
 
 
 def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
@@ -547,7 +550,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         bus, args.host, args.port, health=monitor.health,
         metrics=lambda: prometheus_text(monitor.stats()), dashboard_dir=default_dashboard_dir(),
         ingest_handler=_ingest_handler(monitor, bus, args, access.token),
-        audio_routes=_telephony_routes(monitor, access.token),
+        audio_routes=_telephony_routes(monitor, args, access.token),
         # The ingest's frame limit must fit in a WebSocket message.
         max_message_bytes=max(1 << 20, int(getattr(args, "max_frame_bytes", 0) or 0)),
         token=access.token, allow_origins=args.allow_origin, tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from serstream.sources.twilio_session import (
     REJECT_CAUSES,
@@ -32,6 +32,8 @@ from serstream.sources.twilio_session import (
     TrackAudio,
     TwilioConfig,
     TwilioSession,
+    signature_ok,
+    twilio_signature,
 )
 from tests.audio import espeak_sentences, silence, voiced
 from tests.callserver import CallServer, TwilioCall, call_model, call_server_factory, ulaw_encode, wait_until
@@ -371,6 +373,46 @@ def test_start_token_check() -> None:
     # A handshake that carried the token (checked by the server) needs none in the start.
     trusted = TwilioSession(config, 0.0, authenticated=True)
     assert isinstance(trusted.receive(TwilioCall("CA1").start(), 0.0)[0], StartCall)
+
+
+def test_signature_matches_twilios_published_example() -> None:
+    # The worked example of Twilio's request-validation docs (auth token 12345).
+    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digits": "1234",
+              "From": "+14158675309", "To": "+18005551212"}
+    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+    assert twilio_signature("12345", url, params) == "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    signature = twilio_signature("12345", "wss://example.com/twilio")
+    assert signature_ok("12345", ["wss://example.com/twilio"], signature)
+    assert not signature_ok("12345", ["wss://example.com/twilio2"], signature)
+    assert not signature_ok("54321", ["wss://example.com/twilio"], signature)
+    assert not signature_ok("12345", ["wss://example.com/twilio"], None)
+    assert not signature_ok("12345", ["wss://example.com/twilio"], "bad \u738b")
+
+
+def test_x_twilio_signature_is_checked_at_the_handshake(call_server_factory: Any) -> None:
+    auth = "twilio-auth-0123"
+    server: CallServer = call_server_factory(token=TOKEN, twilio=TwilioConfig(max_speed=None, auth_token=auth))
+    assert server.server is not None
+    host = f"127.0.0.1:{server.server.port}"
+
+    async def attempt(signature: str | None) -> int | None:
+        call = TwilioCall("CAsig", tracks=("inbound",))  # no token in customParameters: the signature suffices
+        headers = {"X-Twilio-Signature": signature} if signature is not None else {}
+        async with connect(server.url("/twilio"), additional_headers=headers) as ws:
+            for message in (call.connected(), call.start(), call.stop()):
+                try:
+                    await ws.send(message)
+                except ConnectionClosed:
+                    break
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            return ws.close_code
+
+    good = twilio_signature(auth, f"wss://{host}/twilio")
+    assert asyncio.run(attempt(good)) == 1000
+    assert asyncio.run(attempt(twilio_signature("other", f"wss://{host}/twilio"))) == 1008
+    assert asyncio.run(attempt(None)) == 1008
+    assert server.twilio is not None and server.twilio.counters["refused_signature"] == 2
+    assert len(server.collector.of(type_="stream", state="open", call="CAsig")) == 1
 
 
 def test_token_in_custom_parameters_or_the_url_query(call_server_factory: Any) -> None:

@@ -19,7 +19,9 @@ an unknown encoding refuses the call (1003). Nothing is sent back to Twilio.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from serstream.sources.telephony import CallHandlerBase, peer_of
 from serstream.sources.twilio_session import (
     CLOSE_NORMAL,
+    CLOSE_POLICY,
     OpenTrack,
     Refuse,
     Rejected,
@@ -37,6 +40,7 @@ from serstream.sources.twilio_session import (
     TrackAudio,
     TwilioConfig,
     TwilioSession,
+    signature_ok,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +49,10 @@ if TYPE_CHECKING:
 
     from serstream.monitor import Monitor, StreamHandle
 
-__all__ = ["TwilioHandler", "make_twilio_handler"]
+__all__ = ["TwilioHandler", "make_twilio_handler", "signed_urls", "add_twilio_arguments", "twilio_config_from_args"]
+
+#: Where ``--twilio-auth-token`` is read from when not given (a secret is better kept off the command line).
+AUTH_TOKEN_ENV = "TWILIO_AUTH_TOKEN"
 
 CLOSE_TRY_LATER = 1013
 
@@ -66,8 +73,8 @@ class TwilioHandler(CallHandlerBase):
     prefix = "twilio"
     #: The server lets a handshake without credentials through: the start's token decides.
     checks_token = True
-    drop_keys = ("refused_token", "bad_start", "unknown_encoding", "no_start", "refused_busy", "idle_timeouts",
-                 "disconnects", "clock_jumps")
+    drop_keys = ("refused_signature", "refused_token", "bad_start", "unknown_encoding", "no_start", "refused_busy",
+                 "idle_timeouts", "disconnects", "clock_jumps")
 
     def __init__(self, monitor: Monitor, config: TwilioConfig | None = None, max_calls: int = 256) -> None:
         super().__init__(monitor, max_calls)
@@ -79,8 +86,18 @@ class TwilioHandler(CallHandlerBase):
 
     async def __call__(self, conn: ServerConnection, request: Request) -> None:
         self._count("connections")
+        signed = False
+        if self.config.auth_token is not None:
+            urls = signed_urls(request, self.config.public_url)
+            if not signature_ok(self.config.auth_token, urls, request.headers.get("X-Twilio-Signature")):
+                self._count("refused_signature")
+                self._log_once("refused_signature", f"refused a stream from {peer_of(conn)}: no valid "
+                                                    f"X-Twilio-Signature for {urls[0]}")
+                await conn.close(CLOSE_POLICY, "invalid Twilio signature")
+                return
+            signed = True
         session = TwilioSession(self.config, time.monotonic(), self.counters,
-                                authenticated=_handshake_token(request) is not None)
+                                authenticated=signed or _handshake_token(request) is not None)
         handles: dict[str, StreamHandle] = {}
         counted_call = False
         reason = "client closed"
@@ -164,6 +181,13 @@ class TwilioHandler(CallHandlerBase):
         return True
 
 
+def signed_urls(request: Request, public_url: str | None) -> list[str]:
+    """The URLs Twilio may have signed: ``public_url`` when configured, else ``wss://<Host><path>``."""
+    if public_url:
+        return [public_url]
+    return [f"wss://{request.headers.get('Host', '')}{request.path}"]
+
+
 def _handshake_token(request: Request) -> str | None:
     """The token the handshake carried (``Authorization: Bearer`` or ``?token=``); the server checked it."""
     header = request.headers.get("Authorization")
@@ -188,3 +212,19 @@ def make_twilio_handler(
     if add is not None:
         add(handler.drop_counters)
     return handler
+
+
+def add_twilio_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--twilio-auth-token`` and ``--twilio-url`` (the X-Twilio-Signature check of /twilio)."""
+    parser.add_argument("--twilio-auth-token", default=None, metavar="TOKEN",
+                        help=f"verify X-Twilio-Signature on /twilio with this Twilio auth token "
+                             f"(default: ${AUTH_TOKEN_ENV}; unset: no check; docs/telephony.md)")
+    parser.add_argument("--twilio-url", default=None, metavar="URL",
+                        help="the <Stream url> Twilio signs, when a proxy changes the Host "
+                             "(default: wss://<Host header>/twilio)")
+
+
+def twilio_config_from_args(args: argparse.Namespace) -> TwilioConfig:
+    """The /twilio config from ``--twilio-auth-token`` (else ``$TWILIO_AUTH_TOKEN``) and ``--twilio-url``."""
+    auth = getattr(args, "twilio_auth_token", None) or os.environ.get(AUTH_TOKEN_ENV, "").strip() or None
+    return TwilioConfig(auth_token=auth, public_url=getattr(args, "twilio_url", None) or None)

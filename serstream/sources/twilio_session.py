@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Final, Mapping, MutableMapping
+from typing import Any, Final, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +67,8 @@ __all__ = [
     "Refuse",
     "Decision",
     "TwilioSession",
+    "twilio_signature",
+    "signature_ok",
 ]
 
 CLOSE_NORMAL = 1000
@@ -120,6 +123,10 @@ class TwilioConfig:
     #: ``customParameters.token`` (``<Parameter name="token" .../>``): Twilio's
     #: ``<Stream url>`` takes no query string and Twilio sets no headers.
     token: str | None = None
+    #: The Twilio account's auth token: every handshake must then carry a valid
+    #: ``X-Twilio-Signature`` (HMAC-SHA1 of ``public_url``, else ``wss://<Host><path>``).
+    auth_token: str | None = None
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_message_chars < 256:
@@ -472,6 +479,24 @@ class TwilioSession:
             self._count("overlap_frames", skip)
         state.position += silence + frames - skip
         return silence, skip
+
+
+def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> str:
+    """Twilio's request signature: base64 HMAC-SHA1, keyed by the auth token, of the URL + sorted name/values.
+
+    A WebSocket handshake has no POST parameters, so for ``/twilio`` it is the URL alone.
+    """
+    text = url + "".join(name + value for name, value in sorted((params or {}).items()))
+    digest = hmac.new(auth_token.encode("utf-8"), text.encode("utf-8"), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def signature_ok(auth_token: str, urls: Sequence[str], given: str | None) -> bool:
+    """``given`` is the signature of one of ``urls`` (constant-time comparisons)."""
+    if not given:
+        return False
+    expected = [twilio_signature(auth_token, url).encode("ascii") for url in urls]
+    return any(hmac.compare_digest(e, given.encode("utf-8", "replace")) for e in expected)
 
 
 def _track_name(name: str) -> str | None:
