@@ -13,7 +13,9 @@ import asyncio
 import base64
 import copy
 import json
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from serstream.sources.twilio_session import (
     REJECT_CAUSES,
@@ -194,7 +197,9 @@ def test_start_and_idle_timeouts() -> None:
     session, call = started_session(config)
     session.receive(call.media("inbound", 0, voiced(0.02, RATE)), 10.0)
     assert session.deadline == 40.0 and session.expire(39.0) is None
-    stop = session.expire(40.0)
+    session.resume(25.0)  # the adapter waited on a full ring until 25 s: not the client's idle time
+    assert session.deadline == 55.0 and session.expire(54.0) is None
+    stop = session.expire(55.0)
     assert isinstance(stop, Stop) and stop.reason == "idle timeout" and session.counts["idle_timeouts"] == 1
 
 
@@ -576,3 +581,69 @@ def test_connection_closed_without_stop_is_reported_disconnected_or_closed(call_
     wait_until(lambda: "twilio:CAdrop:inbound" in server.closed_streams(), 30, "the stream to close")
     (closed,) = server.collector.of("twilio:CAdrop:inbound", "stream", state="closed")
     assert closed["reason"] == "client closed"
+
+
+def test_serve_command_takes_twilio_and_fork_calls_over_wss(
+    tmp_path: Path, factory_model: Path, free_port: int, speech_8k: dict[str, np.ndarray]
+) -> None:
+    """``serstream serve`` with TLS and a token: /twilio (signed handshake) and /fork (?token=) are served."""
+    import ssl
+
+    from serstream.client import EmotionEvent, StreamEvent, events
+    from tests.clients.helpers import start_monitor
+    from tests.test_server_access import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    auth = "twilio-account-auth-token"
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": auth}
+    monitor = start_monitor(["serve", "--model", str(factory_model), "--port", str(free_port), "--token", TOKEN,
+                             "--tls-cert", str(cert), "--tls-key", str(key)], env=env, ready="dashboard https://")
+    base = f"wss://127.0.0.1:{free_port}"
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        async def run() -> list[Any]:
+            seen: list[Any] = []
+            closed: set[str] = set()
+
+            async def watch() -> None:
+                async for event in events(f"{base}/events", token=TOKEN, ca_file=cert):
+                    seen.append(event)
+                    if isinstance(event, StreamEvent) and event.state == "closed":
+                        closed.add(event.stream)
+                        if {"twilio:CAcli:inbound", "twilio:CAcli:outbound", "fork:fs-1:caller",
+                                "fork:fs-1:callee"} <= closed:
+                            return
+
+            watcher = asyncio.create_task(watch())
+            await asyncio.sleep(0.5)
+            call = TwilioCall("CAcli")
+            twilio_messages = [call.connected(), call.start(), *interleave(
+                call.track_media("inbound", speech_8k["inbound"]), call.track_media("outbound", speech_8k["outbound"])),
+                call.stop()]
+            signature = twilio_signature(auth, f"{base}/twilio")
+            async with connect(f"{base}/twilio", ssl=context, additional_headers={"X-Twilio-Signature": signature},
+                               max_size=None) as ws:
+                for message in twilio_messages:
+                    await ws.send(message)
+                await asyncio.wait_for(ws.wait_closed(), 30)
+            pcm = (np.stack([speech_8k["inbound"], np.zeros_like(speech_8k["inbound"])], axis=1) * 32767)
+            frames = pcm.astype("<i2").tobytes()
+            async with connect(f"{base}/fork?mix=stereo&rate=8k&call=fs-1&token={TOKEN}", ssl=context,
+                               subprotocols=[Subprotocol("audio.drachtio.org")]) as ws:
+                await ws.send('{"caller":"1000"}')
+                for i in range(0, len(frames), 640):
+                    await ws.send(frames[i:i + 640])
+            await asyncio.wait_for(watcher, 90)
+            return seen
+
+        seen = asyncio.run(asyncio.wait_for(run(), 150))
+        opened = {e.stream: (e.source, e.call, e.role) for e in seen
+                  if isinstance(e, StreamEvent) and e.state == "open"}
+        assert opened["twilio:CAcli:inbound"] == ("twilio", "CAcli", "inbound")
+        assert opened["twilio:CAcli:outbound"] == ("twilio", "CAcli", "outbound")
+        assert opened["fork:fs-1:caller"] == ("fork", "fs-1", "caller")
+        assert opened["fork:fs-1:callee"] == ("fork", "fs-1", "callee")
+        finals = {e.stream for e in seen if isinstance(e, EmotionEvent) and e.kind == "final"}
+        assert {"twilio:CAcli:inbound", "twilio:CAcli:outbound", "fork:fs-1:caller"} <= finals, finals
+    finally:
+        monitor.kill()

@@ -103,6 +103,7 @@ class ForkHandler(CallHandlerBase):
                     if isinstance(decision, PartyAudio):
                         for handle, samples in zip(handles, decision.channels):
                             await self._push(handle, samples, session.pace_delay)
+                        session.resume(time.monotonic())
                         if any(h.closed for h in handles):
                             reason = "stream closed by the monitor"
                             await conn.close(1011, reason)

@@ -209,6 +209,10 @@ class ForkSession:
         self.stopped = True
         return Stop("idle timeout")
 
+    def resume(self, now: float) -> None:
+        """The adapter was busy (a full ring held the socket unread) until ``now``: idle time counts from here."""
+        self._last_message = max(self._last_message, now)
+
     def pace_delay(self, now: float) -> float:
         speed = self.config.max_speed
         if speed is None or self.call is None:

@@ -120,6 +120,7 @@ class TwilioHandler(CallHandlerBase):
                         handle = handles.get(decision.track)
                         if handle is not None and decision.samples.shape[0]:
                             await self._push(handle, decision.samples, session.pace_delay)
+                            session.resume(time.monotonic())
                     elif isinstance(decision, Rejected):
                         if decision.report:
                             track_handle = handles.get(decision.track or "")

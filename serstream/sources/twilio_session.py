@@ -289,6 +289,10 @@ class TwilioSession:
         self.stopped = True
         return Stop("idle timeout")
 
+    def resume(self, now: float) -> None:
+        """The adapter was busy (a full ring held the socket unread) until ``now``: idle time counts from here."""
+        self._last_message = max(self._last_message, now)
+
     def pace_delay(self, now: float) -> float:
         """Seconds to wait before reading on, so the intake stays under ``max_speed`` after the burst."""
         speed = self.config.max_speed
