@@ -82,11 +82,15 @@ class TwilioCall:
         })
 
     def media(self, track: str, timestamp_ms: int, samples: np.ndarray) -> str:
+        return self.media_bytes(track, timestamp_ms, ulaw_encode(samples))
+
+    def media_bytes(self, track: str, timestamp_ms: int, payload: bytes) -> str:
+        """A ``media`` message carrying ``payload`` (u-law bytes, base64 on the wire)."""
         self._chunks[track] = self._chunks.get(track, 0) + 1
         return json.dumps({
             "event": "media", "sequenceNumber": self._next(),
             "media": {"track": track, "chunk": str(self._chunks[track]), "timestamp": str(timestamp_ms),
-                      "payload": base64.b64encode(ulaw_encode(samples)).decode("ascii")},
+                      "payload": base64.b64encode(payload).decode("ascii")},
             "streamSid": self.stream_sid,
         })
 
@@ -106,12 +110,13 @@ class TwilioCall:
                     skip: Sequence[tuple[int, int]] = ()) -> list[tuple[int, str]]:
         """(timestamp, message) for ``audio`` (8 kHz) cut into ``chunk_ms`` chunks; chunks in ``skip`` ranges unsent."""
         step = 8 * chunk_ms
+        encoded = ulaw_encode(audio)  # one byte per sample: chunks are slices
         out: list[tuple[int, str]] = []
         for i in range(0, audio.shape[0], step):
             stamp = start_ms + i // 8
             if any(lo <= stamp < hi for lo, hi in skip):
                 continue
-            out.append((stamp, self.media(track, stamp, audio[i:i + step])))
+            out.append((stamp, self.media_bytes(track, stamp, encoded[i:i + step])))
         return out
 
 

@@ -32,13 +32,13 @@ from serstream.sources.fork_session import (
     Rejected,
     Stop,
 )
-from serstream.sources.telephony import CallHandlerBase, peer_of
+from serstream.sources.telephony import CallHandlerBase, CallState, Reader, peer_of
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
     from websockets.http11 import Request
 
-    from serstream.monitor import Monitor, StreamHandle
+    from serstream.monitor import Monitor
 
 __all__ = ["ForkHandler", "make_fork_handler", "query_of"]
 
@@ -82,74 +82,64 @@ class ForkHandler(CallHandlerBase):
         self._count("connections")
         session = ForkSession(self.config, time.monotonic(), query_of(request.path),
                               fallback_call=f"call-{next(self._serial)}", totals=self.counters)
-        handles: list[StreamHandle] = []
-        counted_call = False
-        reason = "client closed"
+        state = CallState()
         try:
-            while not session.stopped:
-                message = await self._recv(conn, session.deadline)
-                if message is None:
-                    expired = session.expire(time.monotonic())
-                    if isinstance(expired, Refuse):
-                        self._log_once(expired.cause, f"refused a call from {peer_of(conn)}: {expired.reason}")
-                        await conn.close(expired.code, expired.reason)
-                        return
-                    if isinstance(expired, Stop):
-                        reason = expired.reason
-                        await conn.close(CLOSE_NORMAL, expired.reason)
-                        return
-                    continue
-                for decision in session.receive(message, time.monotonic()):
-                    if isinstance(decision, PartyAudio):
-                        for handle, samples in zip(handles, decision.channels):
-                            await self._push(handle, samples, session.pace_delay)
-                        session.resume(time.monotonic())
-                        if any(h.closed for h in handles):
-                            reason = "stream closed by the monitor"
-                            await conn.close(1011, reason)
-                            return
-                    elif isinstance(decision, Rejected):
-                        if decision.report:
-                            self._report([h.stream_id for h in handles], decision.cause, decision.message,
-                                         decision.count)
-                    elif isinstance(decision, OpenCall):
-                        if self._calls >= self.max_calls:
-                            self._count("refused_busy")
-                            await conn.close(CLOSE_TRY_LATER, f"too many calls (max {self.max_calls})")
-                            return
-                        self._calls += 1
-                        counted_call = True
-                        for party in decision.parties:
-                            opened = self._open_party(
-                                conn, party.stream_id, codec=decision.codec_name, sample_rate=decision.sample_rate,
-                                call=decision.call, role=party.role, params=decision.params or None,
-                            )
-                            if isinstance(opened, str):
-                                self._count("refused_busy")
-                                self._log_once("refused_busy", f"could not open a stream for call "
-                                                               f"{decision.call}: {opened}")
-                                await conn.close(CLOSE_TRY_LATER, opened)
-                                return
-                            handles.append(opened)
-                    elif isinstance(decision, Stop):
-                        reason = decision.reason
-                        await conn.close(CLOSE_NORMAL, decision.reason)
-                        return
-                    else:
-                        assert isinstance(decision, Refuse)
-                        self._log_once(decision.cause, f"refused a call from {peer_of(conn)}: {decision.reason}")
-                        reason = decision.reason
-                        await conn.close(decision.code, decision.reason)
-                        return
+            async with Reader(conn, session) as reader:
+                state.reason = await self._serve(conn, session, reader, state)
         except ConnectionClosedError:
             self._count("disconnects")
-            reason = "disconnected"
+            state.reason = "disconnected"
         except ConnectionClosed:
-            reason = "client closed"
+            state.reason = "client closed"
         finally:
-            self._close_parties(handles, reason)
-            if counted_call:
-                self._calls -= 1
+            self._end_call(state)
+
+    async def _serve(self, conn: ServerConnection, session: ForkSession, reader: Reader, state: CallState) -> str:
+        """Read and carry out until the call ends; the reason its streams close with."""
+        handles = state.handles
+        while True:
+            message = await reader.recv()
+            if message is None:
+                expired = reader.expired
+                if isinstance(expired, Refuse):
+                    self._log_once(expired.cause, f"refused a call from {peer_of(conn)}: {expired.reason}")
+                return str(expired.reason) if expired is not None else "client closed"
+            for decision in session.receive(message, time.monotonic()):
+                if isinstance(decision, PartyAudio):
+                    for handle, samples in zip(handles, decision.channels):
+                        await self._push(handle, samples, session.pace_delay)
+                    session.resume(time.monotonic())
+                    if any(h.closed for h in handles):
+                        await conn.close(1011, "stream closed by the monitor")
+                        return "stream closed by the monitor"
+                elif isinstance(decision, Rejected):
+                    if decision.report:
+                        self._report([h.stream_id for h in handles], decision.cause, decision.message,
+                                     decision.count)
+                elif isinstance(decision, OpenCall):
+                    if not self._begin_call(state):
+                        await conn.close(CLOSE_TRY_LATER, f"too many calls (max {self.max_calls})")
+                        return "too many calls"
+                    for party in decision.parties:
+                        opened = self._open_party(
+                            conn, party.stream_id, codec=decision.codec_name, sample_rate=decision.sample_rate,
+                            call=decision.call, role=party.role, params=decision.params or None,
+                        )
+                        if isinstance(opened, str):
+                            self._count("refused_busy")
+                            self._log_once("refused_busy", f"could not open a stream for call {decision.call}: "
+                                                           f"{opened}")
+                            await conn.close(CLOSE_TRY_LATER, opened)
+                            return "monitor busy"
+                        handles.append(opened)
+                elif isinstance(decision, Stop):
+                    await conn.close(CLOSE_NORMAL, decision.reason)
+                    return decision.reason
+                else:
+                    assert isinstance(decision, Refuse)
+                    self._log_once(decision.cause, f"refused a call from {peer_of(conn)}: {decision.reason}")
+                    await conn.close(decision.code, decision.reason)
+                    return decision.reason
 
 
 def make_fork_handler(monitor: Monitor, config: ForkConfig | None = None, max_calls: int = 256) -> ForkHandler:

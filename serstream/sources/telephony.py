@@ -18,11 +18,14 @@ would read our events as commands. Consumers read the calls' events on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 
 from serstream import events
 from serstream.errors import MonitorError, StreamIdTaken
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
     from serstream.monitor import Monitor, StreamHandle
 
-__all__ = ["CallHandlerBase", "peer_of"]
+__all__ = ["CallHandlerBase", "CallState", "Reader", "peer_of"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,15 @@ def peer_of(conn: ServerConnection) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
     return str(addr)
+
+
+@dataclass
+class CallState:
+    """One connection's party streams, whether it holds a call slot, and why it ended."""
+
+    handles: list[StreamHandle] = field(default_factory=list)
+    counted: bool = False
+    reason: str = "client closed"
 
 
 class CallHandlerBase:
@@ -123,6 +135,22 @@ class CallHandlerBase:
             handle.close(reason=reason)
             self._live.discard(handle.stream_id)
 
+    def _begin_call(self, state: CallState) -> bool:
+        """Take a call slot for this connection; False (counted ``refused_busy``) when all are taken."""
+        if self._calls >= self.max_calls:
+            self._count("refused_busy")
+            return False
+        self._calls += 1
+        state.counted = True
+        return True
+
+    def _end_call(self, state: CallState) -> None:
+        """Close the connection's party streams with its reason and give its call slot back."""
+        self._close_parties(state.handles, state.reason)
+        if state.counted:
+            self._calls -= 1
+            state.counted = False
+
     async def _push(self, handle: StreamHandle, block: np.ndarray, pace: Callable[[float], float]) -> None:
         """Push ``block`` in ring-sized pieces; wait (not reading the socket) while the ring is full."""
         capacity = handle.capacity
@@ -153,12 +181,81 @@ class CallHandlerBase:
             except Exception:  # noqa: BLE001 - a consumer's failure must not end this call
                 pass
 
-    async def _recv(self, conn: ServerConnection, deadline: float) -> str | bytes | None:
-        """The next message, or None when ``deadline`` (monotonic) passes first."""
-        timeout = deadline - time.monotonic()
-        if timeout <= 0:
+
+
+class _Expiring(Protocol):
+    """What :class:`Reader` needs of a session: its deadline, and what expiring it decides."""
+
+    @property
+    def stopped(self) -> bool: ...
+
+    @property
+    def deadline(self) -> float: ...
+
+    def expire(self, now: float) -> Any: ...
+
+
+class Reader:
+    """A connection's messages, with one watchdog task enforcing the session's deadline.
+
+    One task per connection instead of a timeout per message (``wait_for``
+    costs a task each time: at 50 messages a second per track that adds up).
+    The watchdog expires the session only while :meth:`recv` waits for the
+    client: time spent pushing into a full ring is the monitor's, not the
+    client's idleness. On expiry it closes the socket with the decision's code
+    (1000 for an idle call) and :meth:`recv` returns None; the decision is in
+    :attr:`expired`.
+    """
+
+    def __init__(self, conn: ServerConnection, session: _Expiring) -> None:
+        self.conn = conn
+        self.session = session
+        self.expired: Any = None
+        self._waiting = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Reader:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if self.expired is None:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
+
+    async def _watch(self) -> None:
+        session = self.session
+        while not session.stopped:
+            now = time.monotonic()
+            delay = session.deadline - now
+            if delay > 0 or not self._waiting:
+                # Re-checked at least twice a second: the deadline moves as messages come.
+                await asyncio.sleep(min(max(delay, 0.05), 0.5))
+                continue
+            expired = session.expire(now)
+            if expired is None:
+                return
+            self.expired = expired
+            await self.conn.close(int(getattr(expired, "code", 1000)), str(expired.reason))
+            return
+
+    async def recv(self) -> str | bytes | None:
+        """The next message; None once the session expired (the socket is being closed)."""
+        if self.expired is not None or self.session.stopped:
             return None
+        self._waiting = True
         try:
-            return await asyncio.wait_for(conn.recv(), timeout)
-        except TimeoutError:
+            message = await self.conn.recv()
+        except ConnectionClosed:
+            if self.expired is not None:
+                return None
+            raise
+        finally:
+            self._waiting = False
+        if self.expired is not None or self.session.stopped:
             return None
+        return message

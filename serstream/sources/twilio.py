@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
-from serstream.sources.telephony import CallHandlerBase, peer_of
+from serstream.sources.telephony import CallHandlerBase, CallState, Reader, peer_of
 from serstream.sources.twilio_session import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
@@ -98,76 +98,66 @@ class TwilioHandler(CallHandlerBase):
             signed = True
         session = TwilioSession(self.config, time.monotonic(), self.counters,
                                 authenticated=signed or _handshake_token(request) is not None)
-        handles: dict[str, StreamHandle] = {}
-        counted_call = False
-        reason = "client closed"
+        state = CallState()
         try:
-            while not session.stopped:
-                message = await self._recv(conn, session.deadline)
-                if message is None:
-                    expired = session.expire(time.monotonic())
-                    if isinstance(expired, Refuse):
-                        self._log_once(expired.cause, f"refused a stream from {peer_of(conn)}: {expired.reason}")
-                        await conn.close(expired.code, expired.reason)
-                        return
-                    if isinstance(expired, Stop):
-                        reason = expired.reason
-                        await conn.close(CLOSE_NORMAL, expired.reason)
-                        return
-                    continue
-                for decision in session.receive(message, time.monotonic()):
-                    if isinstance(decision, TrackAudio):
-                        handle = handles.get(decision.track)
-                        if handle is not None and decision.samples.shape[0]:
-                            await self._push(handle, decision.samples, session.pace_delay)
-                            session.resume(time.monotonic())
-                    elif isinstance(decision, Rejected):
-                        if decision.report:
-                            track_handle = handles.get(decision.track or "")
-                            targets = [track_handle] if track_handle else list(handles.values())
-                            self._report([h.stream_id for h in targets], decision.cause, decision.message,
-                                         decision.count)
-                    elif isinstance(decision, StartCall):
-                        if self._calls >= self.max_calls:
-                            self._count("refused_busy")
-                            await conn.close(CLOSE_TRY_LATER, f"too many calls (max {self.max_calls})")
-                            return
-                        self._calls += 1
-                        counted_call = True
-                        for track in decision.tracks:
-                            if not await self._open_track(conn, decision, track, handles):
-                                return
-                    elif isinstance(decision, OpenTrack):
-                        assert session.call is not None
-                        if not await self._open_track(conn, session.call, decision.track, handles):
-                            return
-                    elif isinstance(decision, Stop):
-                        reason = decision.reason
-                        await conn.close(CLOSE_NORMAL, "stop")
-                        return
-                    else:
-                        assert isinstance(decision, Refuse)
-                        self._log_once(decision.cause, f"refused a stream from {peer_of(conn)}: {decision.reason}")
-                        reason = decision.reason
-                        await conn.close(decision.code, decision.reason)
-                        return
-                    if any(h.closed for h in handles.values()) and not session.stopped:
-                        # The monitor ended a party (failure, shutdown): end the call.
-                        reason = "stream closed by the monitor"
-                        await conn.close(1011, reason)
-                        return
+            async with Reader(conn, session) as reader:
+                state.reason = await self._serve(conn, session, reader, state)
         except ConnectionClosedError:
             self._count("disconnects")
-            reason = "disconnected"
+            state.reason = "disconnected"
         except ConnectionClosed:
-            reason = "client closed"
+            state.reason = "client closed"
         finally:
-            self._close_parties(handles.values(), reason)
-            if counted_call:
-                self._calls -= 1
+            self._end_call(state)
+
+    async def _serve(self, conn: ServerConnection, session: TwilioSession, reader: Reader, state: CallState) -> str:
+        """Read and carry out until the call ends; the reason its streams close with."""
+        handles: dict[str, StreamHandle] = {}
+        while True:
+            message = await reader.recv()
+            if message is None:
+                expired = reader.expired
+                if isinstance(expired, Refuse):
+                    self._log_once(expired.cause, f"refused a stream from {peer_of(conn)}: {expired.reason}")
+                return str(expired.reason) if expired is not None else "client closed"
+            for decision in session.receive(message, time.monotonic()):
+                if isinstance(decision, TrackAudio):
+                    handle = handles.get(decision.track)
+                    if handle is not None and decision.samples.shape[0]:
+                        await self._push(handle, decision.samples, session.pace_delay)
+                        session.resume(time.monotonic())
+                elif isinstance(decision, Rejected):
+                    if decision.report:
+                        track_handle = handles.get(decision.track or "")
+                        targets = [track_handle] if track_handle else list(handles.values())
+                        self._report([h.stream_id for h in targets], decision.cause, decision.message,
+                                     decision.count)
+                elif isinstance(decision, StartCall):
+                    if not self._begin_call(state):
+                        await conn.close(CLOSE_TRY_LATER, f"too many calls (max {self.max_calls})")
+                        return "too many calls"
+                    for track in decision.tracks:
+                        if not await self._open_track(conn, decision, track, handles, state):
+                            return "monitor busy"
+                elif isinstance(decision, OpenTrack):
+                    assert session.call is not None
+                    if not await self._open_track(conn, session.call, decision.track, handles, state):
+                        return "monitor busy"
+                elif isinstance(decision, Stop):
+                    await conn.close(CLOSE_NORMAL, "stop")
+                    return decision.reason
+                else:
+                    assert isinstance(decision, Refuse)
+                    self._log_once(decision.cause, f"refused a stream from {peer_of(conn)}: {decision.reason}")
+                    await conn.close(decision.code, decision.reason)
+                    return decision.reason
+            if any(h.closed for h in handles.values()):
+                # The monitor ended a party (failure, shutdown): end the call.
+                await conn.close(1011, "stream closed by the monitor")
+                return "stream closed by the monitor"
 
     async def _open_track(
-        self, conn: ServerConnection, call: StartCall, track: str, handles: dict[str, StreamHandle]
+        self, conn: ServerConnection, call: StartCall, track: str, handles: dict[str, StreamHandle], state: CallState
     ) -> bool:
         opened = self._open_party(
             conn, call.stream_id(track), codec=call.codec.stream_codec, sample_rate=call.sample_rate,
@@ -179,6 +169,7 @@ class TwilioHandler(CallHandlerBase):
             await conn.close(CLOSE_TRY_LATER, opened)
             return False
         handles[track] = opened
+        state.handles.append(opened)
         return True
 
 
