@@ -271,3 +271,19 @@ def test_fork_needs_the_token_in_the_query(call_server_factory: Any) -> None:
     assert asyncio.run(status(server.url("/fork?mix=mono"))) == 401
     assert asyncio.run(status(server.url(f"/fork?mix=mono&token={TOKEN}x"))) == 401
     assert asyncio.run(status(server.url(f"/fork?mix=mono&token={TOKEN}"))) == 101
+
+
+def test_routing_table_takes_new_audio_paths_only(call_model: Any) -> None:
+    from serstream.monitor import Monitor
+    from serstream.server import EventBus, MonitorServer
+    from serstream.sources.fork import ForkHandler
+
+    handler = ForkHandler(Monitor(call_model))  # never started: only the route table is built
+    for bad in ("/ingest", "/events", "fork"):
+        with pytest.raises(ValueError, match="new path"):
+            MonitorServer(EventBus(), health=dict, metrics=str, audio_routes={bad: handler})
+    server = MonitorServer(EventBus(), health=dict, metrics=str, audio_routes={"/fork": handler})
+    route = server.routes["/fork"]
+    assert (route.limit, route.query_token, route.hello_token, route.subprotocols) == (
+        "ingest", True, False, (SUBPROTOCOL,))
+    assert server.routes["/ingest"].hello_token and not server.routes["/events"].query_token
