@@ -95,12 +95,16 @@ class CallHandlerBase:
         return sorted(self._live)
 
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "active": self.active, "calls": self._calls}
+        return {**self.counters.copy(), "active": self.active, "calls": self._calls}
 
     def drop_counters(self) -> dict[str, int]:
-        """Flat totals for the monitor's ``stats.drops``: ``<prefix>_<cause>``."""
-        keys = [k for k in self.counters if k.startswith("rejected_")] + list(self.drop_keys)
-        return {f"{self.prefix}_{key}": self.counters.get(key, 0) for key in keys}
+        """Flat totals for the monitor's ``stats.drops``: ``<prefix>_<cause>`` (called from its stats thread).
+
+        The loop adds keys as new causes appear: read a copy (one C call under the GIL), never iterate live.
+        """
+        counts = self.counters.copy()
+        keys = [k for k in counts if k.startswith("rejected_")] + list(self.drop_keys)
+        return {f"{self.prefix}_{key}": counts.get(key, 0) for key in keys}
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
