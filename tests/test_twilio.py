@@ -420,6 +420,38 @@ def test_x_twilio_signature_is_checked_at_the_handshake(call_server_factory: Any
     assert len(server.collector.of(type_="stream", state="open", call="CAsig")) == 1
 
 
+def test_telnyx_variant_end_to_end(call_server_factory: Any, speech_8k: dict[str, np.ndarray]) -> None:
+    """Telnyx's snake-case messages (stream_id, call_control_id, media_format) on the same path."""
+    server: CallServer = call_server_factory()
+    call_id = "v2:T02llQxIyaRkhfRKxgAP8nY511EhFLizdvdUKJiSw8d6A9BborherQ"
+    messages: list[str | bytes] = [
+        json.dumps({"event": "connected", "version": "1.0.0"}),
+        json.dumps({"event": "start", "sequence_number": "1", "stream_id": "32de0dea-53cb",
+                    "start": {"user_id": "3e6f995f", "call_control_id": call_id, "client_state": "aGF2ZSBhIG5pY2UgZGF5",
+                              "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}}),
+    ]
+    encoded = {track: ulaw_encode(speech_8k[track]) for track in ("inbound", "outbound")}
+    sequence = 1
+    for i in range(0, max(len(b) for b in encoded.values()), 160):
+        for track, data in encoded.items():
+            if i < len(data):
+                sequence += 1
+                messages.append(json.dumps({
+                    "event": "media", "sequence_number": str(sequence), "stream_id": "32de0dea-53cb",
+                    "media": {"track": track, "chunk": str(i // 160 + 1), "timestamp": str(i // 8),
+                              "payload": base64.b64encode(data[i:i + 160]).decode("ascii")}}))
+    messages.append(json.dumps({"event": "stop", "sequence_number": str(sequence + 1), "stream_id": "32de0dea-53cb",
+                                "stop": {"user_id": "3e6f995f", "call_control_id": call_id}}))
+    ws = asyncio.run(send_all(server.url("/twilio"), messages))
+    assert ws.close_code == 1000
+    ids = {track: f"telnyx:{call_id}:{track}" for track in ("inbound", "outbound")}
+    wait_until(lambda: set(ids.values()) <= server.closed_streams(), 60, "both Telnyx parties to close")
+    for track, stream_id in ids.items():
+        (opened,) = server.collector.of(stream_id, "stream", state="open")
+        assert (opened["source"], opened["call"], opened["role"]) == ("twilio", call_id, track)
+        assert server.collector.of(stream_id, "emotion", kind="final"), f"{track}: no final emotion"
+
+
 def test_token_in_custom_parameters_or_the_url_query(call_server_factory: Any) -> None:
     server: CallServer = call_server_factory(token=TOKEN)
 
