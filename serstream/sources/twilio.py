@@ -1,7 +1,10 @@
 """The ``/twilio`` WebSocket: Twilio Media Streams (and the Telnyx variant) into party streams.
 
-Point a ``<Start><Stream url="wss://HOST/twilio?token=...">`` (or
-``<Connect><Stream>``) at the monitor; docs/telephony.md has the set-up.
+Point a ``<Start><Stream url="wss://HOST/twilio">`` (or ``<Connect><Stream>``)
+at the monitor, with ``<Parameter name="token" value="..."/>`` when it has a
+token (``<Stream url>`` takes no query string, and Twilio sets no headers we
+choose), or run it with ``--twilio-auth-token`` so that every handshake's
+``X-Twilio-Signature`` is checked instead; docs/telephony.md has the set-up.
 This adapter reads the socket and carries out what the pure
 :class:`~serstream.sources.twilio_session.TwilioSession` decides: at
 ``start`` it opens one stream per track (``twilio:<callSid>:inbound`` and
