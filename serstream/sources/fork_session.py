@@ -289,7 +289,7 @@ class ForkSession:
             if len(params) >= self.config.max_params:
                 self._count("params_dropped")
                 continue
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            text = value if isinstance(value, str) else _as_text(value)
             params[str(key)[:limit]] = text[:limit]
         return params
 
@@ -316,3 +316,11 @@ def _first(meta: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
         if value is not None and value != "":
             return value
     return None
+
+
+def _as_text(value: Any) -> str:
+    """A parameter value that is not a string, as compact JSON (a nesting too deep for it: ``"..."``)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        return "..."

@@ -406,7 +406,7 @@ class TwilioSession:
             if len(params) >= self.config.max_params:
                 self._count("params_dropped")
                 continue
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            text = value if isinstance(value, str) else _as_text(value)
             params[str(key)[:limit]] = text[:limit]
         return params
 
@@ -507,3 +507,11 @@ def _track_name(name: str) -> str | None:
     """``inbound``/``outbound`` (also ``inbound_track``/``outbound_track``, as dtmf and Telnyx say)."""
     base = name[:-6] if name.endswith("_track") else name
     return base if base in TRACKS else None
+
+
+def _as_text(value: Any) -> str:
+    """A parameter value that is not a string, as compact JSON (a nesting too deep for it: ``"..."``)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        return "..."
