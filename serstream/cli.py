@@ -649,6 +649,8 @@ def _print_endpoints(host: str, port: int, tls: bool, access: Any, quiet: bool) 
               "below; programs send it as Authorization: Bearer <token>)", file=sys.stderr, flush=True)
     needs = "   (send Authorization: Bearer <token>)" if access.token else ""
     _info(f"events    {ws}://{base}/events   (one stream: {ws}://{base}/events?stream=ID){needs}", quiet)
+    _info(f"calls     {ws}://{base}/twilio (Twilio Media Streams)   {ws}://{base}/fork (FreeSWITCH mod_audio_fork)",
+          quiet)
     # With a generated token this line is the only place the token is, so --quiet does not hide it.
     _info(f"dashboard {http}://{base}/{fragment}   health {http}://{base}/healthz   metrics {http}://{base}/metrics",
           quiet and not access.generated)

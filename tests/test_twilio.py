@@ -633,6 +633,7 @@ def test_serve_command_takes_twilio_and_fork_calls_over_wss(
     base = f"wss://127.0.0.1:{free_port}"
     context = ssl.create_default_context(cafile=str(cert))
     try:
+        assert monitor.stderr_has(f"{base}/twilio (Twilio Media Streams)") and monitor.stderr_has(f"{base}/fork")
         async def run() -> list[Any]:
             seen: list[Any] = []
             closed: set[str] = set()
