@@ -152,10 +152,12 @@ def _access_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _add_ingest_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the /ingest endpoint (defined beside its code)."""
+    """Options of the /ingest endpoint and the telephony paths (defined beside their code)."""
     from serstream.sources.ingest import add_ingest_arguments
+    from serstream.sources.twilio import add_twilio_arguments
 
     add_ingest_arguments(parser)
+    add_twilio_arguments(parser)
 
 
 def _add_rtp_options(parser: argparse.ArgumentParser) -> None:
@@ -499,6 +501,15 @@ def _ingest_handler(monitor: Any, bus: Any, args: argparse.Namespace, token: str
         raise UserError(one_line(exc, limit=None)) from None
 
 
+def _telephony_routes(monitor: Any, args: argparse.Namespace, token: str | None) -> dict[str, Any]:
+    """The /twilio and /fork handlers: served whenever the server runs (docs/telephony.md)."""
+    from serstream.sources.fork import make_fork_handler
+    from serstream.sources.twilio import make_twilio_handler, twilio_config_from_args
+
+    return {"/twilio": make_twilio_handler(monitor, twilio_config_from_args(args), token=token),
+            "/fork": make_fork_handler(monitor)}
+
+
 def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
     """One bound :class:`RtpSource` per ``--rtp``; UserError (one line) on a bad option, address or port.
 
@@ -576,6 +587,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         bus, args.host, args.port, health=monitor.health,
         metrics=lambda: scrape(monitor), dashboard_dir=default_dashboard_dir(),
         ingest_handler=_ingest_handler(monitor, bus, args, access.token),
+        audio_routes=_telephony_routes(monitor, args, access.token),
         # The ingest's frame limit must fit in a WebSocket message.
         max_message_bytes=max(1 << 20, int(getattr(args, "max_frame_bytes", 0) or 0)),
         token=access.token, allow_origins=args.allow_origin, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -674,6 +686,8 @@ def _print_endpoints(host: str, port: int, tls: bool, access: Any, quiet: bool) 
               "below; programs send it as Authorization: Bearer <token>)", file=sys.stderr, flush=True)
     needs = "   (send Authorization: Bearer <token>)" if access.token else ""
     _info(f"events    {ws}://{base}/events   (one stream: {ws}://{base}/events?stream=ID){needs}", quiet)
+    _info(f"calls     {ws}://{base}/twilio (Twilio Media Streams)   {ws}://{base}/fork (FreeSWITCH mod_audio_fork)",
+          quiet)
     # With a generated token this line is the only place the token is, so --quiet does not hide it.
     _info(f"dashboard {http}://{base}/{fragment}   health {http}://{base}/healthz   metrics {http}://{base}/metrics",
           quiet and not access.generated)

@@ -9,6 +9,13 @@ One port (default 127.0.0.1:8765), built on the ``websockets`` asyncio API:
 * ``/ingest`` (WebSocket): handed to the ``ingest_handler`` given to
   :class:`MonitorServer` (a client pushes audio there); closed with 1008
   "ingest not enabled" when there is none.
+* Further audio-in WebSocket paths (``audio_routes``: ``/twilio`` Twilio Media
+  Streams, ``/fork`` FreeSWITCH mod_audio_fork), each handed to its handler,
+  capped like ``/ingest`` connections; their clients cannot set headers, so
+  the token may ride in the URL query (``?token=...``) or, where the handler
+  says it checks it (``checks_token``: ``/twilio`` reads it from the start
+  message's ``customParameters``), be left to the handler; a handler may name
+  the subprotocols it accepts (``subprotocols``: ``audio.drachtio.org`` on ``/fork``).
 * ``/healthz`` (HTTP GET): ``health()`` as JSON; ``/metrics`` (HTTP GET):
   ``metrics()`` as Prometheus text (the monitor's ``prometheus_client``
   registry, :mod:`serstream.metrics`); ``/`` and the files of the dashboard
@@ -50,6 +57,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -114,6 +122,25 @@ HEALTH_FIELDS = ("status", "pipeline", "inference", "device", "model", "uptime_s
 
 #: Called with the ``/ingest`` connection and its handshake request; runs until the client is done.
 IngestHandler = Callable[[ServerConnection, Request], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WebSocketRoute:
+    """One WebSocket path of the routing table: who serves it and under which connection cap.
+
+    ``limit``: the :class:`~serstream.access.ConnectionLimits` class (``events``
+    or ``ingest``). ``query_token``: the token may be given as ``?token=`` (for
+    clients such as Twilio and FreeSWITCH that connect to a URL and cannot set
+    headers). ``hello_token``: without credentials in the handshake the handler
+    checks the token itself (``/ingest``'s hello). ``subprotocols``: selected
+    when offered (besides the dashboard's ``serstream``).
+    """
+
+    serve: Callable[[ServerConnection], Awaitable[None]]
+    limit: str
+    query_token: bool = False
+    hello_token: bool = False
+    subprotocols: tuple[str, ...] = ()
 
 
 def default_dashboard_dir() -> Path:
@@ -432,6 +459,7 @@ class MonitorServer:
         dashboard_dir: Path | None = None,
         max_message_bytes: int = 1 << 20,
         ingest_handler: IngestHandler | None = None,
+        audio_routes: Mapping[str, IngestHandler] | None = None,
         client_buffer: int = 1000,
         close_timeout: float = 2.0,
         token: str | None = None,
@@ -455,6 +483,21 @@ class MonitorServer:
         self.dashboard_dir = Path(dashboard_dir).resolve() if dashboard_dir is not None else None
         self.max_message_bytes = int(max_message_bytes)
         self.ingest_handler = ingest_handler
+        #: The WebSocket routing table: path -> route (plain HTTP paths are answered in process_request).
+        self.routes: dict[str, WebSocketRoute] = {
+            "/events": WebSocketRoute(self._serve_events_route, "events"),
+            "/ingest": WebSocketRoute(self._serve_ingest, "ingest", hello_token=True),
+        }
+        for path, audio_handler in (audio_routes or {}).items():
+            if not path.startswith("/") or path in self.routes:
+                raise ValueError(f"audio route {path!r} must be a new path starting with /")
+            # A handler may check the token itself in its first message (``checks_token``, as
+            # /twilio does in its start) and name the subprotocols its clients offer.
+            self.routes[path] = WebSocketRoute(
+                self._audio_route(path, audio_handler), "ingest", query_token=True,
+                hello_token=bool(getattr(audio_handler, "checks_token", False)),
+                subprotocols=tuple(getattr(audio_handler, "subprotocols", ())),
+            )
         self.client_buffer = int(client_buffer)
         self.close_timeout = float(close_timeout)
         #: The shared secret; None: no authentication (only sensible on loopback).
@@ -561,7 +604,7 @@ class MonitorServer:
                 self.host,
                 self.requested_port,
                 process_request=self._process_request,
-                select_subprotocol=_select_subprotocol,
+                select_subprotocol=self._select_subprotocol,
                 create_connection=self._connection_class(),
                 max_size=self.max_message_bytes,
                 # Off: every client gets the same serialised bytes (compressing per connection
@@ -607,27 +650,55 @@ class MonitorServer:
 
     async def _handle_connection(self, conn: ServerConnection) -> None:
         assert conn.request is not None
-        parts = urlsplit(conn.request.path)
-        kind = {"/events": "events", "/ingest": "ingest"}.get(parts.path)
-        if kind is None:  # process_request answers every other path; this is a safety net
+        route = self.routes.get(urlsplit(conn.request.path).path)
+        if route is None:  # process_request answers every other path; this is a safety net
             await conn.close(1008, "unknown endpoint")
             return
         peer = _address(conn)
         # process_request checked the caps already; this takes the slot (two handshakes may
         # have passed that check at once).
-        cause = self.limits.acquire(kind, peer)
+        cause = self.limits.acquire(route.limit, peer)
         if cause is not None:
             self._refuse(cause, peer)
             await conn.close(1013, cause.replace("_", " "))
             return
         try:
-            if kind == "events":
-                stream = parse_qs(parts.query).get("stream", [""])[0]
-                await self._serve_events(conn, stream or None)
-            else:
-                await self._serve_ingest(conn)
+            await route.serve(conn)
         finally:
-            self.limits.release(kind, peer)
+            self.limits.release(route.limit, peer)
+
+    def _select_subprotocol(self, conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        """``serstream`` when offered (browsers that send their token this way), else the route's own."""
+        if SUBPROTOCOL in offered:
+            return Subprotocol(SUBPROTOCOL)
+        route = self.routes.get(urlsplit(conn.request.path).path) if conn.request is not None else None
+        for name in route.subprotocols if route is not None else ():
+            if name in offered:
+                return Subprotocol(name)
+        return None
+
+    async def _serve_events_route(self, conn: ServerConnection) -> None:
+        assert conn.request is not None
+        stream = parse_qs(urlsplit(conn.request.path).query).get("stream", [""])[0]
+        await self._serve_events(conn, stream or None)
+
+    def _audio_route(self, path: str, handler: IngestHandler) -> Callable[[ServerConnection], Awaitable[None]]:
+        """Serve ``path`` with ``handler`` as an audio-in connection (counted with the ingest clients)."""
+
+        async def serve_audio(conn: ServerConnection) -> None:
+            assert conn.request is not None
+            self.ingest_clients += 1
+            try:
+                await handler(conn, conn.request)
+            except ConnectionClosed:
+                pass
+            except Exception as exc:  # one call's failure must not reach the others
+                log.error("%s handler failed: %s: %s", path, type(exc).__name__, exc)
+                await conn.close(1011, "internal error")
+            finally:
+                self.ingest_clients -= 1
+
+        return serve_audio
 
     async def _serve_events(self, conn: ServerConnection, stream: str | None) -> None:
         assert conn.request is not None
@@ -704,8 +775,9 @@ class MonitorServer:
         refusal = self._check_token(path, request, peer)
         if refusal is not None:
             return refusal
-        if path in ("/events", "/ingest"):
-            cause = self.limits.check("events" if path == "/events" else "ingest", peer)
+        route = self.routes.get(path)
+        if route is not None:
+            cause = self.limits.check(route.limit, peer)
             if cause is not None:
                 self._refuse(cause, peer)
                 response = _error_response(503, f"busy: {cause.replace('_', ' ')}; try again later")
@@ -732,12 +804,18 @@ class MonitorServer:
         if self.token is None:
             return None
         creds = _credentials(request, self.port)
-        if path == "/ingest" and not creds.presented:
+        route = self.routes.get(path)
+        if route is not None and route.query_token:
+            # Twilio and FreeSWITCH connect to a URL and cannot set headers: ?token= (docs/telephony.md).
+            given = parse_qs(urlsplit(request.path).query).get("token")
+            if given is not None and not creds.presented:
+                creds = Credentials(bearer=given[0] if len(given) == 1 else "")
+        if route is not None and route.hello_token and not creds.presented:
             return None  # the ingest handler wants the token in the hello instead (docs/ingest.md)
         if credentials_ok(self.token, creds):
             return None
         self._refuse("unauthorized", peer)
-        if path not in ("/events", "/ingest", "/metrics", "/auth") and _wants_html(path):
+        if route is None and path not in ("/metrics", "/auth") and _wants_html(path):
             response = _response(401, "text/html; charset=utf-8", TOKEN_PAGE)
         else:
             response = _error_response(401, "unauthorized: this monitor needs its token "
@@ -814,11 +892,6 @@ def _credentials(request: Request, port: int) -> Credentials:
         subprotocol=token_from_subprotocols(_offered_subprotocols(request)),
         cookie=cookie_from_header("; ".join(request.headers.get_all("Cookie")), cookie_name(port)),
     )
-
-
-def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-    """``serstream`` when offered (browsers that send their token as a subprotocol entry), else none."""
-    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
 
 
 def _wants_html(path: str) -> bool:
