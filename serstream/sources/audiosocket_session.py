@@ -319,13 +319,13 @@ class AudioSocketSession:
             out.append(self._reject("odd_length", f"audio message of {len(payload)} bytes is not whole 16-bit "
                                     "samples; dropped"))
             return
+        if not payload:
+            return  # no samples, so no say in the rate either
         if rate != self.sample_rate:
             out.append(Start(call, rate, restart=self.sample_rate is not None))
             self.sample_rate = rate
         if self._audio_started is None:
             self._audio_started = now
-        if not payload:
-            return
         samples = _S16LE.decode(payload)
         self.samples += int(samples.size)
         self.audio_seconds += samples.size / rate
