@@ -622,8 +622,8 @@ def test_serve_command_end_to_end_two_parties(factory_model: Path, tmp_path: Pat
             t.join(30)
         ids = {"caller": f"audiosocket:{call}:caller", "callee": f"audiosocket:{call}:callee"}
 
-        def of(stream: str, kind: str, **fields: Any) -> list[dict[str, Any]]:
-            return [e for e in proc.json_events() if e["stream"] == stream and e["type"] == kind
+        def of(stream: str, type_: str, **fields: Any) -> list[dict[str, Any]]:
+            return [e for e in proc.json_events() if e["stream"] == stream and e["type"] == type_
                     and all(e.get(k) == v for k, v in fields.items())]
 
         proc.wait_for(lambda: all(of(i, "stream", state="closed") for i in ids.values()), 30, "both legs closed")
