@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Final, Mapping, Union
+from typing import Final, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -169,7 +169,7 @@ class Ended:
     message: str = ""
 
 
-Output = Union[Start, Audio, Rejected, Ended]
+Output = Start | Audio | Rejected | Ended
 
 
 class AudioSocketSession:
