@@ -199,7 +199,8 @@ class AudioSocketSource:
             )
         self._listener = self._bind(host, port)
         self.port: int = int(self._listener.getsockname()[1])
-        self.label = f"audiosocket@{host}:{self.port}"
+        self._where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.label = f"audiosocket@{self._where}"
         self._conns: dict[int, _Connection] = {}
         self._by_address: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -268,7 +269,7 @@ class AudioSocketSource:
     @property
     def description(self) -> str:
         role = f" (role {self.role})" if self.role else ""
-        return f"receiving Asterisk AudioSocket on {self.host}:{self.port}{role}"
+        return f"receiving Asterisk AudioSocket on {self._where}{role}"
 
     @property
     def stream_ids(self) -> list[str]:
@@ -322,7 +323,7 @@ class AudioSocketSource:
                     self._poll(now)
                     next_poll = now + interval
         except Exception as exc:  # noqa: BLE001 - a bug here must be reported, not kill the process
-            self.error = f"AudioSocket listener on {self.host}:{self.port} failed: {type(exc).__name__}: {exc}"
+            self.error = f"AudioSocket listener on {self._where} failed: {type(exc).__name__}: {exc}"
             log.error("%s", self.error)
         finally:
             self._finish()
@@ -437,7 +438,7 @@ class AudioSocketSource:
             self._remember(conn, "format_changed")
         call = str(start.call_uuid)
         base = f"audiosocket:{call}" + (f":{self.role}" if self.role else "")
-        detail = f"from {conn.peer} on {self.host}:{self.port}"
+        detail = f"from {conn.peer} on {self._where}"
         try:
             handle = self.monitor.open_stream(
                 base, source="audiosocket", codec="pcm_s16le", sample_rate=start.sample_rate, channels=1,
