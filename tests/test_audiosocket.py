@@ -250,6 +250,14 @@ def test_speed_cap_pauses_reading_without_timing_out() -> None:
     assert uncapped.pace_delay(0.0) == 0.0
 
 
+def test_hold_keeps_the_timeouts_waiting() -> None:
+    session = AudioSocketSession(SessionConfig(idle_timeout_s=1.0, partial_timeout_s=1.0), 0.0)
+    session.feed(frame(0x01, CALL.bytes) + b"\x10", 0.0)
+    session.hold(3.0)
+    assert session.poll(3.9) == []
+    assert [o.cause for o in session.poll(4.0)] == ["stalled"]
+
+
 def test_config_and_message_errors_are_one_line() -> None:
     for bad in ({"idle_timeout_s": 0}, {"partial_timeout_s": -1}, {"max_speed": 0.5}, {"burst_s": -1}):
         with pytest.raises(ValueError) as info:
@@ -480,6 +488,35 @@ def test_trouble_is_counted_once_per_cause_and_other_calls_go_on(monitor: tuple[
     # The well-behaved call heard none of it.
     assert collector.of(good_id, "stream", state="closed")[0]["reason"] == "hangup"
     assert collector.of(good_id, "emotion", kind="final") and not collector.of(good_id, "error")
+
+
+def test_a_full_ring_pauses_reading_instead_of_overwriting(model: EmotionModel) -> None:
+    """The monitor is not started, so nothing drains the ring: the listener must stop reading."""
+    mon = Monitor(model, MonitorConfig(ring_seconds=0.5), Collector())
+    source = listener(mon, max_speed=None, idle_timeout_s=30.0)
+    leg = AsteriskLeg(source.port)
+    leg.send_uuid()
+    errors: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            leg.send_audio(np.zeros(8000 * 30, np.float32), 0x10, speed=1000.0)
+        except OSError as exc:  # the listener closed the connection at stop
+            errors.append(exc)
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    wait_until(lambda: source.stats()["backpressure_waits"] >= 5, 10, "the listener to pause the connection")
+    stats = source.stats()
+    ring_drops = mon.stats()["drops"]["audio_samples"]
+    source.stop()
+    sender.join(15)
+    leg.close()
+    assert ring_drops == 0
+    # What was read fits the half-second ring (4000 samples) with its last quarter free.
+    assert 0 < stats["samples"] <= 4000 and stats["active"] == 1
+    assert stats["bytes"] < 10_000  # of the 480,000 sent: the rest waits in the kernel's buffers, unread
+    assert not sender.is_alive() and len(errors) <= 1
 
 
 def test_connection_caps_refuse_and_count(monitor: tuple[Monitor, Collector]) -> None:

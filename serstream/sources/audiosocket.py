@@ -77,6 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _READ_BYTES = 65_536
+_BACKPRESSURE_S = 0.02  # pause of a connection whose stream's ring is nearly full
 _CLOSED_KEPT = 256
 _ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 #: Refusals before a connection gets a session (the keys of ``stats()["refused"]``).
@@ -209,7 +210,7 @@ class AudioSocketSource:
         self._selector: selectors.BaseSelector | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "streams_opened", "messages", "bytes", "samples", "dtmf", "hangups", "closes",
-             "open_failures", "refused_samples", "speed_waits", "sink_failures"), 0)
+             "open_failures", "refused_samples", "speed_waits", "backpressure_waits", "sink_failures"), 0)
         self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
         self.rejects: dict[str, int] = {}
         self._closed: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -371,8 +372,19 @@ class AudioSocketSource:
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _read(self, conn: _Connection) -> None:
+        size = _READ_BYTES
+        handle = conn.handle
+        if handle is not None and not handle.closed:
+            room = handle.free_space
+            if room < handle.capacity // 4:
+                # The stream's ring is nearly full (the pipeline is behind): wait rather than overwrite.
+                now = time.monotonic()
+                conn.session.hold(now + _BACKPRESSURE_S)
+                self._pause(conn, now + _BACKPRESSURE_S, "backpressure_waits")
+                return
+            size = min(size, 2 * room)  # at most what the ring can take (16-bit samples)
         try:
-            data = conn.sock.recv(_READ_BYTES)
+            data = conn.sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -389,12 +401,17 @@ class AudioSocketSource:
         if session.ended:
             return
         delay = session.pace_delay(now)
-        if delay > 0 and self._selector is not None:
-            # Not reading is the point: TCP slows the peer down; the poll reads on later.
-            self._selector.unregister(conn.sock)
-            conn.resume_at = now + delay
-            with self._lock:
-                self.counters["speed_waits"] += 1
+        if delay > 0:
+            self._pause(conn, now + delay, "speed_waits")
+
+    def _pause(self, conn: _Connection, until: float, counter: str) -> None:
+        """Stop reading ``conn`` until ``until``: not reading is the point, TCP slows the peer down."""
+        if self._selector is None or conn.resume_at is not None:
+            return
+        self._selector.unregister(conn.sock)
+        conn.resume_at = until
+        with self._lock:
+            self.counters[counter] += 1
 
     def _poll(self, now: float) -> None:
         for conn in list(self._conns.values()):
@@ -425,7 +442,7 @@ class AudioSocketSource:
             return
         samples = pending[0] if len(pending) == 1 else np.concatenate(pending)
         pending.clear()
-        if conn.handle is None:
+        if conn.handle is None or conn.handle.closed:  # refused, or ended by the monitor (failure, stop)
             with self._lock:
                 self.counters["refused_samples"] += int(samples.size)
             return

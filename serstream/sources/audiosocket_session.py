@@ -276,6 +276,10 @@ class AudioSocketSession:
         self._paced_until = max(self._paced_until, now + delay)
         return delay
 
+    def hold(self, until: float) -> None:
+        """The caller stops reading until ``until`` (back-pressure); the timeouts wait as well."""
+        self._paced_until = max(self._paced_until, until)
+
     def counts(self) -> dict[str, int]:
         """This session's counters (for the adapter's totals)."""
         return {"messages": self.messages, "bytes": self.bytes, "samples": self.samples, "dtmf": self.dtmf,
