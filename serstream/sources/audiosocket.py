@@ -210,7 +210,8 @@ class AudioSocketSource:
         self._selector: selectors.BaseSelector | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "streams_opened", "messages", "bytes", "samples", "dtmf", "hangups", "closes",
-             "open_failures", "refused_samples", "speed_waits", "backpressure_waits", "sink_failures"), 0)
+             "open_failures", "refused_samples", "speed_waits", "backpressure_waits", "accept_failures",
+             "sink_failures"), 0)
         self.refused: dict[str, int] = dict.fromkeys(REFUSALS, 0)
         self.rejects: dict[str, int] = {}
         self._closed: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -342,8 +343,11 @@ class AudioSocketSource:
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. EMFILE: count nothing we did not take, say it once
-                self._announce("accept_failed", f"{self.label}: accept failed: {exc.strerror or exc}", 1)
+            except OSError as exc:  # e.g. EMFILE (out of file descriptors): counted, said once
+                with self._lock:
+                    self.counters["accept_failures"] += 1
+                    count = self.counters["accept_failures"]
+                self._announce("accept_failed", f"{self.label}: accept failed: {exc.strerror or exc}", count)
                 return
             address = str(addr[0])
             peer = f"{address}:{addr[1]}"

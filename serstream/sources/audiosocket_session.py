@@ -280,11 +280,6 @@ class AudioSocketSession:
         """The caller stops reading until ``until`` (back-pressure); the timeouts wait as well."""
         self._paced_until = max(self._paced_until, until)
 
-    def counts(self) -> dict[str, int]:
-        """This session's counters (for the adapter's totals)."""
-        return {"messages": self.messages, "bytes": self.bytes, "samples": self.samples, "dtmf": self.dtmf,
-                **{f"rejected_{cause}": n for cause, n in self.rejects.items()}}
-
     # ------------------------------------------------------------------ messages
 
     def _handle(self, kind: int, payload: bytes, now: float, out: list[Output]) -> None:
