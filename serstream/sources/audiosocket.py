@@ -77,6 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _READ_BYTES = 65_536
+_FIRST_READ_BYTES = 1024  # reads before the stream is open (its ring's room is not known yet)
 _BACKPRESSURE_S = 0.02  # pause of a connection whose stream's ring is nearly full
 _CLOSED_KEPT = 256
 _ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -378,7 +379,9 @@ class AudioSocketSource:
     def _read(self, conn: _Connection) -> None:
         size = _READ_BYTES
         handle = conn.handle
-        if handle is not None and not handle.closed:
+        if handle is None:
+            size = _FIRST_READ_BYTES  # no ring to measure yet: the UUID and the first few frames
+        elif not handle.closed:
             room = handle.free_space
             if room < handle.capacity // 4:
                 # The stream's ring is nearly full (the pipeline is behind): wait rather than overwrite.
