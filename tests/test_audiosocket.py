@@ -599,6 +599,44 @@ def test_listen_spec_and_allow_parsing() -> None:
         parse_allow(["10.0.0.0/33"])
 
 
+def _outward_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def test_peers_outside_the_allow_list_are_closed_and_counted(monitor: tuple[Monitor, Collector]) -> None:
+    mon, collector = monitor
+    address = _outward_address()
+    if address is None:
+        pytest.skip("needs a non-loopback IPv4 address on this machine")
+    with pytest.raises(ValueError, match="--audiosocket-allow"):
+        AudioSocketSource(mon, address, 0)
+    config = AudioSocketConfig(allow=parse_allow(["198.51.100.0/24"]))  # a documentation network: not us
+    source = AudioSocketSource(mon, address, 0, None, config)
+    source.start()
+    try:
+        for _ in range(2):
+            with socket.create_connection((address, source.port), timeout=5) as sock:
+                sock.sendall(frame(0x01, CALL.bytes) + frame(0x10, b"\0\0" * 160))
+                try:
+                    assert sock.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+    finally:
+        source.stop()
+    stats = source.stats()
+    assert stats["refused"]["refused_address"] == 2 and stats["connections"] == 0 and stats["bytes"] == 0
+    (error,) = collector.of(source.label, "error")
+    assert error["code"] == "refused_address" and address in error["message"]
+    assert not collector.of(type_="stream")
+
+
 def test_command_line_refuses_unauthenticated_wide_listeners(model: EmotionModel, free_port: int) -> None:
     mon = Monitor(model, MonitorConfig(), lambda event: None)
 
