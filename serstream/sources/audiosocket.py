@@ -302,6 +302,7 @@ class AudioSocketSource:
         with self._lock:
             flat = {f"audiosocket_{name}": n for name, n in self.refused.items()}
             flat["audiosocket_refused_samples"] = self.counters["refused_samples"]
+            flat["audiosocket_accept_failures"] = self.counters["accept_failures"]
             for cause in CAUSES:
                 flat[f"audiosocket_rejected_{cause}"] = self.rejects.get(cause, 0)
             return flat
