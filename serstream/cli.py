@@ -179,6 +179,13 @@ def _add_rtp_options(parser: argparse.ArgumentParser) -> None:
                         help="do not bind PORT+1 for RTCP")
 
 
+def _add_audiosocket_options(parser: argparse.ArgumentParser) -> None:
+    """Asterisk AudioSocket listeners (``listen`` and ``serve``; defined beside their code)."""
+    from serstream.sources.audiosocket import add_audiosocket_arguments
+
+    add_audiosocket_arguments(parser)
+
+
 def _add_history_args(parser: argparse.ArgumentParser) -> None:
     """Event history for reconnecting clients and the SQLite recording (``listen`` and ``serve``)."""
     from serstream.core.history import DEFAULT_HISTORY_S
@@ -251,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_options(listen)
     _add_ingest_options(listen)
     _add_rtp_options(listen)
+    _add_audiosocket_options(listen)
     _add_history_args(listen)
 
     sub.add_parser("devices", help="list audio input devices")
@@ -279,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     _add_pipeline_options(serve)
     _add_ingest_options(serve)
+    _add_audiosocket_options(serve)
     _add_history_args(serve)
 
     from serstream.watch import add_watch_arguments
@@ -544,6 +553,19 @@ def _rtp_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
     return sources
 
 
+def _audiosocket_sources(monitor: Monitor, args: argparse.Namespace) -> list[Source]:
+    """One bound AudioSocket listener per ``--audiosocket``; UserError (one line) on a bad value or port."""
+    if not getattr(args, "audiosocket", None):
+        return []
+    from serstream.monitor import SourceError
+    from serstream.sources.audiosocket import audiosocket_sources_from_args
+
+    try:
+        return list(audiosocket_sources_from_args(monitor, args))
+    except (ValueError, SourceError) as exc:
+        raise UserError(one_line(exc, limit=None)) from None
+
+
 async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) -> int:
     from serstream.inference.session import describe_device
     from serstream.metrics import scrape
@@ -579,7 +601,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                                     split=args.split_channels, roles=args.roles))
         _say_unsplit([str(f.path) for f in files if f.split_skipped], quiet)
         # The microphone when asked for, or when nothing else is: `serstream listen` alone listens.
-        if args.device is not None or not (files or args.rtp):
+        if args.device is not None or not (files or args.rtp or args.audiosocket):
             mic = MicrophoneSource(monitor, device=_device_arg(args.device), sample_rate=args.sample_rate,
                                    channels=args.channels)
 
@@ -621,6 +643,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
                 for rtp in _rtp_sources(monitor, args):
                     rtp.start()
                     started.append(rtp)
+            for listener in _audiosocket_sources(monitor, args):
+                listener.start()
+                started.append(listener)
         except MonitorError as exc:
             raise UserError(one_line(exc, limit=None)) from None
         # Events queued so far (a stream opened) print from here on; on a start-up error
