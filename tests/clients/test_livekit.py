@@ -1,0 +1,257 @@
+"""The LiveKit Agents plugin (clients/livekit) with livekit-agents' own classes, in its own virtual environment.
+
+``scripts/livekit-venv.sh`` makes clients/livekit/.venv (livekit-agents from
+PyPI and the plugin); tests/clients/livekit_scenario.py runs there, against a
+real ``serstream serve`` started from this venv, or against nothing (monitor
+down). No LiveKit server can run here (none is installed and nothing may be
+fetched at run time), so there is no room: the scenario drives the plugin
+with real ``rtc.AudioFrame``\\ s, a real ``AgentSession``'s
+``user_state_changed`` events, and a real ``Agent``'s
+``on_user_turn_completed`` with a real ``ChatContext``/``ChatMessage``.
+The plugin's pure helpers (``serstream_livekit/pure.py`` imports no LiveKit)
+are tested here directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from serstream.contract import LABELS
+from serstream_client.turns import EmotionReading
+from tests.audio import espeak_sentences
+from tests.clients.helpers import start_monitor
+from tests.conftest import REPO, require_tools
+
+LIVEKIT_VENV = REPO / "clients" / "livekit" / ".venv"
+LIVEKIT_PYTHON = LIVEKIT_VENV / "bin" / "python"
+SCENARIO = Path(__file__).with_name("livekit_scenario.py")
+PAUSE_S = 0.6  # silence before and after the sentence
+
+
+def _load_pure() -> ModuleType:
+    path = REPO / "clients" / "livekit" / "src" / "serstream_livekit" / "pure.py"
+    spec = importlib.util.spec_from_file_location("serstream_livekit_pure", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pure = _load_pure()
+
+
+# --------------------------------------------------------------------------- the pure helpers
+
+
+def test_user_state_changes_open_and_close_turns() -> None:
+    assert pure.user_state_edge("listening", "speaking") == "start"
+    assert pure.user_state_edge("away", "speaking") == "start"
+    assert pure.user_state_edge("speaking", "listening") == "stop"
+    assert pure.user_state_edge("speaking", "away") == "stop"
+    assert pure.user_state_edge("listening", "away") is None
+    assert pure.user_state_edge("speaking", "speaking") is None
+
+
+def _reading(turn: int, t0: float, t1: float, angry: float, final: bool = True) -> EmotionReading:
+    probs = {"angry": angry, "neutral": 1.0 - angry}
+    label = max(probs, key=lambda k: probs[k])
+    return EmotionReading(stream="s", turn=turn, label=label, confidence=probs[label], probs=probs,
+                          arousal=angry, valence=-angry, dominance=0.0, t0=t0, t1=t1, estimates=2, final=final)
+
+
+def test_speech_spans_of_one_turn_combine_weighted_by_duration() -> None:
+    assert pure.combine_readings([]) is None
+    one = _reading(0, 1.0, 2.0, 0.9)
+    assert pure.combine_readings([one]) is one
+    combined = pure.combine_readings([_reading(3, 1.0, 4.0, 0.9), _reading(4, 5.0, 6.0, 0.1, final=False)])
+    assert combined.probs["angry"] == pytest.approx((3 * 0.9 + 1 * 0.1) / 4)
+    assert combined.label == "angry" and combined.confidence == pytest.approx(combined.probs["angry"])
+    assert combined.arousal == pytest.approx((3 * 0.9 + 1 * 0.1) / 4)
+    assert (combined.turn, combined.t0, combined.t1, combined.estimates) == (3, 1.0, 6.0, 4)
+    assert combined.final is False  # one part had only a partial
+
+
+def test_pcm_seconds_and_ingest_url() -> None:
+    assert pure.pcm_seconds(48_000 * 2 * 2, 48_000, 2) == pytest.approx(1.0)
+    assert pure.pcm_seconds(960, 24_000, 1) == pytest.approx(0.02)
+    assert pure.pcm_seconds(960, 0, 1) == 0.0 and pure.pcm_seconds(960, 16_000, 0) == 0.0
+    assert pure.ingest_url("ws://127.0.0.1:8765") == "ws://127.0.0.1:8765/ingest"
+    assert pure.ingest_url("wss://h:1/custom?x=1") == "wss://h:1/custom?x=1"
+    with pytest.raises(ValueError, match="ws://HOST:PORT"):
+        pure.ingest_url("http://127.0.0.1:8765")
+
+
+# --------------------------------------------------------------------------- with livekit-agents
+
+
+@pytest.fixture(scope="module")
+def livekit_python() -> Path:
+    """clients/livekit/.venv, made (or refreshed) by the project's script."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "livekit-venv.sh")], cwd=REPO, capture_output=True,
+                          text=True, timeout=1200)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if any(s in proc.stderr for s in ("No matching distribution", "Could not find a version",
+                                          "NewConnectionError", "Temporary failure in name resolution")):
+            pytest.skip(f"livekit-agents cannot be installed from PyPI here: {tail}")
+        pytest.fail(f"scripts/livekit-venv.sh failed ({proc.returncode}): {tail}")
+    assert LIVEKIT_PYTHON.exists()
+    return LIVEKIT_PYTHON
+
+
+def _installed(python: Path, distribution: str) -> bool:
+    code = (f"import importlib.metadata as m\ntry: m.version({distribution!r})\n"
+            "except m.PackageNotFoundError: raise SystemExit(1)")
+    # Run outside the checkout: its serstream.egg-info would be found through the current directory.
+    return subprocess.run([str(python), "-c", code], capture_output=True, cwd="/").returncode == 0
+
+
+def test_livekit_venv_has_the_plugin_and_not_the_monitor(livekit_python: Path) -> None:
+    assert _installed(livekit_python, "livekit-agents")
+    assert _installed(livekit_python, "serstream-livekit")
+    assert _installed(livekit_python, "serstream-client")
+    assert not _installed(livekit_python, "serstream")
+    assert not _installed(livekit_python, "onnxruntime-gpu")
+    assert not _installed(REPO / ".venv" / "bin" / "python", "livekit-agents")
+
+
+@pytest.fixture(scope="module")
+def turn_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One espeak-ng sentence at 24 kHz (LiveKit's usual input rate), with silence around it."""
+    require_tools("espeak-ng", "sox")
+    path = tmp_path_factory.mktemp("livekit-audio") / "turn.wav"
+    return espeak_sentences(path, ["I am really upset about this, nobody answers my calls."], rate=24_000,
+                            pause_s=PAUSE_S)
+
+
+def _scenario(python: Path, url: str, wav: Path, out: Path, *extra: str, timeout: float = 150) -> dict[str, Any]:
+    proc = subprocess.run(
+        [str(python), str(SCENARIO), "--url", url, "--wav", str(wav), "--lead", str(PAUSE_S),
+         "--tail", str(PAUSE_S), "--out", str(out), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _assert_frames_untouched(result: dict[str, Any]) -> None:
+    assert result["sent"] > 100 and result["received"] == result["sent"]
+    assert result["same_objects"], "a frame was replaced, lost or reordered on its way through the tap"
+    assert result["bytes_unchanged"], "a frame's audio changed"
+    assert result["closed"], "the session's close did not close the plugin"
+
+
+def _assert_reading_of_the_turn(reading: dict[str, Any], turn_s: float) -> None:
+    assert reading["final"] is True
+    assert set(reading["probs"]) == set(LABELS)
+    assert sum(reading["probs"].values()) == pytest.approx(1.0, abs=0.01)
+    assert reading["label"] == max(reading["probs"], key=reading["probs"].get)
+    assert all(-1.0 <= reading[k] <= 1.0 for k in ("arousal", "valence", "dominance"))
+    # It covers the sentence: the monitor heard speech from about the end of the lead-in,
+    # and nothing beyond the audio of the turn.
+    assert 0.0 <= reading["t0"] < PAUSE_S + 0.5 < reading["t1"] <= turn_s + 0.5
+
+
+TOKEN = "livekit-test-token"
+
+
+def test_a_reading_per_turn_in_the_callback_latest_and_the_user_message(
+    livekit_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path
+) -> None:
+    monitor = start_monitor(["serve", "--model", str(factory_model), "--port", str(free_port), "--token", TOKEN])
+    try:
+        result = _scenario(livekit_python, f"ws://127.0.0.1:{free_port}", turn_wav, tmp_path / "live.json",
+                           "--token", TOKEN)
+    finally:
+        monitor.kill()
+    _assert_frames_untouched(result)
+    (reading,) = result["readings"]
+    assert reading["turn"] == 0 and reading["stream"] == "livekit-test"
+    _assert_reading_of_the_turn(reading, result["turn_s"])
+    assert result["latest"] == reading
+    # on_user_turn_completed got it into the user message, for the LLM.
+    (annotated,) = result["annotated"]
+    assert annotated["extra"][result["metadata_key"]] == reading
+    assert annotated["text"] == "turn 0"  # the message's content is left as it was
+    assert result["counters"]["connects"] == 1 and result["counters"]["readings"] == 1
+    assert result["counters"]["audio_not_analysed_s"] == 0.0
+    assert result["warnings"] == []
+
+
+def test_agent_runs_unaffected_with_the_monitor_down(
+    livekit_python: Path, turn_wav: Path, free_port: int, tmp_path: Path
+) -> None:
+    # Nothing listens on free_port: every connection attempt is refused.
+    result = _scenario(livekit_python, f"ws://127.0.0.1:{free_port}", turn_wav, tmp_path / "down.json",
+                       "--speed", "2")
+    _assert_frames_untouched(result)
+    assert result["readings"] == [] and result["latest"] is None
+    (annotated,) = result["annotated"]
+    assert annotated["extra"] == {}
+    assert annotated["waited_s"] < 0.5, "annotate held the agent up although no reading could come"
+    # Logged once, however many retries; the audio that could not be analysed is counted.
+    (warning,) = result["warnings"]
+    assert "cannot reach the monitor" in warning and str(free_port) in warning
+    assert result["counters"]["connect_failures"] >= 3
+    assert result["counters"]["audio_not_analysed_s"] > 4.0
+
+
+def test_monitor_killed_between_turns_the_plugin_reconnects(
+    livekit_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path
+) -> None:
+    """The monitor dies after the first turn and comes back: the second turn gets its reading too.
+
+    A callback that raises is registered as well: it is logged once and the others still run.
+    """
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    args = ["serve", "--model", str(factory_model), "--port", str(free_port)]
+    monitor = start_monitor(args)
+    proc = subprocess.Popen(
+        [str(livekit_python), str(SCENARIO), "--url", f"ws://127.0.0.1:{free_port}", "--wav", str(turn_wav),
+         "--lead", str(PAUSE_S), "--tail", str(PAUSE_S), "--out", str(tmp_path / "again.json"),
+         "--turns", "2", "--sync-dir", str(sync), "--bad-callback"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (sync / "phase1").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first turn never completed"
+            time.sleep(0.1)
+        monitor.kill()
+        time.sleep(1.0)  # the plugin notices, logs and retries against nothing
+        monitor = start_monitor(args)
+        (sync / "resume").write_text("go")
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        monitor.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    result = json.loads((tmp_path / "again.json").read_text())
+    _assert_frames_untouched(result)
+    first, second = result["readings"]
+    assert (first["turn"], second["turn"]) == (0, 1)
+    _assert_reading_of_the_turn(first, result["turn_s"])
+    assert second["final"] is True and second["t1"] > second["t0"]
+    assert [a["extra"][result["metadata_key"]]["turn"] for a in result["annotated"]] == [0, 1]
+    counters = result["counters"]
+    assert counters["connects"] == 2 and counters["disconnects"] >= 1
+    assert counters["readings"] == 2 and counters["callback_errors"] == 2
+    warnings = result["warnings"]
+    assert sum("lost the connection" in w for w in warnings) == 1, warnings
+    assert sum("callback broken failed" in w for w in warnings) == 1, warnings
+    assert len(warnings) == 2, warnings
