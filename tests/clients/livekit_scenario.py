@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, llm
-from livekit.agents.voice.events import UserStateChangedEvent
+from livekit.agents.voice.events import CloseEvent, CloseReason, UserStateChangedEvent
 from serstream_livekit import METADATA_KEY, EmotionReading, SerstreamEmotion
 
 FRAME_S = 0.02
@@ -176,7 +176,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(stt(), feed()), timeout=args.timeout)
-    await session.aclose()  # its "close" event closes the plugin
+    # The session's end, as AgentSession._aclose_impl signals it (a session that was never
+    # started, as here without a room, emits nothing on aclose()): the plugin closes on it.
+    session.emit("close", CloseEvent(error=None, reason=CloseReason.USER_INITIATED))
     for _ in range(100):
         if emotion.closed:
             break

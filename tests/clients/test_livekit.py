@@ -185,7 +185,8 @@ def test_a_reading_per_turn_in_the_callback_latest_and_the_user_message(
     assert annotated["extra"][result["metadata_key"]] == reading
     assert annotated["text"] == "turn 0"  # the message's content is left as it was
     assert result["counters"]["connects"] == 1 and result["counters"]["readings"] == 1
-    assert result["counters"]["audio_not_analysed_s"] == 0.0
+    # Only the frames that came while the first connection was opening (it opens on the first frame).
+    assert result["counters"]["audio_not_analysed_s"] < 1.0
     assert result["warnings"] == []
 
 
