@@ -1,26 +1,28 @@
-"""User turns through ``SerstreamEmotion`` with livekit-agents' own classes, without a LiveKit server.
+"""User turns through ``SerstreamEmotion`` in a running ``AgentSession``, without a LiveKit server.
 
 Run by tests/clients/test_livekit.py with the interpreter of
 clients/livekit/.venv (livekit-agents and serstream-livekit; no serstream,
-no pytest). No LiveKit server can run here, so no room: the scenario plays
-the parts a room and the session's VAD would play, with the framework's own
-objects. It makes ``rtc.AudioFrame``\\ s (20 ms, paced in real time) of a
-WAV of espeak-ng speech and feeds them through ``emotion.tap()`` (what an
-``Agent.stt_node`` override does) to a consumer standing in for the STT; it
-signals the turn on a real ``AgentSession`` the way the session does
-(``user_state_changed`` with a ``UserStateChangedEvent``: ``speaking``
-where a VAD would confirm the speech, ``listening`` after its silence), and
-half a second later calls the ``on_user_turn_completed`` of a real
-``Agent`` subclass with a real ``ChatContext`` and ``ChatMessage``; the
-agent calls ``emotion.annotate(new_message)``. Then it closes the session.
+no pytest). No LiveKit server can run here, so there is no room; everything
+else is livekit-agents' own machinery. The scenario starts a real
+``AgentSession`` whose audio input (``session.input.audio``, what RoomIO
+would set) yields 20 ms ``rtc.AudioFrame``\\ s of a WAV of espeak-ng speech,
+paced in real time. The session runs the agent below: its ``stt_node``
+passes the audio through ``emotion.tap()`` (as docs/livekit.md shows) into
+:func:`energy_stt`, which stands in for a cloud STT: it reports speech start,
+a final transcript and speech end from the audio's level. From those the
+session itself moves the user state (``user_state_changed``: the plugin's
+turns, via ``emotion.attach(session)``), decides the end of the user turn
+and calls the agent's ``on_user_turn_completed``, where the agent calls
+``emotion.annotate(new_message)``. ``session.aclose()`` emits ``close``,
+which closes the plugin. The session has no LLM and no TTS: it only listens.
 
 ``--turns 2 --sync-dir D`` plays the WAV twice: after the first turn it
 writes ``D/phase1`` and feeds silence until ``D/resume`` exists and the
 plugin is connected again (the test kills and restarts the monitor
 meanwhile). It writes what happened as JSON to ``--out``: whether every frame
-reached the consumer as the same object with the same bytes, the readings the
-callback got, what ``annotate`` returned and put into the messages, the
-warnings the plugin logged and its counters.
+left the tap as the same object with the same bytes it entered with (and as
+the scenario made it), the readings the callback got, what ``annotate`` put
+into the user messages, the warnings the plugin logged and its counters.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ import logging
 import time
 import wave
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterable, AsyncIterator
 
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, llm
-from livekit.agents.voice.events import CloseEvent, CloseReason, UserStateChangedEvent
+from livekit.agents import Agent, AgentSession, io, llm, stt
+from livekit.agents.voice.agent import ModelSettings
 from serstream_livekit import METADATA_KEY, EmotionReading, SerstreamEmotion
 
 FRAME_S = 0.02
+#: Peak level above which energy_stt calls a frame speech (int16; espeak-ng speaks far louder).
+LOUD = 500
+#: Quiet frames that end the speech (0.4 s, like a VAD's minimum silence).
+QUIET_FRAMES = 20
 
 
 class Warnings(logging.Handler):
@@ -53,16 +59,83 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+class UnusedSTT(stt.STT):
+    """The session needs an STT to run an stt_node at all; the agent's stt_node never calls this one."""
+
+    def __init__(self) -> None:
+        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
+
+    async def _recognize_impl(self, buffer: Any, *, language: Any = None, conn_options: Any = None) -> Any:
+        raise NotImplementedError("the scenario's agent transcribes in its own stt_node")
+
+
+class ScenarioInput(io.AudioInput):
+    """``session.input.audio``: the frames the scenario queues (what RoomIO feeds from the user's track)."""
+
+    def __init__(self, queue: asyncio.Queue[rtc.AudioFrame | None]) -> None:
+        super().__init__(label="scenario")
+        self.queue = queue
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        frame = await self.queue.get()
+        if frame is None:
+            raise StopAsyncIteration
+        return frame
+
+
+async def energy_stt(audio: AsyncIterable[rtc.AudioFrame]) -> AsyncIterator[stt.SpeechEvent]:
+    """Stands in for a cloud STT: speech start, then after 0.4 s of quiet a final transcript and speech end."""
+    speaking, quiet, turn = False, 0, 0
+    async for frame in audio:
+        loud = max((abs(x) for x in frame.data), default=0) > LOUD
+        if loud:
+            quiet = 0
+            if not speaking:
+                speaking = True
+                yield stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH)
+        elif speaking:
+            quiet += 1
+            if quiet >= QUIET_FRAMES:
+                speaking = False
+                yield stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+                                      alternatives=[stt.SpeechData(language="en", text=f"turn {turn}")])
+                yield stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH)
+                turn += 1
+
+
 class EmotionAgent(Agent):
-    """The agent of docs/livekit.md: its on_user_turn_completed puts the reading into the user message."""
+    """The agent of docs/livekit.md, with energy_stt in place of ``Agent.default.stt_node``."""
 
     def __init__(self, emotion: SerstreamEmotion, wait_s: float) -> None:
         super().__init__(instructions="You are a helpful voice assistant.")
         self.emotion = emotion
         self.wait_s = wait_s
+        self.tap_in: list[rtc.AudioFrame] = []
+        self.tap_in_bytes: list[bytes] = []
+        self.tap_out: list[rtc.AudioFrame] = []
+        self.annotated: list[dict[str, Any]] = []
+
+    async def stt_node(self, audio: AsyncIterable[rtc.AudioFrame],
+                       model_settings: ModelSettings) -> AsyncIterator[stt.SpeechEvent]:
+        async def before(frames: AsyncIterable[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
+            async for frame in frames:
+                self.tap_in.append(frame)
+                self.tap_in_bytes.append(frame.data.tobytes())
+                yield frame
+
+        async def after(frames: AsyncIterable[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
+            async for frame in frames:
+                self.tap_out.append(frame)
+                yield frame
+
+        async for event in energy_stt(after(self.emotion.tap(before(audio)))):
+            yield event
 
     async def on_user_turn_completed(self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage) -> None:
+        started = time.monotonic()
         await self.emotion.annotate(new_message, wait_s=self.wait_s)
+        self.annotated.append({"text": new_message.text_content, "extra": dict(new_message.extra),
+                               "waited_s": time.monotonic() - started})
 
 
 def read_frames(wav: Path) -> list[rtc.AudioFrame]:
@@ -93,15 +166,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("serstream_livekit").setLevel(logging.DEBUG)
     turn_frames = read_frames(Path(args.wav))
     rate, channels = turn_frames[0].sample_rate, turn_frames[0].num_channels
-    total_s = len(turn_frames) * FRAME_S
-    # A VAD confirms speech ~0.2 s after it starts and silence ~0.4 s after it ends.
-    marks = {round((args.lead + 0.2) / FRAME_S): "speaking", round((total_s - args.tail + 0.4) / FRAME_S): "listening"}
 
     emotion = SerstreamEmotion(url=args.url, stream="livekit-test", token=args.token, ca_file=args.ca_file,
                                retry_first_s=0.2, retry_max_s=0.5)
-    session: AgentSession = AgentSession()
-    emotion.attach(session)
-    agent = EmotionAgent(emotion, args.annotate_wait)
     readings: list[dict[str, Any]] = []
 
     @emotion.on_emotion
@@ -113,26 +180,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         def broken(reading: EmotionReading) -> None:
             raise RuntimeError("this callback is broken")
 
+    queue: asyncio.Queue[rtc.AudioFrame | None] = asyncio.Queue()
+    session: AgentSession = AgentSession(stt=UnusedSTT(), turn_handling={"turn_detection": "stt"})
+    emotion.attach(session)
+    states: list[str] = []
+    session.on("user_state_changed", lambda event: states.append(event.new_state))
+    session.input.audio = ScenarioInput(queue)
+    agent = EmotionAgent(emotion, args.annotate_wait)
+    await session.start(agent)
+
     sent: list[rtc.AudioFrame] = []
     sent_bytes: list[bytes] = []
-    received: list[rtc.AudioFrame] = []
-    annotated: list[dict[str, Any]] = []
-    queue: asyncio.Queue[rtc.AudioFrame | None] = asyncio.Queue()
-    user_state = "listening"
-
-    def set_user_state(new: str) -> None:
-        nonlocal user_state
-        session.emit("user_state_changed", UserStateChangedEvent(old_state=user_state, new_state=new))
-        user_state = new
-
-    async def source() -> AsyncIterator[rtc.AudioFrame]:
-        while (frame := await queue.get()) is not None:
-            yield frame
-
-    async def stt() -> None:
-        """Stands in for the STT behind ``Agent.stt_node``: takes every frame the tap yields."""
-        async for frame in emotion.tap(source()):
-            received.append(frame)
 
     async def play(frame: rtc.AudioFrame) -> None:
         sent.append(frame)
@@ -140,59 +198,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await queue.put(frame)
         await asyncio.sleep(FRAME_S / args.speed)
 
-    async def turn_completed(index: int) -> None:
-        await asyncio.sleep(0.5 / args.speed)  # LiveKit's end-of-turn delay after the VAD's silence
-        message = llm.ChatMessage(role="user", content=[f"turn {index}"])
-        chat = llm.ChatContext()
-        chat.insert(message)
-        started = time.monotonic()
-        await agent.on_user_turn_completed(chat, message)
-        annotated.append({"turn": index, "extra": dict(message.extra), "waited_s": time.monotonic() - started,
-                          "text": message.text_content})
-
-    async def feed() -> None:
-        pending: list[asyncio.Task[None]] = []
-        for turn in range(args.turns):
-            if turn > 0 and args.sync_dir:
-                sync = Path(args.sync_dir)
-                await asyncio.gather(*pending)
-                (sync / "phase1").write_text("done")
-                deadline = time.monotonic() + 60
-                while not ((sync / "resume").exists() and emotion.connected) and time.monotonic() < deadline:
-                    await play(silence_frame(rate, channels))
-                for _ in range(int(0.5 / FRAME_S)):
-                    await play(silence_frame(rate, channels))
-            for index, frame in enumerate(turn_frames):
-                if marks.get(index) == "speaking":
-                    set_user_state("speaking")
-                elif marks.get(index) == "listening":
-                    set_user_state("listening")
-                    pending.append(asyncio.ensure_future(turn_completed(turn)))
-                await play(frame)
-        for _ in range(int(1.0 / FRAME_S)):
+    async def wait_for(what: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not what() and time.monotonic() < deadline:
             await play(silence_frame(rate, channels))
-        await asyncio.gather(*pending)
-        await queue.put(None)
 
     started = time.monotonic()
-    await asyncio.wait_for(asyncio.gather(stt(), feed()), timeout=args.timeout)
-    # The session's end, as AgentSession._aclose_impl signals it (a session that was never
-    # started, as here without a room, emits nothing on aclose()): the plugin closes on it.
-    session.emit("close", CloseEvent(error=None, reason=CloseReason.USER_INITIATED))
+    for turn in range(args.turns):
+        if turn > 0 and args.sync_dir:
+            sync = Path(args.sync_dir)
+            (sync / "phase1").write_text("done")
+            await wait_for(lambda: (sync / "resume").exists() and emotion.connected, 60)
+            for _ in range(int(0.5 / FRAME_S)):
+                await play(silence_frame(rate, channels))
+        for frame in turn_frames:
+            await play(frame)
+        # Silence until the session has completed the user turn (end of speech, then its endpointing delay).
+        await wait_for(lambda: len(agent.annotated) > turn, 20 / args.speed)
+    for _ in range(int(0.5 / FRAME_S)):
+        await play(silence_frame(rate, channels))
+    await asyncio.sleep(0.2)  # the session's audio forwarding drains the queue
+    await session.aclose()  # its "close" event closes the plugin
     for _ in range(100):
         if emotion.closed:
             break
         await asyncio.sleep(0.05)
     elapsed = time.monotonic() - started
+    tap_in, tap_out = agent.tap_in, agent.tap_out
     return {
         "elapsed_s": elapsed,
         "sent": len(sent),
-        "received": len(received),
-        "same_objects": len(sent) == len(received) and all(a is b for a, b in zip(sent, received)),
-        "bytes_unchanged": [f.data.tobytes() for f in received] == sent_bytes,
-        "turn_s": total_s,
+        "tap_in": len(tap_in),
+        "tap_out": len(tap_out),
+        "same_objects": len(tap_in) == len(tap_out) and all(a is b for a, b in zip(tap_in, tap_out)),
+        "bytes_unchanged": [f.data.tobytes() for f in tap_out] == agent.tap_in_bytes,
+        # The session hands the stt_node the scenario's own frame objects (then, on close, its own
+        # flush silence): how many of the scenario's frames arrived, as themselves, in order.
+        "sent_reached_tap": next((i for i, (a, b) in enumerate(zip(sent, tap_in)) if a is not b),
+                                 min(len(sent), len(tap_in))),
+        "turn_s": len(turn_frames) * FRAME_S,
+        "user_states": states,
         "readings": readings,
-        "annotated": annotated,
+        "annotated": agent.annotated,
         "latest": reading_dict(emotion.latest),
         "closed": emotion.closed,
         "metadata_key": METADATA_KEY,
@@ -215,7 +262,6 @@ def main() -> None:
     parser.add_argument("--annotate-wait", type=float, default=3.0)
     parser.add_argument("--bad-callback", action="store_true")
     parser.add_argument("--speed", type=float, default=1.0, help="feed this many times faster than real time")
-    parser.add_argument("--timeout", type=float, default=90.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = asyncio.run(run(args))

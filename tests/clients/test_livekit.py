@@ -1,15 +1,16 @@
-"""The LiveKit Agents plugin (clients/livekit) with livekit-agents' own classes, in its own virtual environment.
+"""The LiveKit Agents plugin (clients/livekit) in a running livekit-agents AgentSession, in its own venv.
 
 ``scripts/livekit-venv.sh`` makes clients/livekit/.venv (livekit-agents from
 PyPI and the plugin); tests/clients/livekit_scenario.py runs there, against a
 real ``serstream serve`` started from this venv, or against nothing (monitor
 down). No LiveKit server can run here (none is installed and nothing may be
-fetched at run time), so there is no room: the scenario drives the plugin
-with real ``rtc.AudioFrame``\\ s, a real ``AgentSession``'s
-``user_state_changed`` events, and a real ``Agent``'s
-``on_user_turn_completed`` with a real ``ChatContext``/``ChatMessage``.
-The plugin's pure helpers (``serstream_livekit/pure.py`` imports no LiveKit)
-are tested here directly.
+fetched at run time), so there is no room: the scenario starts a real
+``AgentSession`` with its audio input set to frames made from espeak-ng
+speech, and the session itself calls the agent's ``stt_node`` (where the
+plugin's ``tap`` sits), moves the user state and calls
+``on_user_turn_completed``; only the STT is a stand-in (speech from the audio
+level). The plugin's pure helpers (``serstream_livekit/pure.py`` imports no
+LiveKit) are tested here directly.
 """
 
 from __future__ import annotations
@@ -146,10 +147,14 @@ def _scenario(python: Path, url: str, wav: Path, out: Path, *extra: str, timeout
 
 
 def _assert_frames_untouched(result: dict[str, Any]) -> None:
-    assert result["sent"] > 100 and result["received"] == result["sent"]
+    """The agent's stt_node got every frame the session gave the tap: the same objects, in order, same bytes."""
+    assert result["sent"] > 100
+    # The session passes the scenario's own frames to the stt_node (and its flush silence at close).
+    assert result["sent_reached_tap"] == result["sent"], "the session lost frames before the tap"
+    assert result["tap_out"] == result["tap_in"] >= result["sent"]
     assert result["same_objects"], "a frame was replaced, lost or reordered on its way through the tap"
     assert result["bytes_unchanged"], "a frame's audio changed"
-    assert result["closed"], "the session's close did not close the plugin"
+    assert result["closed"], "the session's close event did not close the plugin"
 
 
 def _assert_reading_of_the_turn(reading: dict[str, Any], turn_s: float) -> None:
@@ -181,6 +186,9 @@ def test_a_reading_per_turn_in_the_callback_latest_and_the_user_message(
     _assert_reading_of_the_turn(reading, result["turn_s"])
     assert result["latest"] == reading
     # on_user_turn_completed got it into the user message, for the LLM.
+    # The session's own turn handling: the user spoke, stopped, and on_user_turn_completed put
+    # the reading into the user message, for the LLM.
+    assert result["user_states"] == ["speaking", "listening"]
     (annotated,) = result["annotated"]
     assert annotated["extra"][result["metadata_key"]] == reading
     assert annotated["text"] == "turn 0"  # the message's content is left as it was
@@ -249,6 +257,7 @@ def test_monitor_killed_between_turns_the_plugin_reconnects(
     _assert_reading_of_the_turn(first, result["turn_s"])
     assert second["final"] is True and second["t1"] > second["t0"]
     assert [a["extra"][result["metadata_key"]]["turn"] for a in result["annotated"]] == [0, 1]
+    assert [a["text"] for a in result["annotated"]] == ["turn 0", "turn 1"]
     counters = result["counters"]
     assert counters["connects"] == 2 and counters["disconnects"] >= 1
     assert counters["readings"] == 2 and counters["callback_errors"] == 2
