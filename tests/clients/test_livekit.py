@@ -265,3 +265,29 @@ def test_monitor_killed_between_turns_the_plugin_reconnects(
     assert sum("lost the connection" in w for w in warnings) == 1, warnings
     assert sum("callback broken failed" in w for w in warnings) == 1, warnings
     assert len(warnings) == 2, warnings
+
+
+def test_bad_settings_are_one_clear_error_and_odd_input_is_counted_never_raised(
+    livekit_python: Path, free_port: int, tmp_path: Path
+) -> None:
+    out = tmp_path / "inputs.json"
+    proc = subprocess.run([str(livekit_python), str(Path(__file__).with_name("livekit_inputs.py")),
+                           "--port", str(free_port), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "ws://HOST:PORT" in result["bad_url"] and "http://127.0.0.1:8765" in result["bad_url"]
+    assert result["unknown_setting"] == "SerstreamEmotion: unknown setting(s) colour"
+    assert result["bad_ca_file"].startswith("serstream ca_file:") and "/nonexistent/ca.pem" in result["bad_ca_file"]
+    # Outside an event loop: counted as not analysed, one line on stderr.
+    assert result["outside_loop"]["audio_not_analysed_s"] == pytest.approx(0.02)
+    assert proc.stderr.count("outside the agent's event loop") == 1
+    # The odd item went through the tap like the frames; it was counted, not sent.
+    assert result["passed_through"] and result["closed"]
+    counters = result["counters"]
+    assert counters["not_audio"] == 1 and counters["frames"] == 2
+    assert counters["turns"] == 1 and counters["turns_without_reading"] == 1 and counters["readings"] == 0
+    assert result["annotate"] is None
+    (warning,) = result["warnings"]
+    assert "cannot reach the monitor" in warning

@@ -1,12 +1,14 @@
-"""One user turn from a WAV file through serstream-livekit, without a LiveKit server.
+"""A LiveKit agent session that hears a WAV file, with serstream emotion per user turn; no LiveKit server needed.
 
-Usage: python wav_turn.py speech.wav [ws://127.0.0.1:8765]
+Usage: python wav_turn.py speech.wav [ws://127.0.0.1:8765]   (with `serstream serve` running)
 
-It plays the parts a room and the session's VAD would play: the file's
-audio as 20 ms ``rtc.AudioFrame``\\ s through ``emotion.tap()`` (what an
-``Agent.stt_node`` does), the turn as the ``AgentSession``'s
-``user_state_changed`` events, then the agent's ``on_user_turn_completed``,
-which puts the reading into the user message for the LLM.
+A real ``AgentSession`` runs the agent: its audio input, which RoomIO would
+fill from the user's track, plays the file in 20 ms ``rtc.AudioFrame``\\ s.
+The agent's ``stt_node`` passes the audio through ``emotion.tap()``; for want
+of a cloud STT here, ``level_stt`` finds the speech from the audio level (in
+a real agent: ``Agent.default.stt_node(self, emotion.tap(audio), model_settings)``).
+The session turns that into the user's turn and calls
+``on_user_turn_completed``, where the reading goes into the user message.
 """
 
 import asyncio
@@ -14,49 +16,83 @@ import sys
 import wave
 
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, llm
-from livekit.agents.voice.events import UserStateChangedEvent
+from livekit.agents import Agent, AgentSession, io, stt
 
 from serstream_livekit import SerstreamEmotion
 
 emotion = SerstreamEmotion(url=sys.argv[2] if len(sys.argv) > 2 else "ws://127.0.0.1:8765")
+done = asyncio.Event()
 
 
 @emotion.on_emotion
 def show(reading):
-    print(f"turn {reading.turn}: {reading.label} {reading.confidence:.0%}, "
-          f"arousal {reading.arousal:+.2f}, valence {reading.valence:+.2f} "
-          f"(audio {reading.t0:.2f}-{reading.t1:.2f} s)")
+    print(f"turn {reading.turn}: {reading.label} {reading.confidence:.0%}, arousal {reading.arousal:+.2f}, "
+          f"valence {reading.valence:+.2f} (audio {reading.t0:.2f}-{reading.t1:.2f} s)")
+
+
+class NoCloudSTT(stt.STT):
+    """The session wants an STT before it runs an stt_node; this agent's stt_node never calls it."""
+
+    def __init__(self):
+        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
+
+    async def _recognize_impl(self, buffer, *, language=None, conn_options=None):
+        raise NotImplementedError
+
+
+async def level_stt(audio):
+    """Speech start at the first loud frame, end (with a stand-in transcript) after 0.4 s of quiet."""
+    speaking, quiet = False, 0
+    async for frame in audio:
+        loud = max((abs(x) for x in frame.data), default=0) > 500
+        quiet = 0 if loud else quiet + 1
+        if loud and not speaking:
+            speaking = True
+            yield stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH)
+        elif speaking and quiet >= 20:
+            speaking = False
+            yield stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+                                  alternatives=[stt.SpeechData(language="en", text="(what was said)")])
+            yield stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH)
 
 
 class MyAgent(Agent):
+    def __init__(self):
+        super().__init__(instructions="You are a helpful voice assistant.")
+
+    async def stt_node(self, audio, model_settings):
+        async for event in level_stt(emotion.tap(audio)):
+            yield event
+
     async def on_user_turn_completed(self, turn_ctx, new_message):
         await emotion.annotate(new_message)
         print("for the LLM:", new_message.extra.get("serstream_emotion", {}).get("label"))
+        done.set()
 
 
-async def frames(path):
-    with wave.open(path) as f:
-        rate, channels = f.getframerate(), f.getnchannels()
-        step = rate // 50  # 20 ms
-        while len(chunk := f.readframes(step)) == step * channels * 2:
-            yield rtc.AudioFrame(chunk, rate, channels, step)
-            await asyncio.sleep(0.02)
-        for _ in range(50):  # a second of silence after the speech
-            yield rtc.AudioFrame(bytes(step * channels * 2), rate, channels, step)
-            await asyncio.sleep(0.02)
+class WavInput(io.AudioInput):
+    """What RoomIO would be: the user's audio, here from a file, then silence."""
+
+    def __init__(self, path):
+        super().__init__(label="wav")
+        self.wav = wave.open(path)
+        self.rate, self.channels = self.wav.getframerate(), self.wav.getnchannels()
+        self.step = self.rate // 50  # 20 ms
+
+    async def __anext__(self):
+        await asyncio.sleep(0.02)
+        chunk = self.wav.readframes(self.step)
+        if len(chunk) < self.step * self.channels * 2:
+            chunk = bytes(self.step * self.channels * 2)
+        return rtc.AudioFrame(chunk, self.rate, self.channels, self.step)
 
 
 async def main(path):
-    session = AgentSession()
+    session = AgentSession(stt=NoCloudSTT(), turn_handling={"turn_detection": "stt"})
     emotion.attach(session)
-    agent = MyAgent(instructions="You are a helpful voice assistant.")
-    session.emit("user_state_changed", UserStateChangedEvent(old_state="listening", new_state="speaking"))
-    async for _frame in emotion.tap(frames(path)):
-        pass  # an STT would take the frames here
-    session.emit("user_state_changed", UserStateChangedEvent(old_state="speaking", new_state="listening"))
-    message = llm.ChatMessage(role="user", content=["(what the STT heard)"])
-    await agent.on_user_turn_completed(llm.ChatContext(), message)
+    session.input.audio = WavInput(path)
+    await session.start(MyAgent())
+    await asyncio.wait_for(done.wait(), 60)
     await session.aclose()
 
 

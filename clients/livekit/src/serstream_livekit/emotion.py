@@ -159,7 +159,7 @@ class SerstreamEmotion:
         self.counters: dict[str, float] = {
             "frames": 0, "audio_sent_s": 0.0, "audio_not_analysed_s": 0.0, "connects": 0,
             "connect_failures": 0, "disconnects": 0, "turns": 0, "readings": 0, "turns_without_reading": 0,
-            "malformed_messages": 0, "monitor_errors": 0, "callback_errors": 0,
+            "malformed_messages": 0, "monitor_errors": 0, "callback_errors": 0, "not_audio": 0,
         }
 
     # ------------------------------------------------------------ public state
@@ -297,11 +297,21 @@ class SerstreamEmotion:
     def _audio(self, frame: rtc.AudioFrame) -> None:
         if self._closed:
             return
+        if not isinstance(frame, rtc.AudioFrame):
+            self.counters["not_audio"] += 1  # passed on to the agent, not sent
+            return
         self.counters["frames"] += 1
         rate, channels = int(frame.sample_rate), int(frame.num_channels)
         pcm = frame.data.tobytes()  # a copy: the agent's frame is never touched
         seconds = pcm_seconds(len(pcm), rate, channels)
         if seconds <= 0:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.counters["audio_not_analysed_s"] += seconds
+            self._log_once("loop", "serstream: push_frame was called outside the agent's event loop "
+                           "(call it from async code); that audio is not analysed")
             return
         self._start()
         if self._audio_format is None:
