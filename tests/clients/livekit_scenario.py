@@ -208,13 +208,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if turn > 0 and args.sync_dir:
             sync = Path(args.sync_dir)
             (sync / "phase1").write_text("done")
-            await wait_for(lambda: (sync / "resume").exists() and emotion.connected, 60)
+            await wait_for(lambda: (sync / "resume").exists() and emotion.connected, 60)  # noqa: B023 (called now)
             for _ in range(int(0.5 / FRAME_S)):
                 await play(silence_frame(rate, channels))
         for frame in turn_frames:
             await play(frame)
         # Silence until the session has completed the user turn (end of speech, then its endpointing delay).
-        await wait_for(lambda: len(agent.annotated) > turn, 20 / args.speed)
+        await wait_for(lambda: len(agent.annotated) > turn, 20 / args.speed)  # noqa: B023 (called now)
     for _ in range(int(0.5 / FRAME_S)):
         await play(silence_frame(rate, channels))
     await asyncio.sleep(0.2)  # the session's audio forwarding drains the queue

@@ -25,9 +25,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from serstream_client.turns import EmotionReading
 
 from serstream.contract import LABELS
-from serstream_client.turns import EmotionReading
 from tests.audio import espeak_sentences
 from tests.clients.helpers import start_monitor
 from tests.conftest import REPO, require_tools

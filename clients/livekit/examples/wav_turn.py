@@ -17,7 +17,6 @@ import wave
 
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, io, stt
-
 from serstream_livekit import SerstreamEmotion
 
 emotion = SerstreamEmotion(url=sys.argv[2] if len(sys.argv) > 2 else "ws://127.0.0.1:8765")
