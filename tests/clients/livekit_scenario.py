@@ -6,15 +6,18 @@ no pytest). No LiveKit server can run here, so there is no room; everything
 else is livekit-agents' own machinery. The scenario starts a real
 ``AgentSession`` whose audio input (``session.input.audio``, what RoomIO
 would set) yields 20 ms ``rtc.AudioFrame``\\ s of a WAV of espeak-ng speech,
-paced in real time. The session runs the agent below: its ``stt_node``
-passes the audio through ``emotion.tap()`` (as docs/livekit.md shows) into
-:func:`energy_stt`, which stands in for a cloud STT: it reports speech start,
-a final transcript and speech end from the audio's level. From those the
-session itself moves the user state (``user_state_changed``: the plugin's
-turns, via ``emotion.attach(session)``), decides the end of the user turn
-and calls the agent's ``on_user_turn_completed``, where the agent calls
-``emotion.annotate(new_message)``. ``session.aclose()`` emits ``close``,
-which closes the plugin. The session has no LLM and no TTS: it only listens.
+paced in real time. The session runs the agent below, whose ``stt_node``
+is docs/livekit.md's (``Agent.default.stt_node(self, emotion.tap(audio),
+model_settings)``), so the framework hands every frame through the plugin's
+tap to the session's STT. The one stand-in is that STT provider:
+:class:`LevelSTT`, a streaming ``stt.STT`` like a cloud STT plugin, reports
+speech start, a final transcript and speech end from the audio's level.
+From those the session itself moves the user state (``user_state_changed``:
+the plugin's turns, via ``emotion.attach(session)``), decides the end of the
+user turn and calls the agent's ``on_user_turn_completed``, where the agent
+calls ``emotion.annotate(new_message)``. ``session.aclose()`` emits
+``close``, which closes the plugin. The session has no LLM and no TTS: it
+only listens.
 
 ``--turns 2 --sync-dir D`` plays the WAV twice: after the first turn it
 writes ``D/phase1`` and feeds silence until ``D/resume`` exists and the
@@ -37,12 +40,12 @@ from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator
 
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, io, llm, stt
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, Agent, AgentSession, APIConnectOptions, io, llm, stt
 from livekit.agents.voice.agent import ModelSettings
 from serstream_livekit import METADATA_KEY, EmotionReading, SerstreamEmotion
 
 FRAME_S = 0.02
-#: Peak level above which energy_stt calls a frame speech (int16; espeak-ng speaks far louder).
+#: Peak level above which LevelSTT calls a frame speech (int16; espeak-ng speaks far louder).
 LOUD = 500
 #: Quiet frames that end the speech (0.4 s, like a VAD's minimum silence).
 QUIET_FRAMES = 20
@@ -59,14 +62,43 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-class UnusedSTT(stt.STT):
-    """The session needs an STT to run an stt_node at all; the agent's stt_node never calls this one."""
+class LevelSTT(stt.STT):
+    """A streaming STT provider, as a cloud STT plugin is one, that hears speech from the audio level."""
 
     def __init__(self) -> None:
         super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
 
     async def _recognize_impl(self, buffer: Any, *, language: Any = None, conn_options: Any = None) -> Any:
-        raise NotImplementedError("the scenario's agent transcribes in its own stt_node")
+        raise NotImplementedError("LevelSTT only streams")
+
+    def stream(self, *, language: Any = NOT_GIVEN,
+               conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> stt.RecognizeStream:
+        return LevelStream(stt=self, conn_options=conn_options)
+
+
+class LevelStream(stt.RecognizeStream):
+    """Speech start at the first loud frame; after 0.4 s of quiet a final transcript and speech end."""
+
+    async def _run(self) -> None:
+        speaking, quiet, turn = False, 0, 0
+        async for frame in self._input_ch:
+            if not isinstance(frame, rtc.AudioFrame):
+                continue  # a flush
+            loud = max((abs(x) for x in frame.data), default=0) > LOUD
+            if loud:
+                quiet = 0
+                if not speaking:
+                    speaking = True
+                    self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
+            elif speaking:
+                quiet += 1
+                if quiet >= QUIET_FRAMES:
+                    speaking = False
+                    self._event_ch.send_nowait(stt.SpeechEvent(
+                        type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+                        alternatives=[stt.SpeechData(language="en", text=f"turn {turn}")]))
+                    self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH))
+                    turn += 1
 
 
 class ScenarioInput(io.AudioInput):
@@ -83,28 +115,8 @@ class ScenarioInput(io.AudioInput):
         return frame
 
 
-async def energy_stt(audio: AsyncIterable[rtc.AudioFrame]) -> AsyncIterator[stt.SpeechEvent]:
-    """Stands in for a cloud STT: speech start, then after 0.4 s of quiet a final transcript and speech end."""
-    speaking, quiet, turn = False, 0, 0
-    async for frame in audio:
-        loud = max((abs(x) for x in frame.data), default=0) > LOUD
-        if loud:
-            quiet = 0
-            if not speaking:
-                speaking = True
-                yield stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH)
-        elif speaking:
-            quiet += 1
-            if quiet >= QUIET_FRAMES:
-                speaking = False
-                yield stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT,
-                                      alternatives=[stt.SpeechData(language="en", text=f"turn {turn}")])
-                yield stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH)
-                turn += 1
-
-
 class EmotionAgent(Agent):
-    """The agent of docs/livekit.md, with energy_stt in place of ``Agent.default.stt_node``."""
+    """The agent of docs/livekit.md (its stt_node and on_user_turn_completed), recording around the tap."""
 
     def __init__(self, emotion: SerstreamEmotion, wait_s: float) -> None:
         super().__init__(instructions="You are a helpful voice assistant.")
@@ -115,8 +127,7 @@ class EmotionAgent(Agent):
         self.tap_out: list[rtc.AudioFrame] = []
         self.annotated: list[dict[str, Any]] = []
 
-    async def stt_node(self, audio: AsyncIterable[rtc.AudioFrame],
-                       model_settings: ModelSettings) -> AsyncIterator[stt.SpeechEvent]:
+    async def stt_node(self, audio: AsyncIterable[rtc.AudioFrame], model_settings: ModelSettings) -> Any:
         async def before(frames: AsyncIterable[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
             async for frame in frames:
                 self.tap_in.append(frame)
@@ -128,8 +139,7 @@ class EmotionAgent(Agent):
                 self.tap_out.append(frame)
                 yield frame
 
-        async for event in energy_stt(after(self.emotion.tap(before(audio)))):
-            yield event
+        return Agent.default.stt_node(self, after(self.emotion.tap(before(audio))), model_settings)
 
     async def on_user_turn_completed(self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage) -> None:
         started = time.monotonic()
@@ -181,7 +191,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("this callback is broken")
 
     queue: asyncio.Queue[rtc.AudioFrame | None] = asyncio.Queue()
-    session: AgentSession = AgentSession(stt=UnusedSTT(), turn_handling={"turn_detection": "stt"})
+    session: AgentSession = AgentSession(stt=LevelSTT(), turn_handling={"turn_detection": "stt"})
     emotion.attach(session)
     states: list[str] = []
     session.on("user_state_changed", lambda event: states.append(event.new_state))

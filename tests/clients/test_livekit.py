@@ -171,13 +171,25 @@ def _assert_reading_of_the_turn(reading: dict[str, Any], turn_s: float) -> None:
 TOKEN = "livekit-test-token"
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["ws-token", "wss-token"])
 def test_a_reading_per_turn_in_the_callback_latest_and_the_user_message(
-    livekit_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path
+    livekit_python: Path, factory_model: Path, turn_wav: Path, free_port: int, tmp_path: Path, tls: bool
 ) -> None:
-    monitor = start_monitor(["serve", "--model", str(factory_model), "--port", str(free_port), "--token", TOKEN])
+    """The monitor has a token (and, for wss, an openssl-made certificate); the plugin presents both."""
+    args = ["serve", "--model", str(factory_model), "--port", str(free_port), "--token", TOKEN]
+    extra = ["--token", TOKEN]
+    scheme = "ws"
+    if tls:
+        from tests.test_server_access import make_certificate
+
+        cert, key = make_certificate(tmp_path)
+        args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        extra += ["--ca-file", str(cert)]
+        scheme = "wss"
+    monitor = start_monitor(args)
     try:
-        result = _scenario(livekit_python, f"ws://127.0.0.1:{free_port}", turn_wav, tmp_path / "live.json",
-                           "--token", TOKEN)
+        result = _scenario(livekit_python, f"{scheme}://127.0.0.1:{free_port}", turn_wav, tmp_path / "live.json",
+                           *extra)
     finally:
         monitor.kill()
     _assert_frames_untouched(result)

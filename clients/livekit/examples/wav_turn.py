@@ -4,11 +4,11 @@ Usage: python wav_turn.py speech.wav [ws://127.0.0.1:8765]   (with `serstream se
 
 A real ``AgentSession`` runs the agent: its audio input, which RoomIO would
 fill from the user's track, plays the file in 20 ms ``rtc.AudioFrame``\\ s.
-The agent's ``stt_node`` passes the audio through ``emotion.tap()``; for want
-of a cloud STT here, ``level_stt`` finds the speech from the audio level (in
-a real agent: ``Agent.default.stt_node(self, emotion.tap(audio), model_settings)``).
-The session turns that into the user's turn and calls
-``on_user_turn_completed``, where the reading goes into the user message.
+The agent's ``stt_node`` is the one of a real agent: the audio goes through
+``emotion.tap()`` to the session's STT, which here, for want of a cloud STT,
+is ``LevelSTT``: it finds the speech from the audio level. The session turns
+that into the user's turn and calls ``on_user_turn_completed``, where the
+reading goes into the user message.
 """
 
 import asyncio
@@ -16,7 +16,7 @@ import sys
 import wave
 
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, io, stt
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, Agent, AgentSession, io, stt
 from serstream_livekit import SerstreamEmotion
 
 emotion = SerstreamEmotion(url=sys.argv[2] if len(sys.argv) > 2 else "ws://127.0.0.1:8765")
@@ -29,8 +29,8 @@ def show(reading):
           f"valence {reading.valence:+.2f} (audio {reading.t0:.2f}-{reading.t1:.2f} s)")
 
 
-class NoCloudSTT(stt.STT):
-    """The session wants an STT before it runs an stt_node; this agent's stt_node never calls it."""
+class LevelSTT(stt.STT):
+    """For want of a cloud STT here: a streaming STT that finds the speech from the audio level."""
 
     def __init__(self):
         super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
@@ -38,21 +38,29 @@ class NoCloudSTT(stt.STT):
     async def _recognize_impl(self, buffer, *, language=None, conn_options=None):
         raise NotImplementedError
 
+    def stream(self, *, language=NOT_GIVEN, conn_options=DEFAULT_API_CONNECT_OPTIONS):
+        return LevelStream(stt=self, conn_options=conn_options)
 
-async def level_stt(audio):
+
+class LevelStream(stt.RecognizeStream):
     """Speech start at the first loud frame, end (with a stand-in transcript) after 0.4 s of quiet."""
-    speaking, quiet = False, 0
-    async for frame in audio:
-        loud = max((abs(x) for x in frame.data), default=0) > 500
-        quiet = 0 if loud else quiet + 1
-        if loud and not speaking:
-            speaking = True
-            yield stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH)
-        elif speaking and quiet >= 20:
-            speaking = False
-            yield stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT,
-                                  alternatives=[stt.SpeechData(language="en", text="(what was said)")])
-            yield stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH)
+
+    async def _run(self):
+        speaking, quiet = False, 0
+        async for frame in self._input_ch:
+            if not isinstance(frame, rtc.AudioFrame):
+                continue  # a flush
+            loud = max((abs(x) for x in frame.data), default=0) > 500
+            quiet = 0 if loud else quiet + 1
+            if loud and not speaking:
+                speaking = True
+                self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
+            elif speaking and quiet >= 20:
+                speaking = False
+                self._event_ch.send_nowait(stt.SpeechEvent(
+                    type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+                    alternatives=[stt.SpeechData(language="en", text="(what was said)")]))
+                self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH))
 
 
 class MyAgent(Agent):
@@ -60,8 +68,8 @@ class MyAgent(Agent):
         super().__init__(instructions="You are a helpful voice assistant.")
 
     async def stt_node(self, audio, model_settings):
-        async for event in level_stt(emotion.tap(audio)):
-            yield event
+        # every frame goes on to the session's STT unchanged; a copy goes to the monitor
+        return Agent.default.stt_node(self, emotion.tap(audio), model_settings)
 
     async def on_user_turn_completed(self, turn_ctx, new_message):
         await emotion.annotate(new_message)
@@ -87,7 +95,7 @@ class WavInput(io.AudioInput):
 
 
 async def main(path):
-    session = AgentSession(stt=NoCloudSTT(), turn_handling={"turn_detection": "stt"})
+    session = AgentSession(stt=LevelSTT(), turn_handling={"turn_detection": "stt"})
     emotion.attach(session)
     session.input.audio = WavInput(path)
     await session.start(MyAgent())
