@@ -303,3 +303,39 @@ def test_bad_settings_are_one_clear_error_and_odd_input_is_counted_never_raised(
     assert result["annotate"] is None
     (warning,) = result["warnings"]
     assert "cannot reach the monitor" in warning
+
+
+def test_annotate_waits_for_a_late_final_and_bad_monitor_messages_are_logged_once(
+    livekit_python: Path, tmp_path: Path
+) -> None:
+    """A scripted monitor (livekit_fake_monitor.py): two speech spans of one turn, the second's final late."""
+    out = tmp_path / "fake.json"
+    proc = subprocess.run([str(livekit_python), str(Path(__file__).with_name("livekit_fake_monitor.py")),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (hello,) = result["hellos"]
+    assert (hello["sample_rate"], hello["channels"], hello["format"]) == (24_000, 2, "s16le")
+    assert result["received_bytes"] == result["pushed_bytes"] > 0  # every frame sent while connected arrived
+    # The monitor renamed the stream; the readings carry its name.
+    assert result["stream_id"] == "lk-fake-2"
+    first, second = result["readings"]
+    assert first["turn"] == 0 and first["t1"] - first["t0"] == pytest.approx(1.0)
+    assert second["turn"] == 1 and second["t1"] - second["t0"] == pytest.approx(1.0)
+    # annotate waited for the second span's final (sent 0.6 s after the turn ended), not for its 3 s limit,
+    # and gave one reading for both spans, weighted by duration (1 s each).
+    assert 0.5 <= result["waited_s"] < 2.5
+    annotated = result["annotated"]
+    assert annotated["estimates"] == 2 and annotated["final"] is True
+    assert annotated["probs"]["angry"] == pytest.approx((0.9 + 0.3) / 2)
+    assert (annotated["t0"], annotated["t1"]) == (first["t0"], second["t1"])
+    assert result["extra"]["serstream_emotion"] == annotated and result["text"] == "I am upset"
+    counters = result["counters"]
+    assert counters["malformed_messages"] == 4 and counters["monitor_errors"] == 3
+    # One line per kind of trouble, however often it happens.
+    warnings = result["warnings"]
+    assert len(warnings) == 3, warnings
+    assert sum("malformed" in w for w in warnings) == 1
+    assert sum("schema v2" in w for w in warnings) == 1
+    assert sum("inference_error" in w and "the worker failed" in w for w in warnings) == 1

@@ -170,6 +170,11 @@ class SerstreamEmotion:
         return self._connected
 
     @property
+    def stream_seconds(self) -> float:
+        """Seconds of audio queued for the monitor on the current connection: the monitor's stream clock."""
+        return self._tracker.clock
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`aclose` has finished (the session's ``close`` event calls it)."""
         return self._closed and not self._tasks and not self._running
