@@ -22,7 +22,8 @@ only listens.
 ``--turns 2 --sync-dir D`` plays the WAV twice: after the first turn it
 writes ``D/phase1`` and feeds silence until ``D/resume`` exists and the
 plugin is connected again (the test kills and restarts the monitor
-meanwhile). It writes what happened as JSON to ``--out``: whether every frame
+meanwhile). ``--abrupt`` closes the session right after the last frame of a
+WAV that ends in speech. It writes what happened as JSON to ``--out``: whether every frame
 left the tap as the same object with the same bytes it entered with (and as
 the scenario made it), the readings the callback got, what ``annotate`` put
 into the user messages, the warnings the plugin logged and its counters.
@@ -223,9 +224,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await play(silence_frame(rate, channels))
         for frame in turn_frames:
             await play(frame)
+        if args.abrupt:
+            break  # the session closes while the user is still speaking
         # Silence until the session has completed the user turn (end of speech, then its endpointing delay).
         await wait_for(lambda: len(agent.annotated) > turn, 20 / args.speed)  # noqa: B023 (called now)
-    for _ in range(int(0.5 / FRAME_S)):
+    for _ in range(0 if args.abrupt else int(0.5 / FRAME_S)):
         await play(silence_frame(rate, channels))
     await asyncio.sleep(0.2)  # the session's audio forwarding drains the queue
     await session.aclose()  # its "close" event closes the plugin
@@ -271,6 +274,7 @@ def main() -> None:
     parser.add_argument("--sync-dir", default=None)
     parser.add_argument("--annotate-wait", type=float, default=3.0)
     parser.add_argument("--bad-callback", action="store_true")
+    parser.add_argument("--abrupt", action="store_true", help="close the session right after the speech")
     parser.add_argument("--speed", type=float, default=1.0, help="feed this many times faster than real time")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

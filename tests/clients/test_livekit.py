@@ -135,6 +135,19 @@ def turn_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             pause_s=PAUSE_S)
 
 
+@pytest.fixture(scope="module")
+def abrupt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One espeak-ng sentence at 24 kHz with silence before it and none after (the session ends mid-utterance)."""
+    require_tools("espeak-ng", "sox")
+    work = tmp_path_factory.mktemp("livekit-abrupt")
+    raw, wav = work / "raw.wav", work / "abrupt.wav"
+    subprocess.run(["espeak-ng", "-v", "en", "-w", str(raw), "I am really upset about this."], check=True)
+    # Trim espeak's own trailing silence, so the monitor is still in speech when the audio stops.
+    subprocess.run(["sox", str(raw), "-r", "24000", "-c", "1", "-b", "16", str(wav), "reverse", "silence", "1",
+                    "0.02", "1%", "reverse", "pad", str(PAUSE_S), "0"], check=True)
+    return wav
+
+
 def _scenario(python: Path, url: str, wav: Path, out: Path, *extra: str, timeout: float = 150) -> dict[str, Any]:
     proc = subprocess.run(
         [str(python), str(SCENARIO), "--url", url, "--wav", str(wav), "--lead", str(PAUSE_S),
@@ -208,6 +221,33 @@ def test_a_reading_per_turn_in_the_callback_latest_and_the_user_message(
     # Only the frames that came while the first connection was opening (it opens on the first frame).
     assert result["counters"]["audio_not_analysed_s"] < 1.0
     assert result["warnings"] == []
+
+
+def test_a_turn_cut_off_by_the_session_closing_still_gets_its_reading(
+    livekit_python: Path, factory_model: Path, abrupt_wav: Path, free_port: int, tmp_path: Path
+) -> None:
+    """The session closes right after the user's last word: the turn still gets its final reading.
+
+    On close the session pushes its own flush (2 s of silence) through the stt_node, hence the tap; on
+    the session's close event the plugin then ends its ingest stream and waits for the monitor's last
+    events, so the monitor records an end of stream and the turn's final arrives before the plugin stops.
+    """
+    monitor = start_monitor(["serve", "--model", str(factory_model), "--port", str(free_port)])
+    try:
+        result = _scenario(livekit_python, f"ws://127.0.0.1:{free_port}", abrupt_wav, tmp_path / "abrupt.json",
+                           "--abrupt")
+        monitor.wait_for(lambda: monitor.stderr_has("end of stream"), 10, "the monitor to close the stream")
+    finally:
+        monitor.kill()
+    _assert_frames_untouched(result)
+    (reading,) = result["readings"]
+    assert reading["turn"] == 0 and reading["final"] is True
+    assert reading["t0"] < PAUSE_S + 0.5 < reading["t1"]
+    assert result["latest"] == reading
+    assert result["annotated"] == []  # the session never completed the turn
+    # Ending the stream on purpose is not an outage: nothing is logged as a warning.
+    assert result["warnings"] == []
+    assert result["counters"]["connects"] == 1 and result["counters"]["disconnects"] == 0
 
 
 def test_agent_runs_unaffected_with_the_monitor_down(

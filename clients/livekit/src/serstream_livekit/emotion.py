@@ -372,6 +372,11 @@ class SerstreamEmotion:
             while self._tracker.pending() and time.monotonic() < deadline and self._connected:
                 await self._emit_due(time.monotonic())
                 await asyncio.sleep(0.02)
+            # Let the link finish the ending (the monitor's last events, then its close) rather than
+            # cutting the connection: the monitor then records an end of stream, not a lost client.
+            link = self._tasks[0] if self._tasks else None
+            if link is not None and not link.done():
+                await asyncio.wait({link}, timeout=max(0.0, deadline - time.monotonic()))
         # No time left to wait: a turn that ended gives what it has (its finals, else its partial).
         self._tracker.user_stopped(time.monotonic())
         await self._emit_due(time.monotonic() + self.settings.turns.settle_timeout_s)
