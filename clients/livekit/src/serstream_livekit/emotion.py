@@ -491,7 +491,7 @@ class SerstreamEmotion:
                 return
             if not self._backlog:
                 self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
                 await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 continue
