@@ -1,0 +1,921 @@
+"""``--workers N``: the per-stream pipelines in N processes, one inference tier, one event bus.
+
+:class:`WorkerPool` has the :class:`~serstream.monitor.Monitor`'s interface
+(``open_stream`` -> a handle with ``push``/``close``/``fail``, ``stats``,
+``health``, ``emit``, ``start``/``stop``), so sources, the server and the CLI
+use it unchanged. Inside:
+
+* **Workers**: N spawned processes (:mod:`serstream.workers.child`), each a
+  plain ``Monitor`` for the streams pinned to it. A stream is pinned for its
+  life by :func:`~serstream.workers.plan.assign_worker` (least loaded by open
+  streams, ties by index).
+* **Audio**: ``handle.push`` converts to mono float32 and queues the block for
+  its worker; one sender thread per worker sends everything queued in one
+  message every couple of milliseconds. Flow control (``free_space``,
+  ``wait_for_space``) uses the worker's reports of how much of each stream's
+  ring it has read.
+* **Inference tier** (:class:`_Hub`, a thread of this process): every worker's
+  batches (with their speaker-state rows: the tier keeps no state) are
+  merged into one model call and the rows sent back.
+* **Events**: each worker sends its events up in batches; one receiver thread
+  per worker hands them to the sink in order (so one stream's events keep
+  their order; the bus numbers them).
+* **A worker that dies** (its pipe ends or its process sentinel fires): one
+  line is logged, each of its streams gets an ``error`` event (code
+  ``worker_lost``) and a ``stream`` closed event, the worker is restarted, and
+  its streams reopen on it (a new ``stream`` open event, same id; their
+  speaker state and open utterance are lost). Audio pushed meanwhile is
+  dropped and counted (``drops.worker_audio_samples``), never blocking. Other
+  workers' streams are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from serstream import events
+from serstream.contract import ModelInfo
+from serstream.core.stats import LatencyTracker, RateMeter
+from serstream.core.stream_ids import MAX_SUFFIX, allocate
+from serstream.errors import MonitorError, StreamIdTaken, one_line
+from serstream.inference.worker import InferenceBackend
+from serstream.monitor import (
+    MonitorConfig,
+    _mono_view,
+    check_model_info,
+    scheduler_config_for,
+    validate_stream_params,
+)
+from serstream.workers.merge import Part, merge_requests, split_output, sum_stats
+from serstream.workers.plan import assign_worker, may_reopen, restart_delay
+
+__all__ = ["WorkerPool", "PooledHandle", "WORKER_LOST"]
+
+log = logging.getLogger("serstream.workers")
+
+#: The ``error`` event code of a stream whose worker process died.
+WORKER_LOST = "worker_lost"
+#: How long ``start`` waits for every worker to come up.
+START_TIMEOUT_S = 60.0
+#: Most windows in one model call of the inference tier (several workers' batches together).
+HUB_MAX_ROWS = 64
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _PoolStream:
+    """A stream as the main process knows it: its id, worker, open parameters and handle."""
+
+    id: str
+    slot: int
+    kwargs: dict[str, Any]
+    handle: PooledHandle
+    reopens: int = 0
+
+
+@dataclass
+class _Slot:
+    """One worker position: its process (replaced on restart), pipes, queue and last stats."""
+
+    index: int
+    lock: threading.Lock = field(default_factory=threading.Lock)  # outbox, alive
+    down_lock: threading.Lock = field(default_factory=threading.Lock)  # sends on `down`, swapping it
+    outbox: deque[tuple[Any, ...]] = field(default_factory=deque)
+    outbox_samples: int = 0
+    wake: threading.Event = field(default_factory=threading.Event)
+    proc: Any = None
+    down: Any = None
+    up: Any = None
+    incarnation: int = 0
+    alive: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
+    bye: bool = False
+    started_at: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    retired: dict[str, Any] = field(default_factory=dict)
+    #: Why the first start failed (the worker died before it was ready); it is not restarted.
+    start_error: str | None = None
+    receiver: threading.Thread | None = None
+    sender: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+
+class PooledHandle:
+    """What a source holds for a stream of a :class:`WorkerPool`; the same members as ``StreamHandle``."""
+
+    def __init__(self, pool: WorkerPool, stream_id: str, sample_rate: int, capacity: int) -> None:
+        self._pool = pool
+        self._id = stream_id
+        self._rate = sample_rate
+        self._capacity = capacity
+        self._closed = False
+        # Flow control: samples queued for the worker minus samples its ring no longer holds.
+        self.pushed = 0
+        self.gone = 0
+        self.dropped_noted = False
+
+    @property
+    def stream_id(self) -> str:
+        return self._id
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` was called or the pool ended the stream (failure, worker lost for good, stop)."""
+        return self._closed
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def free_space(self) -> int:
+        """Native-rate samples the stream's ring (in its worker) can take, counting those still on the way."""
+        return max(0, self._capacity - (self.pushed - self.gone))
+
+    def push(self, block: np.ndarray) -> None:
+        """Queue one block for the stream's worker; never blocks (a dead or swamped worker: dropped, counted)."""
+        if self._closed:
+            return
+        arrived = time.monotonic()
+        try:
+            mono = np.array(_mono_view(block), dtype=np.float32, copy=True)
+        except (ValueError, TypeError) as exc:
+            self._pool._control(self._id, ("fail", self._id, f"unusable audio block: {one_line(exc, limit=None)}",
+                                           "bad_samples"))
+            return
+        self._pool._audio(self, mono, arrived)
+
+    def note_overflow(self, count: int = 1) -> None:
+        """The source lost audio before it reached us (e.g. a PortAudio input overflow)."""
+        self._pool._control(self._id, ("overflow", self._id, int(count)))
+
+    def fail(self, message: str, code: str = "source_error") -> None:
+        """Report a source failure on this stream (an ``error`` event with ``code``); it is closed."""
+        self._pool._control(self._id, ("fail", self._id, str(message), str(code)))
+
+    def wait_for_space(self, samples: int, timeout: float | None = None) -> bool:
+        """Block until ``samples`` fit without overwriting (replay at full speed)."""
+        needed = min(int(samples), self._capacity)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.free_space >= needed:
+                return True
+            if self._closed:
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+    def close(self, reason: str | None = None) -> None:
+        """End the stream: its worker processes the remaining audio and sends its last estimates."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool._control(self._id, ("close", self._id, reason))
+
+
+@dataclass
+class _HubEntry:
+    slot: _Slot
+    incarnation: int
+    request: int
+    part: Part
+
+
+class _Hub:
+    """The inference tier: one thread, every worker's batches merged into one model call."""
+
+    def __init__(self, backend: InferenceBackend, with_state: bool) -> None:
+        self.backend = backend
+        self.with_state = with_state
+        self.queue: deque[_HubEntry] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.busy = False
+        self.thread = threading.Thread(target=self._run, name="serstream-inference-hub", daemon=True)
+        self.batches = 0
+        self.windows = 0
+        self.failures = 0
+        self.sizes: deque[int] = deque(maxlen=1024)
+        self.infer_latency = LatencyTracker(2048)
+        self.rate = RateMeter(window_s=10.0)
+        self.stats_lock = threading.Lock()
+
+    def submit(self, entry: _HubEntry) -> None:
+        with self.cond:
+            self.queue.append(entry)
+            self.cond.notify()
+
+    @property
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.queue and not self.busy
+
+    @property
+    def pending(self) -> int:
+        with self.cond:
+            return sum(e.part.rows for e in self.queue)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                taken: list[_HubEntry] = [self.queue.popleft()]
+                rows = taken[0].part.rows
+                while self.queue and rows + self.queue[0].part.rows <= HUB_MAX_ROWS:
+                    entry = self.queue.popleft()
+                    taken.append(entry)
+                    rows += entry.part.rows
+                self.busy = True
+            try:
+                self._run_entries(taken)
+            finally:
+                with self.cond:
+                    self.busy = False
+
+    def _infer(self, entries: list[_HubEntry]) -> list[Any]:
+        audio, lengths, state = merge_requests([e.part for e in entries])
+        started = time.perf_counter()
+        output = self.backend.infer(audio, lengths, state if self.with_state else None)
+        elapsed = time.perf_counter() - started
+        with self.stats_lock:
+            self.batches += 1
+            self.windows += int(lengths.shape[0])
+            self.sizes.append(int(lengths.shape[0]))
+            self.infer_latency.record(elapsed)
+            self.rate.record(time.monotonic(), int(lengths.shape[0]))
+        return split_output(output, [e.part.rows for e in entries])
+
+    def _run_entries(self, entries: list[_HubEntry]) -> None:
+        try:
+            outputs = self._infer(entries)
+        except Exception as exc:  # noqa: BLE001 - a failing call must not end the tier
+            if len(entries) > 1:
+                # Whose window broke it is unknown: each worker's batch alone, so the others still get rows.
+                for entry in entries:
+                    self._run_entries([entry])
+                return
+            with self.stats_lock:
+                self.failures += 1
+            message = one_line(exc, limit=None) or type(exc).__name__
+            _send_result(entries[0], None, message)
+            return
+        for entry, output in zip(entries, outputs):
+            _send_result(entry, output, None)
+
+
+def _send_result(entry: _HubEntry, output: Any, error: str | None) -> None:
+    """A result to the worker that asked, unless that worker was replaced meanwhile."""
+    slot = entry.slot
+    with slot.down_lock:
+        if slot.incarnation != entry.incarnation or slot.down is None:
+            return
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            slot.down.send(("result", entry.request, output, error))
+
+
+class WorkerPool:
+    """The Monitor's interface over N worker processes (``--workers N``); see the module docstring."""
+
+    def __init__(
+        self,
+        model_or_backend: InferenceBackend,
+        config: MonitorConfig | None = None,
+        sink: Sink | None = None,
+        *,
+        workers: int = 2,
+        max_reopens: int = 3,
+    ) -> None:
+        if workers < 1:
+            raise MonitorError(f"workers must be >= 1, got {workers}")
+        self.backend = model_or_backend
+        self.info: ModelInfo = model_or_backend.info
+        self.device: str = str(getattr(model_or_backend, "device", "cpu"))
+        self.config = config or MonitorConfig()
+        check_model_info(self.info, getattr(model_or_backend, "path", None))
+        try:
+            self.scheduler_config = self.config.scheduler or scheduler_config_for(self.info, self.config.hop_s)
+        except ValueError as exc:
+            raise MonitorError(one_line(exc, limit=None)) from None
+        self.workers = int(workers)
+        self.max_reopens = int(max_reopens)
+        self._sink: Sink = sink or (lambda event: None)
+        self._sink_lock = threading.Lock()
+        self._sink_failures = 0
+        self._ctx = multiprocessing.get_context("spawn")
+        self._slots = [_Slot(i) for i in range(self.workers)]
+        self._streams: dict[str, _PoolStream] = {}
+        self._registry_lock = threading.Lock()
+        self._hub = _Hub(self.backend, bool(self.info.state_inputs))
+        self._started = False
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._started_at = time.monotonic()
+        self._stats_lock = threading.Lock()
+        self._latency = LatencyTracker(4096)
+        self._final_latency = LatencyTracker(4096)
+        self._events = 0
+        self._opened = 0
+        self._restarts = 0
+        self._lost_streams = 0
+        self._audio_dropped = 0  # samples pushed to a dead or swamped worker
+        self._bus_drops: Callable[[], int] | None = None
+        self._stats_providers: list[Callable[[], Mapping[str, int]]] = []
+        self._idle_cond = threading.Condition()
+        self._idle_replies: dict[int, bool | None] = {}
+        self._idle_ids = itertools.count(1)
+        self._ticker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the inference tier and every worker; MonitorError (one line) if a worker does not come up."""
+        if self._started:
+            raise MonitorError("monitor already started")
+        self._started = True
+        self._started_at = time.monotonic()
+        self._hub.thread.start()
+        for slot in self._slots:
+            self._spawn(slot)
+            slot.sender = threading.Thread(target=self._send_loop, args=(slot,),
+                                           name=f"serstream-worker-{slot.index}-down", daemon=True)
+            slot.sender.start()
+            slot.receiver = threading.Thread(target=self._receive_loop, args=(slot,),
+                                             name=f"serstream-worker-{slot.index}-up", daemon=True)
+            slot.receiver.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for slot in self._slots:
+            while not slot.ready.wait(0.05):
+                failed = slot.start_error
+                if failed is not None or time.monotonic() >= deadline:
+                    self.stop(drain=False, timeout=2.0)
+                    raise MonitorError(f"worker {slot.index} did not start: "
+                                       f"{failed or f'not ready within {START_TIMEOUT_S:g} s'}")
+        self._ticker = threading.Thread(target=self._tick, name="serstream-pool-stats", daemon=True)
+        self._ticker.start()
+
+    def _spawn(self, slot: _Slot) -> None:
+        """A new process for ``slot`` (first start or restart), its pipes swapped in under the send lock."""
+        from serstream.workers.child import worker_main
+
+        down_recv, down_send = self._ctx.Pipe(duplex=False)
+        up_recv, up_send = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=worker_main, name=f"serstream-worker-{slot.index}", daemon=True,
+            args=(slot.index, down_recv, up_send, self.info, self.device, self.config),
+        )
+        proc.start()
+        # The child's ends live in the child only: its death then ends our reads (EOF).
+        down_recv.close()
+        up_send.close()
+        with slot.down_lock:
+            slot.proc = proc
+            slot.down = down_send
+            slot.up = up_recv
+            slot.incarnation += 1
+            slot.bye = False
+            slot.started_at = time.monotonic()
+        with slot.lock:
+            slot.alive = True
+
+    def stop(self, drain: bool = True, timeout: float = 10.0) -> None:
+        """Stop every worker (``drain``: their streams' last estimates first), then the inference tier."""
+        if not self._started or self._stopped.is_set():
+            return
+        with self._registry_lock:
+            self._stopping = True  # under the lock: no stream opens after this
+        for slot in self._slots:
+            self._enqueue(slot, ("stop", bool(drain)))
+        deadline = time.monotonic() + timeout + 5.0
+        for slot in self._slots:
+            if slot.receiver is not None:
+                slot.receiver.join(max(0.0, deadline - time.monotonic()))
+        for slot in self._slots:
+            proc = slot.proc
+            if proc is not None and proc.is_alive():
+                log.warning("worker %d (pid %s) did not stop in time; killed", slot.index, proc.pid)
+                proc.kill()
+            if proc is not None:
+                proc.join(5.0)
+            with slot.lock:
+                slot.alive = False
+            slot.wake.set()
+            with slot.down_lock:
+                if slot.down is not None:
+                    with contextlib.suppress(OSError):
+                        slot.down.close()
+                    slot.down = None
+        with self._registry_lock:
+            left = list(self._streams.values())
+            self._streams.clear()
+        for st in left:  # their worker never sent the closed event (it died while stopping)
+            st.handle._closed = True
+            self._emit(self._closed_event(st, "monitor stopped"))
+        self._hub.stop()
+        self._stopped.set()
+        if self._ticker is not None:
+            self._ticker.join(2.0)
+        self._emit_stats()
+
+    def set_bus_drop_counter(self, counter: Callable[[], int]) -> None:
+        """Where ``stats`` reads the events dropped for slow clients (the server's bus)."""
+        self._bus_drops = counter
+
+    def add_stats_provider(self, provider: Callable[[], Mapping[str, int]]) -> None:
+        """Merge ``provider()`` (cause -> count) into ``stats()["drops"]`` (sources' own counters)."""
+        self._stats_providers.append(provider)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Send an event to the sink from any thread (sources report their own errors this way)."""
+        self._emit(event)
+
+    @property
+    def sink(self) -> Sink:
+        return self._emit
+
+    # ------------------------------------------------------------------ streams
+
+    def open_stream(
+        self,
+        stream_id: str,
+        *,
+        source: str,
+        codec: str,
+        sample_rate: int,
+        channels: int,
+        detail: str | None = None,
+        unique: bool = False,
+        call: str | None = None,
+        role: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> PooledHandle:
+        """Register a stream, pin it to a worker and open it there (``Monitor.open_stream``'s contract).
+
+        The ``stream`` open event comes from the worker, ahead of the stream's
+        other events; the id is taken (for ``unique``) until its closed event.
+        """
+        rate, channels = validate_stream_params(stream_id, source=source, sample_rate=sample_rate,
+                                                channels=channels, call=call, role=role)
+        capacity = max(1, int(math.ceil(self.config.ring_seconds * rate)))
+        kwargs = {"source": source, "codec": codec, "sample_rate": rate, "channels": channels, "detail": detail,
+                  "call": call, "role": role, "params": None if params is None else dict(params)}
+        with self._registry_lock:
+            if self._stopping or not self._started:
+                raise MonitorError("monitor is stopping" if self._stopping else "monitor not started")
+            if unique:
+                chosen = allocate(stream_id, self._streams)
+                if chosen is None:
+                    raise StreamIdTaken(f"stream id {stream_id!r} and its suffixes -2 to -{MAX_SUFFIX} are all open")
+                if len(chosen) > 200:
+                    raise MonitorError("stream id must be 1 to 200 characters")
+                stream_id = chosen
+            elif stream_id in self._streams:
+                raise StreamIdTaken(f"stream {stream_id!r} is already open")
+            if len(self._streams) >= self.config.max_streams:
+                raise MonitorError(f"too many streams (max {self.config.max_streams})")
+            loads = [0] * self.workers
+            for other in self._streams.values():
+                loads[other.slot] += 1
+            index = assign_worker(loads, [slot.alive for slot in self._slots])
+            if index is None:
+                raise MonitorError("no worker process is running (all are restarting)")
+            handle = PooledHandle(self, stream_id, rate, capacity)
+            st = _PoolStream(stream_id, index, kwargs, handle)
+            self._streams[stream_id] = st
+            self._opened += 1
+            # In the lock: a push that follows this return queues behind the open.
+            self._enqueue(self._slots[index], ("open", stream_id, kwargs))
+        return handle
+
+    @property
+    def stream_ids(self) -> list[str]:
+        with self._registry_lock:
+            return list(self._streams)
+
+    def worker_of(self, stream_id: str) -> int | None:
+        """The index of the worker a stream is pinned to (None: not open)."""
+        with self._registry_lock:
+            st = self._streams.get(stream_id)
+            return None if st is None else st.slot
+
+    def worker_pids(self) -> list[int | None]:
+        """Each worker's process id now (a restarted worker has a new one)."""
+        return [slot.pid for slot in self._slots]
+
+    # ------------------------------------------------------------------ main -> worker
+
+    def _enqueue(self, slot: _Slot, item: tuple[Any, ...]) -> None:
+        with slot.lock:
+            slot.outbox.append(item)
+        slot.wake.set()
+
+    def _control(self, stream_id: str, item: tuple[Any, ...]) -> None:
+        with self._registry_lock:
+            st = self._streams.get(stream_id)
+        if st is not None:
+            self._enqueue(self._slots[st.slot], item)
+
+    def _audio(self, handle: PooledHandle, samples: np.ndarray, arrived: float) -> None:
+        with self._registry_lock:
+            st = self._streams.get(handle.stream_id)
+        if st is None or st.handle is not handle:
+            return
+        slot = self._slots[st.slot]
+        n = int(samples.shape[0])
+        with slot.lock:
+            # Bounded: a worker that cannot read its pipe loses audio here (counted), the source never waits.
+            limit = max(1 << 20, 4 * handle.capacity * max(1, len(self._streams)))
+            accepted = slot.alive and slot.outbox_samples + n <= limit
+            if accepted:
+                slot.outbox.append(("audio", handle.stream_id, arrived, samples))
+                slot.outbox_samples += n
+                handle.pushed += n
+        if accepted:
+            slot.wake.set()
+            return
+        with self._stats_lock:
+            self._audio_dropped += n
+        if not handle.dropped_noted:
+            handle.dropped_noted = True
+            self._emit(events.error_event(
+                handle.stream_id, code="overflow", count=1, ts=time.time(),
+                message=f"audio dropped before reaching worker {slot.index} (it is "
+                        f"{'restarting' if not slot.alive else 'not keeping up'})"))
+
+    def _send_loop(self, slot: _Slot) -> None:
+        """Everything queued for ``slot`` in one message every couple of milliseconds."""
+        while not self._stopped.is_set():
+            slot.wake.wait(0.1)
+            slot.wake.clear()
+            time.sleep(0.002)  # let blocks of other streams gather into the same message
+            with slot.lock:
+                if not slot.outbox:
+                    continue
+                items = list(slot.outbox)
+                slot.outbox.clear()
+                slot.outbox_samples = 0
+            with slot.down_lock:
+                conn = slot.down
+                try:
+                    if conn is None:
+                        raise OSError("no worker")
+                    conn.send(("items", items))
+                except (OSError, EOFError, ValueError):
+                    lost = sum(int(item[3].shape[0]) for item in items if item[0] == "audio")
+                    with self._stats_lock:
+                        self._audio_dropped += lost
+
+    # ------------------------------------------------------------------ worker -> main
+
+    def _receive_loop(self, slot: _Slot) -> None:
+        """Read ``slot``'s worker until it ends; on an unexpected end, restart it (until the pool stops)."""
+        while True:
+            up, proc, incarnation = slot.up, slot.proc, slot.incarnation
+            self._serve(slot, up, proc, incarnation)
+            with contextlib.suppress(OSError):
+                up.close()
+            if slot.bye or self._stopping:
+                proc.join(5.0)
+                self._drop_streams_of(slot, proc, expected=slot.bye)
+                return
+            if not self._worker_lost(slot, proc):
+                return
+
+    def _serve(self, slot: _Slot, up: Any, proc: Any, incarnation: int) -> None:
+        sentinel = proc.sentinel
+        while True:
+            ready = multiprocessing.connection.wait([up, sentinel], timeout=1.0)
+            if not ready:
+                continue
+            if up not in ready:
+                # The process ended: what it sent before is still in the pipe; read it first.
+                with contextlib.suppress(EOFError, OSError):
+                    while up.poll(0):
+                        self._dispatch(slot, up.recv(), incarnation)
+                return
+            try:
+                message = up.recv()
+            except (EOFError, OSError):
+                return
+            self._dispatch(slot, message, incarnation)
+
+    def _dispatch(self, slot: _Slot, message: tuple[Any, ...], incarnation: int) -> None:
+        kind = message[0]
+        if kind == "events":
+            for event in message[1]:
+                self._from_worker(slot, event)
+            if message[2]:
+                with self._registry_lock:
+                    for sid, gone in message[2].items():
+                        st = self._streams.get(sid)
+                        if st is not None and st.slot == slot.index:
+                            st.handle.gone = int(gone)
+        elif kind == "infer":
+            _, request, audio, lengths, state = message
+            self._hub.submit(_HubEntry(slot, incarnation, request, Part(audio, lengths, state)))
+        elif kind == "stats":
+            slot.stats = message[1]
+        elif kind == "ready":
+            slot.ready.set()
+        elif kind == "idle":
+            with self._idle_cond:
+                if message[1] in self._idle_replies:
+                    self._idle_replies[message[1]] = bool(message[2])
+                self._idle_cond.notify_all()
+        elif kind == "open_failed":
+            _, sid, text = message
+            with self._registry_lock:
+                st = self._streams.pop(sid, None)
+            if st is not None:
+                st.handle._closed = True
+                self._emit(events.error_event(sid, code="stream_error", message=text, count=1, ts=time.time()))
+        elif kind == "bye":
+            slot.bye = True
+            with slot.down_lock:
+                if slot.down is not None:
+                    with contextlib.suppress(OSError):
+                        slot.down.close()
+                    slot.down = None
+
+    def _from_worker(self, slot: _Slot, event: dict[str, Any]) -> None:
+        """One event of a worker: counted, the registry told of closed streams, then the sink."""
+        kind = event.get("type")
+        if kind == "emotion":
+            latency = float(event.get("latency_ms") or 0.0) / 1000.0
+            with self._stats_lock:
+                self._latency.record(latency)
+                if event.get("kind") == "final":
+                    self._final_latency.record(latency)
+                self._events += 1
+        elif kind == "stream" and event.get("state") == "closed":
+            with self._registry_lock:
+                st = self._streams.get(str(event.get("stream")))
+                if st is not None and st.slot == slot.index:
+                    del self._streams[st.id]
+                    st.handle._closed = True
+        self._emit(event)
+
+    def _drop_streams_of(self, slot: _Slot, proc: Any, expected: bool) -> None:
+        """The pool is stopping and ``slot``'s worker ended: its streams left without a closed event get one."""
+        with self._registry_lock:
+            left = [st for st in self._streams.values() if st.slot == slot.index]
+            for st in left:
+                del self._streams[st.id]
+        for st in left:
+            st.handle._closed = True
+            self._emit(self._closed_event(st, "monitor stopped" if expected else "error: worker lost"))
+
+    def _worker_lost(self, slot: _Slot, proc: Any) -> bool:
+        """A worker died: say so (one line, events per stream), restart it, reopen its streams there."""
+        proc.join(2.0)
+        code = proc.exitcode
+        how = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exit code {code}" if code is not None else "stopped answering")
+        uptime = time.monotonic() - slot.started_at
+        if not slot.ready.is_set():
+            # It never came up (a broken install, an import error): restarting would only loop.
+            slot.start_error = f"worker process {proc.pid} ended before it was ready ({how})"
+            with slot.lock:
+                slot.alive = False
+            return False
+        with slot.lock:
+            slot.alive = False
+            lost_audio = sum(int(item[3].shape[0]) for item in slot.outbox if item[0] == "audio")
+            slot.outbox.clear()
+            slot.outbox_samples = 0
+        with self._stats_lock:
+            self._audio_dropped += lost_audio
+            self._restarts += 1
+        slot.retired = sum_stats([slot.retired, slot.stats]) if slot.stats else slot.retired
+        slot.stats = {}
+        with self._registry_lock:
+            affected = [st for st in self._streams.values() if st.slot == slot.index]
+            reopen: list[_PoolStream] = []
+            for st in affected:
+                st.reopens += 1
+                if may_reopen(st.reopens - 1, self.max_reopens) and not st.handle._closed:
+                    reopen.append(st)
+                else:
+                    del self._streams[st.id]
+                    st.handle._closed = True
+        log.error("worker %d (pid %s) died (%s); restarting it, its %d stream(s) reopen there",
+                  slot.index, proc.pid, how, len(reopen))
+        for st in affected:
+            again = st in reopen
+            with self._stats_lock:
+                self._lost_streams += 1
+            self._emit(events.error_event(
+                st.id, code=WORKER_LOST, count=st.reopens, ts=time.time(),
+                message=(f"worker {slot.index} (pid {proc.pid}) died ({how}): audio and estimates in flight "
+                         f"and the speaker state are lost; "
+                         + ("the stream reopens on the restarted worker" if again
+                            else f"the stream is closed (its worker died {st.reopens} times with it)"))))
+            self._emit(self._closed_event(st, "error: worker lost"))
+        delay = restart_delay(uptime)
+        if delay:
+            time.sleep(delay)
+        if self._stopping:
+            with self._registry_lock:
+                for st in reopen:
+                    self._streams.pop(st.id, None)
+                    st.handle._closed = True
+            return False
+        try:
+            self._spawn(slot)
+        except Exception as exc:  # noqa: BLE001 - no new process: its streams end, others go on
+            log.error("worker %d could not be restarted: %s", slot.index, one_line(exc, limit=None))
+            with self._registry_lock:
+                for st in reopen:
+                    self._streams.pop(st.id, None)
+                    st.handle._closed = True
+            return False
+        with self._registry_lock:
+            for st in reopen:
+                if st.handle._closed:  # the source closed it while the worker was down
+                    self._streams.pop(st.id, None)
+                    continue
+                st.handle.pushed = 0
+                st.handle.gone = 0
+                st.handle.dropped_noted = False
+                self._enqueue(slot, ("open", st.id, st.kwargs))
+        return True
+
+    def _closed_event(self, st: _PoolStream, reason: str) -> dict[str, Any]:
+        k = st.kwargs
+        return events.stream_closed(
+            st.id, source=k["source"], codec=k["codec"], sample_rate=k["sample_rate"], channels=k["channels"],
+            ts=time.time(), detail=k["detail"], reason=reason, call=k["call"], role=k["role"])
+
+    # ------------------------------------------------------------------ idle / stats / health
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every worker has processed what was pushed and its events are out; True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            tokens = []
+            for slot in self._slots:
+                if slot.alive:
+                    token = next(self._idle_ids)
+                    with self._idle_cond:
+                        self._idle_replies[token] = None
+                    self._enqueue(slot, ("idle", token, min(remaining, 5.0)))
+                    tokens.append(token)
+            with self._idle_cond:
+                self._idle_cond.wait_for(lambda: all(self._idle_replies[t] is not None for t in tokens),
+                                         timeout=min(remaining, 5.0) + 1.0)
+                answers = [self._idle_replies.pop(t) for t in tokens]
+            if all(answers) and self._hub.idle and all(not s.outbox for s in self._slots):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def stats(self) -> dict[str, Any]:
+        """The ``Monitor.stats()`` dict for the whole pool: every worker's counters summed."""
+        now = time.monotonic()
+        snapshots = [s for slot in self._slots for s in (slot.retired, slot.stats) if s]
+        total = sum_stats(snapshots)
+        hub = self._hub
+        with hub.stats_lock:
+            sizes = list(hub.sizes)
+            infer_pct = hub.infer_latency.percentiles((50, 95))
+            batches = hub.batches
+            windows = hub.windows
+            rate = hub.rate.rate(now)
+        with self._stats_lock:
+            pct = self._latency.percentiles((50, 95, 99))
+            final_pct = self._final_latency.percentiles((50, 95, 99))
+            latency_count = self._latency.count
+            final_count = self._final_latency.count
+            audio_dropped = self._audio_dropped
+            events_seen = self._events
+        drops = {str(k): int(v) for k, v in (total.get("drops") or {}).items() if isinstance(v, (int, float))}
+        drops["events_dropped"] = self._bus_drops() if self._bus_drops else 0
+        drops["sink_failures"] = drops.get("sink_failures", 0) + self._sink_failures
+        drops["inference_failures"] = max(drops.get("inference_failures", 0), hub.failures)
+        drops["worker_audio_samples"] = audio_dropped
+        drops["worker_lost"] = self._lost_streams
+        for provider in self._stats_providers:
+            try:
+                extra = provider()
+            except Exception:  # noqa: BLE001 - a source's counter bug must not break /metrics
+                continue
+            for key, value in extra.items():
+                drops[str(key)] = drops.get(str(key), 0) + int(value)
+        queues = {str(k): v for k, v in (total.get("queues") or {}).items()}
+        queues["inference_pending"] = hub.pending
+        with self._registry_lock:
+            streams = len(self._streams)
+        return {
+            "uptime_s": now - self._started_at,
+            "streams": streams,
+            "windows_per_s": rate,
+            "batches": {
+                "count": batches,
+                "mean_size": (sum(sizes) / len(sizes)) if sizes else 0.0,
+                "max_size": max(sizes, default=0),
+            },
+            "queues": queues,
+            "drops": drops,
+            "latency_ms": {"p50": _ms(pct[50]), "p95": _ms(pct[95]), "p99": _ms(pct[99]), "count": latency_count},
+            "final_latency_ms": {"p50": _ms(final_pct[50]), "p95": _ms(final_pct[95]), "p99": _ms(final_pct[99]),
+                                 "count": final_count},
+            "inference_ms": {"p50": _ms(infer_pct[50]), "p95": _ms(infer_pct[95])},
+            "device": self.device,
+            "model": self.info.version,
+            "windows": windows,
+            "audio_samples": int(total.get("audio_samples") or 0),
+            "events": events_seen,
+            "workers": {
+                "count": self.workers,
+                "alive": sum(1 for slot in self._slots if slot.alive),
+                "restarts": self._restarts,
+                "streams": self._loads(),
+            },
+        }
+
+    def _loads(self) -> list[int]:
+        with self._registry_lock:
+            loads = [0] * self.workers
+            for st in self._streams.values():
+                loads[st.slot] += 1
+        return loads
+
+    def stats_event(self) -> dict[str, Any]:
+        """The ``stats`` event for now (the same fields as the single-process monitor's)."""
+        s = self.stats()
+        return events.stats_event(
+            uptime_s=s["uptime_s"], streams=s["streams"], windows_per_s=s["windows_per_s"],
+            batches=s["batches"], queues=s["queues"], drops=s["drops"], latency_ms=s["latency_ms"],
+            device=s["device"] if s["device"] in ("cpu", "cuda") else "cpu", ts=time.time(),
+        )
+
+    def levels(self) -> dict[str, float]:
+        """Per-stream levels are kept in the workers and not sent up: the console's meter stays empty."""
+        return {}
+
+    def health(self) -> dict[str, Any]:
+        """A small dict for /healthz: the inference tier and every worker alive, how many streams."""
+        alive = sum(1 for slot in self._slots if slot.alive and slot.proc is not None and slot.proc.is_alive())
+        hub_alive = self._hub.thread.is_alive()
+        return {
+            "status": "ok" if hub_alive and alive == self.workers else "down",
+            "pipeline": alive == self.workers,
+            "inference": hub_alive,
+            "workers": alive,
+            "streams": len(self.stream_ids),
+            "device": self.device,
+            "model": self.info.version,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+        }
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(self.config.stats_interval_s):
+            self._emit_stats()
+
+    def _emit_stats(self) -> None:
+        try:
+            self._emit(self.stats_event())
+        except Exception:  # noqa: BLE001 - stats must never stop the pool
+            self._sink_failures += 1
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        with self._sink_lock:
+            try:
+                self._sink(event)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the pool
+                self._sink_failures += 1
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
