@@ -162,6 +162,7 @@ class _Outbox:
 
     def _send_queued(self) -> None:
         batch: list[dict[str, Any]] = []
+        sent_closed = False
         while self.items:
             kind, item = self.items.popleft()
             if kind == "event":
@@ -169,11 +170,15 @@ class _Outbox:
                 continue
             if batch:
                 self.up.send(("events", batch, {}))
+                sent_closed = sent_closed or _has_closed(batch)
                 batch = []
             self.up.send(item)
         gone = self._gone()
         if batch or gone:
             self.up.send(("events", batch, gone))
+        if sent_closed or _has_closed(batch):
+            # A stream's totals move into the monitor's "removed" counters: let the sums follow.
+            self._next_stats = 0.0
 
     def _run(self) -> None:
         while not self.stopped.is_set():
@@ -187,6 +192,10 @@ class _Outbox:
                     self._next_stats = now + STATS_PERIOD_S
                     with contextlib.suppress(Exception):
                         self.up.send(("stats", self.monitor.stats()))
+
+
+def _has_closed(batch: list[dict[str, Any]]) -> bool:
+    return any(e.get("type") == "stream" and e.get("state") == "closed" for e in batch)
 
 
 def worker_main(index: int, down: Any, up_conn: Any, info: ModelInfo, device: str, config: Any) -> None:

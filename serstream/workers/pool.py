@@ -102,6 +102,8 @@ class _Slot:
     incarnation: int = 0
     alive: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
+    #: Streams of a dead incarnation waiting for the restarted worker to be ready.
+    pending_reopen: list[_PoolStream] = field(default_factory=list)
     bye: bool = False
     started_at: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
@@ -405,8 +407,8 @@ class WorkerPool:
             slot.incarnation += 1
             slot.bye = False
             slot.started_at = time.monotonic()
-        with slot.lock:
-            slot.alive = True
+            slot.ready = threading.Event()
+        # `alive` (takes streams and audio) is set when the worker says it is ready.
 
     def stop(self, drain: bool = True, timeout: float = 10.0) -> None:
         """Stop every worker (``drain``: their streams' last estimates first), then the inference tier."""
@@ -646,7 +648,7 @@ class WorkerPool:
         elif kind == "stats":
             slot.stats = message[1]
         elif kind == "ready":
-            slot.ready.set()
+            self._on_ready(slot)
         elif kind == "idle":
             with self._idle_cond:
                 if message[1] in self._idle_replies:
@@ -666,6 +668,24 @@ class WorkerPool:
                     with contextlib.suppress(OSError):
                         slot.down.close()
                     slot.down = None
+
+    def _on_ready(self, slot: _Slot) -> None:
+        """A (re)started worker is up: reopen the streams it inherited, then take audio and new streams."""
+        with self._registry_lock:
+            for st in slot.pending_reopen:
+                if self._streams.get(st.id) is not st:
+                    continue
+                if st.handle._closed:  # the source closed it while the worker was down
+                    del self._streams[st.id]
+                    continue
+                st.handle.pushed = 0
+                st.handle.gone = 0
+                st.handle.dropped_noted = False
+                self._enqueue(slot, ("open", st.id, st.kwargs))
+            slot.pending_reopen = []
+            with slot.lock:
+                slot.alive = True
+        slot.ready.set()
 
     def _from_worker(self, slot: _Slot, event: dict[str, Any]) -> None:
         """One event of a worker: counted, the registry told of closed streams, then the sink."""
@@ -702,7 +722,7 @@ class WorkerPool:
         how = (f"killed by signal {-code}" if code is not None and code < 0
                else f"exit code {code}" if code is not None else "stopped answering")
         uptime = time.monotonic() - slot.started_at
-        if not slot.ready.is_set():
+        if slot.incarnation == 1 and not slot.ready.is_set():
             # It never came up (a broken install, an import error): restarting would only loop.
             slot.start_error = f"worker process {proc.pid} ended before it was ready ({how})"
             with slot.lock:
@@ -719,8 +739,10 @@ class WorkerPool:
         slot.retired = sum_stats([slot.retired, slot.stats]) if slot.stats else slot.retired
         slot.stats = {}
         with self._registry_lock:
-            affected = [st for st in self._streams.values() if st.slot == slot.index]
-            reopen: list[_PoolStream] = []
+            # Streams still waiting from an earlier death were told then; they wait on for this restart.
+            waiting = [st for st in slot.pending_reopen if self._streams.get(st.id) is st]
+            affected = [st for st in self._streams.values() if st.slot == slot.index and st not in waiting]
+            reopen: list[_PoolStream] = list(waiting)
             for st in affected:
                 st.reopens += 1
                 if may_reopen(st.reopens - 1, self.max_reopens) and not st.handle._closed:
@@ -744,31 +766,26 @@ class WorkerPool:
         delay = restart_delay(uptime)
         if delay:
             time.sleep(delay)
+        with self._registry_lock:
+            slot.pending_reopen = reopen
         if self._stopping:
-            with self._registry_lock:
-                for st in reopen:
-                    self._streams.pop(st.id, None)
-                    st.handle._closed = True
+            self._forget(reopen)
             return False
         try:
-            self._spawn(slot)
+            self._spawn(slot)  # its streams reopen when it is ready (_on_ready)
         except Exception as exc:  # noqa: BLE001 - no new process: its streams end, others go on
             log.error("worker %d could not be restarted: %s", slot.index, one_line(exc, limit=None))
-            with self._registry_lock:
-                for st in reopen:
-                    self._streams.pop(st.id, None)
-                    st.handle._closed = True
+            self._forget(reopen)
             return False
-        with self._registry_lock:
-            for st in reopen:
-                if st.handle._closed:  # the source closed it while the worker was down
-                    self._streams.pop(st.id, None)
-                    continue
-                st.handle.pushed = 0
-                st.handle.gone = 0
-                st.handle.dropped_noted = False
-                self._enqueue(slot, ("open", st.id, st.kwargs))
         return True
+
+    def _forget(self, streams: list[_PoolStream]) -> None:
+        """Streams that will not reopen (the pool stops, no new worker): gone, their handles closed."""
+        with self._registry_lock:
+            for st in streams:
+                if self._streams.get(st.id) is st:
+                    del self._streams[st.id]
+                st.handle._closed = True
 
     def _closed_event(self, st: _PoolStream, reason: str) -> dict[str, Any]:
         k = st.kwargs
