@@ -209,13 +209,33 @@ def _load_model(path: str | None, threads: int | None) -> Any:
     return EmotionModel.load(resolved, device="auto", threads=threads)
 
 
+#: ``--workers``: 1 is the in-process Monitor; more runs the pipelines in that many processes (WorkerPool).
+_WORKERS = 1
+
+
+def _make_monitor(model: Any, config: Any, sink: Any) -> Any:
+    """The monitor ``serstream serve --workers N`` builds for the same N."""
+    from serstream.monitor import Monitor
+
+    if _WORKERS > 1:
+        from serstream.workers.pool import WorkerPool
+
+        return WorkerPool(model, config, sink, workers=_WORKERS)
+    return Monitor(model, config, sink)
+
+
+def _audio_dropped(drops: dict[str, Any]) -> int:
+    """Audio lost in a stream ring, plus (``--workers``) on the way to a worker."""
+    return int(drops.get("audio_samples", 0)) + int(drops.get("worker_audio_samples", 0))
+
+
 def _latency(monitor: Any) -> tuple[float | None, float | None]:
     lat = monitor.stats()["latency_ms"]
     return lat.get("p50"), lat.get("p95")
 
 
 def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
-    from serstream.monitor import Monitor, MonitorConfig
+    from serstream.monitor import MonitorConfig
     from serstream.sources.rtp import RtpSource, RtpSourceConfig
 
     emotions = [0]
@@ -224,7 +244,7 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
         if event.get("type") == "emotion":
             emotions[0] += 1
 
-    monitor = Monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
+    monitor = _make_monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
     monitor.start()
     source = RtpSource(monitor, "127.0.0.1", 0, None,
                        RtpSourceConfig(idle_timeout_s=1.0, max_streams=streams + 16, rtcp=False))
@@ -250,7 +270,7 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
     drops = monitor.stats()["drops"]
     monitor.stop(drain=False)
     step = Step("rtp", streams, seconds, sent=counts["sent"], sender_dropped=counts["dropped"],
-                kernel_drops=stats["kernel_drops"], audio_dropped=int(drops.get("audio_samples", 0)),
+                kernel_drops=stats["kernel_drops"], audio_dropped=_audio_dropped(drops),
                 events_dropped=int(drops.get("events_dropped", 0)), emotion_events=emotions[0],
                 p50_ms=p50, p95_ms=p95, cpu_percent=cpu)
     # Sender-skipped packets leave sequence gaps, which the jitter buffers count as lost too.
@@ -261,7 +281,7 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
 
 def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
     from serstream.access import LimitsConfig
-    from serstream.monitor import Monitor, MonitorConfig
+    from serstream.monitor import MonitorConfig
     from serstream.server import EventBus, MonitorServer, prometheus_text
     from serstream.sources.ingest import make_ingest_handler
 
@@ -279,7 +299,7 @@ def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
                 emotions[0] += 1
             bus.publish_threadsafe(loop, event)
 
-        monitor = Monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
+        monitor = _make_monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
         monitor.set_bus_drop_counter(lambda: bus.events_dropped)
         handler = make_ingest_handler(monitor, bus=bus, token=None, max_streams=streams + 16)
         # Every client comes from 127.0.0.1: lift the per-address caps (docs/security.md) to the ramp.
@@ -318,7 +338,7 @@ def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
     stats = box.get("stats") or {"latency_ms": {}, "drops": {}}
     drops = stats["drops"]
     step = Step("websocket", streams, seconds, sent=counts["sent"], sender_dropped=counts["dropped"],
-                audio_dropped=int(drops.get("audio_samples", 0)), events_dropped=int(drops.get("events_dropped", 0)),
+                audio_dropped=_audio_dropped(drops), events_dropped=int(drops.get("events_dropped", 0)),
                 emotion_events=emotions[0], p50_ms=stats["latency_ms"].get("p50"),
                 p95_ms=stats["latency_ms"].get("p95"), cpu_percent=cpu)
     step.sustained = _sustained(step)
@@ -376,13 +396,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ws-steps", default=None, help="comma-separated WebSocket stream counts (0: skip)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per step")
     parser.add_argument("--json", action="store_true", help="print the steps as JSON as well")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run the pipelines in N worker processes, as `serve --workers N` (default 1); "
+                        "the CPU column then counts this process only")
     args = parser.parse_args(argv)
+    global _WORKERS
+    _WORKERS = max(1, args.workers)
     seconds = args.seconds or (6.0 if args.quick else 15.0)
     default_rtp_steps = [25, 100] if args.quick else [50, 100, 200, 300, 400, 500]
     rtp_steps = _steps(args.rtp_steps) if args.rtp_steps else default_rtp_steps
     ws_steps = _steps(args.ws_steps) if args.ws_steps else ([10, 40] if args.quick else [25, 50, 100, 200, 300])
     model = _load_model(args.model, args.threads)
     print(f"model {model.info.version} on {model.device} ({model.path}); {os.cpu_count()} CPU cores; "
+          f"{_WORKERS} worker process(es); "
           f"{seconds:g} s per step; sustained = no loss beyond the sender's, p95 < {P95_LIMIT_MS:.0f} ms")
     print(HEADER, flush=True)
     steps = ramp("rtp", model, rtp_steps, seconds) + ramp("websocket", model, ws_steps, seconds)

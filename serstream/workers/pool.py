@@ -808,14 +808,16 @@ class WorkerPool:
                         self._idle_replies[token] = None
                     self._enqueue(slot, ("idle", token, min(remaining, 5.0)))
                     tokens.append(token)
-            with self._idle_cond:
-                self._idle_cond.wait_for(lambda: all(self._idle_replies[t] is not None for t in tokens),
-                                         timeout=min(remaining, 5.0) + 1.0)
-                answers = [self._idle_replies.pop(t) for t in tokens]
+            answers = self._idle_answers(tokens, min(remaining, 5.0) + 1.0)
             if all(answers) and self._hub.idle and all(not s.outbox for s in self._slots):
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
+
+    def _idle_answers(self, tokens: list[int], timeout: float) -> list[bool | None]:
+        with self._idle_cond:
+            self._idle_cond.wait_for(lambda: all(self._idle_replies[t] is not None for t in tokens), timeout=timeout)
+            return [self._idle_replies.pop(t) for t in tokens]
 
     def stats(self) -> dict[str, Any]:
         """The ``Monitor.stats()`` dict for the whole pool: every worker's counters summed."""
