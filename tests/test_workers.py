@@ -11,10 +11,12 @@ finish untouched) and leave no process behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -65,7 +67,8 @@ def test_assignment_is_least_loaded_running_worker_ties_by_index() -> None:
 
 
 def test_reopen_and_restart_rules() -> None:
-    assert may_reopen(0, 3) and may_reopen(2, 3) and not may_reopen(3, 3)
+    assert may_reopen(0, 3, "rtp") and may_reopen(2, 3, "file") and not may_reopen(3, 3, "rtp")
+    assert not may_reopen(0, 3, "websocket")  # an /ingest client reconnects instead
     assert restart_delay(0.5) == 1.0  # a crash loop costs one spawn a second
     assert restart_delay(60.0) == 0.0
 
@@ -245,7 +248,7 @@ def test_a_killed_worker_is_restarted_and_its_streams_say_so(
     pool.start()
     first_pids = pool.worker_pids()
     try:
-        handles = {sid: pool.open_stream(sid, source="websocket", codec="s16le", sample_rate=16000, channels=1)
+        handles = {sid: pool.open_stream(sid, source="rtp", codec="l16", sample_rate=16000, channels=1)
                    for sid in ("victim", "bystander")}
         assert pool.worker_of("victim") == 0 and pool.worker_of("bystander") == 1
         half = speech.shape[0] // 2
@@ -337,7 +340,42 @@ def test_serve_with_two_workers_ingest_clients_reach_one_events(
             assert all(any(e.type == "stream" and e.state == "closed" for e in r) for r in results)
             await asyncio.wait_for(reader, 60.0)
 
+        async def lose_worker() -> tuple[list[Any], int | None]:
+            """An /ingest stream on worker 0 when worker 0 is killed: told, then disconnected."""
+            audio, _ = sf.read(str(synthetic_wav), dtype="float32")
+            ingest = client.IngestClient(f"ws://{base}/ingest", stream="gamma", sample_rate=16000,
+                                         sample_format="f32le")
+            await ingest.open()
+            await ingest.send(audio[:8000])
+            await asyncio.sleep(0.5)
+            os.kill(pids[0], signal.SIGKILL)  # gamma is there: both workers were idle, ties go to 0
+
+            async def keep_sending() -> None:
+                with contextlib.suppress(client.IngestRefused):
+                    for i in range(0, 16000 * 30, CHUNK):
+                        await ingest.send(np.resize(audio, 16000 * 30)[i:i + CHUNK])
+                        await asyncio.sleep(0.02)
+
+            sending = asyncio.create_task(keep_sending())
+            got = [event async for event in ingest.events()]
+            await asyncio.wait_for(sending, 30.0)
+            await ingest.abort()
+            return got, ingest.close_code
+
         asyncio.run(main())
+        gamma, close_code = asyncio.run(lose_worker())
+        kinds = [(e.type, getattr(e, "code", None) or getattr(e, "state", None)) for e in gamma
+                 if e.type in ("stream", "error")]
+        assert kinds == [("stream", "open"), ("error", "worker_lost"), ("stream", "closed")], kinds
+        assert gamma[-1].reason == "error: worker lost" and close_code == 1011
+        server.wait_for(lambda: server.stderr_has(f"worker 0 (pid {pids[0]}) died (killed by signal 9)"),
+                        10.0, "the line about the dead worker")
+        # The pool goes on: a new stream gets its estimates (on worker 1, or on the restarted 0).
+        delta = client.push_file(f"ws://{base}/ingest", synthetic_wav, "delta", False, timeout_s=60.0)
+        assert any(e.type == "emotion" and e.kind == "final" for e in delta)
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.proc.pid)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        pids = sorted({*pids, *(int(c) for c in children)})
         for name in ("alpha", "beta"):
             mine = [e for e in seen if e.stream == name]
             assert mine[0].type == "stream" and mine[0].state == "open"
@@ -347,7 +385,8 @@ def test_serve_with_two_workers_ingest_clients_reach_one_events(
         assert ids == sorted(ids) and len(set(ids)) == len(ids), "one bus numbers every worker's events"
         with urllib.request.urlopen(f"http://{base}/metrics", timeout=10) as response:
             metrics = response.read().decode()
-        assert 'serstream_drops_total{cause="worker_lost"} 0' in metrics
+        assert 'serstream_drops_total{cause="worker_lost"} 1' in metrics  # gamma
+        assert 'serstream_drops_total{cause="worker_audio_samples"}' in metrics
         server.proc.send_signal(signal.SIGINT)
         assert server.finish(timeout=60) == 0
     finally:

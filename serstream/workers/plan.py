@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["parse_workers", "assign_worker", "may_reopen", "restart_delay", "MAX_WORKERS"]
+__all__ = ["parse_workers", "assign_worker", "may_reopen", "restart_delay", "MAX_WORKERS", "CLOSE_ON_LOSS_SOURCES"]
 
 #: More worker processes than this is a typo, not a machine.
 MAX_WORKERS = 256
@@ -51,14 +51,21 @@ def assign_worker(open_streams: Sequence[int], alive: Sequence[bool]) -> int | N
     return best
 
 
-def may_reopen(reopens_so_far: int, max_reopens: int) -> bool:
+#: Sources whose streams are closed for good when their worker dies, not reopened: an
+#: ``/ingest`` client reads its stream's events until the ``stream`` closed event, so it
+#: reconnects (a new stream) rather than pushing into a stream whose events it no longer gets.
+CLOSE_ON_LOSS_SOURCES = frozenset({"websocket"})
+
+
+def may_reopen(reopens_so_far: int, max_reopens: int, source: str = "") -> bool:
     """Whether a stream whose worker died is reopened on the restarted worker.
 
     A stream that was on a worker each time it died ``max_reopens`` times is
     closed for good instead: its audio may be what kills the worker, and
     reopening it forever would take the slot's other streams down with it.
+    Streams of :data:`CLOSE_ON_LOSS_SOURCES` are never reopened.
     """
-    return reopens_so_far < max_reopens
+    return reopens_so_far < max_reopens and source not in CLOSE_ON_LOSS_SOURCES
 
 
 def restart_delay(uptime_s: float, min_uptime_s: float = 5.0, delay_s: float = 1.0) -> float:

@@ -59,7 +59,7 @@ from serstream.monitor import (
     validate_stream_params,
 )
 from serstream.workers.merge import Part, merge_requests, split_output, sum_stats
-from serstream.workers.plan import assign_worker, may_reopen, restart_delay
+from serstream.workers.plan import CLOSE_ON_LOSS_SOURCES, assign_worker, may_reopen, restart_delay
 
 __all__ = ["WorkerPool", "PooledHandle", "WORKER_LOST"]
 
@@ -745,7 +745,7 @@ class WorkerPool:
             reopen: list[_PoolStream] = list(waiting)
             for st in affected:
                 st.reopens += 1
-                if may_reopen(st.reopens - 1, self.max_reopens) and not st.handle._closed:
+                if may_reopen(st.reopens - 1, self.max_reopens, st.kwargs["source"]) and not st.handle._closed:
                     reopen.append(st)
                 else:
                     del self._streams[st.id]
@@ -761,7 +761,10 @@ class WorkerPool:
                 message=(f"worker {slot.index} (pid {proc.pid}) died ({how}): audio and estimates in flight "
                          f"and the speaker state are lost; "
                          + ("the stream reopens on the restarted worker" if again
-                            else f"the stream is closed (its worker died {st.reopens} times with it)"))))
+                            else "the stream is closed (its client reconnects for a new one)"
+                            if st.kwargs["source"] in CLOSE_ON_LOSS_SOURCES
+                            else f"the stream is closed (its worker died {st.reopens} times with it)"
+                            if st.reopens > self.max_reopens else "the stream is closed"))))
             self._emit(self._closed_event(st, "error: worker lost"))
         delay = restart_delay(uptime)
         if delay:
