@@ -100,6 +100,13 @@ def test_sum_stats_adds_counters_of_every_worker() -> None:
     assert total["windows"] == 15 and total["device"] == "cpu"
 
 
+def test_workers_flag_defaults_to_one_and_auto_is_one_per_core() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["serve"]).workers == 1  # the single-process Monitor, no pool
+    assert parser.parse_args(["listen", "--workers", "auto"]).workers == max(1, os.cpu_count() or 1)
+    assert parser.parse_args(["serve", "--workers", "3"]).workers == 3
+
+
 def test_workers_flag_bad_value_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in ("0", "lots"):
         with pytest.raises(SystemExit) as exit_info:

@@ -18,8 +18,9 @@ in batches:
   lengths, state)``, ``("stats", Monitor.stats())`` once a second,
   ``("idle", token, ok)`` and ``("bye",)``.
 
-The worker ignores SIGINT (the main process orders the stop) and exits when
-the main process goes away (its pipe ends), so nothing is left behind.
+The worker ignores SIGINT and SIGTERM (the main process orders the stop) and
+exits when the main process goes away (its pipe ends), so nothing is left
+behind; SIGKILL still ends it (and the pool restarts it).
 """
 
 from __future__ import annotations
@@ -202,8 +203,11 @@ def worker_main(index: int, down: Any, up_conn: Any, info: ModelInfo, device: st
     """The worker process's entry point (spawned by :class:`~serstream.workers.pool.WorkerPool`)."""
     from serstream.monitor import Monitor
 
+    # The main process orders the stop, so Ctrl-C in a terminal or a service manager's SIGTERM
+    # to the whole process group still gives every stream its last estimates.
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"serstream: worker {index}: %(message)s")
     up = _Up(up_conn)
     backend = RemoteBackend(info, device, up)

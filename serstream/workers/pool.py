@@ -556,7 +556,8 @@ class WorkerPool:
         n = int(samples.shape[0])
         with slot.lock:
             # Bounded: a worker that cannot read its pipe loses audio here (counted), the source never waits.
-            limit = max(1 << 20, 4 * handle.capacity * max(1, len(self._streams)))
+            # About one ring (ring_seconds) of audio per stream of the worker, at least 1 Mi samples.
+            limit = max(1 << 20, handle.capacity * (len(self._streams) // self.workers + 1))
             accepted = slot.alive and slot.outbox_samples + n <= limit
             if accepted:
                 slot.outbox.append(("audio", handle.stream_id, arrived, samples))
