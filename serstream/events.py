@@ -196,7 +196,8 @@ def stream_opened(
         stream=str(stream), ts=_num(ts, "ts"), state="open", source=_choice(source, STREAM_SOURCES, "source"),
         codec=str(codec), sample_rate=int(sample_rate), channels=int(channels),
         detail=None if detail is None else str(detail),
-        call=_opt_str(call), role=_opt_str(role), params=None if params is None else {str(k): str(v) for k, v in params.items()},
+        call=_opt_str(call), role=_opt_str(role),
+        params=None if params is None else {str(k): str(v) for k, v in params.items()},
     ).to_dict()
 
 
