@@ -313,6 +313,38 @@ def test_a_killed_worker_is_restarted_and_its_streams_say_so(
         assert pid is not None and not Path(f"/proc/{pid}").exists()
 
 
+def test_a_stream_whose_worker_dies_three_times_is_closed_for_good(factory_model: Path) -> None:
+    """Reopening stops after max_reopens: the stream's audio may be what kills its worker."""
+    backend = EmotionModel.load(factory_model, device="cpu", threads=1)
+    collector = Collector()
+    pool = WorkerPool(backend, MonitorConfig(), collector, workers=1, max_reopens=2)
+    pool.start()
+    try:
+        handle = pool.open_stream("poison", source="rtp", codec="pcmu", sample_rate=8000, channels=1)
+        for death in (1, 2, 3):
+            collector.wait(lambda n=death: sum(1 for e in collector.of("poison")
+                                               if e["type"] == "stream" and e["state"] == "open") == n,
+                           90.0, f"open number {death}")
+            handle.push(np.zeros(160, np.float32))
+            pid = pool.worker_pids()[0]
+            assert pid is not None and pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            collector.wait(lambda n=death: closed_count(collector, "poison") == n,
+                           30.0, f"death {death}")
+        assert handle.closed and "poison" not in pool.stream_ids
+        # The worker itself is back for other streams.
+        collector.wait(lambda: pool.health()["workers"] == 1, 90.0, "the worker restarted a third time")
+        other = pool.open_stream("other", source="rtp", codec="pcmu", sample_rate=8000, channels=1)
+        other.close("bye")
+        collector.wait(lambda: closed_count(collector, "other") == 1, 30.0, "other closed")
+    finally:
+        pool.stop()
+    lost = [e for e in collector.of("poison") if e["type"] == "error" and e["code"] == WORKER_LOST]
+    assert [e["count"] for e in lost] == [1, 2, 3]
+    assert "reopens" in lost[1]["message"] and "died 3 times" in lost[2]["message"]
+    assert pool.stats()["workers"]["restarts"] == 3
+
+
 # --------------------------------------------------------------------------- the command
 
 
