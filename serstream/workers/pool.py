@@ -14,7 +14,7 @@ use it unchanged. Inside:
   message every couple of milliseconds. Flow control (``free_space``,
   ``wait_for_space``) uses the worker's reports of how much of each stream's
   ring it has read.
-* **Inference tier** (:class:`_Hub`, a thread of this process): every worker's
+* **Inference tier** (:class:`~serstream.workers.hub.InferenceHub`, a thread of this process): every worker's
   batches (with their speaker-state rows: the tier keeps no state) are
   merged into one model call and the rows sent back.
 * **Events**: each worker sends its events up in batches; one receiver thread
@@ -47,7 +47,7 @@ import numpy as np
 
 from serstream import events
 from serstream.contract import ModelInfo
-from serstream.core.stats import LatencyTracker, RateMeter
+from serstream.core.stats import LatencyTracker
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.errors import MonitorError, StreamIdTaken, one_line
 from serstream.inference.worker import InferenceBackend
@@ -58,7 +58,8 @@ from serstream.monitor import (
     scheduler_config_for,
     validate_stream_params,
 )
-from serstream.workers.merge import Part, merge_requests, split_output, sum_stats
+from serstream.workers.hub import HubEntry, InferenceHub
+from serstream.workers.merge import Part, sum_stats
 from serstream.workers.plan import CLOSE_ON_LOSS_SOURCES, assign_worker, may_reopen, restart_delay
 
 __all__ = ["WorkerPool", "PooledHandle", "WORKER_LOST"]
@@ -69,8 +70,6 @@ log = logging.getLogger("serstream.workers")
 WORKER_LOST = "worker_lost"
 #: How long ``start`` waits for every worker to come up.
 START_TIMEOUT_S = 60.0
-#: Most windows in one model call of the inference tier (several workers' batches together).
-HUB_MAX_ROWS = 64
 
 Sink = Callable[[dict[str, Any]], None]
 
@@ -196,114 +195,17 @@ class PooledHandle:
         self._pool._control(self._id, ("close", self._id, reason))
 
 
-@dataclass
-class _HubEntry:
-    slot: _Slot
-    incarnation: int
-    request: int
-    part: Part
+def _reply(slot: _Slot, incarnation: int, request: int) -> Callable[[Any, str | None], None]:
+    """How the inference tier answers one request: to the worker that asked, unless it was replaced."""
 
-
-class _Hub:
-    """The inference tier: one thread, every worker's batches merged into one model call."""
-
-    def __init__(self, backend: InferenceBackend, with_state: bool) -> None:
-        self.backend = backend
-        self.with_state = with_state
-        self.queue: deque[_HubEntry] = deque()
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.busy = False
-        self.thread = threading.Thread(target=self._run, name="serstream-inference-hub", daemon=True)
-        self.batches = 0
-        self.windows = 0
-        self.failures = 0
-        self.sizes: deque[int] = deque(maxlen=1024)
-        self.infer_latency = LatencyTracker(2048)
-        self.rate = RateMeter(window_s=10.0)
-        self.stats_lock = threading.Lock()
-
-    def submit(self, entry: _HubEntry) -> None:
-        with self.cond:
-            self.queue.append(entry)
-            self.cond.notify()
-
-    @property
-    def idle(self) -> bool:
-        with self.cond:
-            return not self.queue and not self.busy
-
-    @property
-    def pending(self) -> int:
-        with self.cond:
-            return sum(e.part.rows for e in self.queue)
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        if self.thread.is_alive():
-            self.thread.join(5.0)
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.stopping:
-                    self.cond.wait()
-                if not self.queue:
-                    return
-                taken: list[_HubEntry] = [self.queue.popleft()]
-                rows = taken[0].part.rows
-                while self.queue and rows + self.queue[0].part.rows <= HUB_MAX_ROWS:
-                    entry = self.queue.popleft()
-                    taken.append(entry)
-                    rows += entry.part.rows
-                self.busy = True
-            try:
-                self._run_entries(taken)
-            finally:
-                with self.cond:
-                    self.busy = False
-
-    def _infer(self, entries: list[_HubEntry]) -> list[Any]:
-        audio, lengths, state = merge_requests([e.part for e in entries])
-        started = time.perf_counter()
-        output = self.backend.infer(audio, lengths, state if self.with_state else None)
-        elapsed = time.perf_counter() - started
-        with self.stats_lock:
-            self.batches += 1
-            self.windows += int(lengths.shape[0])
-            self.sizes.append(int(lengths.shape[0]))
-            self.infer_latency.record(elapsed)
-            self.rate.record(time.monotonic(), int(lengths.shape[0]))
-        return split_output(output, [e.part.rows for e in entries])
-
-    def _run_entries(self, entries: list[_HubEntry]) -> None:
-        try:
-            outputs = self._infer(entries)
-        except Exception as exc:  # noqa: BLE001 - a failing call must not end the tier
-            if len(entries) > 1:
-                # Whose window broke it is unknown: each worker's batch alone, so the others still get rows.
-                for entry in entries:
-                    self._run_entries([entry])
+    def send(output: Any, error: str | None) -> None:
+        with slot.down_lock:
+            if slot.incarnation != incarnation or slot.down is None:
                 return
-            with self.stats_lock:
-                self.failures += 1
-            message = one_line(exc, limit=None) or type(exc).__name__
-            _send_result(entries[0], None, message)
-            return
-        for entry, output in zip(entries, outputs):
-            _send_result(entry, output, None)
+            with contextlib.suppress(OSError, EOFError, ValueError):
+                slot.down.send(("result", request, output, error))
 
-
-def _send_result(entry: _HubEntry, output: Any, error: str | None) -> None:
-    """A result to the worker that asked, unless that worker was replaced meanwhile."""
-    slot = entry.slot
-    with slot.down_lock:
-        if slot.incarnation != entry.incarnation or slot.down is None:
-            return
-        with contextlib.suppress(OSError, EOFError, ValueError):
-            slot.down.send(("result", entry.request, output, error))
+    return send
 
 
 class WorkerPool:
@@ -338,7 +240,7 @@ class WorkerPool:
         self._slots = [_Slot(i) for i in range(self.workers)]
         self._streams: dict[str, _PoolStream] = {}
         self._registry_lock = threading.Lock()
-        self._hub = _Hub(self.backend, bool(self.info.state_inputs))
+        self._hub = InferenceHub(self.backend, bool(self.info.state_inputs))
         self._started = False
         self._stopping = False
         self._stopped = threading.Event()
@@ -645,7 +547,7 @@ class WorkerPool:
                             st.handle.gone = int(gone)
         elif kind == "infer":
             _, request, audio, lengths, state = message
-            self._hub.submit(_HubEntry(slot, incarnation, request, Part(audio, lengths, state)))
+            self._hub.submit(HubEntry(_reply(slot, incarnation, request), Part(audio, lengths, state)))
         elif kind == "stats":
             slot.stats = message[1]
         elif kind == "ready":
