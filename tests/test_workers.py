@@ -313,11 +313,18 @@ def test_a_killed_worker_is_restarted_and_its_streams_say_so(
         assert pid is not None and not Path(f"/proc/{pid}").exists()
 
 
-def test_a_stream_whose_worker_dies_three_times_is_closed_for_good(factory_model: Path) -> None:
-    """Reopening stops after max_reopens: the stream's audio may be what kills its worker."""
+def test_a_stream_whose_worker_dies_three_times_is_closed_for_good(
+    factory_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reopening stops after max_reopens (the stream's audio may be what kills its worker).
+
+    The third time the worker does not die but hangs (SIGSTOP): the pool, hearing
+    nothing from it, kills it, and the same death path follows.
+    """
     backend = EmotionModel.load(factory_model, device="cpu", threads=1)
     collector = Collector()
-    pool = WorkerPool(backend, MonitorConfig(), collector, workers=1, max_reopens=2)
+    pool = WorkerPool(backend, MonitorConfig(), collector, workers=1, max_reopens=2, hang_timeout_s=5.0)
+    caplog.set_level(logging.ERROR, logger="serstream.workers")
     pool.start()
     try:
         handle = pool.open_stream("poison", source="rtp", codec="pcmu", sample_rate=8000, channels=1)
@@ -328,7 +335,7 @@ def test_a_stream_whose_worker_dies_three_times_is_closed_for_good(factory_model
             handle.push(np.zeros(160, np.float32))
             pid = pool.worker_pids()[0]
             assert pid is not None and pid != os.getpid()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL if death < 3 else signal.SIGSTOP)
             collector.wait(lambda n=death: closed_count(collector, "poison") == n,
                            30.0, f"death {death}")
         assert handle.closed and "poison" not in pool.stream_ids
@@ -343,6 +350,9 @@ def test_a_stream_whose_worker_dies_three_times_is_closed_for_good(factory_model
     assert [e["count"] for e in lost] == [1, 2, 3]
     assert "reopens" in lost[1]["message"] and "died 3 times" in lost[2]["message"]
     assert pool.stats()["workers"]["restarts"] == 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "serstream.workers"]
+    assert len(lines) == 4 and "sent nothing for" in lines[2] and "killing it" in lines[2], lines
+    assert "killed by signal 9" in lines[3] and "its 0 stream(s) reopen" in lines[3]
 
 
 # --------------------------------------------------------------------------- the command

@@ -219,6 +219,7 @@ class WorkerPool:
         *,
         workers: int = 2,
         max_reopens: int = 3,
+        hang_timeout_s: float = 30.0,
     ) -> None:
         if workers < 1:
             raise MonitorError(f"workers must be >= 1, got {workers}")
@@ -233,6 +234,8 @@ class WorkerPool:
             raise MonitorError(one_line(exc, limit=None)) from None
         self.workers = int(workers)
         self.max_reopens = int(max_reopens)
+        #: A running worker silent this long (it reports every second) is taken as hung and killed.
+        self.hang_timeout_s = float(hang_timeout_s)
         self._sink: Sink = sink or (lambda event: None)
         self._sink_lock = threading.Lock()
         self._sink_failures = 0
@@ -518,10 +521,19 @@ class WorkerPool:
 
     def _serve(self, slot: _Slot, up: Any, proc: Any, incarnation: int) -> None:
         sentinel = proc.sentinel
+        heard = time.monotonic()
         while True:
             ready = multiprocessing.connection.wait([up, sentinel], timeout=1.0)
             if not ready:
+                silent = time.monotonic() - heard
+                if slot.ready.is_set() and not self._stopping and silent > self.hang_timeout_s:
+                    # Stuck (a native call that never returns, a stopped process): end it, so the
+                    # death path reports its streams and restarts it; nothing waits on it for ever.
+                    log.error("worker %d (pid %s) sent nothing for %.0f s; killing it", slot.index, proc.pid, silent)
+                    proc.kill()
+                    heard = time.monotonic()
                 continue
+            heard = time.monotonic()
             if up not in ready:
                 # The process ended: what it sent before is still in the pipe; read it first.
                 with contextlib.suppress(EOFError, OSError):
