@@ -542,7 +542,7 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     if workers > 1:
         from serstream.workers.pool import WorkerPool
 
-        monitor: Any = WorkerPool(model, _monitor_config(args, track_levels=False), sink, workers=workers)
+        monitor: Any = WorkerPool(model, _monitor_config(args, track_levels=console.live), sink, workers=workers)
     else:
         monitor = Monitor(model, _monitor_config(args, track_levels=console.live), sink)
     console.levels = monitor.levels

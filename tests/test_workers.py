@@ -197,7 +197,7 @@ def test_streams_on_two_workers_reach_one_sink_with_the_single_process_finals(
         "call-b": speech_with_pauses(((0.4, 2.0), (0.6, 1.5), (0.3, 2.5)), seed=3),
         "call-c": speech[: speech.shape[0] * 2 // 3],
     }
-    config = MonitorConfig(max_batch=4, close_timeout_s=30.0)
+    config = MonitorConfig(max_batch=4, close_timeout_s=30.0, track_levels=True)
 
     single = Collector()
     monitor = Monitor(state_backend, config, single)
@@ -218,6 +218,9 @@ def test_streams_on_two_workers_reach_one_sink_with_the_single_process_finals(
         # Least loaded, ties by index: a, b, c -> workers 0, 1, 0.
         assert [pool.worker_of(sid) for sid in audio] == [0, 1, 0]
         feed(handles, audio)
+        # The console's level meter: every stream's level, reported by its worker.
+        pooled.wait(lambda: set(pool.levels()) == set(audio), 10.0, "levels of every stream")
+        assert all(0.0 <= level <= 1.0 for level in pool.levels().values())
         for handle in handles.values():
             handle.close("end of file")
         pooled.wait(lambda: all(closed_count(pooled, sid) for sid in audio), 90.0, "every stream closed")

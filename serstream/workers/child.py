@@ -15,7 +15,8 @@ in batches:
 * up (worker -> main): ``("events", [event, ...], gone)`` every few
   milliseconds (``gone``: per stream, samples the worker's ring no longer
   holds, the main process's flow control), ``("infer", request, audio,
-  lengths, state)``, ``("stats", Monitor.stats())`` once a second,
+  lengths, state)``, ``("stats", Monitor.stats())`` once a second, ``("levels", {id: rms})``
+  ten times a second with ``track_levels``,
   ``("idle", token, ok)`` and ``("bye",)``.
 
 The worker ignores SIGINT and SIGTERM (the main process orders the stop) and
@@ -48,6 +49,7 @@ log = logging.getLogger("serstream.workers")
 #: How often buffered events go up (seconds); also the flow-control report period.
 EVENT_FLUSH_S = 0.005
 STATS_PERIOD_S = 1.0
+LEVELS_PERIOD_S = 0.1
 
 
 class RemoteInferenceError(RuntimeError):
@@ -130,6 +132,7 @@ class _Outbox:
         self.thread = threading.Thread(target=self._run, name="serstream-worker-up", daemon=True)
         self._last_gone: dict[str, int] = {}
         self._next_stats = 0.0
+        self._next_levels = 0.0
 
     def event(self, event: dict[str, Any]) -> None:
         if event.get("type") == "stats":
@@ -193,6 +196,10 @@ class _Outbox:
                     self._next_stats = now + STATS_PERIOD_S
                     with contextlib.suppress(Exception):
                         self.up.send(("stats", self.monitor.stats()))
+                if self.monitor.config.track_levels and now >= self._next_levels:
+                    # The console's level meter (a TTY only): ten small reports a second.
+                    self._next_levels = now + LEVELS_PERIOD_S
+                    self.up.send(("levels", self.monitor.levels()))
 
 
 def _has_closed(batch: list[dict[str, Any]]) -> bool:

@@ -106,6 +106,7 @@ class _Slot:
     bye: bool = False
     started_at: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    levels: dict[str, float] = field(default_factory=dict)
     retired: dict[str, Any] = field(default_factory=dict)
     #: Why the first start failed (the worker died before it was ready); it is not restarted.
     start_error: str | None = None
@@ -484,6 +485,8 @@ class WorkerPool:
             self._hub.submit(HubEntry(_reply(slot, incarnation, request), Part(audio, lengths, state)))
         elif kind == "stats":
             slot.stats = message[1]
+        elif kind == "levels":
+            slot.levels = message[1]
         elif kind == "ready":
             self._on_ready(slot)
         elif kind == "idle":
@@ -740,8 +743,13 @@ class WorkerPool:
         )
 
     def levels(self) -> dict[str, float]:
-        """Per-stream levels are kept in the workers and not sent up: the console's meter stays empty."""
-        return {}
+        """Each stream's recent RMS level (with ``track_levels``: the workers report them 10 times a second)."""
+        merged: dict[str, float] = {}
+        for slot in self._slots:
+            if slot.alive:
+                merged.update(slot.levels)
+        with self._registry_lock:
+            return {sid: level for sid, level in merged.items() if sid in self._streams}
 
     def health(self) -> dict[str, Any]:
         """A small dict for /healthz: the inference tier and every worker alive, how many streams."""
