@@ -448,3 +448,27 @@ def test_serve_with_two_workers_ingest_clients_reach_one_events(
         time.sleep(0.1)
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "worker processes left behind"
     assert not [ln for ln in server.stderr if "Traceback" in ln]
+
+
+def test_listen_files_with_two_workers_exits_when_done(factory_model: Path, synthetic_wav: Path,
+                                                        free_port: int) -> None:
+    """Files are spread by source; --exit-when-done waits for every worker's last estimates."""
+    listen = Background(["listen", "--workers", "2", "--model", str(factory_model), "--port", str(free_port),
+                         "--threads", "1", "--file", str(synthetic_wav), "--file", str(synthetic_wav),
+                         "--fast", "--exit-when-done", "--json"])
+    try:
+        assert listen.finish(timeout=120) == 0, "\n".join(listen.stderr[-20:])
+    finally:
+        listen.kill()
+    line = next(ln for ln in listen.stderr if "worker processes" in ln)
+    pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split(", ")]
+    events = listen.json_events()
+    names = sorted({e["stream"] for e in events if e["type"] == "stream"})
+    assert names == ["file:synthetic.wav", "file:synthetic.wav-2"]
+    by_stream = {name: [e for e in events if e.get("stream") == name] for name in names}
+    assert finals(by_stream[names[0]]) == finals(by_stream[names[1]]) != []  # the same file, the same finals
+    for name in names:
+        assert_in_order(by_stream[name])
+        assert by_stream[name][-1]["reason"] == "end"  # the file source's reason: replayed to its end
+    time.sleep(0.5)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "worker processes left behind"
