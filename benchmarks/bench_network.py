@@ -231,6 +231,26 @@ def _load_model(path: str | None, threads: int | None) -> Any:
     return EmotionModel.load(resolved, device="auto", threads=threads)
 
 
+#: ``--workers``: 1 is the in-process Monitor; more runs the pipelines in that many processes (WorkerPool).
+_WORKERS = 1
+
+
+def _make_monitor(model: Any, config: Any, sink: Any) -> Any:
+    """The monitor ``serstream serve --workers N`` builds for the same N."""
+    from serstream.monitor import Monitor
+
+    if _WORKERS > 1:
+        from serstream.workers.pool import WorkerPool
+
+        return WorkerPool(model, config, sink, workers=_WORKERS)
+    return Monitor(model, config, sink)
+
+
+def _audio_dropped(drops: dict[str, Any]) -> int:
+    """Audio lost in a stream ring, plus (``--workers``) on the way to a worker."""
+    return int(drops.get("audio_samples", 0)) + int(drops.get("worker_audio_samples", 0))
+
+
 class _Collector:
     """Sink part that keeps each emotion event's latency by kind until ``until`` (light: monitor threads)."""
 
@@ -257,7 +277,7 @@ def _fill(step: Step, collected: _Collector, drops: dict[str, Any]) -> Step:
     step.partials, step.finals = len(collected.partial), len(collected.final)
     step.p50_ms, step.p95_ms = _pct(collected.partial, 50), _pct(collected.partial, 95)
     step.final_p95_ms = _pct(collected.final, 95)
-    step.audio_dropped = int(drops.get("audio_samples", 0))
+    step.audio_dropped = _audio_dropped(drops)
     step.events_dropped = int(drops.get("events_dropped", 0))
     step.partials_expired = int(drops.get("partials_expired", 0))
     step.partials_dropped = int(drops.get("partials_dropped", 0))
@@ -282,11 +302,11 @@ def _outcome(step: Step) -> StepOutcome:
 
 
 def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
-    from serstream.monitor import Monitor, MonitorConfig
+    from serstream.monitor import MonitorConfig
     from serstream.sources.rtp import RtpSource, RtpSourceConfig
 
     collected = _Collector()
-    monitor = Monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), collected)
+    monitor = _make_monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), collected)
     monitor.start()
     source = RtpSource(monitor, "127.0.0.1", 0, None,
                        RtpSourceConfig(idle_timeout_s=1.0, max_streams=streams + 16, rtcp=False))
@@ -322,7 +342,7 @@ def run_rtp_step(model: Any, streams: int, seconds: float) -> Step:
 def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
     from serstream.access import LimitsConfig
     from serstream.metrics import scrape
-    from serstream.monitor import Monitor, MonitorConfig
+    from serstream.monitor import MonitorConfig
     from serstream.server import EventBus, MonitorServer
     from serstream.sources.ingest import make_ingest_handler
 
@@ -339,7 +359,7 @@ def run_ws_step(model: Any, streams: int, seconds: float) -> Step:
             collected(event)
             bus.publish_threadsafe(loop, event)
 
-        monitor = Monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
+        monitor = _make_monitor(model, MonitorConfig(max_streams=streams + 16, stats_interval_s=3600), sink)
         monitor.set_bus_drop_counter(lambda: bus.events_dropped)
         handler = make_ingest_handler(monitor, bus=bus, token=None, max_streams=streams + 16)
         # Every client comes from 127.0.0.1: lift the per-address caps (docs/security.md) to the ramp.
@@ -421,7 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ws-steps", default=None, help="comma-separated WebSocket stream counts (0: skip)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per step")
     parser.add_argument("--json", action="store_true", help="print the steps as JSON as well")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run the pipelines in N worker processes, as `serve --workers N` (default 1); "
+                        "the CPU column then counts this process only")
     args = parser.parse_args(argv)
+    global _WORKERS
+    _WORKERS = max(1, args.workers)
     seconds = args.seconds or (6.0 if args.quick else 15.0)
     default_rtp_steps = [25, 100] if args.quick else [50, 100, 200, 300, 400, 500]
     rtp_steps = _steps(args.rtp_steps) if args.rtp_steps else default_rtp_steps
@@ -430,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     from serstream.inference.session import describe_device
 
     print(f"model {model.info.version} on {describe_device(model)} ({model.path}); {os.cpu_count()} CPU cores; "
+          f"{_WORKERS} worker process(es); "
           f"{seconds:g} s per step; capacity rule (serstream/core/capacity.py): nothing lost, partial p95 < "
           f"{PARTIAL_P95_LIMIT_MS:.0f} ms, final p95 < {FINAL_P95_LIMIT_MS:.0f} ms, and for 'every partial' "
           "no partial expired")

@@ -186,6 +186,23 @@ def _add_audiosocket_options(parser: argparse.ArgumentParser) -> None:
     add_audiosocket_arguments(parser)
 
 
+def _workers_count(text: str) -> int:
+    """argparse type of ``--workers``: a positive integer or ``auto`` (one per core)."""
+    from serstream.workers.plan import parse_workers
+
+    try:
+        return parse_workers(text, os.cpu_count())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--workers ")) from None
+
+
+def _add_workers_option(parser: argparse.ArgumentParser) -> None:
+    """``--workers N|auto`` (``listen`` and ``serve``): the per-stream pipelines in N processes."""
+    parser.add_argument("--workers", type=_workers_count, default=1, metavar="N|auto",
+                        help="run the streams' pipelines in N processes (auto: one per core), one model "
+                        "and one port for all; default 1: everything in this process (docs/scale-out.md)")
+
+
 def _add_history_args(parser: argparse.ArgumentParser) -> None:
     """Event history for reconnecting clients and the SQLite recording (``listen`` and ``serve``)."""
     from serstream.core.history import DEFAULT_HISTORY_S
@@ -260,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rtp_options(listen)
     _add_audiosocket_options(listen)
     _add_history_args(listen)
+    _add_workers_option(listen)
 
     sub.add_parser("devices", help="list audio input devices")
 
@@ -289,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest_options(serve)
     _add_audiosocket_options(serve)
     _add_history_args(serve)
+    _add_workers_option(serve)
 
     from serstream.watch import add_watch_arguments
 
@@ -587,7 +606,13 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         bus.publish_threadsafe(loop, event)
         console.offer(event)
 
-    monitor = Monitor(model, _monitor_config(args, track_levels=console.live), sink)
+    workers = int(getattr(args, "workers", 1) or 1)
+    if workers > 1:
+        from serstream.workers.pool import WorkerPool
+
+        monitor: Any = WorkerPool(model, _monitor_config(args, track_levels=console.live), sink, workers=workers)
+    else:
+        monitor = Monitor(model, _monitor_config(args, track_levels=console.live), sink)
     console.levels = monitor.levels
     monitor.set_bus_drop_counter(lambda: bus.events_dropped + console.dropped)
 
@@ -627,7 +652,16 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         if recorder is not None:
             recorder.close()
         raise UserError(one_line(exc, limit=None)) from None
-    monitor.start()
+    if workers > 1:
+        try:
+            await asyncio.to_thread(monitor.start)  # spawns the workers and waits for them
+        except MonitorError as exc:
+            await server.close()
+            if recorder is not None:
+                recorder.close()
+            raise UserError(one_line(exc, limit=None)) from None
+    else:
+        monitor.start()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -652,6 +686,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         # above the console never starts, so the error stays the only line.
         console.start()
         _info(f"model {model.info.version} on {describe_device(model)} ({model.path})", quiet)
+        if workers > 1:
+            _info(f"{workers} worker processes run the streams' pipelines (pids "
+                  f"{', '.join(str(pid) for pid in monitor.worker_pids())}); one model in this process", quiet)
         _print_endpoints(args.host, server.port, server.tls, access, quiet)
         if recorder is not None:
             _info(f"recording events to {recorder.path} (run {recorder.run_id}; no audio)", quiet)

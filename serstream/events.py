@@ -84,6 +84,7 @@ ERROR_CODES = (
     "overflow",
     "source_error",
     "stream_error",
+    "worker_lost",
 )
 #: ``stats`` events are about the whole monitor, not one stream.
 STATS_STREAM = model.STATS_STREAM

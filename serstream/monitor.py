@@ -74,6 +74,7 @@ __all__ = [
     "StreamHandle",
     "scheduler_config_for",
     "check_model_info",
+    "validate_stream_params",
 ]
 
 Sink = Callable[[dict[str, Any]], None]
@@ -163,6 +164,31 @@ def scheduler_config_for(info: ModelInfo, hop_s: float = 0.5) -> SchedulerConfig
         min_window_s=min(float(info.min_window_s), window),
         max_window_s=max(float(info.max_window_s), window),
     )
+
+
+def validate_stream_params(
+    stream_id: str, *, source: str, sample_rate: int, channels: int,
+    call: str | None = None, role: str | None = None,
+) -> tuple[int, int]:
+    """(rate, channels) of a stream about to open, or MonitorError (one line) on a bad parameter.
+
+    One function so that every front door (this monitor, the ``--workers``
+    pool in the main process) refuses the same things with the same words.
+    """
+    try:
+        rate = validate_rate(sample_rate)
+    except ValueError as exc:
+        raise MonitorError(f"stream {stream_id!r}: {exc}") from None
+    if source not in events.STREAM_SOURCES:
+        raise MonitorError(f"stream {stream_id!r}: unknown source {source!r}")
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+        raise MonitorError(f"stream {stream_id!r}: channels must be an integer >= 1, got {channels!r}")
+    if not stream_id or len(stream_id) > 200:
+        raise MonitorError("stream id must be 1 to 200 characters")
+    for name, tag in (("call", call), ("role", role)):
+        if tag is not None and (not isinstance(tag, str) or not 1 <= len(tag) <= 200 or not tag.isprintable()):
+            raise MonitorError(f"stream {stream_id!r}: {name} must be 1 to 200 printable characters")
+    return rate, int(channels)
 
 
 class Lifecycle(enum.Enum):
@@ -291,11 +317,14 @@ class StreamHandle:
     def capacity(self) -> int:
         return self._stream.ring.capacity
 
-    def push(self, block: np.ndarray) -> None:
+    def push(self, block: np.ndarray, at: float | None = None) -> None:
         """Hand one block of native-rate audio to the monitor; never blocks on anything slow.
 
         ``block`` is ``[frames]`` or ``[frames, channels]``, float (any width)
         or int16. The block is copied; the caller may reuse its buffer.
+        ``at``: when the block arrived (``time.monotonic()``, default now); a
+        ``--workers`` process passes the main process's arrival time, so
+        latency counts the hop between the processes.
         """
         st = self._stream
         if st.lifecycle is not Lifecycle.OPEN:
@@ -306,7 +335,7 @@ class StreamHandle:
             st.trouble = ("bad_samples", f"unusable audio block: {one_line(exc, limit=None)}")
             self._monitor._mark(st)
             return
-        now = time.monotonic()
+        now = time.monotonic() if at is None else at
         # The ring copies (and casts to float32); NaN/inf are replaced and counted by the
         # pipeline thread, once per drained stretch rather than once per block.
         with st.lock:
@@ -508,20 +537,8 @@ class Monitor:
         (N = 2..100, the rule of :mod:`serstream.core.stream_ids`), chosen under
         the registry lock; the handle's ``stream_id`` says which.
         """
-        try:
-            rate = validate_rate(sample_rate)
-        except ValueError as exc:
-            raise MonitorError(f"stream {stream_id!r}: {exc}") from None
-        if source not in events.STREAM_SOURCES:
-            raise MonitorError(f"stream {stream_id!r}: unknown source {source!r}")
-        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
-            raise MonitorError(f"stream {stream_id!r}: channels must be an integer >= 1, got {channels!r}")
-        channels = int(channels)
-        if not stream_id or len(stream_id) > 200:
-            raise MonitorError("stream id must be 1 to 200 characters")
-        for name, tag in (("call", call), ("role", role)):
-            if tag is not None and (not isinstance(tag, str) or not 1 <= len(tag) <= 200 or not tag.isprintable()):
-                raise MonitorError(f"stream {stream_id!r}: {name} must be 1 to 200 printable characters")
+        rate, channels = validate_stream_params(stream_id, source=source, sample_rate=sample_rate,
+                                                channels=channels, call=call, role=role)
         ring = max(1, int(math.ceil(self.config.ring_seconds * rate)))
         with self._registry_lock:
             if self._stopping:
