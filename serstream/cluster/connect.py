@@ -83,7 +83,8 @@ class ClusterConfig:
         if self.num_cpus == 0 and self.num_gpus == 0:
             raise ValueError("a replica needs --num-cpus or --num-gpus above 0")
         if self.device == "cuda" and self.num_gpus == 0:
-            raise ValueError("--device-backend cuda needs --num-gpus above 0 (Ray hides GPUs from a replica without one)")
+            raise ValueError("--device-backend cuda needs --num-gpus above 0 "
+                             "(Ray hides GPUs from a replica without one)")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
         for name in ("batch_wait_s", "target_ongoing_requests"):
