@@ -204,7 +204,9 @@ def deploy(model_path: Path, config: ClusterConfig) -> ClusterSession:
         else:
             options["num_replicas"] = config.replicas
         threads = config.threads or max(1, int(config.num_cpus))
-        app = InferenceDeployment.options(**options).bind(
+        # @serve.deployment made the class a Serve Deployment (`options`, `bind`); mypy sees the class.
+        deployment: Any = InferenceDeployment
+        app = deployment.options(**options).bind(
             model_path.name, model_bytes, sidecar_bytes, config.device, threads, config.max_batch,
             config.batch_wait_s,
         )
