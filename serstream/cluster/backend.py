@@ -115,8 +115,9 @@ class ServeBackend:
         with self._lock:
             if not self._policy.allow(started):
                 self._counts["refused_batches"] += 1
-                raise InferenceError(f"{self._policy.reason} (the cluster is asked again in "
-                                     f"{self._policy.retry_in(started):.0f} s)")
+                # The same text for every refused batch: the worker reports a message once, then counts it.
+                raise InferenceError(f"{self._policy.reason} (not asking the cluster for "
+                                     f"{self._policy.cooldown_s:g} s after each failure)")
         deadline = started + self.timeout_s
         responses = [self._send(r) for r in requests]
         results: list[WindowResult] = []
@@ -141,6 +142,12 @@ class ServeBackend:
         """
         with self._lock:
             return {f"cluster_{key}": int(value) for key, value in sorted(self._counts.items())}
+
+    @property
+    def answering(self) -> bool:
+        """False while the breaker is open (the cluster timed out or went away)."""
+        with self._lock:
+            return not self._policy.open
 
     def served_by(self) -> tuple[dict[str, int], dict[str, int]]:
         """Windows answered per node id and per replica id."""

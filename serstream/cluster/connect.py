@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import threading
 import warnings
@@ -147,7 +148,8 @@ class ClusterSession:
         import ray
         from ray import serve
 
-        if not self.config.keep:
+        # With the cluster gone (the breaker open) there is nothing to delete, and asking would only wait.
+        if not self.config.keep and self.backend.answering:
             _quietly(lambda: serve.delete(self.config.app))
         if self.started_ray:
             _quietly(serve.shutdown)
@@ -167,8 +169,9 @@ def deploy(model_path: Path, config: ClusterConfig) -> ClusterSession:
         from ray import serve
     except ImportError:
         raise ClusterError('Ray is not installed here: pip install "serstream[ray]"') from None
-    # Serve logs every deployment step at INFO on stderr; the monitor's own lines say what matters.
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # Serve logs every deployment step at INFO on stderr, and with a head gone a warning every 0.2 s;
+    # the monitor's own error events and counters say what matters.
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
     if kind in ("gcs", "client"):
         assert host is not None and port is not None
         check_reachable(host, port, config.connect_timeout_s, config.address)
@@ -244,7 +247,13 @@ def _init_ray(ray: Any, kind: str, address: str) -> None:
         else:
             ray.init(address="auto" if kind == "auto" else address, **quiet)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, grpc errors...
-        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {_describe(exc)}") from None
+        hint = ""
+        if kind != "local" and "RAY_AUTH_MODE" not in os.environ:
+            # `ray start --head` turns token authentication on (Ray 2.60); a driver without the token
+            # is refused with a bare "Failed to connect" after Ray's own 20 s of retries.
+            hint = (" (a cluster started with `ray start` wants its token: RAY_AUTH_MODE=token, and the token in "
+                    "RAY_AUTH_TOKEN or ~/.ray/auth_token; docs/scale-out.md)")
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {_describe(exc)}{hint}") from None
 
 
 def _check_resources(ray: Any, config: ClusterConfig) -> None:
