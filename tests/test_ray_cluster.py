@@ -35,6 +35,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from serstream.analyze import StreamSpec, analyze  # noqa: E402
 from serstream.cluster.backend import ServeBackend  # noqa: E402
 from serstream.cluster.connect import ClusterConfig, ClusterSession, deploy  # noqa: E402
+from serstream.cluster.policy import RequestPolicy  # noqa: E402
 from serstream.errors import InferenceError  # noqa: E402
 from serstream.inference.session import EmotionModel, pad_batch  # noqa: E402
 from serstream.monitor import Monitor, MonitorConfig  # noqa: E402
@@ -197,6 +198,39 @@ def test_a_replica_that_raises_is_one_line_and_the_others_go_on(
     # The same replicas still serve, with the right numbers.
     good = backend.infer(audio, lengths, {spec.name: [None, None]})
     np.testing.assert_allclose(good.probs, local_model.infer(audio, lengths).probs, atol=1e-5)
+
+
+def test_no_answer_in_time_fails_fast_and_the_streams_go_on(
+    cluster: tuple[Cluster, ClusterSession], wavs: dict[str, Path]
+) -> None:
+    base = cluster[1].backend
+    # The replicas wait 0.4 s for fuller batches: a 50 ms timeout is a cluster that does not answer in time.
+    slow = ServeBackend(base.handle, base.info, base.device, base.path, timeout_s=0.05,
+                        policy=RequestPolicy(cooldown_s=30.0))
+    audio, lengths = pad_batch([np.full(8000, 0.1, np.float32), np.full(4000, 0.2, np.float32)])
+    with pytest.raises(InferenceError, match="^no answer from the inference cluster in time$"):
+        slow.infer(audio, lengths)
+    began = time.monotonic()
+    with pytest.raises(InferenceError) as caught:
+        slow.infer(audio, lengths)
+    assert time.monotonic() - began < 0.05  # the breaker: no second wait
+    assert str(caught.value) == ("no answer from the inference cluster in time "
+                                 "(not asking the cluster for 30 s after each failure)")
+    assert slow.counters()["cluster_timeouts"] >= 1 and slow.counters()["cluster_refused_batches"] == 1
+    assert not slow.answering
+
+    # Through the monitor: the stream still opens, speaks and closes; the lost windows are counted and
+    # reported once per distinct message, on the stats stream.
+    events, stats = run_streams(slow, {"alice": wavs["alice"]})
+    kinds = [e["type"] for e in events if e.get("stream") == "alice"]
+    assert kinds[0] == "stream" and kinds[-1] == "stream" and "speech" in kinds and "emotion" not in kinds
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and all(e["code"] == "inference_error" and e["stream"] == "*" for e in errors)
+    assert len(errors) == len({e["message"] for e in errors}) == 1, errors
+    assert stats["drops"]["inference_failures"] >= 1
+    assert stats["drops"]["cluster_refused_batches"] > 1
+    # The deployment itself is unharmed: the normal backend still answers.
+    assert base.infer(audio, lengths).probs.shape[0] == 2
 
 
 class KillDuringBatch:

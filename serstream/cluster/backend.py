@@ -119,7 +119,18 @@ class ServeBackend:
                 raise InferenceError(f"{self._policy.reason} (not asking the cluster for "
                                      f"{self._policy.cooldown_s:g} s after each failure)")
         deadline = started + self.timeout_s
-        responses = [self._send(r) for r in requests]
+        responses: list[Any] = []
+        try:
+            for request in requests:
+                responses.append(self._send(request))
+        except Exception as exc:  # noqa: BLE001 - e.g. a Ray Client connection that has closed
+            for response in responses:
+                _cancel(response)
+            kind, message = classify(exc)
+            with self._lock:
+                self._counts[_COUNTER[kind]] += 1
+                self._policy.failed(kind, self._clock(), message)
+            raise InferenceError(message) from None
         results: list[WindowResult] = []
         try:
             for i, request in enumerate(requests):
