@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -43,7 +44,7 @@ from tests.audio import SAMPLE_RATE, espeak_sentences  # noqa: E402
 from tests.conftest import require_tools, serstream_command  # noqa: E402
 
 # Ray Serve's pydantic models warn on import (PydanticDeprecatedSince20); not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 CHUNK = 320
 APP = "serstream-test"
@@ -96,6 +97,7 @@ def cluster(state_model: Path) -> Iterator[tuple[Cluster, ClusterSession]]:
         if session is not None:
             session.close()
         ray_cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def finals_of(events: list[dict[str, Any]], stream: str) -> list[dict[str, Any]]:
@@ -164,6 +166,16 @@ def test_an_unreachable_head_is_one_line_and_exit_2(free_port: int, speech_wav: 
     assert lines == [f"serstream: error: cannot reach the Ray head at ray://127.0.0.1:{free_port}: "
                      "Connection refused (is `ray start --head` running there, and the port open?)"], proc.stderr
     assert took < 15, took
+
+
+def test_a_missing_file_is_refused_before_any_cluster_is_touched(tmp_path: Path) -> None:
+    began = time.monotonic()
+    # "local" would start Ray: the file check must come first.
+    proc = subprocess.run([*serstream_command(), "cluster", "--address", "local", "--file", str(tmp_path / "no.wav")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"serstream: error: audio file not found: {tmp_path / 'no.wav'}"]
+    assert time.monotonic() - began < 15
 
 
 def test_finals_over_two_nodes_equal_the_in_process_model(

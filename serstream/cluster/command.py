@@ -76,6 +76,15 @@ def run_cluster(
     if args.exit_when_done and not args.file:
         raise UserError("--exit-when-done needs at least one --file")
     config = config_from_args(args, args.threads)
+    # Files are checked before the cluster is touched: a typo costs a second, not a deployment.
+    from serstream.errors import SourceError
+    from serstream.sources.file import open_audio_file
+
+    for path in args.file:
+        try:
+            open_audio_file(path).close()
+        except SourceError as exc:
+            raise UserError(one_line(exc, limit=None)) from None
     # Load once on CPU here: a broken model is one line before any cluster is touched.
     local = load_model(args.model, "cpu", 1)
     try:
