@@ -10,7 +10,7 @@ Espeak-ng streams go through the real :class:`~serstream.monitor.Monitor` on
 the :class:`~serstream.cluster.backend.ServeBackend`; the model is the test
 factory model with a state input, so a window run without its stream's
 state would give a different reading. Ray starts slowly on a shared machine:
-the whole module takes about a minute.
+the whole module took about 70 s on a 2-core machine shared with other jobs.
 """
 
 from __future__ import annotations
