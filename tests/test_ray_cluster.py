@@ -35,7 +35,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from serstream.analyze import StreamSpec, analyze  # noqa: E402
 from serstream.cluster.backend import ServeBackend  # noqa: E402
-from serstream.cluster.connect import ClusterConfig, ClusterSession, deploy  # noqa: E402
+from serstream.cluster.connect import ClusterConfig, ClusterSession, deploy, deployment_options  # noqa: E402
+from serstream.cluster.deployment import InferenceDeployment  # noqa: E402
 from serstream.cluster.policy import RequestPolicy  # noqa: E402
 from serstream.errors import InferenceError  # noqa: E402
 from serstream.inference.session import EmotionModel, pad_batch  # noqa: E402
@@ -166,6 +167,19 @@ def test_an_unreachable_head_is_one_line_and_exit_2(free_port: int, speech_wav: 
     assert lines == [f"serstream: error: cannot reach the Ray head at ray://127.0.0.1:{free_port}: "
                      "Connection refused (is `ray start --head` running there, and the port open?)"], proc.stderr
     assert took < 15, took
+
+
+def test_serve_takes_the_deployment_options_as_meant() -> None:
+    # Serve validates the options but ignores unknown keys: read back what it made of each.
+    fixed = InferenceDeployment.options(**deployment_options(ClusterConfig(replicas=3, num_cpus=0.5, max_batch=8)))
+    assert fixed.num_replicas == 3
+    assert fixed.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert fixed.max_ongoing_requests == 16  # room for two full batches
+    scaled = InferenceDeployment.options(**deployment_options(
+        ClusterConfig(replicas=2, max_replicas=5, target_ongoing_requests=4, num_gpus=0.25)))
+    auto = scaled._deployment_config.autoscaling_config  # no public reader in Serve 2.60
+    assert (auto.min_replicas, auto.initial_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 2, 5, 4)
+    assert scaled.ray_actor_options["num_gpus"] == 0.25
 
 
 def test_a_missing_file_is_refused_before_any_cluster_is_touched(tmp_path: Path) -> None:

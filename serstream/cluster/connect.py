@@ -38,7 +38,7 @@ from serstream.cluster.backend import ServeBackend
 from serstream.cluster.policy import RequestPolicy
 from serstream.errors import ClusterError, one_line
 
-__all__ = ["ClusterConfig", "ClusterSession", "parse_address", "deploy"]
+__all__ = ["ClusterConfig", "ClusterSession", "parse_address", "deploy", "deployment_options"]
 
 log = logging.getLogger(__name__)
 
@@ -190,22 +190,7 @@ def deploy(model_path: Path, config: ClusterConfig) -> ClusterSession:
         _check_resources(ray, config)
         from serstream.cluster.deployment import InferenceDeployment
 
-        options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-            # Room for a full batch of windows per replica (Serve's default is 5 ongoing requests).
-            "max_ongoing_requests": max(2 * config.max_batch, 4),
-            "health_check_period_s": 2.0,
-            "health_check_timeout_s": 10.0,
-        }
-        if config.autoscaling:
-            options["autoscaling_config"] = {
-                "min_replicas": config.replicas,
-                "initial_replicas": config.replicas,
-                "max_replicas": config.max_replicas,
-                "target_ongoing_requests": config.target_ongoing_requests,
-            }
-        else:
-            options["num_replicas"] = config.replicas
+        options = deployment_options(config)
         threads = config.threads or max(1, int(config.num_cpus))
         # @serve.deployment made the class a Serve Deployment (`options`, `bind`); mypy sees the class.
         deployment: Any = InferenceDeployment
@@ -231,6 +216,27 @@ def deploy(model_path: Path, config: ClusterConfig) -> ClusterSession:
         _cleanup(ray, serve, config, started_ray)
         raise ClusterError(f"cannot deploy the inference on {config.address}: {_describe(exc)}") from None
     return ClusterSession(config, started_ray, backend)
+
+
+def deployment_options(config: ClusterConfig) -> dict[str, Any]:
+    """The ``Deployment.options(...)`` of the inference: resources, replicas or autoscaling, health checks."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        # Room for a full batch of windows per replica (Serve's default is 5 ongoing requests).
+        "max_ongoing_requests": max(2 * config.max_batch, 4),
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
+    }
+    if config.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": config.replicas,
+            "initial_replicas": config.replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.replicas
+    return options
 
 
 # ------------------------------------------------------------------ helpers
