@@ -1,4 +1,4 @@
-"""The ``serstream`` command: listen, devices, analyze, serve, bench.
+"""The ``serstream`` command: listen, devices, analyze, serve, cluster, bench.
 
 Every error a user can cause (a missing or broken model, a missing file, a
 taken port, a device that does not exist) ends the command with exit code 2
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audiosocket_options(listen)
     _add_history_args(listen)
     _add_workers_option(listen)
+    _add_cluster_parser(sub, listen)
 
     sub.add_parser("devices", help="list audio input devices")
 
@@ -323,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     _add_model_options(bench)
     return parser
+
+
+def _add_cluster_parser(sub: Any, listen: argparse.ArgumentParser) -> None:
+    """``serstream cluster``: every ``listen`` option (copied, so the two cannot drift) plus the cluster ones."""
+    from serstream.cluster.command import add_cluster_arguments
+
+    cluster = sub.add_parser("cluster", parents=[listen], conflict_handler="resolve",
+                             help="listen/serve with the inference on a Ray cluster (docs/scale-out.md)")
+    add_cluster_arguments(cluster)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -641,6 +651,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         limits=limits, open_timeout=args.handshake_timeout, keepalive=args.keepalive,
     )
     monitor.add_stats_provider(server.refusal_counters)
+    backend_counters = getattr(model, "counters", None)  # a cluster backend's retries, timeouts...
+    if callable(backend_counters):
+        monitor.add_stats_provider(backend_counters)
     recorder = _open_recorder(args)
     if recorder is not None:
         bus.add_listener(recorder.offer_entry)
@@ -831,6 +844,15 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return asyncio.run(_run_server(args, model, with_sources=True))
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from serstream.cluster.command import run_cluster
+
+    def run_monitor(ns: argparse.Namespace, backend: Any, with_sources: bool) -> int:
+        return asyncio.run(_run_server(ns, backend, with_sources=with_sources))
+
+    return run_cluster(args, load_model, run_monitor)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device_backend, _live_threads(args.threads))
     return asyncio.run(_run_server(args, model, with_sources=False))
@@ -953,6 +975,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "listen": _cmd_listen,
     "serve": _cmd_serve,
+    "cluster": _cmd_cluster,
     "devices": _cmd_devices,
     "analyze": _cmd_analyze,
     "bench": _cmd_bench,

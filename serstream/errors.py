@@ -33,6 +33,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_CLOSE_REASON_BYTES",
     "AnalyzeError",
+    "ClusterError",
     "CodecError",
     "ContractError",
     "DeviceError",
@@ -172,6 +173,10 @@ class ModelNotFoundError(SerstreamError, FileNotFoundError):
 
 class DeviceError(SerstreamError, RuntimeError):
     """The requested device cannot be used (e.g. ``device="cuda"`` without a GPU) (inference/session.py)."""
+
+
+class ClusterError(SerstreamError, RuntimeError):
+    """A Ray cluster cannot be reached or the inference cannot be deployed on it; one line (cluster/)."""
 
 
 class InferenceError(SerstreamError, RuntimeError):
