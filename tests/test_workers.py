@@ -29,6 +29,7 @@ import soundfile as sf
 
 from serstream import cli
 from serstream.inference.session import EmotionModel, InferenceOutput
+from serstream.metrics import scrape
 from serstream.monitor import Monitor, MonitorConfig
 from serstream.workers.merge import Part, merge_requests, split_output, sum_stats
 from serstream.workers.plan import assign_worker, may_reopen, parse_workers, restart_delay
@@ -242,6 +243,13 @@ def test_streams_on_two_workers_reach_one_sink_with_the_single_process_finals(
     assert stats["events"] == sum(1 for e in pooled.events if e["type"] == "emotion")
     assert stats["batches"]["count"] > 0 and stats["workers"]["count"] == 2
     assert [e for e in pooled.events if e["type"] == "stats"], "the pool sends its own stats event"
+    # /metrics of the pool: the latency histograms count every worker's estimates.
+    text = scrape(pool)
+    finals_seen = sum(1 for e in pooled.events if e["type"] == "emotion" and e["kind"] == "final")
+    partials_seen = stats["events"] - finals_seen
+    assert f"serstream_final_latency_seconds_count {float(finals_seen)}" in text
+    assert f"serstream_partial_latency_seconds_count {float(partials_seen)}" in text
+    assert "serstream_worker_restarts_total 0.0" in text
     assert not multiprocessing.active_children()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()

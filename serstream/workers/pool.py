@@ -50,6 +50,7 @@ from serstream.contract import ModelInfo
 from serstream.core.stats import LatencyTracker
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.errors import MonitorError, StreamIdTaken, one_line
+from serstream.metrics import MonitorMetrics
 from serstream.inference.worker import InferenceBackend
 from serstream.monitor import (
     MonitorConfig,
@@ -185,6 +186,10 @@ class WorkerPool:
         self._idle_replies: dict[int, bool | None] = {}
         self._idle_ids = itertools.count(1)
         self._ticker: threading.Thread | None = None
+        #: Prometheus instruments of the whole pool (serstream/metrics.py): event latencies are
+        #: observed here, where every worker's events arrive, so /metrics sees every stream.
+        self.metrics = MonitorMetrics()
+        self.metrics.set_device(self.device, str(getattr(model_or_backend, "provider", "") or self.device))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -537,6 +542,7 @@ class WorkerPool:
                 if event.get("kind") == "final":
                     self._final_latency.record(latency)
                 self._events += 1
+            self.metrics.observe_event(event.get("kind") == "final", latency)
         elif kind == "stream" and event.get("state") == "closed":
             with self._registry_lock:
                 st = self._streams.get(str(event.get("stream")))
@@ -725,6 +731,12 @@ class WorkerPool:
                 "streams": self._loads(),
             },
         }
+
+    def counters(self) -> dict[str, int]:
+        """The pool's own counters (``/metrics`` exports each as ``serstream_NAME_total``)."""
+        with self._stats_lock:
+            return {"worker_restarts": self._restarts, "worker_streams_lost": self._lost_streams,
+                    "sink_failures": self._sink_failures}
 
     def _loads(self) -> list[int]:
         with self._registry_lock:
