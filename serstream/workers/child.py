@@ -39,10 +39,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from serstream.contract import ModelInfo
-from serstream.errors import MonitorError, one_line
+from serstream.errors import InferenceError, MonitorError, one_line
 from serstream.inference.session import InferenceOutput
 
-__all__ = ["RemoteBackend", "RemoteInferenceError", "worker_main"]
+__all__ = ["RemoteBackend", "worker_main"]
 
 log = logging.getLogger("serstream.workers")
 
@@ -50,10 +50,6 @@ log = logging.getLogger("serstream.workers")
 EVENT_FLUSH_S = 0.005
 STATS_PERIOD_S = 1.0
 LEVELS_PERIOD_S = 0.1
-
-
-class RemoteInferenceError(RuntimeError):
-    """The inference tier could not run a batch (its one-line message)."""
 
 
 class _Up:
@@ -99,11 +95,11 @@ class RemoteBackend:
         with self._cond:
             while request not in self._results:
                 if self._closed or self._up.broken:
-                    raise RemoteInferenceError("the inference tier went away (main process stopping)")
+                    raise InferenceError("the inference tier went away (main process stopping)")
                 self._cond.wait(0.5)
             output, error = self._results.pop(request)
         if output is None:
-            raise RemoteInferenceError(error or "inference failed")
+            raise InferenceError(error or "inference failed")
         return output
 
     def deliver(self, request: int, output: InferenceOutput | None, error: str | None) -> None:
