@@ -72,7 +72,9 @@ CLOSE_TRY_LATER = 1013
 FORMATS: Final[tuple[str, ...]] = ingest_formats()
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,99}")
-_RESERVED_PREFIXES = ("rtp:", "file:")
+# The other sources' id prefixes: an /ingest client must not take a phone call's stream id
+# (the call would then get a -2 suffix and its users would read the wrong stream).
+_RESERVED_PREFIXES = ("rtp:", "file:", "twilio:", "telnyx:", "fork:", "audiosocket:")
 _MAX_RATE = 384_000
 _MAX_CHANNELS = 8
 

@@ -50,8 +50,8 @@ from serstream.contract import ModelInfo
 from serstream.core.stats import LatencyTracker
 from serstream.core.stream_ids import MAX_SUFFIX, allocate
 from serstream.errors import MonitorError, StreamIdTaken, one_line
-from serstream.metrics import MonitorMetrics
 from serstream.inference.worker import InferenceBackend
+from serstream.metrics import MonitorMetrics
 from serstream.monitor import (
     MonitorConfig,
     check_model_info,

@@ -90,6 +90,9 @@ def test_partial_frames_are_dropped_and_oversized_ones_refused() -> None:
         (hello(format="mp3"), CLOSE_UNSUPPORTED, "format 'mp3' is not supported (use s16le or f32le)"),
         (hello(sample_rate=500), CLOSE_UNSUPPORTED, "outside 1000-384000"),
         (hello(stream="rtp:1"), CLOSE_UNSUPPORTED, "reserved"),
+        (hello(stream="twilio:CA1:inbound"), CLOSE_UNSUPPORTED, "reserved"),
+        (hello(stream="audiosocket:0a1b"), CLOSE_UNSUPPORTED, "reserved"),
+        (hello(stream="fork:7f1d-42"), CLOSE_UNSUPPORTED, "reserved"),
         (hello(channels=9), CLOSE_UNSUPPORTED, "channels 9"),
     ],
 )
