@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import soxr
-from scipy.signal import firwin, kaiserord, lfilter
+from scipy.signal import firwin, kaiserord
 
 from serstream.contract import SAMPLE_RATE
 
@@ -109,6 +109,13 @@ class _IntegerRatioFir:
     The filter's group delay is dropped from the start of the output and
     flushed out with zeros at the end, so output sample k lines up with input
     time k / out_rate and the total length is exactly in_length * ratio.
+
+    Upsampling runs polyphase, never multiplying the stuffed zeros: output
+    phase p of each input sample is the input convolved with taps p, p + L,
+    .... Each call is ``np.convolve`` over the carried input history plus the
+    block: 8 -> 16 kHz in 45 ms blocks takes 35 us against scipy ``lfilter``'s
+    95 us (its per-call overhead was the largest cost of the pipeline thread
+    at 150 RTP streams; py-spy, benchmarks/bench_network.py).
     """
 
     @staticmethod
@@ -126,16 +133,35 @@ class _IntegerRatioFir:
         # Gain ``up`` restores the level lost to zero stuffing.
         self.taps = (firwin(numtaps, cutoff, window=("kaiser", beta), fs=fast_rate) * self.up).astype(np.float64)
         self.delay = (numtaps - 1) // 2  # in fast-rate samples
+        # Phase p of the upsampler: taps p, p + up, ..., zero-padded to one length.
+        per_phase = -(-numtaps // self.up)
+        padded = np.zeros(per_phase * self.up)
+        padded[:numtaps] = self.taps
+        self._phases = [padded[p :: self.up].copy() for p in range(self.up)]
+        #: Input samples the filter still needs from earlier blocks.
+        self._history_len = per_phase - 1
         self.reset()
 
     def reset(self) -> None:
-        self._zi = np.zeros(len(self.taps) - 1)
+        self._history = np.zeros(self._history_len)
         self._to_skip = self.delay
         self._phase = 0  # fast-rate samples until the next kept one (downsampling)
         self._fast_in = 0
 
-    def _run(self, fast: np.ndarray) -> np.ndarray:
-        filtered, self._zi = lfilter(self.taps, [1.0], fast, zi=self._zi)
+    def _filter(self, data: np.ndarray) -> np.ndarray:
+        """Fast-rate filter output for ``data`` (input rate): before the delay skip and decimation."""
+        joined = np.concatenate((self._history, data.astype(np.float64, copy=False)))
+        if self._history_len:
+            self._history = joined[-self._history_len :]
+        if self.up == 1:
+            return np.convolve(joined, self.taps, mode="valid")
+        fast = np.empty(data.size * self.up)
+        for p, taps in enumerate(self._phases):
+            fast[p :: self.up] = np.convolve(joined, taps, mode="valid")
+        return fast
+
+    def _run(self, data: np.ndarray) -> np.ndarray:
+        filtered = self._filter(data)
         if self._to_skip:
             skip = min(self._to_skip, filtered.size)
             filtered = filtered[skip:]
@@ -147,21 +173,15 @@ class _IntegerRatioFir:
         result: np.ndarray = filtered.astype(np.float32)
         return result
 
-    def _stuff(self, data: np.ndarray) -> np.ndarray:
-        if self.up == 1:
-            return data.astype(np.float64)
-        fast = np.zeros(data.size * self.up)
-        fast[:: self.up] = data
-        return fast
-
     def process(self, data: np.ndarray) -> np.ndarray:
         self._fast_in += data.size * self.up
-        return self._run(self._stuff(data))
+        return self._run(data)
 
     def flush(self) -> np.ndarray:
         expected = self._fast_in // self.down
         emitted_before = (self._fast_in - self.delay + self.down - 1) // self.down if self._fast_in > self.delay else 0
-        tail = self._run(np.zeros(self.delay))
+        # Zeros enough to push the delayed samples out (at least ``delay`` at the fast rate).
+        tail = self._run(np.zeros(-(-self.delay // self.up)))
         out = tail[: max(0, expected - emitted_before)]
         self.reset()
         return out

@@ -89,3 +89,23 @@ def test_integer_ratio_output_is_block_size_independent_and_exact_in_length(rate
     middle = one_shot[1000:-1000]
     reference = _tone(300, 16000, 1.0)[1000 : 1000 + middle.size]
     np.testing.assert_allclose(middle, reference, atol=0.02)
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_integer_ratio_matches_the_textbook_filter_over_odd_blocks(rate):
+    # The polyphase streaming filter must equal one whole-signal pass of
+    # zero-stuff -> FIR -> decimate (scipy's upfirdn), group delay removed.
+    from scipy.signal import upfirdn
+
+    from serstream.core.resample import _IntegerRatioFir
+
+    fir = _IntegerRatioFir(rate, 16000)
+    signal = np.random.default_rng(7).standard_normal(rate // 2).astype(np.float32)
+    reference = upfirdn(fir.taps, signal.astype(np.float64), up=fir.up)[fir.delay:][:: fir.down]
+    resampler = StreamResampler(rate)
+    cuts = np.cumsum([1, 17, 159, 160, 333, 2, 480])
+    parts = [resampler.process(p) for p in np.split(signal, cuts)]
+    parts.append(resampler.flush())
+    out = np.concatenate(parts)
+    assert out.size == signal.size * 16000 // rate
+    np.testing.assert_allclose(out, reference[: out.size].astype(np.float32), atol=1e-5)
