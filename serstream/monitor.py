@@ -799,6 +799,11 @@ class Monitor:
                 self._fail(st, "stream_error", f"stream pipeline failed: {one_line(exc, limit=None)}", now)
             if st.lifecycle is not Lifecycle.OPEN:
                 self._closing.add(st)
+            # Feed the worker as soon as it wants a batch, not only after the whole drain: with
+            # hundreds of streams a drain outlasts a batch, and the model would sit idle meanwhile
+            # while partials aged past their expiry (throughput fell as load rose).
+            if self._batcher.pending and self._worker.queue_depth == 0:
+                self._dispatch(time.monotonic())
 
     def _process_stream(self, st: _MonitorStream, now: float) -> None:
         if st.ended:

@@ -6,10 +6,14 @@ its oldest request has waited its deadline. Finals wait at most
 ``final_wait_s`` (end-of-speech latency is what users notice), partials
 ``partial_wait_s``.
 
-Rows are taken finals first, then partials, each oldest first, and the
-selection stops at the first row that does not fit the sample budget instead
-of skipping it, so a long window is never starved by a stream of short ones
-(a row larger than the budget on its own makes a batch of one).
+Rows are taken finals first, then partials, each oldest first. The first
+of them (the *head*) is always taken, so no row is starved: every row becomes
+a head in time (a row larger than the budget on its own makes a batch of
+one). The selection stops at the first row that does not fit the sample
+budget, and skips the rows whose length would leave more than
+``max_padding`` of the batch's padded samples as padding: an 8 s final
+padded together with 3 s partials made the model compute almost twice the
+audio it was given, on a CPU where inference is most of the cost.
 
 The queue is bounded by ``max_pending``, and only the newest partial of a
 stream matters: a new partial replaces that stream's pending partial, and a
@@ -83,6 +87,8 @@ class BatcherConfig:
     partial_wait_s: float = 0.020
     max_pending: int = 4096
     max_batch_samples: int | None = None
+    #: Largest share of a batch's padded samples that may be padding (1.0: any mix of lengths).
+    max_padding: float = 0.3
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -93,6 +99,8 @@ class BatcherConfig:
             raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
         if self.max_batch_samples is not None and self.max_batch_samples < 1:
             raise ValueError(f"max_batch_samples must be >= 1, got {self.max_batch_samples}")
+        if not 0.0 <= self.max_padding <= 1.0:
+            raise ValueError(f"max_padding must be within 0..1, got {self.max_padding}")
 
     @property
     def batch_samples(self) -> int:
@@ -120,6 +128,7 @@ class BatchFormer:
         partial_wait_s: float = 0.020,
         max_batch_samples: int | None = None,
         partial_max_age_s: float | None = None,
+        max_padding: float = 0.3,
     ) -> None:
         if partial_max_age_s is not None and not partial_max_age_s > 0:
             raise ValueError(f"partial_max_age_s must be > 0 or None, got {partial_max_age_s}")
@@ -131,6 +140,7 @@ class BatchFormer:
             partial_wait_s=partial_wait_s,
             max_pending=max_pending,
             max_batch_samples=max_batch_samples,
+            max_padding=max_padding,
         )
         self._budget = self.config.batch_samples
         self._seq = 0
@@ -267,18 +277,27 @@ class BatchFormer:
         self.counters.inc("partials_dropped")
 
     def _select(self) -> tuple[list[tuple[bool, int]], int, bool]:
-        """Rows for the next batch: ``([(is_final, seq)], longest, took_everything)``."""
+        """Rows for the next batch: ``([(is_final, seq)], longest, can_grow)``.
+
+        ``can_grow`` is False when the batch is full or the sample budget stopped it;
+        rows skipped for their padding do not stop it (they wait to head a batch of their own).
+        """
         keys: list[tuple[bool, int]] = []
-        longest = 0
+        longest = useful = 0
+        usable = 1.0 - self.config.max_padding
         for final, queue in ((True, self._finals), (False, self._partials)):
             for seq, entry in queue.items():
                 if len(keys) >= self.config.max_batch:
                     return keys, longest, False
                 grown = max(longest, entry.length)
-                if keys and grown * (len(keys) + 1) > self._budget:
+                padded = grown * (len(keys) + 1)
+                if keys and padded > self._budget:
                     return keys, longest, False
+                if keys and useful + entry.length < usable * padded:
+                    continue  # too long or too short for this batch: a later one takes it
                 keys.append((final, seq))
                 longest = grown
+                useful += entry.length
         return keys, longest, True
 
     def _close(self, keys: list[tuple[bool, int]], longest: int, now: float, reason: str) -> Batch:

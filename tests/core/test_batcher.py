@@ -49,7 +49,7 @@ def test_finals_have_the_shorter_deadline_and_go_first():
 
 
 def test_rows_are_zero_padded_with_their_lengths():
-    former = BatchFormer(max_batch=3)
+    former = BatchFormer(max_batch=3, max_padding=1.0)
     former.add(request("a", n=3, value=0.1), now=0.0)
     former.add(request("b", kind="final", n=5, value=0.2), now=0.0)
     (batch,) = former.add(request("c", n=2, value=0.3), now=0.0)
@@ -205,3 +205,48 @@ def test_without_a_max_age_nothing_expires():
     assert former.expire(100.0) == [] and former.pending == 1
     with pytest.raises(ValueError):
         BatchFormer(partial_max_age_s=0.0)
+
+
+def test_a_long_final_is_not_padded_together_with_short_partials():
+    # 8 s of final against 3 s partials: one batch would be 60 % padding (computed for nothing).
+    former = BatchFormer(max_batch=8, final_wait_s=0.0, partial_wait_s=0.0)
+    for i in range(3):
+        former.add(request(f"p{i}", n=300), now=0.0, close=False)
+    former.add(request("f", kind="final", n=800), now=0.0, close=False)
+    first, second = former.poll(0.0)
+    assert streams_of(first) == ["f"] and first.audio.shape == (1, 800)
+    assert streams_of(second) == ["p0", "p1", "p2"] and second.audio.shape == (3, 300)
+    assert first.padding == 0 and second.padding == 0
+
+
+def test_rows_of_similar_length_share_a_batch_within_max_padding():
+    former = BatchFormer(max_batch=8, final_wait_s=0.0, partial_wait_s=0.0, max_padding=0.2)
+    former.add(request("f", kind="final", n=350), now=0.0, close=False)
+    for i, n in enumerate([300, 290, 100]):
+        former.add(request(f"p{i}", n=n), now=0.0, close=False)
+    first, second = former.poll(0.0)
+    # 350 + 300 + 290 in a 3 x 350 batch wastes 10 %; the 100-sample row would make it 26 % (> 20 %).
+    assert streams_of(first) == ["f", "p0", "p1"]
+    assert streams_of(second) == ["p2"]
+    assert first.padding / first.audio.size <= 0.2
+
+
+def test_a_skipped_row_is_not_starved():
+    # A short partial keeps being skipped by batches of long ones until it is the oldest: then it heads one.
+    former = BatchFormer(max_batch=4, final_wait_s=0.0, partial_wait_s=0.0)
+    former.add(request("long-0", kind="final", n=800), now=0.0, close=False)
+    former.add(request("short", n=50), now=0.0, close=False)
+    (batch,) = former.poll(0.0, max_batches=1)
+    assert streams_of(batch) == ["long-0"]
+    former.add(request("long-1", kind="final", n=800), now=0.1, close=False)
+    (batch,) = former.poll(0.1, max_batches=1)
+    assert streams_of(batch) == ["long-1"]  # finals go first ...
+    (batch,) = former.poll(0.1, max_batches=1)
+    assert streams_of(batch) == ["short"]  # ... and then the skipped partial is the head
+    assert former.pending == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_max_padding_outside_0_to_1_is_refused(bad):
+    with pytest.raises(ValueError, match="max_padding"):
+        BatchFormer(max_padding=bad)
