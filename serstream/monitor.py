@@ -103,9 +103,16 @@ class MonitorConfig:
     #: A partial not yet sent this long after it was queued is dropped (counted in
     #: ``drops.partials_expired``): under overload it keeps latency bounded instead
     #: of growing with the stream count. None: partials wait as long as it takes.
-    partial_max_age_s: float | None = 0.1
-    #: Batches queued at the worker besides the one running (more only adds latency).
+    #: 0.2 s: a partial sent later would arrive past the 250 ms latency target anyway
+    #: (it also waited for its drain and waits for its batch); 0.1 s, the value before,
+    #: threw away partials that would have been on time: at 70 RTP streams on 2 cores
+    #: 10 of 1905 expired with the partials' p95 at 142 ms (benchmarks/bench_network.py).
+    partial_max_age_s: float | None = 0.2
+    #: Batches queued at the worker besides the ones running (more only adds latency).
     worker_queue: int = 1
+    #: Batches the model runs at once, each on a thread of its own; None: automatic
+    #: (:func:`default_inference_concurrency`).
+    inference_concurrency: int | None = None
     stats_interval_s: float = 5.0
     max_streams: int = 1024
     #: Seconds a closing stream waits for its last estimates before it is closed anyway.
@@ -124,8 +131,23 @@ class MonitorConfig:
             raise ValueError(f"stats_interval_s must be > 0, got {self.stats_interval_s}")
         if self.worker_queue < 1:
             raise ValueError(f"worker_queue must be >= 1, got {self.worker_queue}")
+        if self.inference_concurrency is not None and self.inference_concurrency < 1:
+            raise ValueError(f"inference_concurrency must be >= 1, got {self.inference_concurrency}")
         if self.vad.sample_rate != SAMPLE_RATE:
             raise ValueError(f"the VAD runs at the model rate {SAMPLE_RATE} Hz, got {self.vad.sample_rate}")
+
+
+def default_inference_concurrency(device: str) -> int:
+    """Batches run at once when the config does not say: 2 on CPU, 1 on a GPU.
+
+    On CPU the pipeline and socket threads hold the GIL for much of the time, so
+    one inference thread idles between batches while its next batch is formed;
+    a second one, each running a batch on ONNX Runtime's (thread-safe) session,
+    lifted the windows delivered at 100 RTP streams on 2 cores from 2061 to
+    2344 in 15 s (benchmarks/bench_network.py --rtp-steps 100). A GPU runs one
+    batch's kernels at a time: there bigger batches are the lever.
+    """
+    return 2 if device == "cpu" else 1
 
 
 def check_model_info(info: ModelInfo, where: object = None) -> None:
@@ -431,6 +453,7 @@ class Monitor:
             max_queue=self.config.worker_queue,
             state_for=self._state_for if self.info.state_inputs else None,
             observe=self.metrics.observe_batch,
+            concurrency=self.config.inference_concurrency or default_inference_concurrency(self.device),
         )
         self._thread: threading.Thread | None = None
         self._stopping = False

@@ -483,3 +483,12 @@ def test_parties_of_a_call_carry_call_and_role_on_their_events(
     # A lone stream's events do not mention a call at all (fields omitted, not null).
     assert all("call" not in e and "role" not in e for e in sink.of("lone"))
     assert any(e["type"] == "emotion" for e in sink.of("lone"))
+
+
+def test_inference_concurrency_is_checked_and_defaults_by_device():
+    from serstream.monitor import MonitorConfig, default_inference_concurrency
+
+    with pytest.raises(ValueError, match="inference_concurrency"):
+        MonitorConfig(inference_concurrency=0)
+    assert default_inference_concurrency("cpu") == 2
+    assert default_inference_concurrency("cuda") == 1

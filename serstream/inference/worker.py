@@ -1,4 +1,4 @@
-"""The inference worker: one thread that runs batches, so the pipeline never waits on the model.
+"""The inference worker: threads that run batches, so the pipeline never waits on the model.
 
 The pipeline :meth:`~InferenceWorker.submit`\\ s closed batches (non-blocking;
 a full queue refuses the batch and counts the drop) and gets each result back
@@ -151,9 +151,16 @@ class InferenceWorker:
         state_for: StateProvider | None = None,
         clock: Callable[[], float] = time.perf_counter,
         observe: Callable[[int, float], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
         if max_queue <= 0:
             raise ValueError(f"max_queue must be > 0, got {max_queue}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        #: Batches run at once, each on its own thread (the backend must take concurrent calls:
+        #: an ONNX Runtime session does). Results of different batches may then arrive out of
+        #: order; the monitor's order gate keeps at most one window of a stream in flight.
+        self.concurrency = int(concurrency)
         self.backend = backend
         self.on_result = on_result
         self.max_queue = int(max_queue)
@@ -164,9 +171,9 @@ class InferenceWorker:
         self._observe_failures = 0
         self._queue: deque[BatchLike] = deque()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._busy = False
+        self._busy = 0  # batches running now
         self._latency = LatencyTracker(capacity=2048)
         self._sizes: Counter[int] = Counter()
         self._failures: dict[str, int] = {}
@@ -184,13 +191,15 @@ class InferenceWorker:
     def start(self) -> None:
         """Start the worker thread (once)."""
         with self._cond:
-            if self._thread is not None:
+            if self._threads:
                 raise RuntimeError("inference worker already started")
             self._stopping = False
-            self._thread = threading.Thread(
-                target=self._run, name="serstream-inference", daemon=True
-            )
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._run, name="serstream-inference" + (f"-{i}" if i else ""), daemon=True)
+                for i in range(self.concurrency)
+            ]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the thread. ``drain``: run the batches still queued first; else drop them (counted)."""
@@ -200,14 +209,15 @@ class InferenceWorker:
                 while self._queue:
                     self._count_drop(self._queue.popleft())
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            threads = list(self._threads)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     @property
     def queue_depth(self) -> int:
@@ -225,7 +235,7 @@ class InferenceWorker:
         """Queue ``batch`` without blocking. False (and a counted drop) when full or stopped."""
         with self._cond:
             self._submitted += 1
-            if self._stopping or self._thread is None or len(self._queue) >= self.max_queue:
+            if self._stopping or not self._threads or len(self._queue) >= self.max_queue:
                 self._count_drop(batch)
                 return False
             self._queue.append(batch)
@@ -275,12 +285,12 @@ class InferenceWorker:
                 if not self._queue:
                     return  # stopping and drained
                 batch = self._queue.popleft()
-                self._busy = True
+                self._busy += 1
             try:
                 self._process(batch)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._busy -= 1
 
     def _process(self, batch: BatchLike) -> None:
         size = len(batch.requests)

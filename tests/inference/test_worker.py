@@ -311,3 +311,58 @@ def test_observe_hears_each_batch_that_ran_and_its_failure_loses_nothing(model: 
     assert [output is not None for _, output, _ in results.calls] == [True, False, True, True]
     stats = worker.stats()
     assert stats.observe_failures == 1 and stats.callback_failures == 0
+
+
+class CountingGate:
+    """Each infer call waits until ``release``; counts how many calls are inside at once."""
+
+    def __init__(self, inner: EmotionModel) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.device = inner.device
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+        self.two_inside = threading.Event()
+
+    def infer(self, audio: np.ndarray, lengths: np.ndarray, state: Any = None) -> InferenceOutput:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            if self.inside >= 2:
+                self.two_inside.set()
+        try:
+            assert self.release.wait(WAIT_S)
+            return self.inner.infer(audio, lengths, state)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_concurrency_runs_that_many_batches_at_once_and_loses_none(model: EmotionModel) -> None:
+    backend = CountingGate(model)
+    results = Results()
+    worker = InferenceWorker(backend, results, max_queue=4, concurrency=2)
+    worker.start()
+    try:
+        batches = [make_batch([LOUD] * (i + 1)) for i in range(4)]
+        for batch in batches:
+            assert worker.submit(batch)
+        assert backend.two_inside.wait(WAIT_S)  # two batches inside the model at once ...
+        assert worker.idle is False
+    finally:
+        backend.release.set()
+        worker.stop(drain=True)
+    results.wait_for(4)
+    assert backend.most_inside == 2  # ... and never more than two
+    assert sorted(len(call[0].requests) for call in results.calls) == [1, 2, 3, 4]
+    assert all(call[1] is not None and call[2] is None for call in results.calls)
+    stats = worker.stats()
+    assert stats.batches == 4 and stats.windows == 10 and stats.dropped_batches == 0
+    assert worker.idle and not worker.running
+
+
+def test_bad_concurrency() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        InferenceWorker(object(), lambda *a: None, concurrency=0)  # type: ignore[arg-type]
