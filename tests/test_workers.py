@@ -93,6 +93,17 @@ def test_merge_and_split_keep_each_workers_rows() -> None:
         split_output(output, [2, 2])
 
 
+def test_padding_share_of_a_merged_call() -> None:
+    from serstream.workers.merge import padding_share
+
+    partials = Part(np.ones((2, 300), np.float32), np.array([300, 300]), None)
+    long_final = Part(np.ones((1, 800), np.float32), np.array([800]), None)
+    assert padding_share([partials]) == 0.0
+    # Two 3 s rows padded to 8 s: 1000 of 2400 samples padding (the tier keeps them apart).
+    assert padding_share([partials, long_final]) == pytest.approx(1.0 - 1400 / 2400)
+    assert padding_share([]) == 0.0
+
+
 def test_sum_stats_adds_counters_of_every_worker() -> None:
     one = {"drops": {"audio_samples": 3, "bad_samples": 1}, "windows": 10, "device": "cpu", "latency": None}
     two = {"drops": {"audio_samples": 4, "finals_dropped": 2}, "windows": 5, "device": "cpu"}

@@ -2,8 +2,8 @@
 
 One thread in the main process. Workers send their batches (audio, lengths
 and the speaker-state rows each window was released with, so the tier keeps
-no state); the tier takes every batch waiting, up to :data:`HUB_MAX_ROWS`
-windows, runs them as one padded call of the model and answers each worker
+no state); the tier takes the batches waiting, in order, up to :data:`HUB_MAX_ROWS`
+windows and while at most :data:`HUB_MAX_PADDING` of the call is padding, runs them as one padded call of the model and answers each worker
 with its own rows. A failing merged call is run again one worker batch at a
 time, so one worker's bad window does not cost the others their rows.
 """
@@ -19,12 +19,14 @@ from typing import Any, Callable
 from serstream.core.stats import LatencyTracker, RateMeter
 from serstream.errors import one_line
 from serstream.inference.worker import InferenceBackend
-from serstream.workers.merge import Part, merge_requests, split_output
+from serstream.workers.merge import Part, merge_requests, padding_share, split_output
 
 __all__ = ["HubEntry", "InferenceHub", "HUB_MAX_ROWS"]
 
 #: Most windows in one model call (several workers' batches together).
 HUB_MAX_ROWS = 64
+#: A worker's batch joins the call only while at most this share of the call is padding.
+HUB_MAX_PADDING = 0.3
 
 
 @dataclass
@@ -85,7 +87,11 @@ class InferenceHub:
                     return
                 taken: list[HubEntry] = [self.queue.popleft()]
                 rows = taken[0].part.rows
-                while self.queue and rows + self.queue[0].part.rows <= HUB_MAX_ROWS:
+                while (
+                    self.queue
+                    and rows + self.queue[0].part.rows <= HUB_MAX_ROWS
+                    and padding_share([e.part for e in taken] + [self.queue[0].part]) <= HUB_MAX_PADDING
+                ):
                     entry = self.queue.popleft()
                     taken.append(entry)
                     rows += entry.part.rows

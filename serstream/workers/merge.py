@@ -16,7 +16,7 @@ import numpy as np
 
 from serstream.inference.session import InferenceOutput
 
-__all__ = ["Part", "merge_requests", "split_output", "sum_stats"]
+__all__ = ["Part", "merge_requests", "padding_share", "split_output", "sum_stats"]
 
 #: ``state``: state input name -> one row (or None: no state yet) per window.
 State = Mapping[str, Sequence[np.ndarray | None]]
@@ -33,6 +33,20 @@ class Part:
     @property
     def rows(self) -> int:
         return int(self.lengths.shape[0])
+
+
+def padding_share(parts: Sequence[Part]) -> float:
+    """Share of the merged call's samples that would be padding (0.0 for no rows).
+
+    The model computes every padded sample, so the tier merges a batch into the
+    call only while this stays small (the rule of serstream/core/batcher.py).
+    """
+    rows = sum(p.rows for p in parts)
+    width = max((int(p.audio.shape[1]) for p in parts if p.audio.ndim == 2), default=0)
+    if rows == 0 or width == 0:
+        return 0.0
+    used = sum(int(p.lengths.sum()) for p in parts)
+    return 1.0 - used / float(rows * width)
 
 
 def merge_requests(parts: Sequence[Part]) -> tuple[np.ndarray, np.ndarray, dict[str, list[np.ndarray | None]] | None]:
