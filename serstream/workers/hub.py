@@ -2,10 +2,11 @@
 
 One thread in the main process. Workers send their batches (audio, lengths
 and the speaker-state rows each window was released with, so the tier keeps
-no state); the tier takes the batches waiting, in order, up to :data:`HUB_MAX_ROWS`
-windows and while at most :data:`HUB_MAX_PADDING` of the call is padding, runs them as one padded call of the model and answers each worker
-with its own rows. A failing merged call is run again one worker batch at a
-time, so one worker's bad window does not cost the others their rows.
+no state); the tier takes the batches waiting, in order, up to
+:data:`HUB_MAX_ROWS` windows and while at most :data:`HUB_MAX_PADDING` of the
+call is padding, runs them as one padded call of the model and answers each
+worker with its own rows. A failing merged call is run again one worker batch
+at a time, so one worker's bad window does not cost the others their rows.
 """
 
 from __future__ import annotations
