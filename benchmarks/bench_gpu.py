@@ -1,0 +1,142 @@
+"""The GPU path in one run: provider, inference per window at batch 1 to 1024, and what that carries.
+
+    .venv/bin/python benchmarks/bench_gpu.py                       # on a machine with an NVIDIA GPU
+    .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick  # a dry run of the script anywhere
+
+Prints (and with ``--json PATH`` writes) three things:
+
+* **the provider** ONNX Runtime gave the model (``CUDAExecutionProvider`` or
+  why not), the GPU's name and driver from ``nvidia-smi`` when present;
+* **inference** on 3 s windows of speech-like audio at batch 1, 2, 4, ...,
+  1024: median milliseconds per batch and per window, windows per second,
+  and the GPU memory in use after each size (``nvidia-smi``);
+* **what the inference tier alone carries**: the best windows per second
+  divided by the windows a speaking stream asks for per second
+  (``--windows-per-stream``, default 1.82: measured at 90 sustained RTP
+  streams on CPU, ``benchmarks/bench_network.py``, 2463 estimates in 15 s).
+  That is an upper bound for one node: the per-stream pipelines (resample,
+  VAD, windows) run on the node's CPU cores, one ``--workers`` process per
+  core; measure them with ``benchmarks/bench_network.py --workers auto``
+  on the same node and take the smaller of the two.
+
+Each batch size is timed after two warm-up calls (the first calls allocate
+and, on CUDA, pick kernels); batches that fail (out of GPU memory) are
+reported as such and end the sweep, one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from serstream.bench import speech_like  # noqa: E402 - after the sys.path line above
+from serstream.contract import SAMPLE_RATE  # noqa: E402
+from serstream.errors import one_line  # noqa: E402
+
+#: Windows per second a speaking stream asks for (partials every 0.5 s of speech plus finals), measured on CPU.
+WINDOWS_PER_STREAM = 1.82
+
+
+def nvidia_smi(query: str) -> list[str]:
+    """``nvidia-smi --query-gpu=QUERY`` lines, or [] when there is no nvidia-smi or it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def sweep(model: Any, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Median time per batch of 3 s windows at each size; stops at the first size that fails."""
+    window = speech_like(4.0, seed=7)[: 3 * SAMPLE_RATE]
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        audio = np.ascontiguousarray(np.tile(window, (size, 1)))
+        lengths = np.full(size, window.size, np.int64)
+        try:
+            for _ in range(2):
+                model.infer(audio, lengths)
+            times = []
+            for _ in range(repeats if size <= 64 else max(3, repeats // 3)):
+                started = time.perf_counter()
+                model.infer(audio, lengths)
+                times.append(time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - out of memory is a result here, not a crash
+            rows.append({"batch": size, "error": one_line(exc, limit=200)})
+            break
+        batch_ms = statistics.median(times) * 1000.0
+        used = nvidia_smi("memory.used")
+        rows.append({
+            "batch": size,
+            "batch_ms": round(batch_ms, 3),
+            "window_ms": round(batch_ms / size, 4),
+            "windows_per_s": round(size / (batch_ms / 1000.0), 1),
+            "gpu_memory_used_mib": int(used[0]) if used else None,
+        })
+        print(f"  batch {size:5d}: {batch_ms:9.2f} ms/batch {batch_ms / size:8.3f} ms/window "
+              f"{size / (batch_ms / 1000.0):10.1f} windows/s"
+              + (f"  GPU memory {used[0]} MiB" if used else ""), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cuda",
+                        help="where ONNX Runtime runs the model (default cuda: the point of this script)")
+    parser.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
+    parser.add_argument("--max-batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--windows-per-stream", type=float, default=WINDOWS_PER_STREAM)
+    parser.add_argument("--quick", action="store_true", help="batches up to 32, 3 repeats (a dry run)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    from serstream.inference.session import EmotionModel, describe_device
+    from serstream.models import resolve_model_path
+
+    max_batch = 32 if args.quick else args.max_batch
+    repeats = 3 if args.quick else args.repeats
+    sizes = [1 << i for i in range(0, 11) if (1 << i) <= max_batch]
+    try:
+        model = EmotionModel.load(resolve_model_path(args.model), device=args.device)
+    except Exception as exc:  # noqa: BLE001 - one line for a missing model, CUDA or driver
+        print(f"bench_gpu: {one_line(exc, limit=None)}", file=sys.stderr)
+        return 1
+    gpus = nvidia_smi("name,driver_version,memory.total")
+    provider = describe_device(model)
+    print(f"model {model.info.version} on {provider}")
+    print(f"GPU: {'; '.join(gpus) if gpus else 'none seen by nvidia-smi'}")
+    print("inference, 3 s windows of speech-like audio:")
+    rows = sweep(model, sizes, repeats)
+    ok = [row for row in rows if "windows_per_s" in row]
+    best = max(ok, key=lambda row: row["windows_per_s"]) if ok else None
+    carried = int(best["windows_per_s"] / args.windows_per_stream) if best else 0
+    if best:
+        print(f"best: {best['windows_per_s']:.0f} windows/s at batch {best['batch']}: the inference tier alone "
+              f"carries about {carried} speaking streams ({args.windows_per_stream} windows/s each); the "
+              "pipelines' share is measured by benchmarks/bench_network.py --workers auto on this node")
+    report = {"model": model.info.version, "provider": provider, "gpus": gpus, "sweep": rows,
+              "windows_per_stream": args.windows_per_stream, "inference_streams_upper_bound": carried}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
