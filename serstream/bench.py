@@ -88,7 +88,7 @@ class BenchSettings:
     window_s: float = 3.0
     latency_streams: int = 4
     latency_seconds: float = 20.0
-    ramp: tuple[int, ...] = (50, 100, 200, 300, 400)
+    ramp: tuple[int, ...] = (25, 50, 75, 100, 125, 150, 200, 300, 400)
     step_seconds: float = 20.0
 
     @classmethod
