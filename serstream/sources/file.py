@@ -136,7 +136,9 @@ class FileSource:
             self._open_parties(codec)
         self._started = True
         if self.realtime:
-            pacer = self._pacer = self._pacer or shared_pacer()
+            if self._pacer is None:
+                self._pacer = shared_pacer()
+            pacer = self._pacer
             self._started_at = pacer.clock()
             # The first step only reads ahead and says when the first block is due (a read error fails there).
             pacer.add(self, self._started_at)
