@@ -234,7 +234,7 @@ def test_forty_real_time_files_share_one_thread_and_push_exactly_their_samples_o
     finally:
         for source in sources:
             source.stop()
-    assert extra_threads <= 2, f"{extra_threads} threads for 40 real-time files"
+    assert extra_threads <= 1, f"{extra_threads} threads for 40 real-time files"  # the pacer, if not already running
     assert min(lags) >= 0.0 and max(lags) < 0.02 + 0.1, lags
     late: list[float] = []
     for source, (before, after) in zip(sources, times, strict=True):
