@@ -234,7 +234,8 @@ def test_forty_real_time_files_share_one_thread_and_push_exactly_their_samples_o
     finally:
         for source in sources:
             source.stop()
-    assert extra_threads <= 1, f"{extra_threads} threads for 40 real-time files"  # the pacer, if not already running
+    # One thread for them all: the pacer (none when the shared pacer was already running).
+    assert extra_threads <= 1, f"{extra_threads} threads for 40 real-time files"
     assert min(lags) >= 0.0 and max(lags) < 0.02 + 0.1, lags
     late: list[float] = []
     for source, (before, after) in zip(sources, times, strict=True):
@@ -331,7 +332,8 @@ def test_a_split_file_pushes_both_parties_the_same_block_at_once(running: Any, t
     assert [x.shape[0] for _, x in a] == [y.shape[0] for _, y in b]
     assert max(abs(ta - tb) for (ta, _), (tb, _) in zip(a, b, strict=True)) < 0.01
     assert_paced(a, before, after, 16000, [])
-    assert tap.monitor.wait_idle(timeout=30) and events.closed() == {"file:call.wav:caller": "end", "file:call.wav:callee": "end"}
+    assert tap.monitor.wait_idle(timeout=30)
+    assert events.closed() == {"file:call.wav:caller": "end", "file:call.wav:callee": "end"}
     # As fast as possible (a thread of its own, read ahead too): the same samples.
     fast = FileSource(tap, path, realtime=False, split=True, roles="caller,callee", stream_id="fast")
     fast.start()
