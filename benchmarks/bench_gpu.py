@@ -84,7 +84,7 @@ def sweep(model: Any, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
         used = nvidia_smi("memory.used")
         rows.append({
             "batch": size,
-            "batch_ms": round(batch_ms, 3),
+            "batch_ms": round(batch_ms, 4),
             "window_ms": round(batch_ms / size, 4),
             "windows_per_s": round(size / (batch_ms / 1000.0), 1),
             "gpu_memory_used_mib": int(used[0]) if used else None,
