@@ -13,7 +13,9 @@ reopened on the recreated shard) while the other shard's stream goes on.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -35,7 +37,7 @@ from serstream.inference.session import EmotionModel  # noqa: E402
 from serstream.monitor import MonitorConfig  # noqa: E402
 from serstream.workers.pool import WORKER_LOST  # noqa: E402
 from tests.audio import SAMPLE_RATE, espeak_sentences  # noqa: E402
-from tests.conftest import require_tools  # noqa: E402
+from tests.conftest import require_tools, serstream_command  # noqa: E402
 
 # Ray Serve's pydantic models warn on import (PydanticDeprecatedSince20); not ours to fix.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -223,3 +225,35 @@ def test_a_killed_shard_reports_its_streams_comes_back_and_the_other_shard_goes_
     assert not [e for e in events if e["type"] == "error" and e.get("stream") == "steady"]
     assert stats["workers"]["restarts"] == 1 and stats["drops"]["worker_lost"] == 1
     assert stats["drops"]["shards_given_up"] == 0
+
+
+def test_the_cluster_command_with_shards_end_to_end(
+    cluster: tuple[Cluster, ClusterSession], wavs: dict[str, Path], state_model: Path,
+    want: dict[str, list[dict[str, Any]]],
+) -> None:
+    # The fixture's replicas hold 2 of the 4 CPUs: one more replica and two shards of half a CPU fit.
+    proc = subprocess.run(
+        [*serstream_command(), "cluster", "--address", cluster[0].address, "--app", "serstream-shards-cli",
+         "--replicas", "1", "--num-cpus", "0.5", "--shards", "2", "--shard-cpus", "0.5",
+         "--model", str(state_model), "--port", "0", "--file", str(wavs["alice"]), "--file", str(wavs["bob"]),
+         "--fast", "--exit-when-done", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for sid in ("alice", "bob"):
+        got, ref = finals_of(events, f"file:shard-{sid}.wav"), want[sid]
+        assert [(g["utterance"], g["t0"], g["t1"], g["label"]) for g in got] == \
+            [(w["utterance"], w["t0"], w["t1"], w["label"]) for w in ref], sid
+    assert "2 pipeline shards (Ray actors)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_shard_options_that_cannot_work_are_one_line(speech_wav: Path) -> None:
+    for extra, line in (
+        (["--shards", "-1"], "serstream: error: --shards must be 0 to 256, got -1"),
+        (["--shards", "2", "--workers", "2"],
+         "serstream: error: --shards and --workers both split the pipelines: use one (--shards on a cluster)"),
+    ):
+        proc = subprocess.run([*serstream_command(), "cluster", "--address", "local", "--file", str(speech_wav),
+                               *extra], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr
