@@ -46,7 +46,7 @@ from collections import deque
 from typing import Any, Callable, Sequence
 
 from serstream.contract import ModelInfo
-from serstream.errors import one_line
+from serstream.errors import ClusterError, one_line
 from serstream.workers.link import Ready
 
 __all__ = ["ShardActor", "RayLink", "shard_pool", "take_batch", "shift_arrivals", "STEP_PERIOD_S",
@@ -204,6 +204,9 @@ class RayLink:
     ) -> None:
         import ray
 
+        if not ray.is_initialized():
+            # Never let Ray start a local instance of its own (any Ray call would, once disconnected).
+            raise ClusterError("not connected to the Ray cluster any more")
         global _REMOTE
         if _REMOTE is None:
             _REMOTE = ray.remote(ShardActor)
@@ -276,6 +279,8 @@ class RayLink:
     def kill(self) -> None:
         import ray
 
+        if not ray.is_initialized():  # disconnected: a Ray call would start a local instance
+            return
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
 
@@ -324,6 +329,10 @@ class RayLink:
                 if self._ended:
                     return
                 batch = take_batch(self._out)
+            if not ray.is_initialized():
+                self.gone = "lost the Ray cluster (disconnected)"
+                self._end("cluster lost (disconnected)")
+                return
             try:
                 replies = ray.get(self.actor.step.remote(shift_arrivals(batch, self.offset)),
                                   timeout=self.step_timeout_s)
