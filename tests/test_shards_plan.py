@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from serstream.cluster.shards import MAX_STEP_BYTES, shift_arrivals, take_batch
+from serstream.cluster.shards import MAX_STEP_BYTES, clock_offset, shift_arrivals, take_batch
 from serstream.inference.session import EmotionModel
 from serstream.monitor import MonitorConfig
 from serstream.workers.child import _Up, serve_worker
@@ -71,6 +71,14 @@ def test_shift_arrivals_moves_only_audio_times_onto_the_shard_clock() -> None:
     assert moved[0][1][1][2] == 15.5 and moved[0][1][1][3] is block
     assert moved[1] == messages[1]
     assert shift_arrivals(messages, 0.0) == messages
+
+
+def test_clock_offset_trusts_the_quickest_round_trip() -> None:
+    # The shard's clock is 100 s ahead; the slow first reading (actor start-up) would say 102 s.
+    readings = [(0.0, 104.0, 4.0), (10.0, 110.01, 10.02), (20.0, 120.1, 20.2)]
+    assert clock_offset(readings) == pytest.approx(100.0, abs=0.011)
+    with pytest.raises(ValueError):
+        clock_offset([])
 
 
 def test_after_loss_restarts_unless_never_started_or_the_backend_is_gone() -> None:

@@ -49,7 +49,7 @@ from serstream.contract import ModelInfo
 from serstream.errors import ClusterError, one_line
 from serstream.workers.link import Ready
 
-__all__ = ["ShardActor", "RayLink", "shard_pool", "take_batch", "shift_arrivals", "STEP_PERIOD_S",
+__all__ = ["ShardActor", "RayLink", "shard_pool", "take_batch", "shift_arrivals", "clock_offset", "STEP_PERIOD_S",
            "MAX_STEP_BYTES"]
 
 log = logging.getLogger("serstream.cluster")
@@ -59,6 +59,11 @@ STEP_PERIOD_S = 0.02
 #: Audio bytes per call at most (the rest waits for the next call): one call stays well under Ray's
 #: inline-argument sizes and a slow shard cannot make one giant message.
 MAX_STEP_BYTES = 4 << 20
+#: Round trips used to measure a shard's clock offset (the quickest one is kept).
+CLOCK_SAMPLES = 5
+#: A restarted shard not up by then means the cluster is going away (below Ray's own 60 s, after which
+#: Ray ends a driver that lost its head).
+RESTART_TIMEOUT_S = 30.0
 #: The deployment's name inside the Serve application (serstream/cluster/deployment.py).
 DEPLOYMENT_NAME = "SerstreamInference"
 
@@ -95,6 +100,18 @@ def take_batch(pending: deque[tuple[Any, ...]], max_bytes: int = MAX_STEP_BYTES)
         pending.popleft()
         out.append(("items", taken))
     return out
+
+
+def clock_offset(samples: Sequence[tuple[float, float, float]]) -> float:
+    """The shard's clock minus ours, from ``(sent, remote, back)`` readings: the quickest round trip's midpoint.
+
+    The remote reading was taken somewhere between ``sent`` and ``back``; the
+    quickest round trip bounds the error best (half of it).
+    """
+    if not samples:
+        raise ValueError("no clock readings")
+    sent, remote, back = min(samples, key=lambda s: s[2] - s[0])
+    return remote - (sent + back) / 2.0
 
 
 def shift_arrivals(messages: Sequence[tuple[Any, ...]], offset: float) -> list[tuple[Any, ...]]:
@@ -313,13 +330,17 @@ class RayLink:
         from ray import exceptions as rex
 
         try:
-            sent = time.monotonic()
+            # The first call waits for the actor to be made (seconds): too coarse for the clock.
             where = ray.get(self.actor.where.remote(), timeout=self.start_timeout_s)
-            back = time.monotonic()
             self.node = str(where["node"])
             self.actor_pid = int(where["pid"])
             # Arrival times are this process's monotonic clock; the shard's differs (another machine).
-            self.offset = float(where["clock"]) - (sent + back) / 2.0
+            samples = []
+            for _ in range(CLOCK_SAMPLES):
+                sent = time.monotonic()
+                remote = float(ray.get(self.actor.where.remote(), timeout=self.step_timeout_s)["clock"])
+                samples.append((sent, remote, time.monotonic()))
+            self.offset = clock_offset(samples)
         except Exception as exc:  # noqa: BLE001 - every failure ends the link with its reason
             self._failed(exc, rex, starting=True)
             return
@@ -354,7 +375,8 @@ class RayLink:
         if isinstance(exc, rex.GetTimeoutError):
             limit = self.start_timeout_s if starting else self.step_timeout_s
             if starting:
-                self.gone = f"shard {self.index} did not start within {limit:g} s"
+                self.gone = (f"shard {self.index} did not start within {limit:g} s "
+                             "(is the Ray cluster still there, with room for it?)")
             self.kill()
             self._end(f"no answer within {limit:g} s")
         elif _is_actor_death(exc):
@@ -376,6 +398,7 @@ def shard_pool(
     request_timeout_s: float = 10.0,
     step_timeout_s: float = 10.0,
     start_timeout_s: float = 120.0,
+    restart_timeout_s: float = RESTART_TIMEOUT_S,
     max_reopens: int = 3,
 ) -> Any:
     """The public process's monitor for ``--shards N``: a WorkerPool whose N slots are Ray shard actors.
@@ -386,12 +409,18 @@ def shard_pool(
     """
     from serstream.workers.pool import WorkerPool
 
+    made: set[int] = set()
+
     def make(index: int, info: ModelInfo, device: str, cfg: Any) -> RayLink:
+        # A first start may wait for the cluster (autoscaling, images); a restart on a healthy cluster
+        # takes seconds, and one that does not come up means the cluster is going away.
+        timeout = restart_timeout_s if index in made else start_timeout_s
+        made.add(index)
         return RayLink(index, info, device, cfg, app=app, num_cpus=num_cpus, request_timeout_s=request_timeout_s,
-                       step_timeout_s=step_timeout_s, start_timeout_s=start_timeout_s)
+                       step_timeout_s=step_timeout_s, start_timeout_s=timeout)
 
     return WorkerPool(backend, config, sink, workers=shards, link_factory=make, name="shard",
-                      start_timeout_s=start_timeout_s, max_reopens=max_reopens)
+                      start_timeout_s=start_timeout_s, restart_timeout_s=restart_timeout_s, max_reopens=max_reopens)
 
 
 def placement(pool: Any) -> list[str | None]:

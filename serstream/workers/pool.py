@@ -145,6 +145,7 @@ class WorkerPool:
         link_factory: LinkFactory | None = None,
         name: str = "worker",
         start_timeout_s: float = START_TIMEOUT_S,
+        restart_timeout_s: float | None = None,
     ) -> None:
         if workers < 1:
             raise MonitorError(f"workers must be >= 1, got {workers}")
@@ -172,6 +173,8 @@ class WorkerPool:
         #: "worker" or "shard": how log lines and events name a slot.
         self.name = name
         self.start_timeout_s = float(start_timeout_s)
+        #: A restarted worker not ready by then is ended (``Link.stalled``; for a shard: the cluster is gone).
+        self.restart_timeout_s = float(start_timeout_s if restart_timeout_s is None else restart_timeout_s)
         #: Set (one line) when the backend behind the workers is gone (a Ray cluster lost): no restart.
         self.fatal: str | None = None
         self._fatal_callbacks: list[Callable[[str], None]] = []
@@ -469,10 +472,11 @@ class WorkerPool:
                     link.kill()
                     heard = now
                 elif (incarnation > 1 and not slot.ready.is_set() and not stalled and not self._stopping
-                      and now - slot.started_at > self.start_timeout_s):
-                    # A restart that never comes up (for a shard: the cluster cannot place it again).
+                      and now - slot.started_at > self.restart_timeout_s + 5.0):
+                    # A restart that never comes up (for a shard: the cluster cannot place it again);
+                    # a shard's link gives up on its own at restart_timeout_s, this is the backstop.
                     stalled = True
-                    link.stalled(self.start_timeout_s)
+                    link.stalled(self.restart_timeout_s)
                 continue
             heard = time.monotonic()
             if ready == "ended":
