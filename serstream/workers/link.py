@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.connection
-from typing import Any, Literal, Optional, Protocol
+from typing import Any, Literal, Protocol
 
 from serstream.contract import ModelInfo
 
 __all__ = ["Link", "LinkFactory", "ProcessLink", "describe_exit"]
 
 #: What :meth:`Link.wait` saw: a message to read, the worker's end (everything it sent read), or nothing yet.
-Ready = Optional[Literal["message", "ended"]]
+Ready = Literal["message", "ended"] | None
 
 
 class Link(Protocol):
@@ -71,7 +71,7 @@ class Link(Protocol):
 
 
 class LinkFactory(Protocol):
-    def __call__(self, index: int, info: ModelInfo, device: str, config: Any) -> Link: ...
+    def __call__(self, index: int, info: ModelInfo, device: str, config: Any, /) -> Link: ...
 
 
 def describe_exit(code: int | None) -> str:

@@ -79,7 +79,10 @@ def restart_delay(uptime_s: float, min_uptime_s: float = 5.0, delay_s: float = 1
     return delay_s if uptime_s < min_uptime_s else 0.0
 
 
-def after_loss(*, first_start: bool, was_ready: bool, backend_gone: bool) -> Literal["start_failed", "fatal", "restart"]:
+Loss = Literal["start_failed", "fatal", "restart"]
+
+
+def after_loss(*, first_start: bool, was_ready: bool, backend_gone: bool) -> Loss:
     """What the pool does when a worker (a process, or a cluster shard actor) ended unasked.
 
     * ``start_failed``: its first incarnation never said ready (a broken

@@ -6,7 +6,11 @@
 use it unchanged. Inside:
 
 * **Workers**: N spawned processes (:mod:`serstream.workers.child`), each a
-  plain ``Monitor`` for the streams pinned to it. A stream is pinned for its
+  plain ``Monitor`` for the streams pinned to it. How the pool reaches a
+  worker is its slot's :class:`~serstream.workers.link.Link`: a process and
+  two pipes here, a Ray actor for ``serstream cluster --shards``
+  (:mod:`serstream.cluster.shards`, whose workers run their batches on Serve
+  themselves, so the inference tier below stays idle). A stream is pinned for its
   life by :func:`~serstream.workers.plan.assign_worker` (least loaded by open
   streams, ties by index).
 * **Audio**: ``handle.push`` converts to mono float32 and queues the block for
