@@ -617,10 +617,18 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         console.offer(event)
 
     workers = int(getattr(args, "workers", 1) or 1)
-    if workers > 1:
+    shards = int(getattr(args, "shards", 0) or 0)  # serstream cluster --shards N
+    pooled = workers > 1 or shards > 0
+    if shards:
+        from serstream.cluster.shards import shard_pool
+
+        monitor: Any = shard_pool(model, _monitor_config(args, track_levels=console.live), sink, shards=shards,
+                                  app=args.app, num_cpus=args.shard_cpus, request_timeout_s=args.request_timeout,
+                                  start_timeout_s=args.deploy_timeout)
+    elif workers > 1:
         from serstream.workers.pool import WorkerPool
 
-        monitor: Any = WorkerPool(model, _monitor_config(args, track_levels=console.live), sink, workers=workers)
+        monitor = WorkerPool(model, _monitor_config(args, track_levels=console.live), sink, workers=workers)
     else:
         monitor = Monitor(model, _monitor_config(args, track_levels=console.live), sink)
     console.levels = monitor.levels
@@ -665,9 +673,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         if recorder is not None:
             recorder.close()
         raise UserError(one_line(exc, limit=None)) from None
-    if workers > 1:
+    if pooled:
         try:
-            await asyncio.to_thread(monitor.start)  # spawns the workers and waits for them
+            await asyncio.to_thread(monitor.start)  # spawns the workers (or shard actors) and waits for them
         except MonitorError as exc:
             await server.close()
             if recorder is not None:
@@ -676,6 +684,9 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
     else:
         monitor.start()
     stop = asyncio.Event()
+    if shards:
+        # The Ray cluster gone (a shard that cannot be made again): stop, then exit with its one line.
+        monitor.on_fatal(lambda line: loop.call_soon_threadsafe(stop.set))
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -699,7 +710,13 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         # above the console never starts, so the error stays the only line.
         console.start()
         _info(f"model {model.info.version} on {describe_device(model)} ({model.path})", quiet)
-        if workers > 1:
+        if shards:
+            from serstream.cluster.shards import placement
+
+            nodes = sorted({str(node)[:8] for node in placement(monitor) if node})
+            _info(f"{shards} pipeline shards (Ray actors) run the streams' pipelines on node(s) "
+                  f"{', '.join(nodes)}", quiet)
+        elif workers > 1:
             _info(f"{workers} worker processes run the streams' pipelines (pids "
                   f"{', '.join(str(pid) for pid in monitor.worker_pids())}); one model in this process", quiet)
         _print_endpoints(args.host, server.port, server.tls, access, quiet)
@@ -743,6 +760,10 @@ async def _run_server(args: argparse.Namespace, model: Any, with_sources: bool) 
         await asyncio.sleep(0.05)
         await server.close()
         console.close()
+    if shards and monitor.fatal:
+        from serstream.errors import ClusterError
+
+        raise ClusterError(monitor.fatal)
     return 0
 
 

@@ -48,6 +48,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"Serve application name on the cluster (default {DEFAULT_APP})")
     group.add_argument("--keep-deployment", action="store_true",
                        help="leave the replicas running on exit (default: the deployment is deleted)")
+    group.add_argument("--shards", type=int, default=0, metavar="N",
+                       help="run the streams' pipelines in N Ray actors spread over the nodes (default 0: "
+                       "in this process); this process keeps the sockets and the one /events")
+    group.add_argument("--shard-cpus", type=float, default=1.0, metavar="X",
+                       help="CPUs reserved per shard actor (default 1)")
 
 
 def config_from_args(args: argparse.Namespace, threads: int | None) -> ClusterConfig:
@@ -76,6 +81,8 @@ def run_cluster(
     if args.exit_when_done and not args.file:
         raise UserError("--exit-when-done needs at least one --file")
     config = config_from_args(args, args.threads)
+    shards = int(getattr(args, "shards", 0) or 0)
+    check_shard_args(shards, float(getattr(args, "shard_cpus", 1.0)), int(getattr(args, "workers", 1) or 1))
     # Files are checked before the cluster is touched: a typo costs a second, not a deployment.
     from serstream.errors import SourceError
     from serstream.sources.file import open_audio_file
@@ -94,6 +101,36 @@ def run_cluster(
     del local
     with_sources = bool(args.file or args.rtp or args.device is not None)
     try:
+        if shards:
+            try:
+                check_room_for_shards(config, shards, float(args.shard_cpus))
+            except ClusterError as exc:
+                raise UserError(one_line(exc, limit=None)) from None
         return run_monitor(args, session.backend, with_sources)
+    except ClusterError as exc:
+        # The cluster went away under the shards: nothing there to delete; one line, exit 2.
+        session.lost = True
+        raise UserError(one_line(exc, limit=None)) from None
     finally:
         session.close()
+
+
+def check_shard_args(shards: int, shard_cpus: float, workers: int) -> None:
+    """UserError (one line) on shard options that cannot work."""
+    if shards < 0 or shards > 256:
+        raise UserError(f"--shards must be 0 to 256, got {shards}")
+    if not (shard_cpus >= 0 and shard_cpus < float("inf")):
+        raise UserError(f"--shard-cpus must be a number >= 0, got {shard_cpus}")
+    if shards and workers > 1:
+        raise UserError("--shards and --workers both split the pipelines: use one (--shards on a cluster)")
+
+
+def check_room_for_shards(config: ClusterConfig, shards: int, shard_cpus: float) -> None:
+    """ClusterError when the cluster's CPUs cannot hold the replicas and the shards together."""
+    import ray
+
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    need = config.num_cpus * config.replicas + shard_cpus * shards
+    if need > have + 1e-9:
+        raise ClusterError(f"{config.replicas} replica(s) x {config.num_cpus:g} CPU and {shards} shard(s) x "
+                           f"{shard_cpus:g} CPU need {need:g} CPUs; the cluster has {have:g}")

@@ -139,6 +139,8 @@ class ClusterSession:
         self.started_ray = started_ray
         self.backend = backend
         self._closed = False
+        #: Set when the cluster went away under the monitor: nothing to delete there on close.
+        self.lost = False
 
     def close(self) -> None:
         """Delete the deployment (unless ``keep``), disconnect; shut a ``local`` Ray down. Never raises."""
@@ -149,7 +151,7 @@ class ClusterSession:
         from ray import serve
 
         # With the cluster gone (the breaker open) there is nothing to delete, and asking would only wait.
-        if not self.config.keep and self.backend.answering:
+        if not self.config.keep and self.backend.answering and not self.lost:
             _quietly(lambda: serve.delete(self.config.app))
         if self.started_ray:
             _quietly(serve.shutdown)

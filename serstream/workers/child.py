@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ from serstream.contract import ModelInfo
 from serstream.errors import InferenceError, MonitorError, one_line
 from serstream.inference.session import InferenceOutput
 
-__all__ = ["RemoteBackend", "worker_main"]
+__all__ = ["RemoteBackend", "worker_main", "serve_worker"]
 
 log = logging.getLogger("serstream.workers")
 
@@ -204,8 +204,6 @@ def _has_closed(batch: list[dict[str, Any]]) -> bool:
 
 def worker_main(index: int, down: Any, up_conn: Any, info: ModelInfo, device: str, config: Any) -> None:
     """The worker process's entry point (spawned by :class:`~serstream.workers.pool.WorkerPool`)."""
-    from serstream.monitor import Monitor
-
     # The main process orders the stop, so Ctrl-C in a terminal or a service manager's SIGTERM
     # to the whole process group still gives every stream its last estimates.
     with contextlib.suppress(ValueError, OSError):
@@ -213,20 +211,45 @@ def worker_main(index: int, down: Any, up_conn: Any, info: ModelInfo, device: st
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"serstream: worker {index}: %(message)s")
     up = _Up(up_conn)
-    backend = RemoteBackend(info, device, up)
+    try:
+        serve_worker(down, up, RemoteBackend(info, device, up), config)
+    finally:
+        os._exit(0)
+
+
+def serve_worker(
+    down: Any,
+    up: _Up,
+    backend: Any,
+    config: Any,
+    stats_providers: Sequence[Callable[[], Mapping[str, int]]] = (),
+) -> None:
+    """Run one worker's ``Monitor`` on ``backend`` for the pool at the other end of ``down``/``up``.
+
+    ``down.recv()`` gives the pool's messages in order (EOFError or OSError:
+    the pool is gone); ``up`` carries the replies. Shared by the ``--workers``
+    process (pipes, :class:`RemoteBackend`) and the cluster shard actor
+    (in-memory queues, the Serve backend): the same loop either way.
+    """
+    from serstream.monitor import Monitor
+
     handles: dict[str, Any] = {}
     received: dict[str, int] = {}
     outbox: _Outbox
     monitor = Monitor(backend, config, lambda event: outbox.event(event))
+    for provider in stats_providers:
+        monitor.add_stats_provider(provider)
     outbox = _Outbox(up, handles, received, monitor)
     monitor.start()
     up.send(("ready",))
     outbox.thread.start()
     stopper: threading.Thread | None = None
+    close_backend = getattr(backend, "close", None)
 
     def stop(drain: bool) -> None:
         monitor.stop(drain)
-        backend.close()
+        if close_backend is not None:
+            close_backend()
         outbox.stopped.set()
         outbox.thread.join(2.0)
         outbox.flush()
@@ -290,6 +313,6 @@ def worker_main(index: int, down: Any, up_conn: Any, info: ModelInfo, device: st
         if stopper is not None:
             stopper.join(30.0)
         else:
-            backend.close()
+            if close_backend is not None:
+                close_backend()
             monitor.stop(False, timeout=2.0)
-        os._exit(0)

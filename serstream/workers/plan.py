@@ -6,9 +6,10 @@ functions and does what they say, so the rules are tested on their own.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
-__all__ = ["parse_workers", "assign_worker", "may_reopen", "restart_delay", "MAX_WORKERS", "CLOSE_ON_LOSS_SOURCES"]
+__all__ = ["parse_workers", "assign_worker", "may_reopen", "restart_delay", "after_loss", "MAX_WORKERS",
+           "CLOSE_ON_LOSS_SOURCES"]
 
 #: More worker processes than this is a typo, not a machine.
 MAX_WORKERS = 256
@@ -76,3 +77,25 @@ def restart_delay(uptime_s: float, min_uptime_s: float = 5.0, delay_s: float = 1
     loop costs one spawn a second, not a core.
     """
     return delay_s if uptime_s < min_uptime_s else 0.0
+
+
+Loss = Literal["start_failed", "fatal", "restart"]
+
+
+def after_loss(*, first_start: bool, was_ready: bool, backend_gone: bool) -> Loss:
+    """What the pool does when a worker (a process, or a cluster shard actor) ended unasked.
+
+    * ``start_failed``: its first incarnation never said ready (a broken
+      install, an import error): restarting would only loop; the pool's start
+      fails with one line.
+    * ``fatal``: the worker's backend itself is gone (a Ray cluster whose head
+      went away, a shard the cluster cannot place again): restarting cannot
+      help; its streams are closed and the command exits non-zero.
+    * ``restart``: anything else (killed, out of memory, a crash): a new
+      incarnation at the same index, its streams reopen there.
+    """
+    if first_start and not was_ready:
+        return "start_failed"
+    if backend_gone:
+        return "fatal"
+    return "restart"

@@ -6,7 +6,11 @@
 use it unchanged. Inside:
 
 * **Workers**: N spawned processes (:mod:`serstream.workers.child`), each a
-  plain ``Monitor`` for the streams pinned to it. A stream is pinned for its
+  plain ``Monitor`` for the streams pinned to it. How the pool reaches a
+  worker is its slot's :class:`~serstream.workers.link.Link`: a process and
+  two pipes here, a Ray actor for ``serstream cluster --shards``
+  (:mod:`serstream.cluster.shards`, whose workers run their batches on Serve
+  themselves, so the inference tier below stays idle). A stream is pinned for its
   life by :func:`~serstream.workers.plan.assign_worker` (least loaded by open
   streams, ties by index).
 * **Audio**: ``handle.push`` converts to mono float32 and queues the block for
@@ -36,7 +40,6 @@ import itertools
 import logging
 import math
 import multiprocessing
-import multiprocessing.connection
 import threading
 import time
 from collections import deque
@@ -60,8 +63,9 @@ from serstream.monitor import (
 )
 from serstream.workers.handle import PooledHandle
 from serstream.workers.hub import HubEntry, InferenceHub
+from serstream.workers.link import Link, LinkFactory, ProcessLink
 from serstream.workers.merge import Part, sum_stats
-from serstream.workers.plan import CLOSE_ON_LOSS_SOURCES, assign_worker, may_reopen, restart_delay
+from serstream.workers.plan import CLOSE_ON_LOSS_SOURCES, after_loss, assign_worker, may_reopen, restart_delay
 
 __all__ = ["WorkerPool", "PooledHandle", "WORKER_LOST"]
 
@@ -88,17 +92,15 @@ class _PoolStream:
 
 @dataclass
 class _Slot:
-    """One worker position: its process (replaced on restart), pipes, queue and last stats."""
+    """One worker position: its link (process or actor, replaced on restart), queue and last stats."""
 
     index: int
     lock: threading.Lock = field(default_factory=threading.Lock)  # outbox, alive
-    down_lock: threading.Lock = field(default_factory=threading.Lock)  # sends on `down`, swapping it
+    down_lock: threading.Lock = field(default_factory=threading.Lock)  # sends on the link, swapping it
     outbox: deque[tuple[Any, ...]] = field(default_factory=deque)
     outbox_samples: int = 0
     wake: threading.Event = field(default_factory=threading.Event)
-    proc: Any = None
-    down: Any = None
-    up: Any = None
+    link: Link | None = None
     incarnation: int = 0
     alive: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
@@ -116,7 +118,7 @@ class _Slot:
 
     @property
     def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
+        return None if self.link is None else self.link.pid
 
 
 def _reply(slot: _Slot, incarnation: int, request: int) -> Callable[[Any, str | None], None]:
@@ -124,10 +126,10 @@ def _reply(slot: _Slot, incarnation: int, request: int) -> Callable[[Any, str | 
 
     def send(output: Any, error: str | None) -> None:
         with slot.down_lock:
-            if slot.incarnation != incarnation or slot.down is None:
+            if slot.incarnation != incarnation or slot.link is None:
                 return
             with contextlib.suppress(OSError, EOFError, ValueError):
-                slot.down.send(("result", request, output, error))
+                slot.link.send(("result", request, output, error))
 
     return send
 
@@ -144,6 +146,10 @@ class WorkerPool:
         workers: int = 2,
         max_reopens: int = 3,
         hang_timeout_s: float = 30.0,
+        link_factory: LinkFactory | None = None,
+        name: str = "worker",
+        start_timeout_s: float = START_TIMEOUT_S,
+        restart_timeout_s: float | None = None,
     ) -> None:
         if workers < 1:
             raise MonitorError(f"workers must be >= 1, got {workers}")
@@ -164,6 +170,19 @@ class WorkerPool:
         self._sink_lock = threading.Lock()
         self._sink_failures = 0
         self._ctx = multiprocessing.get_context("spawn")
+        #: How a slot's worker is made: a local process (default) or, for cluster shards, a Ray actor.
+        self._link_factory: LinkFactory = link_factory or self._process_link
+        #: Where the batches run: here (the hub, ``--workers``) or inside each worker (shards on Serve).
+        self._local_inference = link_factory is None
+        #: "worker" or "shard": how log lines and events name a slot.
+        self.name = name
+        self.start_timeout_s = float(start_timeout_s)
+        #: A restarted worker not ready by then is ended (``Link.stalled``; for a shard: the cluster is gone).
+        self.restart_timeout_s = float(start_timeout_s if restart_timeout_s is None else restart_timeout_s)
+        #: Set (one line) when the backend behind the workers is gone (a Ray cluster lost): no restart.
+        self.fatal: str | None = None
+        self._fatal_callbacks: list[Callable[[str], None]] = []
+        self._cluster_lost = 0
         self._slots = [_Slot(i) for i in range(self.workers)]
         self._streams: dict[str, _PoolStream] = {}
         self._registry_lock = threading.Lock()
@@ -208,35 +227,29 @@ class WorkerPool:
             slot.receiver = threading.Thread(target=self._receive_loop, args=(slot,),
                                              name=f"serstream-worker-{slot.index}-up", daemon=True)
             slot.receiver.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         for slot in self._slots:
             while not slot.ready.wait(0.05):
                 failed = slot.start_error
                 if failed is not None or time.monotonic() >= deadline:
                     self.stop(drain=False, timeout=2.0)
-                    raise MonitorError(f"worker {slot.index} did not start: "
-                                       f"{failed or f'not ready within {START_TIMEOUT_S:g} s'}")
+                    raise MonitorError(f"{self.name} {slot.index} did not start: "
+                                       f"{failed or f'not ready within {self.start_timeout_s:g} s'}")
         self._ticker = threading.Thread(target=self._tick, name="serstream-pool-stats", daemon=True)
         self._ticker.start()
 
-    def _spawn(self, slot: _Slot) -> None:
-        """A new process for ``slot`` (first start or restart), its pipes swapped in under the send lock."""
-        from serstream.workers.child import worker_main
+    def _process_link(self, index: int, info: ModelInfo, device: str, config: Any) -> Link:
+        return ProcessLink(self._ctx, index, info, device, config)
 
-        down_recv, down_send = self._ctx.Pipe(duplex=False)
-        up_recv, up_send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(
-            target=worker_main, name=f"serstream-worker-{slot.index}", daemon=True,
-            args=(slot.index, down_recv, up_send, self.info, self.device, self.config),
-        )
-        proc.start()
-        # The child's ends live in the child only: its death then ends our reads (EOF).
-        down_recv.close()
-        up_send.close()
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(line)`` (from a pool thread) once, when the workers' backend is gone for good."""
+        self._fatal_callbacks.append(callback)
+
+    def _spawn(self, slot: _Slot) -> None:
+        """A new worker for ``slot`` (first start or restart), its link swapped in under the send lock."""
+        link = self._link_factory(slot.index, self.info, self.device, self.config)
         with slot.down_lock:
-            slot.proc = proc
-            slot.down = down_send
-            slot.up = up_recv
+            slot.link = link
             slot.incarnation += 1
             slot.bye = False
             slot.started_at = time.monotonic()
@@ -256,20 +269,20 @@ class WorkerPool:
             if slot.receiver is not None:
                 slot.receiver.join(max(0.0, deadline - time.monotonic()))
         for slot in self._slots:
-            proc = slot.proc
-            if proc is not None and proc.is_alive():
-                log.warning("worker %d (pid %s) did not stop in time; killed", slot.index, proc.pid)
-                proc.kill()
-            if proc is not None:
-                proc.join(5.0)
+            link = slot.link
+            if link is not None and link.is_alive() and not slot.bye:
+                log.warning("%s %d (%s) did not stop in time; killed", self.name, slot.index, link.label)
+                link.kill()
+            if link is not None:
+                link.join(5.0)
+                if link.is_alive():
+                    link.kill()
             with slot.lock:
                 slot.alive = False
             slot.wake.set()
             with slot.down_lock:
-                if slot.down is not None:
-                    with contextlib.suppress(OSError):
-                        slot.down.close()
-                    slot.down = None
+                if link is not None:
+                    link.close_down()
         with self._registry_lock:
             left = list(self._streams.values())
             self._streams.clear()
@@ -421,11 +434,11 @@ class WorkerPool:
                 slot.outbox.clear()
                 slot.outbox_samples = 0
             with slot.down_lock:
-                conn = slot.down
+                link = slot.link
                 try:
-                    if conn is None:
+                    if link is None:
                         raise OSError("no worker")
-                    conn.send(("items", items))
+                    link.send(("items", items))
                 except (OSError, EOFError, ValueError):
                     lost = sum(int(item[3].shape[0]) for item in items if item[0] == "audio")
                     with self._stats_lock:
@@ -436,40 +449,48 @@ class WorkerPool:
     def _receive_loop(self, slot: _Slot) -> None:
         """Read ``slot``'s worker until it ends; on an unexpected end, restart it (until the pool stops)."""
         while True:
-            up, proc, incarnation = slot.up, slot.proc, slot.incarnation
-            self._serve(slot, up, proc, incarnation)
-            with contextlib.suppress(OSError):
-                up.close()
+            link, incarnation = slot.link, slot.incarnation
+            assert link is not None
+            self._serve(slot, link, incarnation)
+            link.close_up()
             if slot.bye or self._stopping:
-                proc.join(5.0)
-                self._drop_streams_of(slot, proc, expected=slot.bye)
+                link.join(5.0)
+                self._drop_streams_of(slot, expected=slot.bye)
                 return
-            if not self._worker_lost(slot, proc):
+            if not self._worker_lost(slot, link):
                 return
 
-    def _serve(self, slot: _Slot, up: Any, proc: Any, incarnation: int) -> None:
-        sentinel = proc.sentinel
+    def _serve(self, slot: _Slot, link: Link, incarnation: int) -> None:
         heard = time.monotonic()
+        stalled = False
         while True:
-            ready = multiprocessing.connection.wait([up, sentinel], timeout=1.0)
-            if not ready:
-                silent = time.monotonic() - heard
+            ready = link.wait(1.0)
+            if ready is None:
+                now = time.monotonic()
+                silent = now - heard
                 if slot.ready.is_set() and not self._stopping and silent > self.hang_timeout_s:
                     # Stuck (a native call that never returns, a stopped process): end it, so the
                     # death path reports its streams and restarts it; nothing waits on it for ever.
-                    log.error("worker %d (pid %s) sent nothing for %.0f s; killing it", slot.index, proc.pid, silent)
-                    proc.kill()
-                    heard = time.monotonic()
+                    log.error("%s %d (%s) sent nothing for %.0f s; killing it", self.name, slot.index, link.label,
+                              silent)
+                    link.kill()
+                    heard = now
+                elif (incarnation > 1 and not slot.ready.is_set() and not stalled and not self._stopping
+                      and now - slot.started_at > self.restart_timeout_s + 5.0):
+                    # A restart that never comes up (for a shard: the cluster cannot place it again);
+                    # a shard's link gives up on its own at restart_timeout_s, this is the backstop.
+                    stalled = True
+                    link.stalled(self.restart_timeout_s)
                 continue
             heard = time.monotonic()
-            if up not in ready:
-                # The process ended: what it sent before is still in the pipe; read it first.
+            if ready == "ended":
+                # The worker ended: what it sent before may still be waiting; read it first.
                 with contextlib.suppress(EOFError, OSError):
-                    while up.poll(0):
-                        self._dispatch(slot, up.recv(), incarnation)
+                    while link.poll():
+                        self._dispatch(slot, link.recv(), incarnation)
                 return
             try:
-                message = up.recv()
+                message = link.recv()
             except (EOFError, OSError):
                 return
             self._dispatch(slot, message, incarnation)
@@ -509,10 +530,8 @@ class WorkerPool:
         elif kind == "bye":
             slot.bye = True
             with slot.down_lock:
-                if slot.down is not None:
-                    with contextlib.suppress(OSError):
-                        slot.down.close()
-                    slot.down = None
+                if slot.link is not None:
+                    slot.link.close_down()
 
     def _on_ready(self, slot: _Slot) -> None:
         """A (re)started worker is up: reopen the streams it inherited, then take audio and new streams."""
@@ -551,7 +570,7 @@ class WorkerPool:
                     st.handle._closed = True
         self._emit(event)
 
-    def _drop_streams_of(self, slot: _Slot, proc: Any, expected: bool) -> None:
+    def _drop_streams_of(self, slot: _Slot, expected: bool) -> None:
         """The pool is stopping and ``slot``'s worker ended: its streams left without a closed event get one."""
         with self._registry_lock:
             left = [st for st in self._streams.values() if st.slot == slot.index]
@@ -561,19 +580,25 @@ class WorkerPool:
             st.handle._closed = True
             self._emit(self._closed_event(st, "monitor stopped" if expected else "error: worker lost"))
 
-    def _worker_lost(self, slot: _Slot, proc: Any) -> bool:
-        """A worker died: say so (one line, events per stream), restart it, reopen its streams there."""
-        proc.join(2.0)
-        code = proc.exitcode
-        how = (f"killed by signal {-code}" if code is not None and code < 0
-               else f"exit code {code}" if code is not None else "stopped answering")
+    def _worker_lost(self, slot: _Slot, link: Link) -> bool:
+        """A worker died: say so (one line, events per stream), restart it, reopen its streams there.
+
+        Unless the backend behind every worker is gone (``link.gone``: a Ray
+        cluster lost): then its streams are closed, nothing restarts, and the
+        pool's ``fatal`` line is set for the command to exit on.
+        """
+        link.join(2.0)
+        how = link.how()
         uptime = time.monotonic() - slot.started_at
-        if slot.incarnation == 1 and not slot.ready.is_set():
+        action = after_loss(first_start=slot.incarnation == 1, was_ready=slot.ready.is_set(),
+                            backend_gone=link.gone is not None)
+        if action == "start_failed":
             # It never came up (a broken install, an import error): restarting would only loop.
-            slot.start_error = f"worker process {proc.pid} ended before it was ready ({how})"
+            slot.start_error = f"{self.name} ({link.label}) ended before it was ready ({how})"
             with slot.lock:
                 slot.alive = False
             return False
+        fatal = action == "fatal"
         with slot.lock:
             slot.alive = False
             lost_audio = sum(int(item[3].shape[0]) for item in slot.outbox if item[0] == "audio")
@@ -581,37 +606,51 @@ class WorkerPool:
             slot.outbox_samples = 0
         with self._stats_lock:
             self._audio_dropped += lost_audio
-            self._restarts += 1
+            self._restarts += 0 if fatal else 1
         slot.retired = sum_stats([slot.retired, slot.stats]) if slot.stats else slot.retired
         slot.stats = {}
         with self._registry_lock:
             # Streams still waiting from an earlier death were told then; they wait on for this restart.
             waiting = [st for st in slot.pending_reopen if self._streams.get(st.id) is st]
             affected = [st for st in self._streams.values() if st.slot == slot.index and st not in waiting]
-            reopen: list[_PoolStream] = list(waiting)
+            reopen: list[_PoolStream] = [] if fatal else list(waiting)
             for st in affected:
                 st.reopens += 1
-                if may_reopen(st.reopens - 1, self.max_reopens, st.kwargs["source"]) and not st.handle._closed:
+                if (not fatal and may_reopen(st.reopens - 1, self.max_reopens, st.kwargs["source"])
+                        and not st.handle._closed):
                     reopen.append(st)
                 else:
                     del self._streams[st.id]
                     st.handle._closed = True
-        log.error("worker %d (pid %s) died (%s); restarting it, its %d stream(s) reopen there",
-                  slot.index, proc.pid, how, len(reopen))
+            if fatal:
+                for st in waiting:
+                    self._streams.pop(st.id, None)
+                    st.handle._closed = True
+                slot.pending_reopen = []
+        if fatal:
+            log.error("%s %d (%s) lost: %s; not restarting it", self.name, slot.index, link.label, link.gone)
+        else:
+            log.error("%s %d (%s) died (%s); restarting it, its %d stream(s) reopen there",
+                      self.name, slot.index, link.label, how, len(reopen))
         for st in affected:
             again = st in reopen
             with self._stats_lock:
                 self._lost_streams += 1
             self._emit(events.error_event(
                 st.id, code=WORKER_LOST, count=st.reopens, ts=time.time(),
-                message=(f"worker {slot.index} (pid {proc.pid}) died ({how}): audio and estimates in flight "
-                         f"and the speaker state are lost; "
-                         + ("the stream reopens on the restarted worker" if again
+                message=(f"{self.name} {slot.index} ({link.label}) "
+                         + (f"lost ({link.gone})" if fatal else f"died ({how})")
+                         + ": audio and estimates in flight and the speaker state are lost; "
+                         + ("the stream is closed" if fatal
+                            else f"the stream reopens on the restarted {self.name}" if again
                             else "the stream is closed (its client reconnects for a new one)"
                             if st.kwargs["source"] in CLOSE_ON_LOSS_SOURCES
                             else f"the stream is closed (its worker died {st.reopens} times with it)"
                             if st.reopens > self.max_reopens else "the stream is closed"))))
             self._emit(self._closed_event(st, "error: worker lost"))
+        if fatal:
+            self._give_up(str(link.gone))
+            return False
         delay = restart_delay(uptime)
         if delay:
             time.sleep(delay)
@@ -623,10 +662,26 @@ class WorkerPool:
         try:
             self._spawn(slot)  # its streams reopen when it is ready (_on_ready)
         except Exception as exc:  # noqa: BLE001 - no new process: its streams end, others go on
-            log.error("worker %d could not be restarted: %s", slot.index, one_line(exc, limit=None))
+            why = one_line(exc, limit=None)
+            log.error("%s %d could not be restarted: %s", self.name, slot.index, why)
             self._forget(reopen)
+            if not self._local_inference:
+                # A shard that cannot be made again: the cluster is gone (a local process always can be).
+                self._give_up(f"cannot start {self.name} {slot.index} again: {why}")
             return False
         return True
+
+    def _give_up(self, line: str) -> None:
+        """The backend behind the workers is gone: remember the first line, tell the command once."""
+        with self._stats_lock:
+            self._cluster_lost += 1
+            first = self.fatal is None
+            if first:
+                self.fatal = line
+        if first:
+            for callback in self._fatal_callbacks:
+                with contextlib.suppress(Exception):
+                    callback(line)
 
     def _forget(self, streams: list[_PoolStream]) -> None:
         """Streams that will not reopen (the pool stops, no new worker): gone, their handles closed."""
@@ -680,6 +735,17 @@ class WorkerPool:
             batches = hub.batches
             windows = hub.windows
             rate = hub.rate.rate(now)
+        mean_size = (sum(sizes) / len(sizes)) if sizes else 0.0
+        max_size = max(sizes, default=0)
+        if not self._local_inference:
+            # The batches run inside the workers (shards on Serve): their own counts, summed.
+            live = [slot.stats for slot in self._slots if slot.stats]
+            counted = total.get("batches") or {}
+            batches = int(counted.get("count") or 0)
+            windows = int(total.get("windows") or 0)
+            rate = float(sum(float(s.get("windows_per_s") or 0.0) for s in live))
+            mean_size = windows / batches if batches else 0.0
+            max_size = max((int((s.get("batches") or {}).get("max_size") or 0) for s in live), default=0)
         with self._stats_lock:
             pct = self._latency.percentiles((50, 95, 99))
             final_pct = self._final_latency.percentiles((50, 95, 99))
@@ -693,6 +759,8 @@ class WorkerPool:
         drops["inference_failures"] = max(drops.get("inference_failures", 0), hub.failures)
         drops["worker_audio_samples"] = audio_dropped
         drops["worker_lost"] = self._lost_streams
+        if not self._local_inference:
+            drops["shards_given_up"] = self._cluster_lost
         for provider in self._stats_providers:
             try:
                 extra = provider()
@@ -710,8 +778,8 @@ class WorkerPool:
             "windows_per_s": rate,
             "batches": {
                 "count": batches,
-                "mean_size": (sum(sizes) / len(sizes)) if sizes else 0.0,
-                "max_size": max(sizes, default=0),
+                "mean_size": mean_size,
+                "max_size": max_size,
             },
             "queues": queues,
             "drops": drops,
@@ -765,7 +833,7 @@ class WorkerPool:
 
     def health(self) -> dict[str, Any]:
         """A small dict for /healthz: the inference tier and every worker alive, how many streams."""
-        alive = sum(1 for slot in self._slots if slot.alive and slot.proc is not None and slot.proc.is_alive())
+        alive = sum(1 for slot in self._slots if slot.alive and slot.link is not None and slot.link.is_alive())
         hub_alive = self._hub.thread.is_alive()
         return {
             "status": "ok" if hub_alive and alive == self.workers else "down",
