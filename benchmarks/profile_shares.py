@@ -32,6 +32,9 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("event encoding and delivery (JSON, WebSocket sends)", ("json", "EventBus", "websockets", "_broadcast")),
     ("RTP receive, decode, jitter buffer", ("RtpSource._run",)),
     ("sanitising, levels, rings", ("clean_in_place", "float_to_pcm16", "AudioRing", "StreamPipeline.push")),
+    # A thread woken hundreds of times a second (every push wakes the pipeline) spends CPU in the wait itself.
+    ("thread wake-ups (Event/Condition waits)", ("Event.wait", "Condition.wait")),
+    ("WebSocket server loop (ingest frames in, handshakes; asyncio)", ("asyncio",)),
 ]
 SENDER = "benchmark sender process (not serstream)"
 HARNESS = "benchmark harness main thread (not serstream)"
