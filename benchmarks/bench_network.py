@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (6.0 if args.quick else 15.0)
     default_rtp_steps = [25, 100] if args.quick else [25, 50, 75, 100, 125, 150, 200, 300, 400, 500]
     rtp_steps = _steps(args.rtp_steps) if args.rtp_steps else default_rtp_steps
-    ws_steps = _steps(args.ws_steps) if args.ws_steps else ([10, 40] if args.quick else [25, 50, 75, 100, 125, 150, 200, 300])
+    default_ws_steps = [10, 40] if args.quick else [25, 50, 75, 100, 125, 150, 200, 300]
+    ws_steps = _steps(args.ws_steps) if args.ws_steps else default_ws_steps
     model = _load_model(args.model, args.threads)
     from serstream.inference.session import describe_device
 
