@@ -867,6 +867,16 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
     from serstream.cluster.command import run_cluster
+    from serstream.cluster.connect import parse_address
+    from serstream.cluster.keeper import needs_keeper, run_kept
+
+    try:
+        kind = parse_address(args.address)[0]
+    except ValueError:
+        kind = "invalid"  # run_cluster says why, in one line
+    if needs_keeper(kind):
+        # A driver can be ended by Ray itself, silently: a keeper process says why (cluster/keeper.py).
+        return run_kept(args.raw_argv, args.address)
 
     def run_monitor(ns: argparse.Namespace, backend: Any, with_sources: bool) -> int:
         return asyncio.run(_run_server(ns, backend, with_sources=with_sources))
@@ -1011,6 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _COMMANDS[args.command](args)
     except UserError as exc:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from serstream.cluster.backend import ServeBackend
+from serstream.cluster.keeper import report_logs_dir
 from serstream.cluster.policy import RequestPolicy
 from serstream.errors import ClusterError, one_line
 
@@ -188,6 +189,8 @@ def deploy(model_path: Path, config: ClusterConfig) -> ClusterSession:
     if not ray.is_initialized():
         _init_ray(ray, kind, config.address)
         started_ray = kind == "local"
+        report_logs_dir()  # to the keeper process, if there is one (cluster/keeper.py)
+        logging.getLogger("asyncio").addFilter(_ray_task_noise)
     try:
         _check_resources(ray, config)
         from serstream.cluster.deployment import InferenceDeployment
@@ -262,6 +265,17 @@ def _init_ray(ray: Any, kind: str, address: str) -> None:
             hint = (" (a cluster started with `ray start` wants its token: RAY_AUTH_MODE=token, and the token in "
                     "RAY_AUTH_TOKEN or ~/.ray/auth_token; docs/scale-out.md)")
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {_describe(exc)}{hint}") from None
+
+
+def _ray_task_noise(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's "Task exception was never retrieved" about Ray's own exceptions.
+
+    Serve's router, on its loop in this process, polls each replica's queue length and never reads a
+    poll that failed: with the cluster gone, one traceback per poll. The monitor reports the cluster's
+    failures itself (inference_error events, one line at the end).
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and type(exc).__module__.split(".")[0] == "ray")
 
 
 def _check_resources(ray: Any, config: ClusterConfig) -> None:
