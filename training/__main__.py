@@ -35,7 +35,8 @@ def _config(args: argparse.Namespace):
     updates = dict(RECIPES[getattr(args, "recipe", None) or "v0.4"])
     updates.update({k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
                                                   "patience", "pitch_prob", "stretch_prob", "ema_decay", "mask_loss",
-                                                  "sampling", "corpus_weight", "other_corpus_prob", "unmasked_weight")
+                                                  "sampling", "corpus_weight", "other_corpus_prob", "other_corpus_pick",
+                                                  "unmasked_weight")
                     if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                            default=None, help="how balanced sampling picks a corpus (default sqrt-speakers)")
             p.add_argument("--other-corpus-prob", dest="other_corpus_prob", type=float, default=None,
                            help="v0.3 sampling: chance a speaker group comes from a corpus other than RAVDESS (0.25)")
+            p.add_argument("--other-corpus-pick", dest="other_corpus_pick", choices=("speaker", "corpus"), default=None,
+                           help="v0.3 sampling: draw an other-corpus group uniformly over those corpora's speakers "
+                                "(speaker, v0.3.0's) or a corpus first, then a speaker (corpus)")
         if name in ("cv", "train", "baseline", "ased-cv"):  # train accepts and ignores them, as before
             p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1; "
                            "ASED PP 01, 06, ..., 61 = fold 1)")

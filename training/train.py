@@ -35,6 +35,7 @@ from .model import EmotionNet, ModelConfig, MultitaskLoss
 __all__ = [
     "ADAPTATION_MODES",
     "RECIPES",
+    "OTHER_CORPUS_PICKS",
     "SAMPLINGS",
     "TTA_VARIANTS",
     "TrainConfig",
@@ -84,6 +85,11 @@ class TrainConfig:
     # (TESS has 2 speakers but twice RAVDESS's files; uncapped it dominates
     # neutral and pushes quiet RAVDESS speech into "calm").
     other_corpus_prob: float = 0.25
+    # v0.3 sampling: how an other-corpus group is drawn. "speaker": uniformly over all the other
+    # corpora's speakers (v0.3.0, where TESS was the only other corpus); "corpus": a corpus first,
+    # uniformly, then one of its speakers. With ASED's 65 speakers beside TESS's 2, "speaker" gives
+    # TESS 3 % of the other-corpus groups (0.7 % of all), so ASED replaces it.
+    other_corpus_pick: str = "speaker"
     cold_start_prob: float = 0.2
     augment: bool = True
     spec_time_masks: int = 2
@@ -111,6 +117,7 @@ RECIPES: dict[str, dict] = {
     "v0.3": {"mask_loss": False, "sampling": "v0.3"},
 }
 SAMPLINGS = ("balanced", "v0.3")
+OTHER_CORPUS_PICKS = ("speaker", "corpus")
 
 
 @dataclass
@@ -152,6 +159,11 @@ class BatchSampler:
         self.other = [s for s, c in corpus_of.items() if c != "ravdess"]
         if not self.main:  # a corpus without RAVDESS: all speakers are "main"
             self.main, self.other = self.other, []
+        if config.other_corpus_pick not in OTHER_CORPUS_PICKS:
+            raise ValueError(f"unknown other-corpus pick {config.other_corpus_pick!r} (one of {', '.join(OTHER_CORPUS_PICKS)})")
+        # The other corpora's speakers, one list per corpus (for the "corpus" pick).
+        self.other_by_corpus = [[s for s in self.other if corpus_of[s] == c]
+                                for c in sorted({corpus_of[s] for s in self.other})]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """Utterance indices [B] and group ids [B]."""
@@ -159,6 +171,8 @@ class BatchSampler:
         idx, groups = [], []
         for g in range(c.speakers_per_batch):
             pool = self.other if (self.other and self.rng.random() < c.other_corpus_prob) else self.main
+            if pool is self.other and c.other_corpus_pick == "corpus":
+                pool = self.other_by_corpus[self.rng.integers(len(self.other_by_corpus))]
             classes = self.by_speaker[pool[self.rng.integers(len(pool))]]
             keys = list(classes)
             for _ in range(c.per_speaker):

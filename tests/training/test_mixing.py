@@ -156,3 +156,27 @@ def test_unmasked_weight_mixes_the_plain_loss_back_in() -> None:
     loss, _ = MultitaskLoss(unmasked_weight=0.2)({**out, "emotion_logits": logits}, tgt)
     loss.backward()
     assert float(logits.grad[0, LABELS.index("calm")]) > 0
+
+
+@pytest.mark.parametrize("pick, expected", [
+    # 25 % other-corpus groups; "speaker": 2 of 18 other speakers are "two"'s, 16 "many"'s
+    ("speaker", {"big": 0.75, "two": 0.25 * 2 / 18, "many": 0.25 * 16 / 18}),
+    ("corpus", {"big": 0.75, "two": 0.125, "many": 0.125}),
+])
+def test_v03_sampler_picks_other_corpora_by_speaker_or_by_corpus(pick, expected) -> None:
+    from training.train import BatchSampler, TrainConfig
+
+    data = _synthetic_list()
+    data.corpus = np.where(data.corpus == "big", "ravdess", data.corpus)  # the v0.3 sampler's main corpus
+    config = TrainConfig(sampling="v0.3", other_corpus_pick=pick, speakers_per_batch=4, per_speaker=8)
+    sampler = BatchSampler(data, np.arange(len(data.label)), config, np.random.default_rng(0))
+    idx, groups = zip(*(sampler.sample() for _ in range(1500)))
+    rows = np.concatenate(idx)
+    for name, share in expected.items():
+        got = np.mean(data.corpus[rows] == ("ravdess" if name == "big" else name))
+        assert got == pytest.approx(share, abs=0.02), (pick, name, got)
+    for one_idx, one_groups in zip(idx[:50], groups[:50]):
+        for g in np.unique(one_groups):
+            assert len(set(data.speaker[one_idx[one_groups == g]])) == 1  # a group is one speaker
+    with pytest.raises(ValueError, match="unknown other-corpus pick"):
+        BatchSampler(data, np.arange(len(data.label)), TrainConfig(other_corpus_pick="clip"), np.random.default_rng(0))
