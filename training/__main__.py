@@ -36,7 +36,7 @@ def _config(args: argparse.Namespace):
     updates.update({k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
                                                   "patience", "pitch_prob", "stretch_prob", "ema_decay", "mask_loss",
                                                   "sampling", "corpus_weight", "other_corpus_prob", "other_corpus_pick",
-                                                  "unmasked_weight")
+                                                  "unmasked_weight", "select")
                     if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ema-decay", dest="ema_decay", type=float,
                        help="per-step decay of the weight average used for validation and the saved model "
                             "(default 0.997; 0 = off)")
+        p.add_argument("--select", choices=("best", "last"), default=None,
+                       help="weights a fold keeps: best (the best validation epoch, early stopping by --patience; "
+                            "default) or last (all epochs, the last weight average, as `train` ships)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,

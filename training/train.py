@@ -63,6 +63,12 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_frac: float = 0.06
     patience: int = 6
+    # Which weights training returns when it has validation speakers. "best": those of the epoch with
+    # the best validation UAR, stopping after ``patience`` epochs without a better one. "last": every
+    # epoch runs and the last weight average is returned, as `train` (no validation speakers) ships;
+    # validation UAR is still recorded. With 2 validation actors (120 clips) "best" can keep an early
+    # epoch's weights (the three-corpus CV of 2026-12-03: fold 3 kept epoch 6 of 30).
+    select: str = "best"
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
@@ -467,6 +473,8 @@ def train_model(
     crop = int(config.crop_s * config.model.frontend.sample_rate)
     total_steps = config.epochs * config.steps_per_epoch
     history: list[dict] = []
+    if config.select not in ("best", "last"):
+        raise ValueError(f"unknown weight selection {config.select!r} (best or last)")
     best = {"uar": -1.0, "epoch": -1, "state": None}
     start_epoch = 0
     ckpt_path = out_dir / "checkpoint.pt"
@@ -533,7 +541,7 @@ def train_model(
             pred = predict(scored, corpus, val_idx, mode="online", order_seed=config.seed)
             val_pred = own_class_prediction(pred["emotion_logits"], corpus.corpus[val_idx], class_masks)
             record["val_uar"] = round(_uar(pred["label"], val_pred), 4)
-            if record["val_uar"] > best["uar"]:
+            if config.select == "best" and record["val_uar"] > best["uar"]:
                 best = {"uar": record["val_uar"], "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
                 stale = 0
             else:
@@ -550,12 +558,16 @@ def train_model(
         if average is not None:
             ckpt["average"] = average.state()
         torch.save(ckpt, ckpt_path)
-        if val_idx is not None and stale >= config.patience:
+        if val_idx is not None and config.select == "best" and stale >= config.patience:
             log(f"early stop: validation UAR has not improved for {stale} epochs")
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    elif average is not None:  # no validation set: the averaged weights of the last step
+    elif average is not None:  # no validation set, or --select last: the averaged weights of the last step
         model.load_state_dict(average.model.state_dict())
     model.eval()
+    if config.select == "last" and history:
+        last = history[-1]
+        return TrainResult(model=model, history=history, best_epoch=int(last["epoch"]),
+                           best_val_uar=float(last.get("val_uar", -1.0)))
     return TrainResult(model=model, history=history, best_epoch=int(best["epoch"]), best_val_uar=float(best["uar"]))

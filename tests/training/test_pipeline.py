@@ -91,3 +91,24 @@ def test_voice_augmentation_changes_training_and_stays_finite(trained, tmp_path)
     assert np.isfinite(voiced.history[0]["loss_emotion"])
     # Same seed, so only the pitch and tempo changes can make the losses differ.
     assert voiced.history[0]["loss_emotion"] != plain.history[0]["loss_emotion"]
+
+
+def test_select_last_runs_every_epoch_and_returns_the_last_weight_average(trained, tmp_path) -> None:
+    import torch
+
+    corpus, _, test, _, config, _ = trained
+    val = corpus.indices(["ravdess:03", "ravdess:04"])
+    train = np.setdiff1d(np.arange(len(corpus)), np.concatenate([test, val]))
+    # patience 0 would stop "best" after its first epoch; "last" ignores it and runs all three
+    last = replace(config, epochs=3, patience=0, select="last")
+    result = train_model(corpus, train, val, last, tmp_path / "last", progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert all("val_uar" in h for h in result.history)  # validation is still measured
+    assert result.best_epoch == 2 and result.best_val_uar == result.history[-1]["val_uar"]
+    average = torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=False)["average"]["model"]
+    returned = result.model.state_dict()
+    assert all(torch.equal(returned[k], v) for k, v in average.items())
+    best = train_model(corpus, train, val, replace(last, select="best"), tmp_path / "best", progress=False)
+    assert len(best.history) == 1  # early stopping as before
+    with pytest.raises(ValueError, match="unknown weight selection"):
+        train_model(corpus, train, val, replace(last, select="median"), tmp_path / "bad", progress=False)
