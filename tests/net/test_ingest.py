@@ -284,10 +284,13 @@ def test_an_oversized_frame_closes_with_1009_and_is_counted(live_server_factory:
 
 
 def test_a_fast_sender_is_held_back_not_dropped(live_server_factory: Any) -> None:
-    # A ring of 1 s: 6 s of audio sent at once must wait for room instead of overwriting.
+    # A ring of 0.25 s: 6 s of audio sent at once must wait for room instead of overwriting. (With a
+    # 1 s ring the pipeline thread sometimes drained each 1 s frame's pieces as fast as they came, and
+    # the handler never had to wait: one CI run of 2026-12-03. A frame is now 16 pieces into a ring
+    # that holds under 4.)
     from serstream.monitor import MonitorConfig
 
-    server: LiveServer = live_server_factory(monitor_config=MonitorConfig(ring_seconds=1.0), max_speed=None)
+    server: LiveServer = live_server_factory(monitor_config=MonitorConfig(ring_seconds=0.25), max_speed=None)
     speech = speech_with_pauses(((0.3, 2.0), (1.0, 2.5)), tail_s=0.8)
 
     async def run() -> list[Event]:
