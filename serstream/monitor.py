@@ -293,8 +293,10 @@ class _MonitorStream:
 
         # Both threads, under `est_lock`.
         self.est_lock = threading.Lock()
+        # One window in flight: with two inference threads (or remote replicas) results of a
+        # stream's windows could otherwise come back, and go out, in the wrong order.
         self.estimator: StreamEstimator[float] = StreamEstimator(
-            stream_id, monitor.info, cfg.smoother, call=call, role=role)
+            stream_id, monitor.info, cfg.smoother, call=call, role=role, one_in_flight=True)
 
     @property
     def ended(self) -> bool:

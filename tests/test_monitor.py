@@ -355,8 +355,10 @@ def test_model_metadata_the_pipeline_cannot_use_is_refused_in_one_line(
 def test_expired_partials_do_not_hold_back_closing_streams(model: EmotionModel) -> None:
     """Overload: partials expire (counted), and every stream still closes, with its final and no drops."""
     audio = speech_with_pauses(((0.3, 2.5),), tail_s=0.8)
-    names = [f"s{i}" for i in range(6)]
     # Twice real time into a model that needs 0.2 s a batch: partials fall due faster than it serves them.
+    # A stream has one window out at a time, so it takes more streams than the two inference threads'
+    # batches and the one queued batch hold (3 x 2 windows) for partials to wait in the batch former.
+    names = [f"s{i}" for i in range(12)]
     sink, stats = run(SlowModel(model, delay_s=0.2), {n: audio for n in names},
                       MonitorConfig(max_batch=2, partial_max_age_s=0.1), speed=2.0)
     assert stats["drops"]["partials_expired"] > 0
@@ -492,3 +494,49 @@ def test_inference_concurrency_is_checked_and_defaults_by_device():
         MonitorConfig(inference_concurrency=0)
     assert default_inference_concurrency("cpu") == 2
     assert default_inference_concurrency("cuda") == 1
+
+
+class FirstBatchLate:
+    """The real model, but its first batch takes ``delay_s`` longer: a second thread overtakes it."""
+
+    def __init__(self, model: Any, delay_s: float) -> None:
+        self._model, self._delay_s = model, delay_s
+        self.info, self.device = model.info, model.device
+        self._lock = threading.Lock()
+        self.calls = 0
+
+    def infer(self, audio: np.ndarray, lengths: np.ndarray, state: Any = None) -> Any:
+        with self._lock:
+            self.calls += 1
+            first = self.calls == 1
+        if first:
+            time.sleep(self._delay_s)
+        return self._model.infer(audio, lengths, state)
+
+
+def test_a_stream_stays_in_order_when_a_later_batch_finishes_first(model: EmotionModel) -> None:
+    # Two inference threads: the first batch (the stream's first window) is held up for 0.6 s
+    # while the other thread could run everything after it. The stream's estimates must still go
+    # out in stream order: t1 never goes back, no partial after its utterance's final, seq in order.
+    audio = speech_with_pauses(((0.3, 1.5), (1.0, 1.2), (1.0, 1.6)), tail_s=0.8)
+    backend = FirstBatchLate(model, delay_s=0.6)
+    sink = Collector()
+    monitor = Monitor(backend, MonitorConfig(inference_concurrency=2), sink)
+    monitor.start()
+    try:
+        handle = monitor.open_stream("a", source="file", codec="pcm_f32", sample_rate=SAMPLE_RATE, channels=1)
+        push_all({"a": handle}, {"a": audio}, speed=8.0)  # faster than real time: windows pile up
+        handle.close(reason="end")
+        assert monitor.wait_idle(timeout=60), "monitor did not become idle"
+    finally:
+        monitor.stop()
+    assert backend.calls > 2
+    emotions = sink.of("a", "emotion")
+    finals = [e for e in emotions if e["kind"] == "final"]
+    assert [f["utterance"] for f in finals] == [0, 1, 2]
+    t1s = [e["t1"] for e in emotions]
+    assert t1s == sorted(t1s)
+    assert [e["seq"] for e in emotions] == list(range(len(emotions)))
+    for final in finals:
+        later = emotions[emotions.index(final) + 1:]
+        assert not [e for e in later if e["utterance"] == final["utterance"]]

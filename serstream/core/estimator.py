@@ -16,6 +16,14 @@ monitor and the offline ``analyze`` both go through this gate, so both give
 the same finals for the same audio. A model without state inputs has
 nothing to wait for: windows are ready at once.
 
+**One window in flight** (``one_in_flight``). When results can come back out
+of order (several inference threads, remote replicas), a later window of the
+stream could overtake an earlier one: a partial after its utterance's final,
+utterance 1's final before utterance 0's, and the smoother fed time
+backwards. The live monitor therefore holds each window until the stream's
+previous one is resolved (held partials are superseded meanwhile, as above).
+``analyze`` gets its results back in order and releases whole groups.
+
 Not thread-safe: the monitor calls it under the stream's lock. No clock is
 read here: ``ts`` and the latency come in as arguments.
 """
@@ -59,6 +67,7 @@ class StreamEstimator(Generic[T]):
         *,
         call: str | None = None,
         role: str | None = None,
+        one_in_flight: bool = False,
     ) -> None:
         self.stream = stream
         #: The call and party the stream's events name (None: a lone stream).
@@ -70,6 +79,8 @@ class StreamEstimator(Generic[T]):
         self.states = {spec.name: SpeakerState(spec) for spec in info.state_inputs}
         #: Hold later windows while a final is out: only a model with state inputs needs it.
         self.gated = bool(self.states)
+        #: Hold every window while an earlier one of the stream is out (results may arrive out of order).
+        self.one_in_flight = one_in_flight
         self.seq = 0
         self._held: deque[tuple[Window, T]] = deque()
         self._finals_out = 0  # finals released and not yet resolved
@@ -81,12 +92,17 @@ class StreamEstimator(Generic[T]):
 
     @property
     def held(self) -> int:
-        """Windows waiting for an earlier final's result."""
+        """Windows waiting for an earlier window's result (a final's; any, with ``one_in_flight``)."""
         return len(self._held)
 
     @property
+    def _blocked(self) -> bool:
+        """Windows must wait: a final is out (stateful model), or any window is out (``one_in_flight``)."""
+        return bool((self.gated and self._finals_out) or (self.one_in_flight and self.outstanding))
+
+    @property
     def has_ready(self) -> bool:
-        return bool(self._held) and not (self.gated and self._finals_out)
+        return bool(self._held) and not self._blocked
 
     @property
     def idle(self) -> bool:
@@ -100,7 +116,7 @@ class StreamEstimator(Generic[T]):
             # Only the newest held item can be a partial: anything newer supersedes it.
             held.pop()
             self.superseded += 1
-        if self.gated and self._finals_out:
+        if self._blocked:
             self.held_total += 1
         held.append((window, tag))
 
@@ -108,7 +124,7 @@ class StreamEstimator(Generic[T]):
         """The windows cleared to run now, in order, each with the state it must run with."""
         out: list[Released[T]] = []
         held = self._held
-        while held and not (self.gated and self._finals_out):
+        while held and not self._blocked:
             window, tag = held.popleft()
             out.append(Released(window, tag, self._state_rows()))
             self.outstanding += 1

@@ -111,3 +111,35 @@ def test_an_unusable_result_still_resolves_its_window():
         est.result(final.window, np.full(N, np.nan, np.float32), np.zeros(3, np.float32), gender=None,
                    state_updates=None, latency_ms=0.0, ts=0.0)
     assert est.outstanding == 0 and est.has_ready
+
+
+def test_one_in_flight_keeps_a_stream_in_order_whatever_order_results_come_back_in():
+    # Two inference threads can finish a later batch first: with one window out at a time,
+    # the stream's events still go out in stream order (partial, final, next utterance).
+    est: StreamEstimator[str] = StreamEstimator("s", PLAIN_INFO, one_in_flight=True)
+    assert not est.gated
+    est.admit(window("partial", 0), "p0")
+    (first,) = est.ready()
+    est.admit(window("partial", 0), "p0b")
+    est.admit(window("final", 0), "f0")  # replaces the held p0b; p0 is out, so f0 waits
+    est.admit(window("final", 1, 32000, 48000), "f1")
+    assert est.ready() == [] and not est.has_ready
+    assert est.held == 2 and est.superseded == 1 and est.held_total == 3
+    out = [result(est, first.window)]
+    assert est.has_ready
+    (second,) = est.ready()
+    assert second.tag == "f0" and est.ready() == []
+    est.lost(second.window)  # a lost window lets the next one go as well
+    (third,) = est.ready()
+    assert third.tag == "f1"
+    out.append(result(est, third.window))
+    assert [(e["kind"], e["utterance"], e["seq"]) for e in out] == [("partial", 0, 0), ("final", 1, 1)]
+    assert est.idle
+
+
+def test_without_one_in_flight_a_plain_model_releases_everything():
+    est: StreamEstimator[str] = StreamEstimator("s", PLAIN_INFO)
+    est.admit(window("partial", 0), "p0")
+    est.ready()
+    est.admit(window("final", 0), "f0")
+    assert [r.tag for r in est.ready()] == ["f0"] and est.outstanding == 2
