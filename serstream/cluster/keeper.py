@@ -21,9 +21,10 @@ process. The keeper passes the child's stderr on, less the lines in Ray's
 native log format (unless the user set ``RAY_BACKEND_LOG_LEVEL``: then they
 asked for them). The child tells the keeper where Ray's logs are (the file
 named in ``SERSTREAM_DRIVER_REPORT``) once connected. Exit 1 is not one of
-serstream's own codes (0 done, 2 error), so it means Ray ended the monitor:
-the keeper prints one ``serstream: error:`` line with Ray's reason from the
-driver log and exits 2. Any other code passes through. Ray Client addresses
+serstream's own codes (0 done, 2 error): Ray ended the monitor, or a bug did
+(an uncaught exception). The keeper prints one ``serstream: error:`` line
+with Ray's reason from the driver log (no reason found: it says so, and
+blames nobody) and exits 2. Any other code passes through. Ray Client addresses
 (``ray://``) and ``local`` need no keeper: the core worker is not in the
 monitor's process, or Ray's node is the monitor's own. SIGTERM and SIGHUP
 sent to the keeper are passed on; a Ctrl-C reaches both (one process group)
@@ -89,10 +90,18 @@ def _first_sentences(message: str, count: int = 2) -> str:
 
 
 def exit_line(address: str, reason: str | None) -> str:
-    """The one line the keeper prints when Ray ended the monitor."""
-    why = f": {reason.rstrip('.')}" if reason else " without a word"
-    return (f"Ray ended the monitor process{why} (the Ray head or this machine's Ray node went away: "
-            f"is the cluster at {address} still up?)")
+    """The one line the keeper prints when the monitor ended with exit code 1.
+
+    With a reason from Ray's driver log, Ray ended it. Without one, it may as
+    well have been an error of serstream's own (Python also exits 1 on an
+    uncaught exception, whose traceback is then on stderr above): say so
+    rather than blame Ray.
+    """
+    if reason:
+        return (f"Ray ended the monitor process: {reason.rstrip('.')} (the Ray head or this machine's Ray "
+                f"node went away: is the cluster at {address} still up?)")
+    return (f"the monitor process ended with exit code 1 and Ray's driver log gives no reason (see the lines "
+            f"above; if the Ray head went away: is the cluster at {address} still up?)")
 
 
 def report_logs_dir() -> None:
