@@ -86,7 +86,7 @@ class StreamEstimator(Generic[T]):
         self._finals_out = 0  # finals released and not yet resolved
         self.outstanding = 0  # windows released and not yet resolved (result or lost)
         self.superseded = 0  # held partials replaced by a newer window of the stream
-        self.held_total = 0  # windows that had to wait for an earlier final
+        self.held_total = 0  # windows that had to wait (behind a final; behind any window with one_in_flight)
 
     # -- the order gate ----------------------------------------------------------------------
 
