@@ -175,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args)
     idx = np.arange(len(corpus))
     result = train_model(corpus, idx, None, config, Path(args.out))
-    torch.save({"model": result.model.state_dict(), "config": config.to_dict()}, Path(args.out) / "model.pt")
+    torch.save({"model": result.model.state_dict(), "config": config.to_dict(), "corpora": args.corpora},
+               Path(args.out) / "model.pt")
     if args.export:
         return _export(result.model, corpus, config, args)
     return 0
@@ -208,6 +209,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = EmotionNet(model_config)
     model.load_state_dict(saved["model"])
     config = TrainConfig(**{k: v for k, v in saved["config"].items() if k != "model"}, model=model_config)
+    # The corpora the checkpoint was trained on (train records them), unless --corpora says otherwise.
+    args.corpora = args.corpora or saved.get("corpora") or "ravdess,tess"
     corpus = _load(args) if args.temperature is None else None
     return _export(model.eval(), corpus, config, args)
 
@@ -373,14 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 0.997; 0 = off)")
         p.add_argument("--select", choices=("best", "last"), default=None,
                        help="weights a fold keeps: best (the best validation epoch, early stopping by --patience; "
-                            "default) or last (all epochs, the last weight average, as `train` ships)")
+                            "--recipe v0.3's and balanced's) or last (all epochs, the last weight average, as "
+                            "`train` ships; --recipe v0.4's)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
                        help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
         if name in ("cv", "train", "crosscorpus", "loco", "ased-cv"):
-            p.add_argument("--recipe", choices=("v0.4", "v0.3"), default="v0.4",
-                           help="v0.4 (default): emotion loss over each corpus's classes, balanced batches; "
+            p.add_argument("--recipe", choices=("v0.4", "balanced", "v0.3"), default="v0.4",
+                           help="v0.4 (default, v0.4.0's): emotion loss over each corpus's classes, RAVDESS-led "
+                                "batches with other corpora drawn corpus first, last weights kept; "
+                                "balanced: the masked loss with corpus -> speaker -> class batches; "
                                 "v0.3: plain 8-class loss, RAVDESS-led batches (v0.3.0's recipe). "
                                 "The flags below override it")
             p.add_argument("--mask-loss", dest="mask_loss", action=argparse.BooleanOptionalAction, default=None,
@@ -445,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--export", required=True, help="ONNX file to write")
     ex.add_argument("--data", default=None, help="corpora, only to fit the temperature when --temperature is not given")
-    ex.add_argument("--corpora", default="ravdess,tess")
+    ex.add_argument("--corpora", default=None,
+                    help="the training corpora, for the metadata (default: those the checkpoint records, "
+                         "else ravdess,tess)")
     ex.add_argument("--cache", default=None)
     ex.add_argument("--temperature", type=float, default=None)
     ex.add_argument("--version", default="0.1.0")

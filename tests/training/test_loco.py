@@ -51,7 +51,8 @@ def test_loco_holds_out_each_corpus_and_scores_four_and_own_classes(loco_run) ->
     results = json.loads((loco_run / "loco.json").read_text())
     splits = json.loads((loco_run / "splits.json").read_text())
     assert results["complete"] and list(results["held_out"]) == ["ravdess", "tess", "ased"]
-    assert results["config"]["mask_loss"] is True and results["config"]["sampling"] == "balanced"
+    assert results["config"]["mask_loss"] is True and results["config"]["sampling"] == "v0.3"
+    assert results["config"]["other_corpus_pick"] == "corpus" and results["config"]["select"] == "last"
     four = [LABELS.index(c) for c in FOUR_CLASSES]
     for corpus, row in results["held_out"].items():
         fold = json.loads((loco_run / f"fold-{row['fold']}.json").read_text())
@@ -161,7 +162,13 @@ def test_train_with_new_recipe_exports_the_unchanged_contract(data, tmp_path) ->
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["labels"] == list(LABELS) and sidecar["temperature"] == 1.3
     cfg = sidecar["train_config"]
-    assert cfg["mask_loss"] is True and cfg["sampling"] == "balanced"
+    assert cfg["mask_loss"] is True and cfg["sampling"] == "v0.3" and cfg["other_corpus_pick"] == "corpus"
+    assert sidecar["training_data"] == "ravdess,tess,ased"
+    # export later from the checkpoint: the training corpora come from it, not from a default
+    again = tmp_path / "again.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "final" / "model.pt"), "--export", str(again),
+                 "--temperature", "1.3", "--version", "0.4.0-test"]) == 0
+    assert json.loads(again.with_suffix(".json").read_text())["training_data"] == "ravdess,tess,ased"
     model = EmotionModel.load(path)
     assert list(model.info.labels) == list(LABELS)
     rng = np.random.default_rng(0)
@@ -235,11 +242,15 @@ def test_ased_validation_speakers_are_drawn_until_they_hold_enough_clips() -> No
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], {"mask_loss": True, "sampling": "balanced", "corpus_weight": "sqrt-speakers", "unmasked_weight": 0.0}),
+    ([], {"mask_loss": True, "sampling": "v0.3", "other_corpus_pick": "corpus", "select": "last",
+          "unmasked_weight": 0.0}),
+    (["--recipe", "balanced"], {"mask_loss": True, "sampling": "balanced", "corpus_weight": "sqrt-speakers",
+                                "select": "best"}),
+    (["--select", "best"], {"sampling": "v0.3", "select": "best"}),
     (["--recipe", "v0.3"], {"mask_loss": False, "sampling": "v0.3"}),
     (["--recipe", "v0.3", "--mask-loss", "--unmasked-weight", "0.1"], {"mask_loss": True, "sampling": "v0.3",
                                                                       "unmasked_weight": 0.1}),
-    (["--no-mask-loss", "--corpus-weight", "uniform"], {"mask_loss": False, "sampling": "balanced",
+    (["--recipe", "balanced", "--no-mask-loss", "--corpus-weight", "uniform"], {"mask_loss": False, "sampling": "balanced",
                                                          "corpus_weight": "uniform"}),
 ])
 def test_recipe_flags_set_the_config_and_explicit_flags_win(argv, expected) -> None:
