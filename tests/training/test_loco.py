@@ -247,7 +247,7 @@ def test_ased_validation_speakers_are_drawn_until_they_hold_enough_clips() -> No
     (["--recipe", "balanced"], {"mask_loss": True, "sampling": "balanced", "corpus_weight": "sqrt-speakers",
                                 "select": "best"}),
     (["--select", "best"], {"sampling": "v0.3", "select": "best"}),
-    (["--recipe", "v0.3"], {"mask_loss": False, "sampling": "v0.3"}),
+    (["--recipe", "v0.3"], {"mask_loss": False, "sampling": "v0.3", "other_corpus_pick": "speaker", "select": "best"}),
     (["--recipe", "v0.3", "--mask-loss", "--unmasked-weight", "0.1"], {"mask_loss": True, "sampling": "v0.3",
                                                                       "unmasked_weight": 0.1}),
     (["--recipe", "balanced", "--no-mask-loss", "--corpus-weight", "uniform"], {"mask_loss": False, "sampling": "balanced",
@@ -259,3 +259,11 @@ def test_recipe_flags_set_the_config_and_explicit_flags_win(argv, expected) -> N
     for command in ("cv", "train", "loco", "ased-cv", "crosscorpus"):
         config = _config(build_parser().parse_args([command, "--data", "x", *argv]))
         assert {k: getattr(config, k) for k in expected} == expected, command
+
+
+def test_bare_train_config_is_the_shipped_recipe() -> None:
+    """Code that builds a TrainConfig() without a recipe trains the way the shipped model was trained."""
+    from training.train import RECIPES, TrainConfig
+
+    assert {k: getattr(TrainConfig(), k) for k in RECIPES["v0.4"]} == RECIPES["v0.4"]
+    assert all(set(recipe) == set(RECIPES["v0.4"]) for recipe in RECIPES.values())  # each names every setting
