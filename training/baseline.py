@@ -30,6 +30,7 @@ import numpy as np
 
 from serstream.contract import LABELS, SAMPLE_RATE
 
+from .cache import save_npz_atomically
 from .datasets import DatasetError, Utterance, load_audio, scan_corpora
 from .folds import Fold, make_split, partition, ravdess_actor_folds
 from .metrics import (
@@ -182,9 +183,7 @@ def extract_features(
 
 def _save_cache(cache_file: Path, cached: dict[str, np.ndarray]) -> None:
     keys = sorted(cached)
-    tmp = cache_file.with_suffix(".tmp.npz")
-    np.savez(tmp, keys=np.array(keys), features=np.stack([cached[k] for k in keys]))
-    os.replace(tmp, cache_file)
+    save_npz_atomically(cache_file, keys=np.array(keys), features=np.stack([cached[k] for k in keys]))
 
 
 def speaker_normalise(features: np.ndarray, speakers: Sequence[str]) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from serstream.contract import LABELS, SAMPLE_RATE
 
-__all__ = ["CachedCorpus", "build_cache", "trim_silence", "default_cache_dir"]
+__all__ = ["CachedCorpus", "build_cache", "trim_silence", "default_cache_dir", "save_npz_atomically"]
 
 GENDERS = ("female", "male")
 INTENSITIES = ("normal", "strong")
@@ -30,6 +30,19 @@ INTENSITIES = ("normal", "strong")
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SERSTREAM_CACHE", Path.home() / ".cache" / "serstream"))
+
+
+def save_npz_atomically(target: Path, **arrays: np.ndarray) -> None:
+    """Write ``target`` (.npz) so that a reader sees the old file or the new one, never half of one.
+
+    The temporary file is named after this process: two runs started side by
+    side (a cross-validation and a leave-one-corpus-out run on an empty cache)
+    both decode and write the same cache, and with one shared temporary name
+    the second rename found the file already moved and crashed its run.
+    """
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, target)
 
 
 def trim_silence(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, threshold_db: float = 35.0, pad_s: float = 0.15) -> np.ndarray:
@@ -139,8 +152,6 @@ def build_cache(utterances: Sequence, data_root: Path, cache_dir: Path | None = 
                         dtype=np.int64),
         path=np.array([str(Path(u.path).resolve().relative_to(data_root)) if Path(u.path).resolve().is_relative_to(data_root) else str(u.path) for u in utterances]),
     )
-    tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp, **corpus.__dict__)
-    tmp.replace(target)
+    save_npz_atomically(target, **corpus.__dict__)
     (cache_dir / f"{target.stem}.json").write_text(json.dumps({"files": len(utterances), "data_root": str(data_root)}))
     return corpus
