@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SERSTREAM_CACHE", Path.home() / ".cache" / "serstream"))
 
 
-def save_npz_atomically(target: Path, **arrays: np.ndarray) -> None:
+def save_npz_atomically(target: Path, **arrays: Any) -> None:
     """Write ``target`` (.npz) so that a reader sees the old file or the new one, never half of one.
 
     The temporary file is named after this process: two runs started side by
