@@ -295,7 +295,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report_generalisation(args: argparse.Namespace) -> int:
     """Tables of loco / ased-cv runs, a cv run's calibration, and headline figures of runs side by side."""
-    from .evaluate import ASED_FILE, LOCO_FILE, ased_markdown, compare_markdown, find_result, loco_markdown
+    from .evaluate import (
+        ASED_FILE,
+        LOCO_FILE,
+        ased_markdown,
+        compare_markdown,
+        find_result,
+        loco_markdown,
+        pool_headlines,
+    )
 
     for flag, name, table in (("loco", LOCO_FILE, loco_markdown), ("ased_cv", ASED_FILE, ased_markdown)):
         folder = getattr(args, flag)
@@ -305,12 +313,22 @@ def _report_generalisation(args: argparse.Namespace) -> int:
                 raise UsageError(f"no {name} in {folder} (is it the --out folder of a finished run?)")
             print(table(json.loads(path.read_text())))
     if args.compare:
-        runs = []
-        for folder in args.compare:
-            found = find_result(Path(folder))
-            if found is None:
-                raise UsageError(f"{folder} holds no loco.json, ased-cv.json or generalisation.json")
-            runs.append((Path(folder).name, found[1]["headline"]))
+        runs: list[tuple[str, dict]] = []
+        for column in args.compare:
+            # "DIR", or "NAME=DIR,DIR,...": runs that differ only in their seed, pooled into one column
+            name, sep, folders = column.partition("=")
+            if not sep:
+                name, folders = Path(column).name, column
+            found = []
+            for folder in folders.split(","):
+                result = find_result(Path(folder))
+                if result is None:
+                    raise UsageError(f"{folder} holds no loco.json, ased-cv.json or generalisation.json")
+                found.append(result)
+            if len({kind for kind, _ in found}) > 1:
+                raise UsageError(f"{column}: pooled runs must be of one kind, got {sorted({k for k, _ in found})}")
+            headlines = [r["headline"] for _, r in found]
+            runs.append((name, headlines[0] if not sep else pool_headlines(headlines)))
         print(compare_markdown(runs))
     return 0
 
@@ -438,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--loco", default=None, help="the --out folder of a loco run: its table")
     rep.add_argument("--ased-cv", dest="ased_cv", default=None, help="the --out folder of an ased-cv run: its table")
     rep.add_argument("--compare", nargs="+", default=None, metavar="DIR",
-                     help="loco / ased-cv / cv run folders: their headline figures side by side")
+                     help="loco / ased-cv / cv run folders: their headline figures side by side; "
+                          "NAME=DIR,DIR,... pools runs that differ only in their seed into one column "
+                          "(mean, min-max)")
     rs = sub.add_parser("add-tta", help="score a finished cv run's folds again from their weights, adding the TTA mode",
                         description="For a cv run made without --tta: reload each fold's model.pt, score the same "
                         "validation and test actors with and without test-time augmentation, and update fold-K.json.")
