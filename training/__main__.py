@@ -5,6 +5,7 @@ Examples:
   python -m training loco --data ../shared/data --out runs/loco [--recipe v0.3]
   python -m training ased-cv --data ../shared/data --out runs/ased-cv
   python -m training report --loco runs/loco --compare runs/loco runs/loco-v03
+  python -m training ensemble --out runs/loco-ens runs/loco runs/loco-s1 runs/loco-s2
   python -m training crosscorpus --data ../shared/data --out runs/cross
   python -m training report --cv runs/cv [--crosscorpus runs/cross]
   python -m training train --data ../shared/data --out runs/final --export models/serstream-default.onnx
@@ -333,6 +334,20 @@ def _report_generalisation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Average several loco / ased-cv runs' test predictions clip by clip; print the ensemble's table."""
+    from .ensemble import EnsembleError, ensemble_runs
+    from .evaluate import ased_markdown, loco_markdown
+
+    try:
+        kind, results = ensemble_runs([Path(r) for r in args.runs], Path(args.out))
+    except EnsembleError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"ensemble of {len(args.runs)} runs ({kind}); none = no speaker history, the clean comparison")
+    print((loco_markdown if kind == "loco" else ased_markdown)(results))
+    return 0
+
+
 def cmd_onnx_eval(args: argparse.Namespace) -> int:
     """Score an ONNX model through the monitor's analysis path; one summary line out."""
     from .onnxeval import run_onnx_eval, summary_line
@@ -490,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     oe.add_argument("--seed", type=int, default=0, help="the --seed of the cv run: it fixes the online order")
     oe.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     oe.add_argument("--cv", default=None, help="a cv run's --out folder: print its figures for the fold beside")
+    en = sub.add_parser("ensemble", help=_HELP["ensemble"], description=_HELP["ensemble"])
+    en.add_argument("runs", nargs="+", metavar="RUN", help="--out folders of finished loco or ased-cv runs")
+    en.add_argument("--out", required=True, help="folder for the averaged predictions and their loco.json / ased-cv.json")
     return parser
 
 
@@ -505,6 +523,9 @@ _HELP = {
                "writes OUT/ased-cv.json",
     "onnx-eval": "score an exported ONNX model through serstream analyze (VAD, windows, online speaker state), "
                  "one stream per speaker in the order the CV's online mode uses",
+    "ensemble": "average the test predictions of several loco or ased-cv runs (e.g. seeds of one recipe) clip by "
+                "clip and score them: what an ensemble of their models reads (no calibration: their validation "
+                "speakers differ)",
 }
 
 
@@ -514,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     from .onnxeval import OnnxEvalError
 
     commands = {"cv": cmd_cv, "train": cmd_train, "baseline": cmd_baseline, "export": cmd_export, "report": cmd_report,
-                "crosscorpus": cmd_crosscorpus, "loco": cmd_loco, "ased-cv": cmd_ased_cv, "onnx-eval": cmd_onnx_eval, "add-tta": cmd_add_tta}
+                "crosscorpus": cmd_crosscorpus, "loco": cmd_loco, "ased-cv": cmd_ased_cv, "onnx-eval": cmd_onnx_eval, "add-tta": cmd_add_tta,
+                "ensemble": cmd_ensemble}
     try:
         return commands[args.command](args)
     except (DatasetError, OnnxEvalError, UsageError) as exc:

@@ -277,3 +277,29 @@ def test_bare_train_config_is_the_shipped_recipe() -> None:
 
     assert {k: getattr(TrainConfig(), k) for k in RECIPES["v0.4"]} == RECIPES["v0.4"]
     assert all(set(recipe) == set(RECIPES["v0.4"]) for recipe in RECIPES.values())  # each names every setting
+
+
+def test_ensemble_of_two_seeds_scores_their_averaged_predictions(loco_run, data, tmp_path, capsys) -> None:
+    other = tmp_path / "loco-s1"
+    assert main(["loco", "--data", str(data), "--out", str(other), "--cache", str(data / "cache"), *TINY,
+                 "--workers", "2", "--seed", "1"]) == 0
+    ens = tmp_path / "ens"
+    capsys.readouterr()
+    assert main(["ensemble", "--out", str(ens), str(loco_run), str(other)]) == 0
+    assert "Leave-one-corpus-out" in capsys.readouterr().out
+    results = json.loads((ens / "loco.json").read_text())
+    assert results["complete"] and list(results["held_out"]) == ["ravdess", "tess", "ased"]
+    assert results["calibration"] == {}  # the seeds validated on different speakers: no temperature
+    for k in (1, 2, 3):
+        members = [load_predictions(run / f"fold-{k}")["online"] for run in (loco_run, other)]
+        probs = [np.exp(m["emotion_logits"] - m["emotion_logits"].max(1, keepdims=True)) for m in members]
+        mean = sum(p / p.sum(1, keepdims=True) for p in probs) / 2
+        averaged = load_predictions(ens / f"fold-{k}")["online"]
+        np.testing.assert_array_equal(averaged["label"], members[0]["label"])
+        np.testing.assert_allclose(np.exp(averaged["emotion_logits"]), mean, atol=1e-5)
+    # runs of different kinds are refused with one line
+    ased = tmp_path / "ased"
+    (ased / "fold-1").mkdir(parents=True)
+    (ased / "ased-cv.json").write_text(json.dumps({"folds": {}, "summary": {}, "complete": False}))
+    assert main(["ensemble", "--out", str(tmp_path / "bad"), str(loco_run), str(ased)]) == 2
+    assert "different kinds" in capsys.readouterr().err
