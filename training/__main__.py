@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--compare", nargs="+", default=None, metavar="DIR",
                      help="loco / ased-cv / cv run folders: their headline figures side by side; "
                           "NAME=DIR,DIR,... pools runs that differ only in their seed into one column "
-                          "(mean, min-max)")
+                          "(mean, min to max)")
     rs = sub.add_parser("add-tta", help="score a finished cv run's folds again from their weights, adding the TTA mode",
                         description="For a cv run made without --tta: reload each fold's model.pt, score the same "
                         "validation and test actors with and without test-time augmentation, and update fold-K.json.")

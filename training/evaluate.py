@@ -268,14 +268,14 @@ def _cell(v) -> str:
     if isinstance(v, Mapping):  # pooled seeds
         if v["n"] == 1:
             return f"{v['mean']:.3f}"
-        return f"{v['mean']:.3f} ({v['min']:.3f}-{v['max']:.3f}, {v['n']} seeds)"
+        return f"{v['mean']:.3f} ({v['min']:.3f} to {v['max']:.3f}, {v['n']} seeds)"
     return str(v) if isinstance(v, int) else f"{v:.3f}"
 
 
 def compare_markdown(runs: Sequence[tuple[str, Mapping]]) -> str:
     """Headline figures of several runs side by side: one row per figure, one column per run.
 
-    A column may be pooled seeds (:func:`pool_headlines`): its cells read "mean (min-max, n seeds)".
+    A column may be pooled seeds (:func:`pool_headlines`): its cells read "mean (min to max, n seeds)".
     """
     keys: list[str] = []
     for _, h in runs:

@@ -110,13 +110,13 @@ def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) ->
     assert f"| figure | {loco_run.name} | loco-v03 |" in out
     line = next(row for row in out.splitlines() if row.startswith("| -> ased 4-class UAR (online) |"))
     assert line.count("|") == 4 and "-" not in line.split("|")[2:4]
-    # two runs pooled as seeds of one recipe: mean, min-max, count
+    # two runs pooled as seeds of one recipe: mean, min to max, count
     assert main(["report", "--compare", f"both={loco_run},{old}", str(old)]) == 0
     out = capsys.readouterr().out
     assert "| figure | both | loco-v03 |" in out
     ased = [float(row.split("|")[k].split()[0]) for row in (line,) for k in (2, 3)]
     pooled = next(row for row in out.splitlines() if row.startswith("| -> ased 4-class UAR (online) |"))
-    assert pooled.split("|")[2].strip() == (f"{sum(ased) / 2:.3f} ({min(ased):.3f}-{max(ased):.3f}, 2 seeds)")
+    assert pooled.split("|")[2].strip() == (f"{sum(ased) / 2:.3f} ({min(ased):.3f} to {max(ased):.3f}, 2 seeds)")
     # a figure only one of them has (the other corpora's held-out folds) is that run's, not a mean with a gap
     tess = next(row for row in out.splitlines() if row.startswith("| -> tess 4-class UAR (online) |"))
     assert "seeds" not in tess.split("|")[2] and tess.split("|")[3].strip() == "-"
