@@ -13,9 +13,10 @@ here read the saved ``fold-K/predictions.npz`` and write one JSON per run:
 
 Every file holds a ``headline`` dict of its key figures: ``report --compare``
 sets runs side by side from them (e.g. the v0.4 and v0.3 recipes on the same folds),
-and pools runs that differ only in their seed (:func:`pool_headlines`): between two
-seeds of one recipe a held-out corpus's UAR moved by up to 8.5 points, more than
-most differences between recipes, so one seed per recipe decides nothing.
+and pools runs that differ only in their seed (:func:`pool_headlines`): across three
+seeds of one recipe a held-out corpus's UAR moved by up to 13 points and the LOCO
+mean by up to 5.7 (models/README.md), more than most differences between recipes,
+so one seed per recipe decides nothing.
 """
 
 from __future__ import annotations
