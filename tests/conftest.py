@@ -177,3 +177,15 @@ def pulse_null_sink() -> Iterator[dict[str, str]]:
         if pid is not None:
             _wait_gone(pid, 5.0)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def ensure_ray_address_folder() -> None:
+    """Create ``<system temp>/ray`` (Ray's default), where Ray 2.60's test ``Cluster`` records its address.
+
+    ``ray.cluster_utils.Cluster`` writes ``ray_current_cluster`` there even when its nodes get their own
+    temp dirs, and does not create the folder: on a machine where Ray never ran before, the fixture failed
+    with FileNotFoundError (seen on a fresh CI machine).
+    """
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)

@@ -42,7 +42,7 @@ from serstream.errors import InferenceError  # noqa: E402
 from serstream.inference.session import EmotionModel, pad_batch  # noqa: E402
 from serstream.monitor import Monitor, MonitorConfig  # noqa: E402
 from tests.audio import SAMPLE_RATE, espeak_sentences  # noqa: E402
-from tests.conftest import require_tools, serstream_command  # noqa: E402
+from tests.conftest import ensure_ray_address_folder, require_tools, serstream_command  # noqa: E402
 
 # Ray Serve's pydantic models warn on import (PydanticDeprecatedSince20); not ours to fix.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -85,6 +85,7 @@ def want(local_model: EmotionModel, wavs: dict[str, Path]) -> dict[str, list[dic
 def cluster(state_model: Path) -> Iterator[tuple[Cluster, ClusterSession]]:
     # A short private temp dir: Ray's socket paths must stay under 108 bytes.
     temp = tempfile.mkdtemp(prefix="sr", dir="/tmp")
+    ensure_ray_address_folder()
     node = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024, "temp_dir": temp}
     ray_cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     session: ClusterSession | None = None

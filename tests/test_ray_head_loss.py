@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -46,10 +47,14 @@ def test_the_head_going_away_is_one_line_and_exit_2(speech_wav: Path, shards: in
     gcs_port, client_port, http_port = _free_ports(3)
     # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rhl", dir="/tmp")
+    # The head and the monitor share a token of their own: `ray start` turns token authentication on only
+    # where a token already exists (~/.ray/auth_token, left by any earlier local Ray), so without this the
+    # test depended on what had run on the machine before it.
+    auth = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.run(
         [_ray_cli(), "start", "--head", "--port", str(gcs_port), "--num-cpus", "3", "--include-dashboard=false",
          "--ray-client-server-port", str(client_port), "--temp-dir", temp_dir, "--disable-usage-stats"],
-        capture_output=True, text=True, timeout=180, start_new_session=True,
+        capture_output=True, text=True, timeout=180, start_new_session=True, env=auth,
     )
     # `ray start` leads its own session; the head's daemons stay in its process group after it returns.
     head_group = _group_of(temp_dir)
@@ -57,7 +62,7 @@ def test_the_head_going_away_is_one_line_and_exit_2(speech_wav: Path, shards: in
     try:
         assert head.returncode == 0, head.stdout + head.stderr
         assert head_group is not None, "no process of the head found"
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        env = dict(auth)
         env.pop("RAY_BACKEND_LOG_LEVEL", None)
         monitor = subprocess.Popen(
             [*serstream_command(), "cluster", "--address", f"127.0.0.1:{gcs_port}", "--replicas", "1",

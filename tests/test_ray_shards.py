@@ -37,7 +37,7 @@ from serstream.inference.session import EmotionModel  # noqa: E402
 from serstream.monitor import MonitorConfig  # noqa: E402
 from serstream.workers.pool import WORKER_LOST  # noqa: E402
 from tests.audio import SAMPLE_RATE, espeak_sentences  # noqa: E402
-from tests.conftest import require_tools, serstream_command  # noqa: E402
+from tests.conftest import ensure_ray_address_folder, require_tools, serstream_command  # noqa: E402
 
 # Ray Serve's pydantic models warn on import (PydanticDeprecatedSince20); not ours to fix.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -75,6 +75,7 @@ def want(state_model: Path, wavs: dict[str, Path]) -> dict[str, list[dict[str, A
 def cluster(state_model: Path) -> Iterator[tuple[Cluster, ClusterSession]]:
     # A short private temp dir: Ray's socket paths must stay under 108 bytes.
     temp = tempfile.mkdtemp(prefix="ss", dir="/tmp")
+    ensure_ray_address_folder()
     node = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024, "temp_dir": temp}
     ray_cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     session: ClusterSession | None = None
