@@ -322,7 +322,10 @@ def _report_generalisation(args: argparse.Namespace) -> int:
                 name, folders = Path(column).name, column
             found = []
             for folder in folders.split(","):
-                result = find_result(Path(folder))
+                try:
+                    result = find_result(Path(folder))
+                except ValueError as exc:  # a truncated or hand-edited result file
+                    raise UsageError(f"{folder}: its result file is not valid JSON ({exc})") from None
                 if result is None:
                     raise UsageError(f"{folder} holds no loco.json, ased-cv.json or generalisation.json")
                 found.append(result)

@@ -22,8 +22,8 @@ What can and cannot be averaged:
 
 from __future__ import annotations
 
-import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,6 +32,7 @@ import numpy as np
 from .cache import save_npz_atomically
 from .evaluate import ased_cv_results, find_result, loco_results
 from .generalise import load_predictions
+from .metrics import softmax
 
 __all__ = ["EnsembleError", "average_predictions", "ensemble_runs"]
 
@@ -43,13 +44,6 @@ DEFAULT_ASED_FOLDS = 5
 
 class EnsembleError(ValueError):
     """Runs that cannot be averaged (different kinds, folds, corpora or clips); one line."""
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def average_predictions(members: Sequence[Mapping[str, Mapping[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
@@ -71,7 +65,7 @@ def average_predictions(members: Sequence[Mapping[str, Mapping[str, np.ndarray]]
         averaged = {k: np.asarray(v) for k, v in first.items() if k not in PROBABILITY_KEYS and k != "avd"}
         for key in PROBABILITY_KEYS:
             if all(key in p[mode] for p in members):
-                mean = np.mean([_softmax(p[mode][key]) for p in members], axis=0)
+                mean = np.mean([softmax(p[mode][key]) for p in members], axis=0)
                 averaged[key] = np.log(np.maximum(mean, 1e-12)).astype(np.float32)
         if all("avd" in p[mode] for p in members):
             averaged["avd"] = np.mean([p[mode]["avd"] for p in members], axis=0).astype(np.float32)
@@ -88,7 +82,10 @@ def ensemble_runs(run_dirs: Sequence[Path], out_dir: Path) -> tuple[str, dict]:
     """
     found = []
     for run in run_dirs:
-        result = find_result(Path(run))
+        try:
+            result = find_result(Path(run))
+        except ValueError as exc:  # a truncated or hand-edited loco.json / ased-cv.json
+            raise EnsembleError(f"{run}: its result file is not valid JSON ({exc})") from None
         if result is None or result[0] not in ("loco", "ased-cv"):
             raise EnsembleError(f"{run} holds no loco.json or ased-cv.json (a finished loco or ased-cv run)")
         found.append(result)
@@ -107,12 +104,17 @@ def ensemble_runs(run_dirs: Sequence[Path], out_dir: Path) -> tuple[str, dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k in folds:
-        averaged = average_predictions([load_predictions(Path(run) / f"fold-{k}") for run in run_dirs])
+        members = []
+        for run in run_dirs:
+            try:
+                members.append(load_predictions(Path(run) / f"fold-{k}"))
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:  # truncated or not an .npz
+                raise EnsembleError(f"{run}/fold-{k}/predictions.npz cannot be read: {type(exc).__name__}: {exc}") from None
+        averaged = average_predictions(members)
         (out_dir / f"fold-{k}").mkdir(exist_ok=True)
         save_npz_atomically(out_dir / f"fold-{k}" / "predictions.npz",
                             **{f"{mode}.{key}": v for mode, arrays in averaged.items() for key, v in arrays.items()})
-    (out_dir / "members.json").write_text(json.dumps([str(Path(r)) for r in run_dirs], indent=1))
-    config = {"ensemble_of": [str(Path(r)) for r in run_dirs]}
+    config = {"ensemble_of": [str(Path(r)) for r in run_dirs]}  # recorded in the result file
     if kind == "loco":
         if (Path(run_dirs[0]) / "splits.json").is_file():  # which corpus each fold held out
             shutil.copy(Path(run_dirs[0]) / "splits.json", out_dir / "splits.json")

@@ -4,6 +4,7 @@ synthetic corpora with different label sets (RAVDESS-like 8 classes, TESS-like 7
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,12 @@ def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) ->
     ased = [float(row.split("|")[k].split()[0]) for row in (line,) for k in (2, 3)]
     pooled = next(row for row in out.splitlines() if row.startswith("| -> ased 4-class UAR (online) |"))
     assert pooled.split("|")[2].strip() == (f"{sum(ased) / 2:.3f} ({min(ased):.3f} to {max(ased):.3f}, 2 seeds)")
+    # a result file cut short: one line, no traceback
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "loco.json").write_text((old / "loco.json").read_text()[:50])
+    assert main(["report", "--compare", f"x={old},{cut}"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
     # a figure only one of them has (the other corpora's held-out folds) is that run's, not a mean with a gap
     tess = next(row for row in out.splitlines() if row.startswith("| -> tess 4-class UAR (online) |"))
     assert "seeds" not in tess.split("|")[2] and tess.split("|")[3].strip() == "-"
@@ -303,3 +310,12 @@ def test_ensemble_of_two_seeds_scores_their_averaged_predictions(loco_run, data,
     (ased / "ased-cv.json").write_text(json.dumps({"folds": {}, "summary": {}, "complete": False}))
     assert main(["ensemble", "--out", str(tmp_path / "bad"), str(loco_run), str(ased)]) == 2
     assert "different kinds" in capsys.readouterr().err
+    # a member whose predictions file is cut short: one line naming it, no traceback
+    broken = tmp_path / "broken"
+    shutil.copytree(other, broken)
+    npz = broken / "fold-2" / "predictions.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    assert main(["ensemble", "--out", str(tmp_path / "bad2"), str(loco_run), str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fold-2/predictions.npz cannot be read" in err and "Traceback" not in err
+    assert json.loads((ens / "loco.json").read_text())["config"]["ensemble_of"] == [str(loco_run), str(other)]
