@@ -304,15 +304,21 @@ def _report_generalisation(args: argparse.Namespace) -> int:
         find_result,
         loco_markdown,
         pool_headlines,
+        rescore,
     )
 
-    for flag, name, table in (("loco", LOCO_FILE, loco_markdown), ("ased_cv", ASED_FILE, ased_markdown)):
+    for flag, kind, name, table in (("loco", "loco", LOCO_FILE, loco_markdown),
+                                    ("ased_cv", "ased-cv", ASED_FILE, ased_markdown)):
         folder = getattr(args, flag)
         if folder:
             path = Path(folder) / name
             if not path.is_file():
                 raise UsageError(f"no {name} in {folder} (is it the --out folder of a finished run?)")
-            print(table(json.loads(path.read_text())))
+            try:
+                results = json.loads(path.read_text())
+            except ValueError as exc:
+                raise UsageError(f"{path} is not valid JSON ({exc})") from None
+            print(table(rescore(Path(folder), kind, results)))
     if args.compare:
         runs: list[tuple[str, dict]] = []
         for column in args.compare:

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .cache import save_npz_atomically
-from .evaluate import ased_cv_results, find_result, loco_results
+from .evaluate import DEFAULT_ASED_FOLDS, ased_cv_results, find_result, loco_results
 from .generalise import load_predictions
 from .metrics import softmax
 
@@ -39,9 +39,6 @@ __all__ = ["EnsembleError", "average_predictions", "ensemble_runs"]
 #: Row identity: these arrays must be equal in every member for a row to be the same clip.
 ROW_KEYS = ("label", "speaker", "sentence", "gender")
 PROBABILITY_KEYS = ("emotion_logits", "gender_logits")
-DEFAULT_ASED_FOLDS = 5
-
-
 class EnsembleError(ValueError):
     """Runs that cannot be averaged (different kinds, folds, corpora or clips); one line."""
 
@@ -120,8 +117,9 @@ def ensemble_runs(run_dirs: Sequence[Path], out_dir: Path) -> tuple[str, dict]:
             shutil.copy(Path(run_dirs[0]) / "splits.json", out_dir / "splits.json")
         results = loco_results(out_dir, found[0][1]["corpora"], config)  # writes loco.json
     else:
-        # ased-cv.json does not record --n-folds; a complete run's count is its folds', a partial
-        # run was one of the default 5 (only "complete" depends on it)
-        n_folds = max(len(r["folds"]) if r.get("complete") else DEFAULT_ASED_FOLDS for _, r in found)
+        # ased-cv.json records --n-folds since 2026-12-03; in earlier files a complete run's count
+        # is its folds', a partial run was one of the default 5 (only "complete" depends on it)
+        n_folds = max(r.get("n_folds") or (len(r["folds"]) if r.get("complete") else DEFAULT_ASED_FOLDS)
+                      for _, r in found)
         results = ased_cv_results(out_dir, n_folds, config)  # writes ased-cv.json
     return kind, results

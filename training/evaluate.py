@@ -48,6 +48,7 @@ __all__ = [
     "loco_markdown",
     "loco_results",
     "pool_headlines",
+    "rescore",
     "ased_markdown",
 ]
 
@@ -56,6 +57,10 @@ ASED_FILE = "ased-cv.json"
 CV_FILE = "generalisation.json"
 LOCO_MODES = ("none", "online")
 ASED_MODES = ("none", "online", "full")
+
+
+#: ``ased-cv --n-folds``'s default: 13 speakers per fold.
+DEFAULT_ASED_FOLDS = 5
 
 
 def _fold_preds(out_dir: Path, indices: Sequence[int]) -> dict[int, dict]:
@@ -122,11 +127,28 @@ def ased_cv_results(out_dir: Path, n_folds: int, config: Mapping | None = None) 
             if vals:
                 summary.setdefault(mode, {})[part] = {"uar_mean": round(float(np.mean(vals)), 4),
                                                       "uar_std": round(float(np.std(vals)), 4), "folds": vals}
-    results = {"folds": folds, "summary": summary, "complete": len(folds) == n_folds,
+    results = {"folds": folds, "summary": summary, "n_folds": n_folds, "complete": len(folds) == n_folds,
                "calibration": _calibration(list(preds.values()), ("online",)), "config": dict(config or {})}
     results["headline"] = headline_of("ased-cv", results)
     (Path(out_dir) / ASED_FILE).write_text(json.dumps(results, indent=1))
     return results
+
+
+def rescore(out_dir: Path, kind: str, results: Mapping) -> dict:
+    """A loco / ased-cv run's result file scored anew from its saved fold predictions (rewritten in place).
+
+    ``report`` calls this so that a run finished before a figure was added (e.g.
+    the gender gap's speaker interval) shows it; a folder without predictions
+    (only the result file was kept) is returned as it is.
+    """
+    if not any(Path(out_dir).glob("fold-*/predictions.npz")):
+        return dict(results)
+    if kind == "loco":
+        return loco_results(out_dir, results["corpora"], results.get("config"))
+    # ased-cv.json records its fold count since 2026-12-03; earlier files: a complete run's count
+    # is its folds', a partial run was the default 5 (only "complete" depends on it)
+    n_folds = results.get("n_folds") or (len(results["folds"]) if results.get("complete") else DEFAULT_ASED_FOLDS)
+    return ased_cv_results(out_dir, int(n_folds), results.get("config"))
 
 
 def cv_generalisation(out_dir: Path, summary: Mapping | None = None) -> dict:
@@ -228,14 +250,21 @@ def ased_markdown(results: Mapping) -> str:
     return "\n".join(lines) + "\n" + calibration_markdown(results.get("calibration", {}))
 
 
+def _interval(bounds) -> str:
+    return "" if not bounds else f" [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}]"
+
+
 def calibration_markdown(calibration: Mapping) -> str:
     if not calibration:
         return ""
     lines = ["\n**Calibration (one temperature fitted on all folds' validation clips pooled) and gender gap**\n",
-             "| history | T | fitted on | ECE raw | ECE after T (pooled) | ECE after T (fold mean) | F-M UAR gap per corpus |",
+             "| history | T | fitted on | ECE raw | ECE after T (pooled) | ECE after T (fold mean) | F-M UAR gap per corpus "
+             "[95 % over speakers] |",
              "|---|---|---|---|---|---|---|"]
     for mode, c in calibration.items():
-        gaps = ", ".join(f"{k} {'-' if v is None else f'{100 * v:+.1f}'}" for k, v in c["uar_gap_female_minus_male"].items())
+        intervals = c.get("uar_gap_interval_95", {})  # absent in result files older than 2026-12-03
+        gaps = ", ".join(f"{k} {'-' if v is None else f'{100 * v:+.1f}'}{_interval(intervals.get(k))}"
+                         for k, v in c["uar_gap_female_minus_male"].items())
         lines.append(f"| {mode} | {c['temperature']:.3f} | {c['temperature_fitted_on']} | {c['ece_raw_pooled']:.3f} | "
                      f"{c['ece_pooled']:.3f} | {c['ece_mean']:.3f} | {gaps} |")
     return "\n".join(lines) + "\n"

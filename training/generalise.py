@@ -209,11 +209,13 @@ def fit_pooled_temperature(val_preds: Sequence[Mapping[str, np.ndarray]]) -> tup
 
 
 def restricted_figures(pred: Mapping[str, np.ndarray], classes: Sequence[int] | None = None,
-                       temperature: float = 1.0) -> dict:
+                       temperature: float = 1.0, gap_interval: bool = False) -> dict:
     """UAR, accuracy, ECE (at ``temperature``), confusion and gender gap with the argmax over ``classes``.
 
     ``classes`` None: each row over its own corpus's classes. Otherwise only the
     rows labelled with one of ``classes`` are scored, argmax over those classes.
+    ``gap_interval``: also the gap's 95 % speaker-bootstrap interval
+    (:func:`training.metrics.gender_gap_interval`), where each gender has 2 speakers or more.
     """
     from . import metrics as M
 
@@ -243,6 +245,9 @@ def restricted_figures(pred: Mapping[str, np.ndarray], classes: Sequence[int] | 
     }
     if {"female", "male"} <= set(names.tolist()):
         out["uar_gap_female_minus_male"] = round(float(M.gender_uar_gap(y, yhat, names)), 4)
+        interval = M.gender_gap_interval(y, yhat, names, pred["speaker"][rows]) if gap_interval else None
+        if interval is not None:
+            out["uar_gap_interval"] = [round(v, 4) for v in interval]
     return out
 
 
@@ -274,10 +279,11 @@ def calibration_and_fairness(folds: Sequence[Mapping[str, Mapping[str, np.ndarra
     per_fold_raw = [restricted_figures(t)["ece"] for t in tests]
     per_fold = [restricted_figures(t, temperature=temperature)["ece"] for t in tests]
     corpora = corpus_of(pooled["speaker"])
-    gaps = {}
+    gaps, intervals = {}, {}
     for name in sorted(set(corpora.tolist())):
-        figs = restricted_figures(select(pooled, corpora == name))
+        figs = restricted_figures(select(pooled, corpora == name), gap_interval=True)
         gaps[name] = figs.get("uar_gap_female_minus_male")  # None: one gender only
+        intervals[name] = figs.get("uar_gap_interval")  # None: under 2 speakers of a gender (TESS)
     return {
         "mode": mode,
         "temperature": round(float(temperature), 4),
@@ -289,6 +295,7 @@ def calibration_and_fairness(folds: Sequence[Mapping[str, Mapping[str, np.ndarra
         "ece_raw_folds": per_fold_raw,
         "ece_mean": round(float(np.mean(per_fold)), 4),
         "uar_gap_female_minus_male": gaps,
+        "uar_gap_interval_95": intervals,
     }
 
 

@@ -104,9 +104,19 @@ def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) ->
     assert config["mask_loss"] is False and config["sampling"] == "v0.3"
     results = json.loads((old / "loco.json").read_text())
     assert list(results["held_out"]) == ["ased"] and not results["complete"]
+    # a result file written before the gender gap's speaker interval existed: report scores it anew
+    gaps = results["calibration"]["online"]["uar_gap_interval_95"]
+    assert list(gaps) == ["ased"] and gaps["ased"][0] <= results["calibration"]["online"][
+        "uar_gap_female_minus_male"]["ased"] <= gaps["ased"][1]
+    for c in results["calibration"].values():
+        del c["uar_gap_interval_95"]
+    (old / "loco.json").write_text(json.dumps(results))
     capsys.readouterr()
     assert main(["report", "--loco", str(old), "--compare", str(loco_run), str(old)]) == 0
     out = capsys.readouterr().out
+    assert json.loads((old / "loco.json").read_text())["calibration"]["online"]["uar_gap_interval_95"] == gaps
+    assert f"ased {100 * results['calibration']['online']['uar_gap_female_minus_male']['ased']:+.1f} " \
+           f"[{100 * gaps['ased'][0]:+.1f}, {100 * gaps['ased'][1]:+.1f}]" in out
     assert "Leave-one-corpus-out" in out and "(partial: 1 of 3 held-out corpora finished)" in out
     assert f"| figure | {loco_run.name} | loco-v03 |" in out
     line = next(row for row in out.splitlines() if row.startswith("| -> ased 4-class UAR (online) |"))
@@ -149,9 +159,13 @@ def test_ased_cv_scores_all_and_common_sentences(data, tmp_path, capsys) -> None
         assert sorted(fold[mode]["all"]["classes"]) == sorted(OWN["ased"])
         assert results["summary"][mode]["common"]["folds"] == [fold[mode]["common"]["uar"]]
     assert "ASED 5-fold" in capsys.readouterr().out
+    assert results["n_folds"] == 5 and not results["complete"]
     capsys.readouterr()
     assert main(["report", "--ased-cv", str(out)]) == 0
     assert "| 1 | 01,06 (2) |" in capsys.readouterr().out
+    (out / "ased-cv.json").write_text("{")
+    assert main(["report", "--ased-cv", str(out)]) == 2
+    assert "ased-cv.json is not valid JSON" in capsys.readouterr().err
 
 
 def test_ravdess_cv_trains_with_ased_and_writes_pooled_calibration(data, tmp_path) -> None:

@@ -17,6 +17,7 @@ from training.metrics import (
     fit_temperature,
     format_comparison,
     format_table,
+    gender_gap_interval,
     gender_uar_gap,
     macro_f1,
     nll,
@@ -105,6 +106,55 @@ def test_gender_gap() -> None:
     assert uar_by_gender(y, pred, genders) == {"uar_female": 1.0, "uar_male": 0.5}
     assert gender_uar_gap(y, pred, genders) == pytest.approx(0.5)
     assert math.isnan(gender_uar_gap(y, pred, ["female"] * 8))
+
+
+def _naive_gap_interval(y, pred, genders, speakers, level, n_resamples, seed):
+    """The speaker bootstrap spelled out with metrics.uar, drawing the same speakers as the vectorised one."""
+    y, pred, genders, speakers = map(np.asarray, (y, pred, genders, speakers))
+    rng = np.random.default_rng(seed)
+    per_gender = []
+    for gender in ("female", "male"):
+        names = np.unique(speakers[genders == gender])
+        draws = rng.integers(0, len(names), size=(n_resamples, len(names)))
+        values = []
+        for row in draws:
+            rows = np.concatenate([np.flatnonzero(speakers == names[k]) for k in row])
+            values.append(uar(y[rows], pred[rows]))
+        per_gender.append(np.array(values))
+    tail = 100 * (1 - level) / 2
+    return tuple(np.percentile(per_gender[0] - per_gender[1], [tail, 100 - tail]))
+
+
+def test_gender_gap_interval_matches_a_plain_speaker_bootstrap() -> None:
+    rng = np.random.default_rng(3)
+    speakers, genders, y, pred = [], [], [], []
+    for k in range(9):  # 4 women and 5 men of different skill, 3 classes, uneven clip counts
+        n = 12 + 3 * k
+        truth = rng.integers(0, 3, n)
+        right = rng.random(n) < 0.3 + 0.07 * k
+        speakers += [f"s{k}"] * n
+        genders += ["female" if k < 4 else "male"] * n
+        y += truth.tolist()
+        pred += np.where(right, truth, (truth + 1) % 3).tolist()
+    low, high = gender_gap_interval(y, pred, genders, speakers, level=0.9, n_resamples=300, seed=5)
+    assert (low, high) == pytest.approx(_naive_gap_interval(y, pred, genders, speakers, 0.9, 300, 5))
+    assert low < gender_uar_gap(y, pred, genders) < high and high - low > 0.05
+    # a wider level widens it
+    low95, high95 = gender_gap_interval(y, pred, genders, speakers, level=0.95, n_resamples=300, seed=5)
+    assert low95 <= low and high95 >= high
+
+
+def test_gender_gap_interval_edge_cases() -> None:
+    # speakers alike within each gender: every resample gives the same gap
+    genders = ["female"] * 8 + ["male"] * 8
+    speakers = ["f1"] * 4 + ["f2"] * 4 + ["m1"] * 4 + ["m2"] * 4
+    y = [0, 1, 0, 1] * 4
+    pred = [0, 1, 0, 1] * 2 + [0, 0, 0, 0] * 2  # women perfect, men recall 1 and 0
+    assert gender_gap_interval(y, pred, genders, speakers) == pytest.approx((0.5, 0.5))
+    # one speaker of a gender (TESS): no interval
+    assert gender_gap_interval(y, pred, genders, ["f1"] * 8 + ["m1"] * 4 + ["m2"] * 4) is None
+    with pytest.raises(ValueError, match="15 speakers for 16 samples"):
+        gender_gap_interval(y, pred, genders, speakers[:15])
 
 
 def test_classification_metrics_from_probabilities() -> None:
