@@ -38,6 +38,8 @@ from .metrics import (
     confusion_matrix,
     format_comparison,
     format_table,
+    gender_gap_interval,
+    gender_uar_gap,
     plot_confusion,
     softmax,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "evaluate_baseline",
     "extract_features",
     "main_from_args",
+    "pooled_gender_gap",
     "run_baseline",
     "speaker_normalise",
     "utterance_features",
@@ -272,9 +275,22 @@ def evaluate_baseline(
                 "n_test": int(test_rows.size),
                 **metrics,
                 "confusion": cm.tolist(),
+                # per test clip, for figures pooled over folds (pooled_gender_gap)
+                "clips": {"label": y_test.tolist(), "predicted": probs.argmax(axis=1).tolist(),
+                          "speaker": [u.speaker for u in data.test], "gender": [u.gender for u in data.test]},
             }
         )
     return results
+
+
+def pooled_gender_gap(results: Sequence[dict]) -> tuple[float, tuple[float, float] | None]:
+    """Female-minus-male UAR over all folds' test clips pooled, and its 95 % speaker-bootstrap interval.
+
+    A fold's 2-4 speakers per gender say little; pooled, the folds test every speaker once.
+    """
+    clips = {k: sum((r["clips"][k] for r in results), []) for k in ("label", "predicted", "speaker", "gender")}
+    gap = gender_uar_gap(clips["label"], clips["predicted"], clips["gender"])
+    return gap, gender_gap_interval(clips["label"], clips["predicted"], clips["gender"], clips["speaker"])
 
 
 def run_baseline(
@@ -298,7 +314,20 @@ def run_baseline(
     )
 
 
-def _fold_selection(text: str) -> list[Fold]:
+def _fold_selection(text: str, utterances: Sequence[Utterance]) -> list[Fold]:
+    """``--folds``: "all" or "1,3,5" (RAVDESS actor folds), or "ased" (ASED's 5 speaker folds).
+
+    An ASED fold trains on every other speaker of the scanned corpora (its
+    validation speakers too: the baseline does not early-stop).
+    """
+    if text.strip().lower() == "ased":
+        from .generalise import ased_folds, ased_split
+
+        try:
+            # min_val_clips 0: two validation speakers, who train here like the rest
+            return [ased_split(utterances, f, min_val_clips=0) for f in ased_folds(u.speaker for u in utterances)]
+        except ValueError as exc:  # no or too few ASED speakers among --corpora
+            raise DatasetError(str(exc)) from None
     folds = ravdess_actor_folds()
     if text.strip().lower() in ("", "all"):
         return folds
@@ -320,13 +349,13 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
     ``baseline.json`` and one summed confusion PNG per setting to ``args.out``.
     Raises DatasetError for corpus problems (the CLI prints it as one line).
     """
-    folds = _fold_selection(str(getattr(args, "folds", "all")))
     corpora = [c for c in str(args.corpora).split(",") if c.strip()]
     classifier = getattr(args, "classifier", None) or "logreg"
     seed = int(getattr(args, "seed", 0) or 0)
     out = Path(getattr(args, "out", None) or "runs/baseline")
     scan = scan_corpora(args.data, corpora, check_audio=True)
     echo(scan.summary())
+    folds = _fold_selection(str(getattr(args, "folds", "all")), scan.utterances)
     features = extract_features(scan.utterances, getattr(args, "cache", None), progress=True)
     choices = [("per-utterance features", False), ("per-speaker normalisation", True)]
     if getattr(args, "speaker_norm", False):
@@ -340,6 +369,10 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
     sections = [f"# Classical baseline ({classifier})", "", comparison, ""]
     for name, results in settings.items():
         sections += [f"## {name}", "", format_table(results, TABLE_METRICS), ""]
+        gap, interval = pooled_gender_gap(results)
+        if not np.isnan(gap):
+            span = f" (95 % over speakers: {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
+            sections += [f"Female-minus-male UAR, all folds' test clips pooled: {100 * gap:+.1f} points{span}.", ""]
         total = np.sum([np.array(r["confusion"]) for r in results], axis=0)
         slug = "speaker-norm" if "speaker" in name else "utterance"
         plot_confusion(total, LABELS, out / f"confusion-{slug}.png", f"baseline, {name}")

@@ -13,16 +13,18 @@ pytest.importorskip("sklearn")
 pytest.importorskip("librosa")
 
 from serstream.contract import LABELS  # noqa: E402
-from tests.training.synthcorpus import make_ravdess_like, make_tess_like  # noqa: E402
+from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
 from training.baseline import (  # noqa: E402
     FeatureConfig,
     main_from_args,
+    pooled_gender_gap,
     run_baseline,
     speaker_normalise,
     utterance_features,
 )
 from training.datasets import DatasetError  # noqa: E402
 from training.folds import ravdess_actor_folds  # noqa: E402
+from training.metrics import gender_uar_gap  # noqa: E402
 
 CHANCE = 1 / len(LABELS)
 
@@ -96,3 +98,28 @@ def test_cli_entry_writes_tables_and_pngs(corpus: Path, cache: Path, tmp_path: P
     assert (out / "confusion-speaker-norm.png").exists()
     with pytest.raises(DatasetError, match="fold"):
         main_from_args(argparse.Namespace(**{**vars(args), "folds": "9"}), echo=lines.append)
+
+
+def test_ased_speaker_folds_and_the_pooled_gender_gap(tmp_path: Path, corpus: Path, cache: Path) -> None:
+    root = tmp_path / "data"
+    make_ased_like(root / "ased", speakers=range(1, 21), seconds=0.6)  # odd PP female, even male
+    args = argparse.Namespace(data=str(root), corpora="ased", out=str(tmp_path / "out"), cache=str(cache),
+                              folds="ased", seed=0, speaker_norm=True)
+    lines: list[str] = []
+    assert main_from_args(args, echo=lines.append) == 0
+    results = json.loads((tmp_path / "out" / "baseline.json").read_text())["per-speaker normalisation"]
+    # PP dealt round-robin: fold 1 tests 01, 06, 11, 16; every speaker is tested once
+    assert results[0]["test_speakers"] == ["ased:01", "ased:06", "ased:11", "ased:16"]
+    assert sorted(s for r in results for s in r["test_speakers"]) == sorted(f"ased:{k:02d}" for k in range(1, 21))
+    assert all(r["n_test"] == 4 * 5 * 2 for r in results)
+    gap, interval = pooled_gender_gap(results)
+    clips = [c for r in results for c in zip(r["clips"]["label"], r["clips"]["predicted"], r["clips"]["gender"])]
+    assert len(clips) == 200
+    assert gap == pytest.approx(gender_uar_gap(*map(list, zip(*clips))))
+    assert interval is not None and interval[0] <= gap <= interval[1]
+    report = (tmp_path / "out" / "baseline.md").read_text()
+    assert f"Female-minus-male UAR, all folds' test clips pooled: {100 * gap:+.1f} points (95 % over speakers:" in report
+    # ASED folds need ASED speakers: one line, no traceback
+    with pytest.raises(DatasetError, match="0 ASED speakers cannot fill 5 folds"):
+        main_from_args(argparse.Namespace(**{**vars(args), "data": str(corpus), "corpora": "ravdess"}),
+                       echo=lines.append)
