@@ -42,6 +42,7 @@ from .metrics import (
     gender_uar_gap,
     plot_confusion,
     softmax,
+    uar,
 )
 
 __all__ = [
@@ -266,6 +267,9 @@ def evaluate_baseline(
         metrics = classification_metrics(y_test, probs, genders=[u.gender for u in data.test])
         if classifier != "logreg":
             metrics["ece"] = float("nan")  # SVM margins are not probabilities
+        common = np.array([bool(u.common) for u in data.test])
+        if common.any():  # ASED's two sentences read in every emotion: only the voice tells them apart
+            metrics["uar_common"] = uar(y_test[common], probs.argmax(axis=1)[common])
         cm = confusion_matrix(y_test, probs.argmax(axis=1), n_classes=len(LABELS))
         results.append(
             {
@@ -277,7 +281,8 @@ def evaluate_baseline(
                 "confusion": cm.tolist(),
                 # per test clip, for figures pooled over folds (pooled_gender_gap)
                 "clips": {"label": y_test.tolist(), "predicted": probs.argmax(axis=1).tolist(),
-                          "speaker": [u.speaker for u in data.test], "gender": [u.gender for u in data.test]},
+                          "speaker": [u.speaker for u in data.test], "gender": [u.gender for u in data.test],
+                          "common": common.tolist()},
             }
         )
     return results
@@ -365,10 +370,15 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
         for name, norm in choices
     }
     out.mkdir(parents=True, exist_ok=True)
-    comparison = format_comparison(settings, TABLE_METRICS)
+    has_common = any("uar_common" in r for results in settings.values() for r in results)
+    columns = TABLE_METRICS + (("uar_common",) if has_common else ())
+    comparison = format_comparison(settings, columns)
     sections = [f"# Classical baseline ({classifier})", "", comparison, ""]
+    if has_common:
+        sections += ["uar_common: UAR on ASED's common sentences (SS 01-02, read in every emotion) alone; "
+                     "in its other sentences the words give the emotion away.", ""]
     for name, results in settings.items():
-        sections += [f"## {name}", "", format_table(results, TABLE_METRICS), ""]
+        sections += [f"## {name}", "", format_table(results, columns), ""]
         gap, interval = pooled_gender_gap(results)
         if not np.isnan(gap):
             span = f" (95 % over speakers: {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""

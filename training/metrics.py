@@ -351,6 +351,7 @@ PERCENT_METRICS = (
     "uar_female",
     "uar_male",
     "uar_gap",
+    "uar_common",
 )
 
 

@@ -24,7 +24,7 @@ from training.baseline import (  # noqa: E402
 )
 from training.datasets import DatasetError  # noqa: E402
 from training.folds import ravdess_actor_folds  # noqa: E402
-from training.metrics import gender_uar_gap  # noqa: E402
+from training.metrics import gender_uar_gap, uar  # noqa: E402
 
 CHANCE = 1 / len(LABELS)
 
@@ -112,6 +112,12 @@ def test_ased_speaker_folds_and_the_pooled_gender_gap(tmp_path: Path, corpus: Pa
     assert results[0]["test_speakers"] == ["ased:01", "ased:06", "ased:11", "ased:16"]
     assert sorted(s for r in results for s in r["test_speakers"]) == sorted(f"ased:{k:02d}" for k in range(1, 21))
     assert all(r["n_test"] == 4 * 5 * 2 for r in results)
+    # sentences 1 (common) and 3 (not): the common-sentence UAR is over half of each fold's clips
+    first = results[0]["clips"]
+    assert sum(first["common"]) == 20
+    common = [(y, p) for y, p, c in zip(first["label"], first["predicted"], first["common"]) if c]
+    assert results[0]["uar_common"] == pytest.approx(uar(*map(list, zip(*common))))
+    assert "| ece | uar_common |" in (tmp_path / "out" / "baseline.md").read_text()
     gap, interval = pooled_gender_gap(results)
     clips = [c for r in results for c in zip(r["clips"]["label"], r["clips"]["predicted"], r["clips"]["gender"])]
     assert len(clips) == 200
