@@ -267,13 +267,16 @@ def evaluate_baseline(
         metrics = classification_metrics(y_test, probs, genders=[u.gender for u in data.test])
         if classifier != "logreg":
             metrics["ece"] = float("nan")  # SVM margins are not probabilities
+        metrics.update(_restricted_uars(y_test, full))
         common = np.array([bool(u.common) for u in data.test])
         if common.any():  # ASED's two sentences read in every emotion: only the voice tells them apart
             metrics["uar_common"] = uar(y_test[common], probs.argmax(axis=1)[common])
         cm = confusion_matrix(y_test, probs.argmax(axis=1), n_classes=len(LABELS))
+        held_out = sorted({u.corpus for u in data.test})
         results.append(
             {
                 "fold": fold.index,
+                "held_out": "+".join(held_out),
                 "test_speakers": sorted(fold.test_speakers),
                 "n_train": int(train_rows.size),
                 "n_test": int(test_rows.size),
@@ -286,6 +289,20 @@ def evaluate_baseline(
             }
         )
     return results
+
+
+def _restricted_uars(y_test: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """UAR with the argmax over the test clips' own classes, and 4-class UAR (neutral, happy, sad,
+    angry: the classes every corpus shares), as the CNN's leave-one-corpus-out figures are scored."""
+    from .mixing import FOUR_CLASSES
+
+    present = np.unique(y_test)
+    out = {"uar_own_classes": uar(y_test, present[scores[:, present].argmax(axis=1)])}
+    four = np.array([LABELS.index(c) for c in FOUR_CLASSES])
+    rows = np.isin(y_test, four)
+    if rows.any():
+        out["uar_four_class"] = uar(y_test[rows], four[scores[rows][:, four].argmax(axis=1)])
+    return out
 
 
 def pooled_gender_gap(results: Sequence[dict]) -> tuple[float, tuple[float, float] | None]:
@@ -319,12 +336,20 @@ def run_baseline(
     )
 
 
-def _fold_selection(text: str, utterances: Sequence[Utterance]) -> list[Fold]:
-    """``--folds``: "all" or "1,3,5" (RAVDESS actor folds), or "ased" (ASED's 5 speaker folds).
+def _fold_selection(text: str, utterances: Sequence[Utterance], corpora: Sequence[str]) -> list[Fold]:
+    """``--folds``: "all" or "1,3,5" (RAVDESS actor folds), "ased" (ASED's 5 speaker folds) or
+    "loco" (leave one corpus out: each of ``corpora`` in turn is tested, the others train).
 
     An ASED fold trains on every other speaker of the scanned corpora (its
     validation speakers too: the baseline does not early-stop).
     """
+    if text.strip().lower() == "loco":
+        if len(corpora) < 2:
+            raise DatasetError(f"--folds loco needs two corpora or more in --corpora, got {','.join(corpora)}")
+        by_corpus = {c: frozenset(u.speaker for u in utterances if u.corpus == c) for c in corpora}
+        everyone = frozenset(u.speaker for u in utterances)
+        return [Fold(index=k + 1, test_speakers=by_corpus[c], train_speakers=everyone - by_corpus[c])
+                for k, c in enumerate(corpora)]
     if text.strip().lower() == "ased":
         from .generalise import ased_folds, ased_split
 
@@ -360,7 +385,8 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
     out = Path(getattr(args, "out", None) or "runs/baseline")
     scan = scan_corpora(args.data, corpora, check_audio=True)
     echo(scan.summary())
-    folds = _fold_selection(str(getattr(args, "folds", "all")), scan.utterances)
+    protocol = str(getattr(args, "folds", "all"))
+    folds = _fold_selection(protocol, scan.utterances, corpora)
     features = extract_features(scan.utterances, getattr(args, "cache", None), progress=True)
     choices = [("per-utterance features", False), ("per-speaker normalisation", True)]
     if getattr(args, "speaker_norm", False):
@@ -372,15 +398,19 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
     out.mkdir(parents=True, exist_ok=True)
     has_common = any("uar_common" in r for results in settings.values() for r in results)
     columns = TABLE_METRICS + (("uar_common",) if has_common else ())
+    key = "fold"
+    if protocol.strip().lower() == "loco":  # the CNN's leave-one-corpus-out figures, one row per held-out corpus
+        columns, key = ("uar_four_class", "uar_own_classes", "uar", "uar_gap", "ece"), "held_out"
     comparison = format_comparison(settings, columns)
     sections = [f"# Classical baseline ({classifier})", "", comparison, ""]
     if has_common:
         sections += ["uar_common: UAR on ASED's common sentences (SS 01-02, read in every emotion) alone; "
                      "in its other sentences the words give the emotion away.", ""]
     for name, results in settings.items():
-        sections += [f"## {name}", "", format_table(results, columns), ""]
+        sections += [f"## {name}", "", format_table(results, columns, key=key), ""]
         gap, interval = pooled_gender_gap(results)
-        if not np.isnan(gap):
+        # pooled over one corpus's speakers only: across corpora it would mix TESS's two women in
+        if not np.isnan(gap) and len({r["held_out"] for r in results}) == 1:
             span = f" (95 % over speakers: {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
             sections += [f"Female-minus-male UAR, all folds' test clips pooled: {100 * gap:+.1f} points{span}.", ""]
         total = np.sum([np.array(r["confusion"]) for r in results], axis=0)

@@ -352,6 +352,8 @@ PERCENT_METRICS = (
     "uar_male",
     "uar_gap",
     "uar_common",
+    "uar_four_class",
+    "uar_own_classes",
 )
 
 

@@ -16,6 +16,7 @@ from serstream.contract import LABELS  # noqa: E402
 from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
 from training.baseline import (  # noqa: E402
     FeatureConfig,
+    _restricted_uars,
     main_from_args,
     pooled_gender_gap,
     run_baseline,
@@ -129,3 +130,36 @@ def test_ased_speaker_folds_and_the_pooled_gender_gap(tmp_path: Path, corpus: Pa
     with pytest.raises(DatasetError, match="0 ASED speakers cannot fill 5 folds"):
         main_from_args(argparse.Namespace(**{**vars(args), "data": str(corpus), "corpora": "ravdess"}),
                        echo=lines.append)
+
+
+def test_restricted_uars_take_the_argmax_over_the_allowed_classes() -> None:
+    idx = {c: LABELS.index(c) for c in ("neutral", "calm", "happy", "sad", "fearful")}
+    y = np.array([idx["neutral"], idx["happy"], idx["sad"], idx["fearful"]])
+    scores = np.full((4, len(LABELS)), -5.0)
+    scores[0, [idx["calm"], idx["neutral"]]] = [3.0, 1.0]  # calm wins overall; not a class of these clips
+    scores[1, [idx["fearful"], idx["happy"]]] = [3.0, 1.0]  # fearful is theirs: wrong over own classes,
+    scores[2, idx["sad"]] = 2.0  # right over the four shared classes
+    scores[3, idx["fearful"]] = 2.0
+    figures = _restricted_uars(y, scores)
+    # own classes (neutral, happy, sad, fearful): neutral right, happy -> fearful, sad right, fearful right
+    assert figures["uar_own_classes"] == pytest.approx(3 / 4)
+    # four shared classes: rows 0-2 (fearful is not one), all right
+    assert figures["uar_four_class"] == pytest.approx(1.0)
+
+
+def test_leave_one_corpus_out_protocol(corpus: Path, cache: Path, tmp_path: Path) -> None:
+    args = argparse.Namespace(data=str(corpus), corpora="ravdess,tess", out=str(tmp_path / "out"), cache=str(cache),
+                              folds="loco", seed=0, speaker_norm=True)
+    lines: list[str] = []
+    assert main_from_args(args, echo=lines.append) == 0
+    results = json.loads((tmp_path / "out" / "baseline.json").read_text())["per-speaker normalisation"]
+    assert [r["held_out"] for r in results] == ["ravdess", "tess"]
+    assert [r["n_test"] for r in results] == [8 * 8, 28]  # 8 actors x 8 emotions; TESS: 2 speakers x 7 x 2 words
+    assert all(r["test_speakers"] == sorted({s for s in r["clips"]["speaker"]}) for r in results)
+    assert results[0]["n_train"] == 28 and results[1]["n_train"] == 64
+    assert all(0.0 <= r["uar_four_class"] <= 1.0 for r in results)
+    report = (tmp_path / "out" / "baseline.md").read_text()
+    assert "| held_out | uar_four_class | uar_own_classes |" in report and "| tess |" in report
+    assert "all folds' test clips pooled" not in report  # a gap pooled across corpora would mean nothing
+    with pytest.raises(DatasetError, match="needs two corpora"):
+        main_from_args(argparse.Namespace(**{**vars(args), "corpora": "ravdess"}), echo=lines.append)
