@@ -41,6 +41,8 @@ def _config(args: argparse.Namespace):
                     if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
+    if getattr(args, "cepstral_stats", None) is not None:
+        updates["model"] = replace(cfg.model, cepstral_stats=args.cepstral_stats)
     return replace(cfg, **updates)
 
 
@@ -420,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights a fold keeps: best (the best validation epoch, early stopping by --patience; "
                             "--recipe v0.3's and balanced's) or last (all epochs, the last weight average, as "
                             "`train` ships; --recipe v0.4's)")
+        p.add_argument("--cepstral-stats", dest="cepstral_stats", type=int, default=None,
+                       help="also feed the head each window's mean and std of this many cepstral coefficients "
+                            "(DCT of the normalised log-mel; default 0, off)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
