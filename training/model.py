@@ -17,7 +17,6 @@ less than v0.2.0 (2400 steps; models/README.md).
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
