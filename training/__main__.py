@@ -475,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--version", default="0.1.0")
     tr.add_argument("--cv-summary", default=None, help="summary.json of a CV run, embedded in the metadata")
     sub.choices["baseline"].add_argument("--speaker-norm", action="store_true")
+    sub.choices["baseline"].add_argument("--features", default="all",
+                                         help="feature groups joined by +, e.g. mfcc_mean+mfcc_std (default all): "
+                                              "mfcc, mfcc_mean, mfcc_std, dmfcc, melmean, melstd, prosody")
     rep = sub.add_parser("report", help="figures of a CV run and a cross-corpus run as Markdown tables",
                          description="Print a CV run's figures per fold and mode (writes its summary.json) and, "
                          "when found, the cross-corpus figures: from --crosscorpus, else from a crosscorpus.json "

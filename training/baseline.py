@@ -48,12 +48,15 @@ from .metrics import (
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "FeatureConfig",
+    "FEATURE_GROUPS",
     "evaluate_baseline",
     "extract_features",
+    "feature_columns",
     "main_from_args",
     "pooled_gender_gap",
     "run_baseline",
     "speaker_normalise",
+    "speaker_normalise_online",
     "utterance_features",
 ]
 
@@ -201,6 +204,47 @@ def speaker_normalise(features: np.ndarray, speakers: Sequence[str]) -> np.ndarr
     return out
 
 
+def speaker_normalise_online(features: np.ndarray, speakers: Sequence[str], floor: np.ndarray,
+                             seed: int = 0) -> np.ndarray:
+    """Each row z-scored by the mean and std of its speaker's rows heard so far, itself included.
+
+    The monitor's way: a speaker's clips arrive one at a time (here in a random
+    order per speaker, seeded), and a clip can only be compared with those before
+    it. ``floor`` [D] bounds the std from below (a speaker's first clips have
+    none): pass the training speakers' typical within-speaker std.
+    """
+    out = np.empty_like(features, dtype=np.float64)
+    speaker_array = np.asarray(speakers)
+    rng = np.random.default_rng(seed)
+    for speaker in np.unique(speaker_array):
+        rows = np.flatnonzero(speaker_array == speaker)
+        rows = rows[rng.permutation(rows.size)]
+        block = features[rows].astype(np.float64)
+        count = np.arange(1, rows.size + 1)[:, None]
+        mean = np.cumsum(block, axis=0) / count
+        var = np.maximum(np.cumsum(block * block, axis=0) / count - mean * mean, 0.0)
+        out[rows] = (block - mean) / np.maximum(np.sqrt(var), np.maximum(floor, 1e-6))
+    return out
+
+
+def feature_columns(groups: Sequence[str], config: FeatureConfig = FeatureConfig()) -> np.ndarray:
+    """Column indices of :func:`utterance_features`'s vector for the named groups (``FEATURE_GROUPS``)."""
+    k, m = config.n_mfcc, config.n_mels
+    stats = {"mfcc": np.arange(0, 5 * k)}
+    stats["mfcc_mean"], stats["mfcc_std"] = stats["mfcc"][0::5], stats["mfcc"][1::5]
+    stats["dmfcc"] = np.arange(5 * k, 10 * k)
+    stats["melmean"], stats["melstd"] = np.arange(10 * k, 10 * k + m), np.arange(10 * k + m, 10 * k + 2 * m)
+    stats["prosody"] = np.arange(10 * k + 2 * m, 10 * k + 2 * m + 13)
+    unknown = [g for g in groups if g not in stats]
+    if unknown:
+        raise DatasetError(f"unknown feature group(s) {', '.join(unknown)}; choose from {', '.join(FEATURE_GROUPS)}")
+    return np.concatenate([stats[g] for g in groups])
+
+
+#: Named slices of the feature vector, for ``--features`` (one variant per run of the ablation).
+FEATURE_GROUPS = ("mfcc", "mfcc_mean", "mfcc_std", "dmfcc", "melmean", "melstd", "prosody")
+
+
 def _sample_weights(utterances: Sequence[Utterance]) -> np.ndarray:
     """Equal total weight per (corpus, class) group, so TESS's neutral cannot swamp RAVDESS's."""
     groups = [(u.corpus, u.label) for u in utterances]
@@ -234,14 +278,18 @@ def evaluate_baseline(
     classifier: str = "logreg",
     seed: int = 0,
     n_val_actors: int = 2,
+    online: bool = False,
 ) -> list[dict]:
     """Train and test on each fold; one dict of metrics per fold (metrics.classification_metrics).
 
     The baseline has no early stopping, so it trains on training and validation speakers together.
+    ``online`` (with ``speaker_norm``): test clips are normalised by their speaker's clips so far
+    (:func:`speaker_normalise_online`), training clips by all of their speaker's.
     """
     if features.shape[0] != len(utterances):
         raise ValueError(f"{features.shape[0]} feature rows for {len(utterances)} utterances")
-    x = speaker_normalise(features, [u.speaker for u in utterances]) if speaker_norm else features
+    speakers = [u.speaker for u in utterances]
+    x = speaker_normalise(features, speakers) if speaker_norm else features
     label_index = {label: i for i, label in enumerate(LABELS)}
     y = np.array([label_index[u.label] for u in utterances])
     row_of = {id(u): i for i, u in enumerate(utterances)}
@@ -258,7 +306,13 @@ def evaluate_baseline(
         last_step = model.steps[-1][0]  # type: ignore[attr-defined]
         weights = {f"{last_step}__sample_weight": _sample_weights(train_utts)}
         model.fit(x[train_rows], y[train_rows], **weights)  # type: ignore[attr-defined]
-        scores = model.decision_function(x[test_rows])  # type: ignore[attr-defined]
+        x_test = x[test_rows]
+        if speaker_norm and online:
+            train_speakers = sorted({speakers[i] for i in train_rows})
+            floor = np.median([features[[i for i in train_rows if speakers[i] == s]].std(axis=0)
+                               for s in train_speakers], axis=0)
+            x_test = speaker_normalise_online(features[test_rows], [speakers[i] for i in test_rows], floor, seed)
+        scores = model.decision_function(x_test)  # type: ignore[attr-defined]
         # Scatter the classes the model saw into the full label order.
         full = np.full((test_rows.size, len(LABELS)), -1e9)
         full[:, model.classes_] = scores  # type: ignore[attr-defined]
@@ -388,12 +442,17 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
     protocol = str(getattr(args, "folds", "all"))
     folds = _fold_selection(protocol, scan.utterances, corpora)
     features = extract_features(scan.utterances, getattr(args, "cache", None), progress=True)
-    choices = [("per-utterance features", False), ("per-speaker normalisation", True)]
+    groups = str(getattr(args, "features", None) or "all")
+    if groups != "all":
+        features = features[:, feature_columns([g for g in groups.split("+") if g])]
+    choices = [("per-utterance features", False, False), ("per-speaker normalisation", True, False)]
     if getattr(args, "speaker_norm", False):
         choices = choices[1:]
+    if protocol.strip().lower() == "loco":  # a corpus nobody has heard is met one clip at a time
+        choices.append(("online speaker normalisation (test clips: their speaker's clips so far)", True, True))
     settings = {
-        name: evaluate_baseline(scan.utterances, features, folds, norm, classifier, seed)
-        for name, norm in choices
+        name: evaluate_baseline(scan.utterances, features, folds, norm, classifier, seed, online=online)
+        for name, norm, online in choices
     }
     out.mkdir(parents=True, exist_ok=True)
     has_common = any("uar_common" in r for results in settings.values() for r in results)
@@ -402,7 +461,7 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
     if protocol.strip().lower() == "loco":  # the CNN's leave-one-corpus-out figures, one row per held-out corpus
         columns, key = ("uar_four_class", "uar_own_classes", "uar", "uar_gap", "ece"), "held_out"
     comparison = format_comparison(settings, columns)
-    sections = [f"# Classical baseline ({classifier})", "", comparison, ""]
+    sections = [f"# Classical baseline ({classifier}; features: {groups})", "", comparison, ""]
     if has_common:
         sections += ["uar_common: UAR on ASED's common sentences (SS 01-02, read in every emotion) alone; "
                      "in its other sentences the words give the emotion away.", ""]
@@ -414,7 +473,7 @@ def main_from_args(args: argparse.Namespace, echo: Callable[[str], None] = print
             span = f" (95 % over speakers: {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
             sections += [f"Female-minus-male UAR, all folds' test clips pooled: {100 * gap:+.1f} points{span}.", ""]
         total = np.sum([np.array(r["confusion"]) for r in results], axis=0)
-        slug = "speaker-norm" if "speaker" in name else "utterance"
+        slug = "online-norm" if name.startswith("online") else "speaker-norm" if "speaker" in name else "utterance"
         plot_confusion(total, LABELS, out / f"confusion-{slug}.png", f"baseline, {name}")
     report = "\n".join(sections)
     (out / "baseline.md").write_text(report, encoding="utf-8")

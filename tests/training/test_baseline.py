@@ -16,11 +16,14 @@ from serstream.contract import LABELS  # noqa: E402
 from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
 from training.baseline import (  # noqa: E402
     FeatureConfig,
+    FEATURE_GROUPS,
     _restricted_uars,
+    feature_columns,
     main_from_args,
     pooled_gender_gap,
     run_baseline,
     speaker_normalise,
+    speaker_normalise_online,
     utterance_features,
 )
 from training.datasets import DatasetError  # noqa: E402
@@ -154,6 +157,12 @@ def test_leave_one_corpus_out_protocol(corpus: Path, cache: Path, tmp_path: Path
     assert main_from_args(args, echo=lines.append) == 0
     results = json.loads((tmp_path / "out" / "baseline.json").read_text())["per-speaker normalisation"]
     assert [r["held_out"] for r in results] == ["ravdess", "tess"]
+    settings = json.loads((tmp_path / "out" / "baseline.json").read_text())
+    assert len(settings) == 2 and list(settings)[1].startswith("online speaker normalisation")
+    # --features: one slice of the vector
+    sliced = argparse.Namespace(**{**vars(args), "out": str(tmp_path / "sliced"), "features": "mfcc_mean+prosody"})
+    assert main_from_args(sliced, echo=lines.append) == 0
+    assert "features: mfcc_mean+prosody" in (tmp_path / "sliced" / "baseline.md").read_text()
     assert [r["n_test"] for r in results] == [8 * 8, 28]  # 8 actors x 8 emotions; TESS: 2 speakers x 7 x 2 words
     assert all(r["test_speakers"] == sorted({s for s in r["clips"]["speaker"]}) for r in results)
     assert results[0]["n_train"] == 28 and results[1]["n_train"] == 64
@@ -163,3 +172,29 @@ def test_leave_one_corpus_out_protocol(corpus: Path, cache: Path, tmp_path: Path
     assert "all folds' test clips pooled" not in report  # a gap pooled across corpora would mean nothing
     with pytest.raises(DatasetError, match="needs two corpora"):
         main_from_args(argparse.Namespace(**{**vars(args), "corpora": "ravdess"}), echo=lines.append)
+
+
+def test_online_normalisation_uses_only_the_clips_heard_so_far() -> None:
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((12, 3)) * [1.0, 5.0, 0.1] + [0.0, 10.0, -3.0]
+    speakers = ["a"] * 5 + ["b"] * 7
+    out = speaker_normalise_online(features, speakers, floor=np.full(3, 1e-9), seed=4)
+    full = speaker_normalise(features, speakers)
+    for name in ("a", "b"):
+        rows = np.flatnonzero(np.asarray(speakers) == name)
+        first = [r for r in rows if np.allclose(out[r], 0.0)]
+        assert len(first) == 1  # a speaker's first clip is compared with itself only
+        # the clip heard last is normalised by all its speaker's clips, as the offline normalisation
+        assert sum(np.allclose(out[r], full[r], atol=1e-4) for r in rows) >= 1
+    floored = speaker_normalise_online(features, speakers, floor=np.full(3, 100.0), seed=4)
+    assert np.abs(floored).max() < np.abs(features - features.mean(0)).max() / 100 + 1e-9
+
+
+def test_feature_groups_slice_the_feature_vector() -> None:
+    width = utterance_features(np.zeros(16000, dtype=np.float32)).size
+    assert sorted(feature_columns(["mfcc", "dmfcc", "melmean", "melstd", "prosody"]).tolist()) == list(range(width))
+    assert feature_columns(["mfcc_mean"]).tolist() == list(range(0, 100, 5))
+    assert set(feature_columns(["mfcc_mean", "mfcc_std"])) <= set(feature_columns(["mfcc"]))
+    assert set(FEATURE_GROUPS) >= {"mfcc_std", "prosody"}
+    with pytest.raises(DatasetError, match="unknown feature group"):
+        feature_columns(["pitch"])
