@@ -15,8 +15,8 @@ pytest.importorskip("librosa")
 from serstream.contract import LABELS  # noqa: E402
 from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
 from training.baseline import (  # noqa: E402
-    FeatureConfig,
     FEATURE_GROUPS,
+    FeatureConfig,
     _restricted_uars,
     feature_columns,
     main_from_args,
