@@ -24,6 +24,20 @@ from pathlib import Path
 __all__ = ["UsageError", "main"]
 
 
+def _cepstral_count(text: str) -> int:
+    """``--cepstral-stats``: checked when the command line is parsed, before any corpus is read."""
+    from .frontend import FrontendConfig
+
+    bands = FrontendConfig().n_mels
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= bands:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) to {bands} (the log-mel bands), got {text!r}")
+    return value
+
+
 class UsageError(Exception):
     """A bad argument that is not about a corpus (a missing checkpoint, a wrong corpus role); one line."""
 
@@ -422,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights a fold keeps: best (the best validation epoch, early stopping by --patience; "
                             "--recipe v0.3's and balanced's) or last (all epochs, the last weight average, as "
                             "`train` ships; --recipe v0.4's)")
-        p.add_argument("--cepstral-stats", dest="cepstral_stats", type=int, default=None,
+        p.add_argument("--cepstral-stats", dest="cepstral_stats", type=_cepstral_count, default=None,
                        help="also feed the head each window's mean and std of this many cepstral coefficients "
                             "(DCT of the normalised log-mel; default 0, off)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,

@@ -235,6 +235,8 @@ def feature_columns(groups: Sequence[str], config: FeatureConfig = FeatureConfig
     stats["dmfcc"] = np.arange(5 * k, 10 * k)
     stats["melmean"], stats["melstd"] = np.arange(10 * k, 10 * k + m), np.arange(10 * k + m, 10 * k + 2 * m)
     stats["prosody"] = np.arange(10 * k + 2 * m, 10 * k + 2 * m + 13)
+    if not groups:
+        raise DatasetError(f"no feature group named; choose from {', '.join(FEATURE_GROUPS)}")
     unknown = [g for g in groups if g not in stats]
     if unknown:
         raise DatasetError(f"unknown feature group(s) {', '.join(unknown)}; choose from {', '.join(FEATURE_GROUPS)}")

@@ -60,8 +60,9 @@ class ModelConfig:
     # cepstral coefficients of each frame (an orthonormal DCT-II of the normalised log-mel,
     # fixed weights). 0 = off, as v0.4.0 shipped. Why: in leave-one-corpus-out the classical
     # baseline's MFCC means and stds (40 numbers) reach a 4-class mean of 60.2 where the
-    # log-mel bands' means and stds reach 50.5 (models/README.md); the std of a decorrelated
-    # coefficient over time is what the band statistics lack.
+    # log-mel bands' means and stds reach 49.2 (`baseline --folds loco --features`,
+    # models/README.md); the std of a decorrelated coefficient over time is what the band
+    # statistics lack.
     cepstral_stats: int = 0
 
     def to_dict(self) -> dict:

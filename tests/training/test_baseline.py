@@ -198,3 +198,5 @@ def test_feature_groups_slice_the_feature_vector() -> None:
     assert set(FEATURE_GROUPS) >= {"mfcc_std", "prosody"}
     with pytest.raises(DatasetError, match="unknown feature group"):
         feature_columns(["pitch"])
+    with pytest.raises(DatasetError, match="no feature group named"):
+        feature_columns([])

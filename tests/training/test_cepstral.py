@@ -50,6 +50,18 @@ def test_the_flag_sets_the_model_config_of_every_training_command() -> None:
         assert _config(build_parser().parse_args([command, "--data", "x"])).model.cepstral_stats == 0
 
 
+@pytest.mark.parametrize("value", ["-1", "65", "many"])
+def test_an_impossible_coefficient_count_is_one_line(value, tmp_path, capsys) -> None:
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error, before any corpus is read
+        main(["loco", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--cepstral-stats", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--cepstral-stats: must be 0 (off) to 64 (the log-mel bands), got '{value}'" in err
+    assert "Traceback" not in err
+
+
 def test_a_model_with_cepstral_stats_exports_with_onnx_parity(tmp_path) -> None:
     from training.export import export_onnx
 
