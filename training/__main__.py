@@ -55,8 +55,13 @@ def _config(args: argparse.Namespace):
                     if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
+    model = cfg.model
     if getattr(args, "cepstral_stats", None) is not None:
-        updates["model"] = replace(cfg.model, cepstral_stats=args.cepstral_stats)
+        model = replace(model, cepstral_stats=args.cepstral_stats)
+    if getattr(args, "speaker_window_stats", False):  # (main checked --cepstral-stats is given)
+        model = replace(model, speaker_window_stats=True)
+    if model != cfg.model:
+        updates["model"] = model
     return replace(cfg, **updates)
 
 
@@ -439,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cepstral-stats", dest="cepstral_stats", type=_cepstral_count, default=None,
                        help="also feed the head each window's mean and std of this many cepstral coefficients "
                             "(DCT of the normalised log-mel; default 0, off)")
+        p.add_argument("--speaker-window-stats", dest="speaker_window_stats", action="store_true",
+                       help="also feed those statistics of the raw log-mel, z-scored by the speaker's earlier "
+                            "windows (carried in the speaker state; needs --cepstral-stats)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
@@ -561,7 +569,10 @@ _HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "speaker_window_stats", False) and not getattr(args, "cepstral_stats", None):
+        parser.error("--speaker-window-stats needs --cepstral-stats K (K > 0): it z-scores those statistics")
     from .datasets import DatasetError
     from .onnxeval import OnnxEvalError
 

@@ -40,6 +40,7 @@ from .metrics import (
     format_table,
     gender_gap_interval,
     gender_uar_gap,
+    median_within_speaker_std,
     plot_confusion,
     softmax,
     uar,
@@ -310,9 +311,7 @@ def evaluate_baseline(
         model.fit(x[train_rows], y[train_rows], **weights)  # type: ignore[attr-defined]
         x_test = x[test_rows]
         if speaker_norm and online:
-            train_speakers = sorted({speakers[i] for i in train_rows})
-            floor = np.median([features[[i for i in train_rows if speakers[i] == s]].std(axis=0)
-                               for s in train_speakers], axis=0)
+            floor = median_within_speaker_std(features[train_rows], [speakers[i] for i in train_rows])
             x_test = speaker_normalise_online(features[test_rows], [speakers[i] for i in test_rows], floor, seed)
         scores = model.decision_function(x_test)  # type: ignore[attr-defined]
         # Scatter the classes the model saw into the full label order.

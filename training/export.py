@@ -54,7 +54,7 @@ class ExportSettings:
 
 
 def model_info(model: EmotionNet, temperature: float, version: str, extra: Mapping[str, Any], settings: ExportSettings) -> ModelInfo:
-    width = stats_width(model.config.frontend)
+    width = model.state_width
     return ModelInfo(
         labels=LABELS,
         sample_rate=SAMPLE_RATE,
@@ -65,7 +65,7 @@ def model_info(model: EmotionNet, temperature: float, version: str, extra: Mappi
         state_inputs=(
             StateInput(
                 name=STATE_INPUT, width=width, empty=0.0, update_output=STATE_OUTPUT,
-                max_count=settings.max_history_frames, count_index=width - 1,
+                max_count=settings.max_history_frames, count_index=stats_width(model.config.frontend) - 1,
             ),
         ),
         version=version,
@@ -89,7 +89,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
-    width = stats_width(model.config.frontend)
+    width = model.state_width
     example = (torch.zeros(2, SAMPLE_RATE), torch.tensor([SAMPLE_RATE, SAMPLE_RATE // 2]), torch.zeros(2, width))
     batch, samples = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("samples", min=400, max=SAMPLE_RATE * 120)
     torch.onnx.export(
@@ -138,7 +138,7 @@ def parity_check(model: EmotionNet, path: Path, audio: np.ndarray | None = None)
     rows[1, : n // 2] = audio[: n // 2]  # a padded row
     rows[2, : n - 1000] = 0.3 * audio[1000:]  # a louder, shifted row
     lengths = np.array([n, n // 2, n - 1000], dtype=np.int64)
-    width = stats_width(model.config.frontend)
+    width = model.state_width
     state = np.zeros((3, width), dtype=np.float32)
     with torch.no_grad():
         # a realistic speaker history for row 2: the statistics of row 0

@@ -30,6 +30,7 @@ __all__ = [
     "gender_gap_interval",
     "gender_uar_gap",
     "macro_f1",
+    "median_within_speaker_std",
     "nll",
     "plot_confusion",
     "softmax",
@@ -404,3 +405,15 @@ def format_comparison(
         cells = [_summary_cell(summary.get(m), m in percent) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def median_within_speaker_std(features: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
+    """[D] median over speakers of each feature's std across that speaker's rows.
+
+    The typical spread of a feature within one voice: the floor under a speaker's
+    running std when z-scoring online (a speaker's first clips have no spread yet).
+    """
+    speaker_array = np.asarray(speakers)
+    if len(speaker_array) != len(features) or len(features) == 0:
+        raise ValueError(f"need one speaker per row and at least one row, got {len(speaker_array)} for {len(features)}")
+    return np.median([np.asarray(features)[speaker_array == s].std(axis=0) for s in np.unique(speaker_array)], axis=0)

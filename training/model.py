@@ -25,7 +25,7 @@ from torch import nn
 
 from serstream.contract import LABELS
 
-from .frontend import FrontendConfig, LogMelFrontend
+from .frontend import FrontendConfig, LogMelFrontend, stats_width
 
 __all__ = ["ModelConfig", "EmotionNet", "MultitaskLoss", "count_parameters"]
 
@@ -64,6 +64,15 @@ class ModelConfig:
     # models/README.md); the std of a decorrelated coefficient over time is what the band
     # statistics lack.
     cepstral_stats: int = 0
+    # With cepstral_stats K: also the same 2K window statistics taken from the *raw* log-mel
+    # (before speaker normalisation), each z-scored against the speaker's earlier windows
+    # (their sums, sums of squares and count ride in ``speaker_stats`` after the frame sums),
+    # the std floored by ``window_std_floor`` (the training speakers' median within-speaker
+    # std, set by training). This is what the classical baseline does with its MFCC
+    # statistics and what lifts it in leave-one-corpus-out; the frame-level normalisation
+    # above already makes band *means* relative to the speaker, but not how much a window's
+    # spectrum moves compared with how much that speaker's usually does. False as v0.4.0.
+    speaker_window_stats: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +87,7 @@ class ModelConfig:
         d.setdefault("encoder", "sepcnn2d")
         d.setdefault("utterance_stats", False)
         d.setdefault("cepstral_stats", 0)
+        d.setdefault("speaker_window_stats", False)
         if "cnn_channels" in d:
             d["cnn_channels"] = tuple(d["cnn_channels"])
         if "cnn_pools" in d:
@@ -168,11 +178,16 @@ class EmotionNet(nn.Module):
         self.frontend = LogMelFrontend(config.frontend)
         self.pool = AttentiveStatsPool(config.embed_dim, config.attention_dim)
         stats = config.frontend.n_mels + config.cepstral_stats if config.utterance_stats else 0
-        pooled = 2 * config.embed_dim + 2 * stats
+        pooled = 2 * config.embed_dim + 2 * stats + (2 * config.cepstral_stats if config.speaker_window_stats else 0)
         if config.cepstral_stats:
             if not config.utterance_stats:
                 raise ValueError("cepstral_stats needs utterance_stats")
             self.register_buffer("dct", dct_matrix(config.frontend.n_mels, config.cepstral_stats), persistent=False)
+        if config.speaker_window_stats:
+            if not config.cepstral_stats:
+                raise ValueError("speaker_window_stats needs cepstral_stats")
+            # Part of the saved weights (and the exported graph): training sets it from its speakers.
+            self.register_buffer("window_std_floor", torch.ones(2 * config.cepstral_stats))
         self.dropout = nn.Dropout(config.dropout)
         self.emotion_head = nn.Linear(pooled, config.n_labels)
         self.avd_head = nn.Linear(pooled, 3)
@@ -222,13 +237,53 @@ class EmotionNet(nn.Module):
             nn.ReLU(inplace=True),
         )
 
+    @property
+    def state_width(self) -> int:
+        """Width of a ``speaker_stats`` row: the front end's frame sums, then the window-statistics sums if any."""
+        extra = 4 * self.config.cepstral_stats + 1 if self.config.speaker_window_stats else 0
+        return stats_width(self.config.frontend) + extra
+
+    def raw_window_stats(self, logmel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean and std over the window of the cepstra of the raw log-mel: [B, 2K]."""
+        return band_statistics(torch.matmul(self.dct, logmel), mask)
+
+    def own_stats(self, logmel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This window's contribution to its speaker's state: [B, state_width] (sums add over windows)."""
+        own = self.frontend.own_stats(logmel, mask)
+        if not self.config.speaker_window_stats:
+            return own
+        window = self.raw_window_stats(logmel, mask)
+        return torch.cat([own, window, window * window, torch.ones_like(window[:, :1])], dim=1)
+
+    def normalise(self, logmel: torch.Tensor, mask: torch.Tensor, own: torch.Tensor,
+                  history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Speaker-normalised log-mel [B, M, T], and the z-scored window statistics [B, 2K] (or None).
+
+        ``own`` is this window's :meth:`own_stats`, ``history`` the sum of the speaker's earlier
+        ones; both count, as in the front end (with no history a window is compared with itself,
+        which gives z = 0: no evidence either way).
+        """
+        frame = stats_width(self.config.frontend)
+        total = history + own
+        normed = self.frontend.normalise(logmel, mask, total[:, :frame])
+        if not self.config.speaker_window_stats:
+            return normed, None
+        k2 = 2 * self.config.cepstral_stats
+        window = own[:, frame : frame + k2]
+        count = torch.clamp(total[:, frame + 2 * k2 : frame + 2 * k2 + 1], min=1.0)
+        mean = total[:, frame : frame + k2] / count
+        var = torch.clamp(total[:, frame + k2 : frame + 2 * k2] / count - mean * mean, min=0.0)
+        std = torch.maximum(torch.sqrt(var + 1e-12), self.window_std_floor)
+        return normed, (window - mean) / std
+
     def encode(
         self,
         normed: torch.Tensor,
         mask: torch.Tensor,
         feature_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        window_z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Normalised log-mel [B, M, T] + mask [B, T] -> pooled embedding [B, 2D (+ 2M)]."""
+        """Normalised log-mel [B, M, T] + mask [B, T] (+ z-scored window statistics) -> pooled embedding."""
         if feature_augment is not None:
             normed = feature_augment(normed, mask)
         x = self.stem(normed.unsqueeze(1))
@@ -252,6 +307,10 @@ class EmotionNet(nn.Module):
         parts = [pooled, band_statistics(normed, mask)]
         if self.config.cepstral_stats:
             parts.append(band_statistics(torch.matmul(self.dct, normed), mask))  # [K, M] @ [B, M, T]
+        if self.config.speaker_window_stats:
+            if window_z is None:
+                raise ValueError("this model needs the z-scored window statistics (see normalise)")
+            parts.append(window_z)
         return torch.cat(parts, dim=1)
 
     def heads(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -267,8 +326,10 @@ class EmotionNet(nn.Module):
         self, audio: torch.Tensor, lengths: torch.Tensor, speaker_stats: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The exported signature: outputs in the contract's order plus the extras."""
-        normed, mask, own = self.frontend(audio, lengths, speaker_stats)
-        out = self.heads(self.encode(normed, mask))
+        logmel, mask = self.frontend.log_mel(audio, lengths)
+        own = self.own_stats(logmel, mask)
+        normed, window_z = self.normalise(logmel, mask, own, speaker_stats)
+        out = self.heads(self.encode(normed, mask, window_z=window_z))
         return out["emotion_logits"], out["avd"], out["gender_logits"], out["intensity_logits"], own
 
 

@@ -29,6 +29,7 @@ from serstream.contract import LABELS, SAMPLE_RATE
 from .cache import CachedCorpus
 from .channel import GroupChannelAugment, spec_mask
 from .ema import WeightAverage
+from .metrics import median_within_speaker_std
 from .mixing import BalancedSampler, corpus_class_masks, restricted_argmax, row_class_mask
 from .model import EmotionNet, ModelConfig, MultitaskLoss
 
@@ -322,14 +323,13 @@ def speaker_orders(speakers: np.ndarray, order_seed: int = 0) -> dict[str, np.nd
 
 
 def _own_stats(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, order: np.ndarray, batch: int) -> torch.Tensor:
-    """Front-end statistics [n, 2M+1] of each plain utterance (what a speaker history sums)."""
-    front = model.frontend
-    own = torch.zeros(len(idx), 2 * front.config.n_mels + 1)
+    """Speaker-state rows [n, state_width] of each plain utterance (what a speaker history sums)."""
+    own = torch.zeros(len(idx), model.state_width)
     for s in range(0, len(idx), batch):
         rows = order[s : s + batch]
         audio, lengths = crop_batch(corpus, idx[rows], None, None)
-        logmel, mask = front.log_mel(audio, lengths)
-        own[rows] = front.own_stats(logmel, mask)
+        logmel, mask = model.frontend.log_mel(audio, lengths)
+        own[rows] = model.own_stats(logmel, mask)
     return own
 
 
@@ -348,6 +348,31 @@ def _history(own: torch.Tensor, speakers: np.ndarray, mode: str, order_seed: int
             total = own[rows].sum(dim=0)
             history[rows] = total - own[rows]
     return history
+
+
+@torch.no_grad()
+def set_window_std_floor(model: EmotionNet, corpus: CachedCorpus, train_idx: np.ndarray, seed: int,
+                         per_speaker: int = 20, batch: int = 32) -> np.ndarray:
+    """Set ``model.window_std_floor`` from up to ``per_speaker`` plain clips of each training speaker.
+
+    The median over the training speakers of each raw window statistic's within-speaker std
+    (what the classical baseline floors its online z-scores with). Returns the floor.
+    """
+    rng = np.random.default_rng(seed)
+    picked = []
+    for spk in np.unique(corpus.speaker[train_idx]):
+        mine = train_idx[corpus.speaker[train_idx] == spk]
+        picked.append(rng.choice(mine, size=min(per_speaker, len(mine)), replace=False))
+    rows = np.concatenate(picked)
+    stats = []
+    for s in range(0, len(rows), batch):
+        audio, lengths = crop_batch(corpus, rows[s : s + batch], None, None)
+        audio, lengths = audio.to(model.window_std_floor.device), lengths.to(model.window_std_floor.device)
+        logmel, mask = model.frontend.log_mel(audio, lengths)
+        stats.append(model.raw_window_stats(logmel, mask).float().cpu().numpy())
+    floor = np.maximum(median_within_speaker_std(np.concatenate(stats), corpus.speaker[rows]), 1e-3)
+    model.window_std_floor.copy_(torch.from_numpy(floor.astype(np.float32)))
+    return floor
 
 
 def _forward(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, order: np.ndarray, history: torch.Tensor,
@@ -466,6 +491,9 @@ def train_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = EmotionNet(config.model).to(device)
+    if config.model.speaker_window_stats:  # (a resumed run loads the floor with the weights)
+        floor = set_window_std_floor(model, corpus, train_idx, config.seed)
+        log(f"window statistics std floor: median {np.median(floor):.3f} over {floor.size}")
     loss_fn = MultitaskLoss(unmasked_weight=config.unmasked_weight if config.mask_loss else 0.0).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -525,13 +553,13 @@ def train_model(
             audio, lengths = audio.to(device), lengths.to(device)
             with torch.no_grad():
                 logmel, mask = model.frontend.log_mel(audio, lengths)
-                own = model.frontend.own_stats(logmel, mask)
+                own = model.own_stats(logmel, mask)
                 hist = torch.from_numpy(history_matrix(groups, rng, config.cold_start_prob)).to(device) @ own
-                normed = model.frontend.normalise(logmel, mask, hist + own)
+                normed, window_z = model.normalise(logmel, mask, own, hist)
                 if config.augment:
                     normed = spec_mask(normed, mask, config.spec_time_masks, config.spec_freq_masks, gen)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model.heads(model.encode(normed, mask))
+                out = model.heads(model.encode(normed, mask, window_z=window_z))
             targets = {k: v.to(device) for k, v in _targets(corpus, idx, avd_table, class_masks).items()}
             loss, parts = loss_fn(out, targets)
             optimiser.zero_grad(set_to_none=True)
