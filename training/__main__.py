@@ -43,11 +43,14 @@ class UsageError(Exception):
 
 
 def _config(args: argparse.Namespace):
-    from .train import RECIPES, TrainConfig
+    """The TrainConfig of a training command: its recipe, then any flag given explicitly.
+
+    ValueError when the result is inconsistent (window statistics z-scored without cepstra)."""
+    from .train import DEFAULT_RECIPE, RECIPES, TrainConfig
 
     cfg = TrainConfig()
-    # The recipe first, then any flag given explicitly (--mask-loss, --sampling, ...) overrides it.
-    updates = dict(RECIPES[getattr(args, "recipe", None) or "v0.4"])
+    updates = dict(RECIPES[getattr(args, "recipe", None) or DEFAULT_RECIPE])
+    model = replace(cfg.model, **updates.pop("model"))
     updates.update({k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "seed", "threads", "device", "lr", "crop_s",
                                                   "patience", "pitch_prob", "stretch_prob", "ema_decay", "mask_loss",
                                                   "sampling", "corpus_weight", "other_corpus_prob", "other_corpus_pick",
@@ -55,14 +58,14 @@ def _config(args: argparse.Namespace):
                     if getattr(args, k, None) is not None})
     if args.no_augment:
         updates["augment"] = False
-    model = cfg.model
     if getattr(args, "cepstral_stats", None) is not None:
         model = replace(model, cepstral_stats=args.cepstral_stats)
-    if getattr(args, "speaker_window_stats", False):  # (main checked --cepstral-stats is given)
-        model = replace(model, speaker_window_stats=True)
-    if model != cfg.model:
-        updates["model"] = model
-    return replace(cfg, **updates)
+    if getattr(args, "speaker_window_stats", None) is not None:
+        model = replace(model, speaker_window_stats=args.speaker_window_stats)
+    if model.speaker_window_stats and not model.cepstral_stats:
+        raise ValueError("--speaker-window-stats needs --cepstral-stats K (K > 0): it z-scores those statistics "
+                         "(--recipe v0.5 sets both; --no-speaker-window-stats turns it off)")
+    return replace(cfg, model=model, **updates)
 
 
 def _load(args: argparse.Namespace, corpora: list[str] | None = None):
@@ -443,18 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "`train` ships; --recipe v0.4's)")
         p.add_argument("--cepstral-stats", dest="cepstral_stats", type=_cepstral_count, default=None,
                        help="also feed the head each window's mean and std of this many cepstral coefficients "
-                            "(DCT of the normalised log-mel; default 0, off)")
-        p.add_argument("--speaker-window-stats", dest="speaker_window_stats", action="store_true",
+                            "(DCT of the normalised log-mel; default the recipe's: 20 in v0.5, 0 = off in the others)")
+        p.add_argument("--speaker-window-stats", dest="speaker_window_stats", action=argparse.BooleanOptionalAction,
+                       default=None,
                        help="also feed those statistics of the raw log-mel, z-scored by the speaker's earlier "
-                            "windows (carried in the speaker state; needs --cepstral-stats)")
+                            "windows (carried in the speaker state; needs --cepstral-stats; --recipe v0.5's)")
         p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                        help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
         p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
                        help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
         if name in ("cv", "train", "crosscorpus", "loco", "ased-cv"):
-            p.add_argument("--recipe", choices=("v0.4", "balanced", "v0.3"), default="v0.4",
-                           help="v0.4 (default, v0.4.0's): emotion loss over each corpus's classes, RAVDESS-led "
-                                "batches with other corpora drawn corpus first, last weights kept; "
+            p.add_argument("--recipe", choices=("v0.5", "v0.4", "balanced", "v0.3"), default="v0.5",
+                           help="v0.5 (default, v0.5.0's): v0.4's training with window statistics of 20 cepstra "
+                                "z-scored against the speaker's earlier windows; "
+                                "v0.4 (v0.4.0's): emotion loss over each corpus's classes, RAVDESS-led "
+                                "batches with other corpora drawn corpus first, last weights kept, v0.3.0's graph; "
                                 "balanced: the masked loss with corpus -> speaker -> class batches; "
                                 "v0.3: plain 8-class loss, RAVDESS-led batches (v0.3.0's recipe). "
                                 "The flags below override it")
@@ -571,8 +577,11 @@ _HELP = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "speaker_window_stats", False) and not getattr(args, "cepstral_stats", None):
-        parser.error("--speaker-window-stats needs --cepstral-stats K (K > 0): it z-scores those statistics")
+    if hasattr(args, "recipe"):  # an inconsistent recipe + flags fails here, before any corpus is read
+        try:
+            _config(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     from .datasets import DatasetError
     from .onnxeval import OnnxEvalError
 

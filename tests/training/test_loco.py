@@ -293,11 +293,18 @@ def test_recipe_flags_set_the_config_and_explicit_flags_win(argv, expected) -> N
 
 
 def test_bare_train_config_is_the_shipped_recipe() -> None:
-    """Code that builds a TrainConfig() without a recipe trains the way the shipped model was trained."""
-    from training.train import RECIPES, TrainConfig
+    """Code that builds a TrainConfig() without a recipe trains with the shipped settings (on v0.4.0's graph)."""
+    from training.model import ModelConfig
+    from training.train import DEFAULT_RECIPE, RECIPES, TrainConfig
 
-    assert {k: getattr(TrainConfig(), k) for k in RECIPES["v0.4"]} == RECIPES["v0.4"]
+    assert DEFAULT_RECIPE == "v0.5"
+    shipped = {k: v for k, v in RECIPES[DEFAULT_RECIPE].items() if k != "model"}
+    assert {k: getattr(TrainConfig(), k) for k in shipped} == shipped
     assert all(set(recipe) == set(RECIPES["v0.4"]) for recipe in RECIPES.values())  # each names every setting
+    assert all(set(recipe["model"]) == {"cepstral_stats", "speaker_window_stats"} for recipe in RECIPES.values())
+    # v0.5 is v0.4's training with the speaker-normalised window statistics; v0.4 is ModelConfig()'s graph
+    assert {k: v for k, v in RECIPES["v0.4"].items() if k != "model"} == shipped
+    assert {k: getattr(ModelConfig(), k) for k in RECIPES["v0.4"]["model"]} == RECIPES["v0.4"]["model"]
 
 
 def test_ensemble_of_two_seeds_scores_their_averaged_predictions(loco_run, data, tmp_path, capsys) -> None:

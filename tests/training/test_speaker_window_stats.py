@@ -129,15 +129,23 @@ def test_training_sets_the_floor_from_its_speakers(trained) -> None:
 def test_the_flag_needs_cepstral_stats_and_sets_the_config(tmp_path, capsys) -> None:
     from training.__main__ import _config, build_parser, main
 
-    args = build_parser().parse_args(["loco", "--data", "x", "--cepstral-stats", "20", "--speaker-window-stats"])
-    model = _config(args).model
-    assert model.cepstral_stats == 20 and model.speaker_window_stats is True
-    assert _config(build_parser().parse_args(["cv", "--data", "x"])).model.speaker_window_stats is False
-    with pytest.raises(SystemExit) as exited:  # before any corpus is read
-        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--speaker-window-stats"])
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert "--speaker-window-stats needs --cepstral-stats" in err and "Traceback" not in err
+    def model_of(*argv: str):
+        return _config(build_parser().parse_args(list(argv))).model
+
+    model = model_of("loco", "--data", "x", "--recipe", "v0.4", "--cepstral-stats", "12", "--speaker-window-stats")
+    assert model.cepstral_stats == 12 and model.speaker_window_stats is True
+    assert model_of("cv", "--data", "x", "--recipe", "v0.4").speaker_window_stats is False
+    # the default recipe (v0.5) sets both; each can be turned off on its own
+    default = model_of("cv", "--data", "x")
+    assert (default.cepstral_stats, default.speaker_window_stats) == (20, True)
+    off = model_of("cv", "--data", "x", "--no-speaker-window-stats")
+    assert (off.cepstral_stats, off.speaker_window_stats) == (20, False)
+    for argv in (["--recipe", "v0.4", "--speaker-window-stats"], ["--cepstral-stats", "0"]):
+        with pytest.raises(SystemExit) as exited:  # before any corpus is read
+            main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "--speaker-window-stats needs --cepstral-stats" in err and "Traceback" not in err, argv
 
 
 def test_trained_with_the_option_exports_and_the_runtime_keeps_its_state(tmp_path) -> None:
