@@ -429,32 +429,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", default=None, help="decoded-audio cache folder (default ~/.cache/serstream)")
         p.add_argument("--out", default=f"runs/{name}")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int)
-        p.add_argument("--threads", type=int)
-        p.add_argument("--device", choices=("cpu", "cuda"))
-        p.add_argument("--lr", type=float)
-        p.add_argument("--crop-s", dest="crop_s", type=float)
-        p.add_argument("--no-augment", action="store_true")
-        p.add_argument("--patience", type=int, help="epochs without a better validation UAR before stopping (default 6)")
-        p.add_argument("--ema-decay", dest="ema_decay", type=float,
-                       help="per-step decay of the weight average used for validation and the saved model "
-                            "(default 0.997; 0 = off)")
-        p.add_argument("--select", choices=("best", "last"), default=None,
-                       help="weights a fold keeps: best (the best validation epoch, early stopping by --patience; "
-                            "--recipe v0.3's and balanced's) or last (all epochs, the last weight average, as "
-                            "`train` ships; --recipe v0.4's)")
-        p.add_argument("--cepstral-stats", dest="cepstral_stats", type=_cepstral_count, default=None,
-                       help="also feed the head each window's mean and std of this many cepstral coefficients "
-                            "(DCT of the normalised log-mel; default the recipe's: 20 in v0.5, 0 = off in the others)")
-        p.add_argument("--speaker-window-stats", dest="speaker_window_stats", action=argparse.BooleanOptionalAction,
-                       default=None,
-                       help="also feed those statistics of the raw log-mel, z-scored by the speaker's earlier "
-                            "windows (carried in the speaker state; needs --cepstral-stats; --recipe v0.5's)")
-        p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
-                       help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
-        p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
-                       help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
+        if name != "baseline":  # the network's training flags; the linear baseline would ignore them
+            p.add_argument("--epochs", type=int)
+            p.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int)
+            p.add_argument("--threads", type=int)
+            p.add_argument("--device", choices=("cpu", "cuda"))
+            p.add_argument("--lr", type=float)
+            p.add_argument("--crop-s", dest="crop_s", type=float)
+            p.add_argument("--no-augment", action="store_true")
+            p.add_argument("--patience", type=int, help="epochs without a better validation UAR before stopping (default 6)")
+            p.add_argument("--ema-decay", dest="ema_decay", type=float,
+                           help="per-step decay of the weight average used for validation and the saved model "
+                                "(default 0.997; 0 = off)")
+            p.add_argument("--select", choices=("best", "last"), default=None,
+                           help="weights a fold keeps: best (the best validation epoch, early stopping by --patience; "
+                                "--recipe v0.3's and balanced's) or last (all epochs, the last weight average, as "
+                                "`train` ships; --recipe v0.4's)")
+            p.add_argument("--cepstral-stats", dest="cepstral_stats", type=_cepstral_count, default=None,
+                           help="also feed the head each window's mean and std of this many cepstral coefficients "
+                                "(DCT of the normalised log-mel; default the recipe's: 20 in v0.5, 0 = off in the others)")
+            p.add_argument("--speaker-window-stats", dest="speaker_window_stats", action=argparse.BooleanOptionalAction,
+                           default=None,
+                           help="also feed those statistics of the raw log-mel, z-scored by the speaker's earlier "
+                                "windows (carried in the speaker state; needs --cepstral-stats; --recipe v0.5's)")
+            p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
+                           help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
+            p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
+                           help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
         if name in ("cv", "train", "crosscorpus", "loco", "ased-cv"):
             p.add_argument("--recipe", choices=("v0.5", "v0.4", "balanced", "v0.3"), default="v0.5",
                            help="v0.5 (default, v0.5.0's): v0.4's training with window statistics of 20 cepstra "

@@ -200,3 +200,15 @@ def test_feature_groups_slice_the_feature_vector() -> None:
         feature_columns(["pitch"])
     with pytest.raises(DatasetError, match="no feature group named"):
         feature_columns([])
+
+
+@pytest.mark.parametrize("flag", [["--epochs", "3"], ["--speaker-window-stats"], ["--cepstral-stats", "20"]])
+def test_baseline_rejects_the_networks_training_flags(flag, tmp_path, capsys) -> None:
+    """The linear baseline trains no network: a flag it would ignore is argparse's one-line error instead."""
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["baseline", "--data", str(tmp_path), *flag])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {' '.join(flag)}" in err and "Traceback" not in err
