@@ -30,6 +30,7 @@ import numpy as np
 from .generalise import (
     calibration_and_fairness,
     four_class_indices,
+    held_out_temperatures,
     load_predictions,
     open_figures,
     restricted_figures,
@@ -72,8 +73,15 @@ def _fold_preds(out_dir: Path, indices: Sequence[int]) -> dict[int, dict]:
     return found
 
 
-def _calibration(preds: Sequence[Mapping], modes: Sequence[str]) -> dict:
-    return {m: c for m in modes if (c := calibration_and_fairness(list(preds), m))}
+def _calibration(preds: Sequence[Mapping], modes: Sequence[str], held_out_corpora: bool = False) -> dict:
+    """Per mode, :func:`calibration_and_fairness`; with ``held_out_corpora`` (each fold tests a corpus
+    no fold model trained on) also the temperature fitted across held-out corpora (``held_out_temperature``)."""
+    out = {m: c for m in modes if (c := calibration_and_fairness(list(preds), m))}
+    if held_out_corpora:
+        for mode, c in out.items():
+            if cross := held_out_temperatures([p[mode] for p in preds if mode in p]):
+                c["held_out_temperature"] = cross
+    return out
 
 
 def loco_results(out_dir: Path, held_out: Sequence[str], config: Mapping | None = None) -> dict:
@@ -98,7 +106,7 @@ def loco_results(out_dir: Path, held_out: Sequence[str], config: Mapping | None 
                           "uar_own_classes": round(float(np.mean(uo)), 4), "uar_open": round(float(np.mean(un)), 4),
                           "held_out": len(uo)}
     results = {"held_out": per, "mean": mean, "complete": len(per) == len(held_out),
-               "corpora": list(held_out), "calibration": _calibration(list(preds.values()), LOCO_MODES),
+               "corpora": list(held_out), "calibration": _calibration(list(preds.values()), LOCO_MODES, held_out_corpora=True),
                "config": dict(config or {})}
     results["headline"] = headline_of("loco", results)
     (Path(out_dir) / LOCO_FILE).write_text(json.dumps(results, indent=1))
@@ -195,6 +203,8 @@ def headline_of(kind: str, results: Mapping) -> dict:
     if cal:
         h["ECE pooled, online (pooled T)"] = cal["ece_pooled"]
         h["temperature fitted on (clips)"] = cal["temperature_fitted_on"]
+        if "held_out_temperature" in cal:
+            h["ECE fold mean, online (T from the other held-out corpora)"] = cal["held_out_temperature"]["ece_mean"]
         for corpus, gap in cal["uar_gap_female_minus_male"].items():
             h[f"F-M UAR gap {corpus} (online)"] = gap
     return h
@@ -267,6 +277,17 @@ def calibration_markdown(calibration: Mapping) -> str:
                          for k, v in c["uar_gap_female_minus_male"].items())
         lines.append(f"| {mode} | {c['temperature']:.3f} | {c['temperature_fitted_on']} | {c['ece_raw_pooled']:.3f} | "
                      f"{c['ece_pooled']:.3f} | {c['ece_mean']:.3f} | {gaps} |")
+    cross = {mode: c["held_out_temperature"] for mode, c in calibration.items() if "held_out_temperature" in c}
+    if cross:
+        lines += ["\n**Calibration across held-out corpora** (each held-out corpus at the temperature fitted on the "
+                  "other held-out corpora's test clips; T all: fitted on every held-out corpus)\n",
+                  "| history | T per held-out fold | ECE raw per fold | ECE after T per fold | ECE after T (mean) | T all |",
+                  "|---|---|---|---|---|---|"]
+        for mode, x in cross.items():
+            per_fold = {key: " / ".join(f"{f[key]:{fmt}}" for f in x["folds"])
+                        for key, fmt in (("temperature", ".2f"), ("ece_raw", ".3f"), ("ece", ".3f"))}
+            lines.append(f"| {mode} | {per_fold['temperature']} | {per_fold['ece_raw']} | {per_fold['ece']} | "
+                         f"{x['ece_mean']:.3f} | {x['temperature_all']:.3f} ({x['fitted_on_all']} clips) |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,13 @@ and then scores the saved predictions here, without the model:
   120 clips, too few to fit on alone), each validation clip over its own
   corpus's classes; expected calibration error (ECE) is then measured on every
   fold's held-out predictions with that temperature, and on all of them pooled.
+- **Calibration on a corpus nobody trained on** (leave-one-corpus-out only,
+  :func:`held_out_temperatures`). The validation temperature comes from the
+  training corpora and sharpens (T < 1), which makes a held-out corpus's ECE
+  worse. The alternative measured here: each held-out corpus gets the
+  temperature fitted on the *other* held-out corpora's test predictions (other
+  models, each on a corpus it never saw), so no clip calibrates itself; the
+  temperature fitted on all of them pooled is what such a recipe would ship.
 - **Fairness.** Female-minus-male UAR gap per corpus, over the held-out
   predictions of all folds pooled (a corpus with one gender, TESS, has none).
 
@@ -39,6 +46,7 @@ __all__ = [
     "ased_folds",
     "ased_split",
     "calibration_and_fairness",
+    "held_out_temperatures",
     "corpus_of",
     "load_predictions",
     "open_figures",
@@ -297,6 +305,25 @@ def calibration_and_fairness(folds: Sequence[Mapping[str, Mapping[str, np.ndarra
         "uar_gap_female_minus_male": gaps,
         "uar_gap_interval_95": intervals,
     }
+
+
+def held_out_temperatures(tests: Sequence[Mapping[str, np.ndarray]]) -> dict:
+    """ECE of each held-out corpus at the temperature fitted on the other held-out corpora (module docstring).
+
+    ``tests``: one prediction dict per leave-one-corpus-out fold, each on a corpus its model never
+    saw. Empty with fewer than two folds (nothing else to fit on).
+    """
+    if len(tests) < 2:
+        return {}
+    folds = []
+    for i, test in enumerate(tests):
+        temperature, n = fit_pooled_temperature([t for j, t in enumerate(tests) if j != i])
+        folds.append({"temperature": round(float(temperature), 4), "fitted_on": n,
+                      "ece_raw": restricted_figures(test)["ece"],
+                      "ece": restricted_figures(test, temperature=temperature)["ece"]})
+    pooled_t, pooled_n = fit_pooled_temperature(list(tests))
+    return {"folds": folds, "ece_mean": round(float(np.mean([f["ece"] for f in folds])), 4),
+            "temperature_all": round(float(pooled_t), 4), "fitted_on_all": pooled_n}
 
 
 def four_class_indices() -> list[int]:

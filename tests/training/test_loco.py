@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 from serstream.contract import LABELS  # noqa: E402
 from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
 from training.__main__ import main  # noqa: E402
-from training.generalise import load_predictions  # noqa: E402
+from training.generalise import held_out_temperatures, load_predictions, restricted_figures  # noqa: E402
 from training.mixing import FOUR_CLASSES  # noqa: E402
 
 TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--crop-s", "0.5", "--threads", "1"]
@@ -93,6 +93,39 @@ def test_loco_holds_out_each_corpus_and_scores_four_and_own_classes(loco_run) ->
     assert 0.0 <= cal["ece_pooled"] <= 1.0 and len(cal["ece_folds"]) == 3
     gaps = cal["uar_gap_female_minus_male"]
     assert gaps["tess"] is None and isinstance(gaps["ravdess"], float) and isinstance(gaps["ased"], float)
+    # each held-out corpus also at the temperature fitted on the other two held-out corpora's test clips
+    cross = cal["held_out_temperature"]
+    tests = [load_predictions(loco_run / f"fold-{k}")["online"] for k in (1, 2, 3)]
+    for k, fold in enumerate(cross["folds"]):
+        assert fold["fitted_on"] == sum(len(t["label"]) for j, t in enumerate(tests) if j != k)
+        assert fold["ece"] == restricted_figures(tests[k], temperature=fold["temperature"])["ece"]
+    assert cross["fitted_on_all"] == sum(len(t["label"]) for t in tests)
+
+
+def _overconfident_corpus(name: str, rng: np.random.Generator, n: int = 400, scale: float = 6.0) -> dict:
+    """Predictions right 70 % of the time over the four shared classes but about 99 % sure of every answer."""
+    classes = np.array([LABELS.index(c) for c in FOUR_CLASSES])
+    label = rng.choice(classes, n)
+    answer = np.where(rng.random(n) < 0.6, label, rng.choice(classes, n))
+    logits = rng.normal(0, 0.3, (n, len(LABELS)))
+    logits[np.arange(n), answer] += scale
+    return {"emotion_logits": logits, "label": label, "gender": rng.integers(0, 2, n),
+            "speaker": np.array([f"{name}:{i % 4}" for i in range(n)])}
+
+
+def test_held_out_temperature_softens_overconfidence_without_a_clip_calibrating_itself() -> None:
+    rng = np.random.default_rng(0)
+    tests = [_overconfident_corpus(name, rng) for name in ("a", "b", "c")]
+    cross = held_out_temperatures(tests)
+    for fold in cross["folds"]:
+        assert fold["temperature"] > 2.0  # softening: the answers are far surer than they are right
+        assert fold["ece_raw"] > 0.25 and fold["ece"] < 0.1
+    # fold 0's temperature comes from folds 1 and 2 only: making fold 0's own logits sharper leaves it alone
+    sharper = dict(tests[0], emotion_logits=3 * tests[0]["emotion_logits"])
+    again = held_out_temperatures([sharper, *tests[1:]])
+    assert again["folds"][0]["temperature"] == cross["folds"][0]["temperature"]
+    assert again["folds"][1]["temperature"] != cross["folds"][1]["temperature"]
+    assert held_out_temperatures(tests[:1]) == {}  # nothing else to fit on
 
 
 def test_loco_v03_recipe_and_report_compare(loco_run, data, tmp_path, capsys) -> None:
