@@ -1,10 +1,11 @@
-"""Lint and types are part of the test command: ``ruff check`` and two ``mypy`` runs.
+"""Lint and types are part of the test command: ``ruff check`` and three ``mypy`` runs.
 
 The rule set and the strictness live in pyproject.toml (``[tool.ruff]``,
 ``[tool.mypy]``); this file runs the tools as subprocesses from the
 repository root and fails with their output. ``mypy --strict`` covers the
 pure cores, the codec registry and the event model (server side and the
-client distribution); plain ``mypy`` covers the rest of ``serstream/``.
+client distribution); plain ``mypy`` covers the rest of ``serstream/``, and
+``training/`` where the training dependencies (torch, ...) are installed.
 mypy's cache goes to the system temp folder, never into the repository.
 """
 
@@ -30,6 +31,10 @@ STRICT_TARGETS = (
     "serstream/events.py",
     "clients/python/src/serstream_client",
 )
+
+#: The typed libraries that mypy follows from training/ (training/pyproject.toml's dependencies): without
+#: them installed it reports their imports as missing, so the check is skipped instead.
+TRAINING_TYPED_DEPENDENCIES = ("torch", "onnx", "librosa", "matplotlib")
 
 
 def _require(module: str) -> None:
@@ -78,3 +83,10 @@ def test_mypy_strict_on_the_cores_and_the_event_model() -> None:
 
 def test_mypy_on_the_whole_package() -> None:
     _assert_clean(_mypy("serstream"), "mypy serstream")
+
+
+def test_mypy_on_the_training_code() -> None:
+    missing = [m for m in TRAINING_TYPED_DEPENDENCIES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (the training dependencies: pip install -e training)")
+    _assert_clean(_mypy("training"), "mypy training")

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -174,12 +174,12 @@ def extract_features(
             cached = {}  # a damaged cache is rebuilt, not trusted
     keys = [_file_key(u.path) for u in utterances]
     missing = [i for i, k in enumerate(keys) if k not in cached]
-    iterator: Sequence[int] | object = missing
+    iterator: Iterable[int] = missing
     if progress and missing:
         from tqdm import tqdm
 
         iterator = tqdm(missing, desc="baseline features", unit="file")
-    for done, i in enumerate(iterator, start=1):  # type: ignore[arg-type]
+    for done, i in enumerate(iterator, start=1):
         audio = load_audio(utterances[i].path, config.sample_rate)
         cached[keys[i]] = utterance_features(audio, config)
         if done % _SAVE_EVERY == 0:  # an interrupted extraction keeps what it has done
@@ -365,7 +365,7 @@ def pooled_gender_gap(results: Sequence[dict]) -> tuple[float, tuple[float, floa
 
     A fold's 2-4 speakers per gender say little; pooled, the folds test every speaker once.
     """
-    clips = {k: sum((r["clips"][k] for r in results), []) for k in ("label", "predicted", "speaker", "gender")}
+    clips: dict[str, list] = {k: sum((r["clips"][k] for r in results), []) for k in ("label", "predicted", "speaker", "gender")}
     gap = gender_uar_gap(clips["label"], clips["predicted"], clips["gender"])
     return gap, gender_gap_interval(clips["label"], clips["predicted"], clips["gender"], clips["speaker"])
 

@@ -91,7 +91,9 @@ def score_split(model: EmotionNet, corpus: CachedCorpus, val_idx: np.ndarray, te
     if tta:
         val["val_tta"] = predict(model, corpus, val_idx, mode="online", order_seed=seed, tta=True)
         preds[TTA_MODE] = predict(model, corpus, test_idx, mode="online", order_seed=seed, tta=True)
-    np.savez(Path(run_dir) / "predictions.npz", **{f"{s}.{k}": v for s, p in val.items() for k, v in p.items()},
+    # allow_pickle=True is numpy's default, spelt out: otherwise mypy checks the ** arrays against that bool
+    np.savez(Path(run_dir) / "predictions.npz", allow_pickle=True,
+             **{f"{s}.{k}": v for s, p in val.items() for k, v in p.items()},
              **{f"{m}.{k}": v for m, p in preds.items() for k, v in p.items()})
     return _figures(val, preds)
 
@@ -212,7 +214,7 @@ def summarise(results: Sequence[dict]) -> dict:
     """Mean, std and per-fold values of every figure, per mode (``online_tta`` over the folds that have it)."""
     keys = ("accuracy", "uar", "macro_f1", "top3", "ccc_arousal", "ccc_valence", "ece_raw", "ece_calibrated",
             "gender_accuracy", "uar_gap_female_minus_male")
-    summary = {}
+    summary: dict[str, dict] = {}
     for mode in result_modes(results):
         summary[mode] = {}
         for k in keys:

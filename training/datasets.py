@@ -307,9 +307,10 @@ def _parse_tess(path: Path, root: Path) -> Utterance:
             raise _Skip("bad name: a bare word needs a <SPEAKER>_<emotion> folder")
         speaker, label, word = folder_speaker, from_folder[0], tokens[0]
     else:
-        speaker = _TESS_SPEAKERS.get(tokens[0].upper())
-        if speaker is None:
+        named_speaker = _TESS_SPEAKERS.get(tokens[0].upper())
+        if named_speaker is None:
             raise _Skip(f"unknown speaker: {tokens[0].upper()!r} (TESS has OAF and YAF)")
+        speaker = named_speaker
         from_name = _tess_emotion(tokens[1:])
         if from_name is None:
             raise _Skip(f"unknown emotion: {tokens[-1]!r}")

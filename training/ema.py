@@ -15,21 +15,24 @@ weights are used with statistics that match them.
 from __future__ import annotations
 
 import copy
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = ["WeightAverage"]
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
-class WeightAverage:
+
+class WeightAverage(Generic[ModuleT]):
     """``average = d * average + (1 - d) * current`` after every optimiser step.
 
     ``d`` ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates,
     so early averages are not dominated by the random initial weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: ModuleT, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"weight-average decay must be in (0, 1), got {decay}")
         self.decay = decay

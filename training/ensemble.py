@@ -57,7 +57,10 @@ def average_predictions(members: Sequence[Mapping[str, Mapping[str, np.ndarray]]
         first = members[0][mode]
         for other in members[1:]:
             for key in ROW_KEYS:
-                if key in first and not np.array_equal(first[key], other[mode].get(key)):
+                if key not in first:
+                    continue
+                theirs = other[mode].get(key)
+                if theirs is None or not np.array_equal(first[key], theirs):
                     raise EnsembleError(f"mode {mode}: the runs' rows are not the same clips ({key} differs)")
         averaged = {k: np.asarray(v) for k, v in first.items() if k not in PROBABILITY_KEYS and k != "avd"}
         for key in PROBABILITY_KEYS:

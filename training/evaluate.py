@@ -87,10 +87,10 @@ def _calibration(preds: Sequence[Mapping], modes: Sequence[str], held_out_corpor
 def loco_results(out_dir: Path, held_out: Sequence[str], config: Mapping | None = None) -> dict:
     """Score every finished leave-one-corpus-out fold of ``out_dir``; writes ``loco.json``."""
     preds = _fold_preds(out_dir, range(1, len(held_out) + 1))
-    per = {}
+    per: dict[str, dict] = {}
     for k, p in preds.items():
         corpus = held_out[k - 1]
-        row = {"fold": k, "train_corpora": [c for c in held_out if c != corpus]}
+        row: dict = {"fold": k, "train_corpora": [c for c in held_out if c != corpus]}
         for mode in LOCO_MODES:
             if mode in p:
                 row[mode] = {"four_class": restricted_figures(p[mode], four_class_indices()),
@@ -128,7 +128,7 @@ def ased_cv_results(out_dir: Path, n_folds: int, config: Mapping | None = None) 
             row[mode] = {"all": restricted_figures(test), "open": open_figures(test),
                          "common": restricted_figures(common) if len(common["label"]) else {"n": 0}}
         folds[str(k)] = row
-    summary = {}
+    summary: dict[str, dict] = {}
     for mode in ASED_MODES:
         for part in ("all", "common"):
             vals = [r[mode][part]["uar"] for r in folds.values() if mode in r and "uar" in r[mode][part]]

@@ -92,6 +92,13 @@ def dft_split(win_length: int, hop_length: int) -> tuple[int, int] | None:
 class LogMelFrontend(nn.Module):
     """audio [B, N] + lengths [B] -> log-mel [B, n_mels, T] + frame mask [B, T] + own sums."""
 
+    # Fixed weights, registered as (non-persistent) buffers; declared so they read as tensors.
+    mel: torch.Tensor  # [n_freq, n_mels]
+    bin_mel: torch.Tensor  # [n_mels, computed bins]
+    dft: torch.Tensor  # direct DFT only
+    stage1: torch.Tensor  # split DFT only
+    stage2: torch.Tensor  # split DFT only
+
     def __init__(self, config: FrontendConfig = FrontendConfig()) -> None:
         super().__init__()
         self.config = config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypeAlias, TypeGuard
 
 import numpy as np
 
@@ -40,15 +40,21 @@ __all__ = [
     "uar_by_gender",
 ]
 
+# What the metric functions take: a list, or (what the training code mostly passes) a 1-D numpy array.
+ClassIndices: TypeAlias = Sequence[int] | np.ndarray  # indices into serstream.contract.LABELS
+RealValues: TypeAlias = Sequence[float] | np.ndarray
+GenderNames: TypeAlias = Sequence[str | None] | np.ndarray  # "female", "male"; anything else is left out
+SpeakerNames: TypeAlias = Sequence[str] | np.ndarray
 
-def _labels(y: Sequence[int] | np.ndarray) -> np.ndarray:
+
+def _labels(y: ClassIndices) -> np.ndarray:
     array = np.asarray(y)
     if array.ndim != 1:
         raise ValueError(f"expected a 1-D array of class indices, got shape {array.shape}")
     return array.astype(np.int64)
 
 
-def _pair(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _pair(y_true: ClassIndices, y_pred: ClassIndices) -> tuple[np.ndarray, np.ndarray]:
     t, p = _labels(y_true), _labels(y_pred)
     if t.shape != p.shape:
         raise ValueError(f"y_true has {t.size} entries, y_pred {p.size}")
@@ -57,14 +63,14 @@ def _pair(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, np.
     return t, p
 
 
-def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def accuracy(y_true: ClassIndices, y_pred: ClassIndices) -> float:
     """Fraction of exact matches (weighted accuracy, WA)."""
     t, p = _pair(y_true, y_pred)
     return float(np.mean(t == p))
 
 
 def confusion_matrix(
-    y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None
+    y_true: ClassIndices, y_pred: ClassIndices, n_classes: int | None = None
 ) -> np.ndarray:
     """Counts [n_classes, n_classes]; row = true class, column = predicted class."""
     t, p = _pair(y_true, y_pred)
@@ -76,14 +82,14 @@ def confusion_matrix(
     return cm
 
 
-def uar(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def uar(y_true: ClassIndices, y_pred: ClassIndices) -> float:
     """Unweighted average recall over the classes present in ``y_true``."""
     t, p = _pair(y_true, y_pred)
     recalls = [float(np.mean(p[t == c] == c)) for c in np.unique(t)]
     return float(np.mean(recalls))
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def macro_f1(y_true: ClassIndices, y_pred: ClassIndices) -> float:
     """Mean F1 over classes present in ``y_true`` or ``y_pred`` (0 where undefined)."""
     t, p = _pair(y_true, y_pred)
     scores = []
@@ -95,7 +101,7 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(np.mean(scores))
 
 
-def top_k_accuracy(y_true: Sequence[int], scores: np.ndarray, k: int = 3) -> float:
+def top_k_accuracy(y_true: ClassIndices, scores: np.ndarray, k: int = 3) -> float:
     """Share of samples whose true class is among the k highest scores (ties: lower index first)."""
     t = _labels(y_true)
     s = np.asarray(scores, dtype=np.float64)
@@ -113,7 +119,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(logits: np.ndarray, y: Sequence[int], temperature: float = 1.0) -> float:
+def nll(logits: np.ndarray, y: ClassIndices, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true classes under softmax(logits / T)."""
     t = _labels(y)
     z = np.asarray(logits, dtype=np.float64) / temperature
@@ -122,7 +128,7 @@ def nll(logits: np.ndarray, y: Sequence[int], temperature: float = 1.0) -> float
     return float(-np.mean(log_probs[np.arange(t.size), t]))
 
 
-def ece(probs: np.ndarray, y: Sequence[int], n_bins: int = 15) -> float:
+def ece(probs: np.ndarray, y: ClassIndices, n_bins: int = 15) -> float:
     """Expected calibration error: confidence vs accuracy over equal-width bins of max prob."""
     t = _labels(y)
     p = np.asarray(probs, dtype=np.float64)
@@ -141,7 +147,7 @@ def ece(probs: np.ndarray, y: Sequence[int], n_bins: int = 15) -> float:
 
 
 def fit_temperature(
-    logits: np.ndarray, y: Sequence[int], bounds: tuple[float, float] = (0.05, 20.0)
+    logits: np.ndarray, y: ClassIndices, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
     """Temperature T minimising the NLL of softmax(logits / T) on a held-out set.
 
@@ -168,7 +174,7 @@ def fit_temperature(
     return float(math.exp((a + b) / 2.0))
 
 
-def ccc(x: Sequence[float], y: Sequence[float]) -> float:
+def ccc(x: RealValues, y: RealValues) -> float:
     """Lin's concordance correlation coefficient (population moments).
 
     1 for perfect agreement; two equal constants count as perfect, a constant
@@ -187,7 +193,7 @@ def ccc(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def uar_by_gender(
-    y_true: Sequence[int], y_pred: Sequence[int], genders: Sequence[str | None]
+    y_true: ClassIndices, y_pred: ClassIndices, genders: GenderNames
 ) -> dict[str, float]:
     """{"uar_female", "uar_male"}; other or missing genders are left out, absent ones are NaN."""
     t, p = _pair(y_true, y_pred)
@@ -202,7 +208,7 @@ def uar_by_gender(
 
 
 def gender_uar_gap(
-    y_true: Sequence[int], y_pred: Sequence[int], genders: Sequence[str | None]
+    y_true: ClassIndices, y_pred: ClassIndices, genders: GenderNames
 ) -> float:
     """UAR on female speakers minus UAR on male speakers (NaN if either is absent)."""
     by_gender = uar_by_gender(y_true, y_pred, genders)
@@ -210,10 +216,10 @@ def gender_uar_gap(
 
 
 def gender_gap_interval(
-    y_true: Sequence[int],
-    y_pred: Sequence[int],
-    genders: Sequence[str | None],
-    speakers: Sequence[str],
+    y_true: ClassIndices,
+    y_pred: ClassIndices,
+    genders: GenderNames,
+    speakers: SpeakerNames,
     level: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
@@ -257,9 +263,9 @@ def gender_gap_interval(
 
 
 def classification_metrics(
-    y_true: Sequence[int],
+    y_true: ClassIndices,
     probs: np.ndarray,
-    genders: Sequence[str | None] | None = None,
+    genders: GenderNames | None = None,
     k: int = 3,
 ) -> dict[str, float]:
     """The headline numbers for one fold from class probabilities."""
@@ -315,7 +321,7 @@ def plot_confusion(
     return out
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
@@ -329,11 +335,10 @@ def summarise(folds: Sequence[Mapping[str, object]]) -> dict[str, dict[str, floa
     keys: list[str] = []
     for fold in folds:
         keys.extend(k for k, v in fold.items() if _is_number(v) and k not in keys)
-    summary = {}
+    summary: dict[str, dict[str, float]] = {}
     for key in keys:
-        values = np.array(
-            [float(f[key]) for f in folds if key in f and _is_number(f[key])], dtype=np.float64
-        )
+        present = [f[key] for f in folds if key in f]
+        values = np.array([float(v) for v in present if _is_number(v)], dtype=np.float64)
         values = values[~np.isnan(values)]
         if values.size == 0:
             summary[key] = {"mean": float("nan"), "std": float("nan"), "n": 0}
@@ -361,7 +366,7 @@ PERCENT_METRICS = (
 def _cell(value: object, percent: bool) -> str:
     if not _is_number(value):
         return str(value)
-    number = float(value)  # type: ignore[arg-type]
+    number = float(value)
     if math.isnan(number):
         return "-"
     return f"{100 * number:.1f}" if percent else f"{number:.3f}"
@@ -407,7 +412,7 @@ def format_comparison(
     return "\n".join(lines)
 
 
-def median_within_speaker_std(features: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
+def median_within_speaker_std(features: np.ndarray, speakers: SpeakerNames) -> np.ndarray:
     """[D] median over speakers of each feature's std across that speaker's rows.
 
     The typical spread of a feature within one voice: the floor under a speaker's

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -172,6 +172,11 @@ class PlainBlock(nn.Module):
 
 
 class EmotionNet(nn.Module):
+    stem: nn.Module  # nn.Identity for cnn2d, the separable stem for sepcnn2d
+    # Registered buffers, declared so they read as tensors; each exists only with its option.
+    dct: torch.Tensor  # cepstral_stats
+    window_std_floor: torch.Tensor  # speaker_window_stats
+
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         self.config = config
@@ -222,7 +227,7 @@ class EmotionNet(nn.Module):
             c_in = c_out
         self._finish_2d(config, blocks, c_in, config.pools, stem_pool=(2, 2))
 
-    def _finish_2d(self, config: ModelConfig, blocks: list[nn.Module], c_in: int,
+    def _finish_2d(self, config: ModelConfig, blocks: Sequence[nn.Module], c_in: int,
                    pools: tuple[tuple[int, int], ...], stem_pool: tuple[int, int]) -> None:
         """Blocks, then a 1x1 projection of (channels x remaining bands) per pooled frame."""
         self.blocks = nn.Sequential(*blocks)

@@ -241,7 +241,7 @@ def run_onnx_eval(model_path: Path, data: Path, speakers_text: str, out_dir: Pat
                     "windows": summary.windows, "seconds": round(summary.seconds, 2)},
         "monitor": score_files(rows, file_events),
     }
-    if cv_dir is not None:
+    if cv_dir is not None and fold is not None:  # (--cv without a fold was refused above)
         result["cv_uar"] = _cv_figures(cv_dir, fold)
     (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result

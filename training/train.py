@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -154,6 +154,14 @@ class TrainResult:
     history: list[dict]
     best_epoch: int
     best_val_uar: float
+
+
+class _BestWeights(TypedDict):
+    """The weights of the best validation epoch so far (epoch -1, state None: none yet), as checkpointed."""
+
+    uar: float
+    epoch: int
+    state: dict[str, Any] | None
 
 
 def history_matrix(groups: np.ndarray, rng: np.random.Generator, cold_start_prob: float) -> np.ndarray:
@@ -450,6 +458,8 @@ def predict(
     result["gender"] = corpus.gender[idx]
     result["intensity"] = corpus.intensity[idx]
     result["speaker"] = corpus.speaker[idx]
+    if corpus.sentence is None or corpus.common is None:  # CachedCorpus.__post_init__ fills both
+        raise ValueError("the corpus has no sentence/common columns (a CachedCorpus fills them when built)")
     result["sentence"] = corpus.sentence[idx]
     result["common"] = corpus.common[idx]
     return result
@@ -524,7 +534,7 @@ def train_model(
     history: list[dict] = []
     if config.select not in ("best", "last"):
         raise ValueError(f"unknown weight selection {config.select!r} (best or last)")
-    best = {"uar": -1.0, "epoch": -1, "state": None}
+    best: _BestWeights = {"uar": -1.0, "epoch": -1, "state": None}
     start_epoch = 0
     ckpt_path = out_dir / "checkpoint.pt"
     average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
