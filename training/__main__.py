@@ -304,9 +304,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         png = plot_confusion(summed_confusion(results, "online"), list(LABELS), Path(args.cv) / "confusion-online.png",
                              f"{len(results)} test folds summed (online adaptation)")
         print(f"summed confusion matrix: {png}", file=sys.stderr)
-        from .evaluate import calibration_markdown, cv_generalisation
+        from .evaluate import calibration_markdown, cv_generalisation, gender_markdown
 
-        print(calibration_markdown(cv_generalisation(Path(args.cv), summarise(results))["calibration"]))
+        generalisation = cv_generalisation(Path(args.cv), summarise(results))
+        print(calibration_markdown(generalisation["calibration"]))
+        print(gender_markdown(generalisation))
     if cross is not None:
         try:
             figures = json.loads(cross.read_text())

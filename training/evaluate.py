@@ -30,9 +30,11 @@ import numpy as np
 from .generalise import (
     calibration_and_fairness,
     four_class_indices,
+    gender_bias_check,
     held_out_temperatures,
     load_predictions,
     open_figures,
+    recall_by_gender,
     restricted_figures,
     select,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "calibration_markdown",
     "compare_markdown",
     "cv_generalisation",
+    "gender_markdown",
     "headline_of",
     "loco_markdown",
     "loco_results",
@@ -163,7 +166,8 @@ def cv_generalisation(out_dir: Path, summary: Mapping | None = None) -> dict:
     """Pooled calibration and per-corpus gender gaps of a RAVDESS cv run; writes ``generalisation.json``."""
     dirs = sorted(Path(out_dir).glob("fold-*/predictions.npz"))
     preds = [load_predictions(d.parent) for d in dirs]
-    results = {"calibration": _calibration(preds, ("none", "online")), "folds": len(preds)}
+    results = {"calibration": _calibration(preds, ("none", "online")), "folds": len(preds),
+               "recall_by_gender": recall_by_gender(preds, "online"), "gender_bias_check": gender_bias_check(preds, "online")}
     if summary:
         results["uar"] = {m: s["uar"]["mean"] for m, s in summary.items() if "uar" in s}
     results["headline"] = headline_of("cv", results)
@@ -288,6 +292,26 @@ def calibration_markdown(calibration: Mapping) -> str:
                         for key, fmt in (("temperature", ".2f"), ("ece_raw", ".3f"), ("ece", ".3f"))}
             lines.append(f"| {mode} | {per_fold['temperature']} | {per_fold['ece_raw']} | {per_fold['ece']} | "
                          f"{x['ece_mean']:.3f} | {x['temperature_all']:.3f} ({x['fitted_on_all']} clips) |")
+    return "\n".join(lines) + "\n"
+
+
+def gender_markdown(results: Mapping) -> str:
+    """A cv run's recall per class and gender, and the per-gender bias check (online)."""
+    by_gender = results.get("recall_by_gender") or {}
+    if not by_gender:
+        return ""
+    classes = [c for c in next(iter(by_gender.values()))["recall"]]
+    lines = ["\n**Recall per class and gender, online, all test folds pooled**\n",
+             "| gender | n | UAR | " + " | ".join(classes) + " |", "|---|---|---|" + "---|" * len(classes)]
+    for name, g in by_gender.items():
+        lines.append(f"| {name} | {g['n']} | {g['uar']:.3f} | " +
+                     " | ".join(f"{g['recall'].get(c, float('nan')):.2f}" for c in classes) + " |")
+    check = results.get("gender_bias_check") or {}
+    if check:
+        a, b = check["as_is"], check["gender_bias"]
+        lines.append(f"\nWith a per-gender class bias fitted on the other folds' validation speakers (the gender the "
+                     f"model predicts picks it): UAR {100 * a['uar']:.1f} -> {100 * b['uar']:.1f}, female-minus-male "
+                     f"{100 * a['uar_gap_female_minus_male']:+.1f} -> {100 * b['uar_gap_female_minus_male']:+.1f} points.")
     return "\n".join(lines) + "\n"
 
 

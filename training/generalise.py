@@ -23,7 +23,10 @@ and then scores the saved predictions here, without the model:
   models, each on a corpus it never saw), so no clip calibrates itself; the
   temperature fitted on all of them pooled is what such a recipe would ship.
 - **Fairness.** Female-minus-male UAR gap per corpus, over the held-out
-  predictions of all folds pooled (a corpus with one gender, TESS, has none).
+  predictions of all folds pooled (a corpus with one gender, TESS, has none);
+  per class and gender, recall (:func:`recall_by_gender`), and whether a
+  per-gender class bias fitted on validation speakers would close the gap
+  (:func:`gender_bias_check`).
 
 Pure functions over prediction dicts (``emotion_logits``, ``label``,
 ``gender``, ``speaker``, ``common``) apart from :func:`load_predictions`.
@@ -39,6 +42,7 @@ import numpy as np
 
 from serstream.contract import LABELS
 
+from .datasets import GENDERS
 from .folds import Fold, _draw_validation, _speaker_genders
 from .mixing import FOUR_CLASSES
 
@@ -46,11 +50,13 @@ __all__ = [
     "ased_folds",
     "ased_split",
     "calibration_and_fairness",
+    "gender_bias_check",
     "held_out_temperatures",
     "corpus_of",
     "load_predictions",
     "open_figures",
     "loco_splits",
+    "recall_by_gender",
     "restricted_figures",
     "select",
 ]
@@ -324,6 +330,63 @@ def held_out_temperatures(tests: Sequence[Mapping[str, np.ndarray]]) -> dict:
     pooled_t, pooled_n = fit_pooled_temperature(list(tests))
     return {"folds": folds, "ece_mean": round(float(np.mean([f["ece"] for f in folds])), 4),
             "temperature_all": round(float(pooled_t), 4), "fitted_on_all": pooled_n}
+
+
+def recall_by_gender(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online") -> dict:
+    """Per gender ("female", "male"): n and recall of every class present, over all folds' test clips pooled."""
+    from . import metrics as M
+
+    tests = [f[mode] for f in folds if mode in f]
+    if not tests:
+        return {}
+    pooled = concat(tests)
+    y, yhat = pooled["label"], pooled["emotion_logits"].argmax(1)
+    out = {}
+    for code, name in enumerate(GENDERS):
+        rows = pooled["gender"] == code
+        if rows.any():
+            cm = M.confusion_matrix(y[rows], yhat[rows], len(LABELS))
+            out[name] = {"n": int(rows.sum()), "uar": round(M.uar(y[rows], yhat[rows]), 4),
+                         "recall": {LABELS[c]: round(float(cm[c, c] / cm[c].sum()), 4)
+                                    for c in range(len(LABELS)) if cm[c].sum()}}
+    return out
+
+
+def gender_bias_check(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online") -> dict:
+    """UAR and female-minus-male gap of the test clips as they are, and with a per-gender class bias added.
+
+    Asks whether the gap is a per-gender prior (e.g. men's speech pushed toward one class), which a
+    post-hoc offset per gender could remove. For each fold, the offsets of each gender are fitted
+    (:func:`training.metrics.fit_class_bias`) on the other folds' validation clips of that gender,
+    leaving out this fold's test speakers; a test clip gets the offsets of the gender the model
+    predicts for it (what a deployed model would know). Empty without validation predictions.
+    """
+    from . import metrics as M
+
+    have = [f for f in folds if "val" in f and mode in f]
+    if len(have) < 2:
+        return {}
+    labels, plain, biased, genders = [], [], [], []
+    for k, fold in enumerate(have):
+        test = fold[mode]
+        val = concat([f["val"] for j, f in enumerate(have) if j != k])
+        unseen = ~np.isin(val["speaker"], np.unique(test["speaker"]))
+        offsets = np.zeros((len(GENDERS), len(LABELS)))
+        for code in range(len(GENDERS)):
+            rows = unseen & (val["gender"] == code)
+            if rows.any():
+                offsets[code] = M.fit_class_bias(val["emotion_logits"][rows], val["label"][rows], len(LABELS))
+        predicted_gender = test["gender_logits"].argmax(1)
+        labels.append(test["label"])
+        plain.append(test["emotion_logits"].argmax(1))
+        biased.append((test["emotion_logits"] + offsets[predicted_gender]).argmax(1))
+        genders.append(test["gender"])
+    y, g = np.concatenate(labels), np.concatenate(genders)
+    names = np.where(g == 1, "male", np.where(g == 0, "female", "unknown"))
+    out = {}
+    for key, yhat in (("as_is", np.concatenate(plain)), ("gender_bias", np.concatenate(biased))):
+        out[key] = {"uar": round(M.uar(y, yhat), 4), "uar_gap_female_minus_male": round(M.gender_uar_gap(y, yhat, names), 4)}
+    return out
 
 
 def four_class_indices() -> list[int]:

@@ -24,6 +24,7 @@ __all__ = [
     "classification_metrics",
     "confusion_matrix",
     "ece",
+    "fit_class_bias",
     "fit_temperature",
     "format_comparison",
     "format_table",
@@ -172,6 +173,28 @@ def fit_temperature(
             d = a + ratio * (b - a)
             fd = loss(d)
     return float(math.exp((a + b) / 2.0))
+
+
+def fit_class_bias(logits: np.ndarray, y: ClassIndices, n_classes: int | None = None, l2: float = 0.01,
+                   steps: int = 500, step_size: float = 0.5) -> np.ndarray:
+    """Per-class offsets b [C] (mean 0) minimising the class-balanced NLL of softmax(logits + b), plus l2 |b|^2 / 2.
+
+    Class-balanced: every class present weighs the same, whatever its count, as UAR does. Plain
+    gradient descent on a convex loss; a class absent from ``y`` is only pulled toward 0 by ``l2``.
+    """
+    t = _labels(y)
+    z = np.asarray(logits, dtype=np.float64)
+    c = n_classes or z.shape[1]
+    if z.ndim != 2 or z.shape[0] != t.size or z.shape[1] != c:
+        raise ValueError(f"logits must be [n_samples, {c}] for {t.size} labels, got {z.shape}")
+    weight = 1.0 / np.bincount(t, minlength=c)[t]
+    weight = weight / weight.sum()
+    onehot = np.eye(c)[t]
+    b = np.zeros(c)
+    for _ in range(steps):
+        p = softmax(z + b)
+        b -= step_size * ((weight[:, None] * (p - onehot)).sum(axis=0) + l2 * b)
+    return b - b.mean()
 
 
 def ccc(x: RealValues, y: RealValues) -> float:

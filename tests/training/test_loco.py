@@ -15,7 +15,13 @@ pytest.importorskip("torch")
 from serstream.contract import LABELS  # noqa: E402
 from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_tess_like  # noqa: E402
 from training.__main__ import main  # noqa: E402
-from training.generalise import held_out_temperatures, load_predictions, restricted_figures  # noqa: E402
+from training.generalise import (  # noqa: E402
+    gender_bias_check,
+    held_out_temperatures,
+    load_predictions,
+    recall_by_gender,
+    restricted_figures,
+)
 from training.mixing import FOUR_CLASSES  # noqa: E402
 
 TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--crop-s", "0.5", "--threads", "1"]
@@ -211,6 +217,8 @@ def test_ravdess_cv_trains_with_ased_and_writes_pooled_calibration(data, tmp_pat
     assert {s.split(":")[0] for s in fold["val_speakers"]} == {"ravdess"}
     gen = json.loads((out / "generalisation.json").read_text())
     assert gen["calibration"]["online"]["temperature_fitted_on"] == 2 * 8  # 2 val actors x 8 clips
+    assert {g: r["n"] for g, r in gen["recall_by_gender"].items()} == {"female": 2 * 8, "male": 2 * 8}  # actors 1-4
+    assert gen["gender_bias_check"] == {}  # one fold: no other fold's validation speakers to fit on
     assert set(gen["calibration"]["online"]["uar_gap_female_minus_male"]) == {"ravdess"}
 
 
@@ -373,3 +381,39 @@ def test_ensemble_of_two_seeds_scores_their_averaged_predictions(loco_run, data,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fold-2/predictions.npz cannot be read" in err and "Traceback" not in err
     assert json.loads((ens / "loco.json").read_text())["config"]["ensemble_of"] == [str(loco_run), str(other)]
+
+
+def _fold_with_a_male_prior(k: int, rng: np.random.Generator, male_shift: float) -> dict:
+    """One fold's validation and online predictions, 4 speakers each; men's logits pushed toward angry."""
+    angry = LABELS.index("angry")
+
+    def clips(speakers: list[int]) -> dict:
+        spk = np.repeat(speakers, 64)
+        gender = spk % 2  # odd ids male, as RAVDESS numbers them
+        label = np.tile(np.arange(len(LABELS)), len(spk) // len(LABELS))
+        logits = rng.normal(0, 1, (len(spk), len(LABELS)))
+        logits[np.arange(len(spk)), label] += 2.0
+        logits[gender == 1, angry] += male_shift
+        gender_logits = np.stack([1.0 - gender, gender.astype(float)], axis=1)
+        return {"emotion_logits": logits, "label": label, "gender": gender, "gender_logits": gender_logits,
+                "speaker": np.array([f"ravdess:{s:02d}" for s in spk])}
+
+    return {"val": clips([40 + 2 * k, 41 + 2 * k]), "online": clips([4 * k + 1, 4 * k + 2, 4 * k + 3, 4 * k + 4])}
+
+
+def test_gender_bias_check_closes_a_per_gender_prior_and_recall_is_split_by_gender() -> None:
+    rng = np.random.default_rng(0)
+    folds = [_fold_with_a_male_prior(k, rng, male_shift=3.0) for k in range(4)]
+    check = gender_bias_check(folds)
+    assert check["as_is"]["uar_gap_female_minus_male"] > 0.2  # men's clips mostly read as angry
+    assert abs(check["gender_bias"]["uar_gap_female_minus_male"]) < 0.05
+    assert check["gender_bias"]["uar"] > check["as_is"]["uar"] + 0.05
+    by_gender = recall_by_gender(folds)
+    assert by_gender["male"]["n"] == by_gender["female"]["n"] == 4 * 2 * 64
+    assert by_gender["male"]["recall"]["angry"] > 0.95 > by_gender["female"]["recall"]["angry"]
+    assert by_gender["female"]["uar"] - by_gender["male"]["uar"] == pytest.approx(
+        check["as_is"]["uar_gap_female_minus_male"], abs=1e-3)
+    # no prior to remove: the offsets change little
+    fair = gender_bias_check([_fold_with_a_male_prior(k, rng, male_shift=0.0) for k in range(4)])
+    assert abs(fair["gender_bias"]["uar"] - fair["as_is"]["uar"]) < 0.03
+    assert gender_bias_check(folds[:1]) == {}  # no other fold to fit on

@@ -14,6 +14,7 @@ from training.metrics import (
     classification_metrics,
     confusion_matrix,
     ece,
+    fit_class_bias,
     fit_temperature,
     format_comparison,
     format_table,
@@ -209,3 +210,17 @@ def test_per_class_table_sums_the_folds_and_names_the_main_confusions() -> None:
     assert "| sad | 6 | 0.50 | neutral 0.33, fearful 0.17 |" in table
     assert "| neutral | 4 | 1.00 |  |" in table
     assert "| calm |" not in table  # classes without test utterances are left out
+
+
+def test_fit_class_bias_removes_a_constant_offset_and_weighs_classes_equally() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), [400, 100, 100, 100])  # class 0 four times as common
+    logits = rng.normal(0, 1, (len(y), 4))
+    logits[np.arange(len(y)), y] += 2.0
+    shift = np.array([0.0, 0.0, 2.5, 0.0])  # every clip pushed toward class 2
+    b = fit_class_bias(logits + shift, y, l2=0.0, steps=2000)
+    assert b[2] - b[[0, 1, 3]].mean() == pytest.approx(-2.5, abs=0.3)
+    assert b.sum() == pytest.approx(0.0, abs=1e-9)
+    assert uar(y, (logits + shift + b).argmax(1)) > uar(y, (logits + shift).argmax(1)) + 0.1
+    with pytest.raises(ValueError):
+        fit_class_bias(logits[:, :3], y, n_classes=4)
