@@ -236,7 +236,7 @@ def test_forty_real_time_files_share_one_thread_and_push_exactly_their_samples_o
             source.stop()
     # One thread for them all: the pacer (none when the shared pacer was already running).
     assert extra_threads <= 1, f"{extra_threads} threads for 40 real-time files"
-    assert min(lags) >= 0.0 and max(lags) < 0.02 + 0.1, lags
+    assert min(lags) >= 0.0, lags  # never ahead of the clock
     late: list[float] = []
     for source, (before, after) in zip(sources, times, strict=True):
         expected = file_audio(source.path)
@@ -249,6 +249,11 @@ def test_forty_real_time_files_share_one_thread_and_push_exactly_their_samples_o
         assert_paced(tap.pushes[source.stream_id], before, after, source.sample_rate, late)
     # On time: most blocks within a block of their due time, none a long way behind (a shared, busy CPU).
     assert statistics.median(late) < 0.01 and max(late) < 0.3, (statistics.median(late), max(late))
+    # The snapshot agrees with the recorded pushes: behind by the block being captured (at most 20 ms) plus
+    # start-up slack, and beyond that only by as much as the pacer is recorded to have been late. A fixed
+    # 0.12 s here failed once in a full suite run (0.287 s) while every recorded lateness bound held: the
+    # pacer thread had simply not been scheduled for a moment on a loaded 2-core machine.
+    assert max(lags) < 0.02 + 0.1 + max(0.0, max(late)), (max(lags), max(late))
     assert tap.monitor.wait_idle(timeout=30)
     assert set(events.closed().values()) == {"end"} and len(events.closed()) == 40
     # With no source left the pacer has no thread.
