@@ -24,6 +24,17 @@ from pathlib import Path
 __all__ = ["UsageError", "main"]
 
 
+def _pseudo_count(text: str) -> float:
+    """``--prior-frames`` / ``--prior-windows``: a finite count of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a count of 0 (off) or more, got {text!r}")
+    return value
+
+
 def _cepstral_count(text: str) -> int:
     """``--cepstral-stats``: checked when the command line is parsed, before any corpus is read."""
     from .frontend import FrontendConfig
@@ -62,6 +73,12 @@ def _config(args: argparse.Namespace):
         model = replace(model, cepstral_stats=args.cepstral_stats)
     if getattr(args, "speaker_window_stats", None) is not None:
         model = replace(model, speaker_window_stats=args.speaker_window_stats)
+    if getattr(args, "prior_frames", None) is not None:
+        model = replace(model, prior_frames=args.prior_frames)
+    if getattr(args, "prior_windows", None) is not None:
+        model = replace(model, prior_windows=args.prior_windows)
+    if model.prior_windows and not model.speaker_window_stats:
+        raise ValueError("--prior-windows needs the speaker window statistics (--recipe v0.5's)")
     if model.speaker_window_stats and not model.cepstral_stats:
         raise ValueError("--speaker-window-stats needs --cepstral-stats K (K > 0): it z-scores those statistics "
                          "(--recipe v0.5 sets both; --no-speaker-window-stats turns it off)")
@@ -454,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                            default=None,
                            help="also feed those statistics of the raw log-mel, z-scored by the speaker's earlier "
                                 "windows (carried in the speaker state; needs --cepstral-stats; --recipe v0.5's)")
+            p.add_argument("--prior-frames", dest="prior_frames", type=_pseudo_count, default=None,
+                           help="add a typical training speaker's band statistics (at each window's own level) to "
+                                "every speaker's as this many pseudo-frames, so a first window is not normalised "
+                                "against itself alone (default 0 = off, as v0.5.0)")
+            p.add_argument("--prior-windows", dest="prior_windows", type=_pseudo_count, default=None,
+                           help="the same for the z-scored window statistics, in pseudo-windows (default 0 = off)")
             p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                            help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
             p.add_argument("--stretch-prob", dest="stretch_prob", type=float,

@@ -371,6 +371,66 @@ def _history(own: torch.Tensor, speakers: np.ndarray, mode: str, order_seed: int
     return history
 
 
+def _plain_clips(corpus: CachedCorpus, train_idx: np.ndarray, seed: int, per_speaker: int) -> np.ndarray:
+    """Up to ``per_speaker`` clips of each training speaker, drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for spk in np.unique(corpus.speaker[train_idx]):
+        mine = train_idx[corpus.speaker[train_idx] == spk]
+        picked.append(rng.choice(mine, size=min(per_speaker, len(mine)), replace=False))
+    return np.concatenate(picked)
+
+
+def _corpus_balanced_mean(per_speaker: np.ndarray, corpora: np.ndarray) -> np.ndarray:
+    """Mean over corpora of the mean over each corpus's speakers (ASED's 65 speakers count as one corpus)."""
+    return np.mean([per_speaker[corpora == name].mean(axis=0) for name in np.unique(corpora)], axis=0)
+
+
+@torch.no_grad()
+def set_population_prior(model: EmotionNet, corpus: CachedCorpus, train_idx: np.ndarray, seed: int,
+                         per_speaker: int = 20, batch: int = 32) -> dict[str, np.ndarray]:
+    """Set the population prior's buffers (``ModelConfig.prior_frames``) from the training speakers.
+
+    Per speaker, from up to ``per_speaker`` whole clips: each band's mean and variance over all
+    their frames, and the mean of their raw window statistics. The prior's band shape (band means
+    less their mean over bands) and window statistics are averaged over corpora with equal weight;
+    its band variance is the median over speakers, like the window statistics' std floor.
+    """
+    rows = _plain_clips(corpus, train_idx, seed, per_speaker)
+    device = next(model.parameters()).device
+    sums, windows = [], []
+    for s in range(0, len(rows), batch):
+        audio, lengths = crop_batch(corpus, rows[s : s + batch], None, None)
+        logmel, mask = model.frontend.log_mel(audio.to(device), lengths.to(device))
+        sums.append(model.frontend.own_stats(logmel, mask).double().cpu().numpy())
+        if model.config.prior_windows:
+            windows.append(model.raw_window_stats(logmel, mask).double().cpu().numpy())
+    clip_sums = np.concatenate(sums)
+    n_mels = model.config.frontend.n_mels
+    speakers = corpus.speaker[rows]
+    names = np.unique(speakers)
+    shape, var, window_mean, corpora = [], [], [], []
+    for name in names:
+        total = clip_sums[speakers == name].sum(axis=0)
+        count = max(total[2 * n_mels], 1.0)
+        mean = total[:n_mels] / count
+        shape.append(mean - mean.mean())
+        var.append(np.maximum(total[n_mels : 2 * n_mels] / count - mean * mean, 1e-6))
+        corpora.append(corpus.corpus[rows][speakers == name][0])
+        if windows:
+            window_mean.append(np.concatenate(windows)[speakers == name].mean(axis=0))
+    corpus_of = np.array(corpora)
+    prior = {"band_shape": _corpus_balanced_mean(np.array(shape), corpus_of),
+             "band_var": np.median(np.array(var), axis=0)}
+    if model.config.prior_frames:
+        model.prior_band_shape.copy_(torch.from_numpy(prior["band_shape"].astype(np.float32)))
+        model.prior_band_var.copy_(torch.from_numpy(prior["band_var"].astype(np.float32)))
+    if model.config.prior_windows:
+        prior["window_mean"] = _corpus_balanced_mean(np.array(window_mean), corpus_of)
+        model.prior_window_mean.copy_(torch.from_numpy(prior["window_mean"].astype(np.float32)))
+    return prior
+
+
 @torch.no_grad()
 def set_window_std_floor(model: EmotionNet, corpus: CachedCorpus, train_idx: np.ndarray, seed: int,
                          per_speaker: int = 20, batch: int = 32) -> np.ndarray:
@@ -379,12 +439,7 @@ def set_window_std_floor(model: EmotionNet, corpus: CachedCorpus, train_idx: np.
     The median over the training speakers of each raw window statistic's within-speaker std
     (what the classical baseline floors its online z-scores with). Returns the floor.
     """
-    rng = np.random.default_rng(seed)
-    picked = []
-    for spk in np.unique(corpus.speaker[train_idx]):
-        mine = train_idx[corpus.speaker[train_idx] == spk]
-        picked.append(rng.choice(mine, size=min(per_speaker, len(mine)), replace=False))
-    rows = np.concatenate(picked)
+    rows = _plain_clips(corpus, train_idx, seed, per_speaker)
     stats = []
     for s in range(0, len(rows), batch):
         audio, lengths = crop_batch(corpus, rows[s : s + batch], None, None)
@@ -517,6 +572,11 @@ def train_model(
     if config.model.speaker_window_stats:  # (a resumed run loads the floor with the weights)
         floor = set_window_std_floor(model, corpus, train_idx, config.seed)
         log(f"window statistics std floor: median {np.median(floor):.3f} over {floor.size}")
+    if config.model.prior_frames or config.model.prior_windows:
+        prior = set_population_prior(model, corpus, train_idx, config.seed)
+        log(f"population prior: {config.model.prior_frames:g} frames, {config.model.prior_windows:g} windows; "
+            f"band shape {prior['band_shape'].min():+.2f}..{prior['band_shape'].max():+.2f}, "
+            f"band std median {np.sqrt(np.median(prior['band_var'])):.2f}")
     loss_fn = MultitaskLoss(unmasked_weight=config.unmasked_weight if config.mask_loss else 0.0).to(device)
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
