@@ -22,6 +22,15 @@ Prints (and with ``--json PATH`` writes) three things:
 Each batch size is timed after two warm-up calls (the first calls allocate
 and, on CUDA, pick kernels); batches that fail (out of GPU memory) are
 reported as such and end the sweep, one line, no traceback.
+
+* **live shapes** (``--live-calls N``): a fixed shape is the easy case. A
+  live monitor's batches change shape on nearly every call (windows of
+  0.5-8 s, batches of 1-64), and anything the provider does once per new
+  shape is paid on every call. This times N such calls (after 5 warm-up
+  calls of other shapes): median and p95 ms per call, windows per second.
+  ``--cudnn-search`` sets the CUDA provider's cuDNN algorithm search
+  (default: the monitor's, ``CUDA_PROVIDER_OPTIONS`` in
+  serstream/inference/session.py).
 """
 
 from __future__ import annotations
@@ -95,6 +104,34 @@ def sweep(model: Any, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def live_shapes(model: Any, calls: int, seed: int = 11) -> dict[str, Any]:
+    """Time ``calls`` batches whose size (1-64) and window lengths (0.5-8 s) change every call."""
+    rng = np.random.default_rng(seed)
+    speech = speech_like(9.0, seed=5)
+    times: list[float] = []
+    windows = 0
+    for call in range(calls + 5):
+        batch = int(rng.integers(1, 65))
+        longest = int(rng.integers(SAMPLE_RATE // 2, 8 * SAMPLE_RATE + 1))
+        lengths = rng.integers(max(longest // 2, 1), longest + 1, size=batch).astype(np.int64)
+        lengths[0] = longest
+        audio = np.zeros((batch, longest), np.float32)
+        for row, length in enumerate(lengths):
+            audio[row, :length] = speech[:length]
+        started = time.perf_counter()
+        model.infer(audio, lengths)
+        if call >= 5:  # the first calls allocate; every later one still brings a new shape
+            times.append(time.perf_counter() - started)
+            windows += batch
+    ms = np.array(times) * 1000.0
+    row = {"calls": calls, "median_ms": round(float(np.median(ms)), 3),
+           "p95_ms": round(float(np.percentile(ms, 95)), 3),
+           "windows_per_s": round(windows / float(np.sum(times)), 1)}
+    print(f"  live shapes, {calls} calls: median {row['median_ms']:.2f} ms/call, "
+          f"p95 {row['p95_ms']:.2f} ms, {row['windows_per_s']:.0f} windows/s", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cuda",
@@ -105,25 +142,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows-per-stream", type=float, default=WINDOWS_PER_STREAM)
     parser.add_argument("--quick", action="store_true", help="batches up to 32, 3 repeats (a dry run)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--live-calls", type=int, default=0, metavar="N",
+                        help="also time N calls whose batch size and window lengths change every call (0: skip)")
+    parser.add_argument("--cudnn-search", choices=("exhaustive", "heuristic", "default"), default=None,
+                        help="the CUDA provider's cuDNN algorithm search (default: the monitor's own setting)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the fixed-shape sweep")
     args = parser.parse_args(argv)
 
-    from serstream.inference.session import EmotionModel, describe_device
+    from serstream.inference.session import CUDA_PROVIDER_OPTIONS, EmotionModel, describe_device
     from serstream.models import resolve_model_path
 
     max_batch = 32 if args.quick else args.max_batch
     repeats = 3 if args.quick else args.repeats
     sizes = [1 << i for i in range(0, 11) if (1 << i) <= max_batch]
     try:
-        model = EmotionModel.load(resolve_model_path(args.model), device=args.device)
+        cuda_options = dict(CUDA_PROVIDER_OPTIONS)
+        if args.cudnn_search:
+            cuda_options["cudnn_conv_algo_search"] = args.cudnn_search.upper()
+        model = EmotionModel.load(resolve_model_path(args.model), device=args.device, cuda_options=cuda_options)
     except Exception as exc:  # noqa: BLE001 - one line for a missing model, CUDA or driver
         print(f"bench_gpu: {one_line(exc, limit=None)}", file=sys.stderr)
         return 1
     gpus = nvidia_smi("name,driver_version,memory.total")
     provider = describe_device(model)
-    print(f"model {model.info.version} on {provider}")
+    search = cuda_options["cudnn_conv_algo_search"] if model.device == "cuda" else "-"
+    print(f"model {model.info.version} on {provider}; cuDNN algorithm search {search}")
     print(f"GPU: {'; '.join(gpus) if gpus else 'none seen by nvidia-smi'}")
-    print("inference, 3 s windows of speech-like audio:")
-    rows = sweep(model, sizes, repeats)
+    live = live_shapes(model, args.live_calls) if args.live_calls else None
+    rows = []
+    if not args.no_sweep:
+        print("inference, 3 s windows of speech-like audio:")
+        rows = sweep(model, sizes, repeats)
     ok = [row for row in rows if "windows_per_s" in row]
     best = max(ok, key=lambda row: row["windows_per_s"]) if ok else None
     carried = int(best["windows_per_s"] / args.windows_per_stream) if best else 0
@@ -131,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best: {best['windows_per_s']:.0f} windows/s at batch {best['batch']}: the inference tier alone "
               f"carries about {carried} speaking streams ({args.windows_per_stream} windows/s each); the "
               "pipelines' share is measured by benchmarks/bench_network.py --workers auto on this node")
-    report = {"model": model.info.version, "provider": provider, "gpus": gpus, "sweep": rows,
+    report = {"model": model.info.version, "provider": provider, "cudnn_conv_algo_search": search, "gpus": gpus,
+              "live_shapes": live, "sweep": rows,
               "windows_per_stream": args.windows_per_stream, "inference_streams_upper_bound": carried}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

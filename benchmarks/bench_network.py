@@ -215,7 +215,7 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _load_model(path: str | None, threads: int | None) -> Any:
+def _load_model(path: str | None, threads: int | None, cudnn_search: str | None = None) -> Any:
     from serstream.inference.session import EmotionModel
     from serstream.models import ModelNotFoundError, resolve_model_path
 
@@ -228,7 +228,12 @@ def _load_model(path: str | None, threads: int | None) -> Any:
 
         resolved = build_test_model(Path(tempfile.mkdtemp(prefix="bench-net-")) / "factory.onnx")
         print(f"bench_network: no shipped model ({exc}); using the tests' factory model", file=sys.stderr)
-    return EmotionModel.load(resolved, device="auto", threads=threads)
+    from serstream.inference.session import CUDA_PROVIDER_OPTIONS
+
+    cuda_options = dict(CUDA_PROVIDER_OPTIONS)
+    if cudnn_search:
+        cuda_options["cudnn_conv_algo_search"] = cudnn_search.upper()
+    return EmotionModel.load(resolved, device="auto", threads=threads, cuda_options=cuda_options)
 
 
 #: ``--workers``: 1 is the in-process Monitor; more runs the pipelines in that many processes (WorkerPool).
@@ -428,6 +433,16 @@ def _row(s: Step) -> str:
             f"{'yes' if s.sustained else 'NO'} / {'yes' if s.thinned else 'NO'}" + (f"   ({s.why})" if s.why else ""))
 
 
+def _workers(text: str) -> int:
+    """``--workers N|auto``, read as ``serstream serve`` reads it (auto: one per core)."""
+    from serstream.workers.plan import parse_workers
+
+    try:
+        return parse_workers(text, os.cpu_count())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--workers ")) from None
+
+
 def _steps(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip() and int(x) > 0]
 
@@ -441,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ws-steps", default=None, help="comma-separated WebSocket stream counts (0: skip)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per step")
     parser.add_argument("--json", action="store_true", help="print the steps as JSON as well")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
+    parser.add_argument("--cudnn-search", choices=("exhaustive", "heuristic", "default"), default=None,
+                        help="on CUDA: the cuDNN algorithm search (default: the monitor's, session.py)")
+    parser.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                         help="run the pipelines in N worker processes, as `serve --workers N` (default 1); "
                         "the CPU column then counts this process only")
     args = parser.parse_args(argv)
@@ -452,11 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     rtp_steps = _steps(args.rtp_steps) if args.rtp_steps else default_rtp_steps
     default_ws_steps = [10, 40] if args.quick else [25, 50, 75, 100, 125, 150, 200, 300]
     ws_steps = _steps(args.ws_steps) if args.ws_steps else default_ws_steps
-    model = _load_model(args.model, args.threads)
+    model = _load_model(args.model, args.threads, args.cudnn_search)
     from serstream.inference.session import describe_device
 
+    gpu_setup = ""
+    if model.device == "cuda":
+        search = model.session.get_provider_options().get("CUDAExecutionProvider", {}).get("cudnn_conv_algo_search")
+        gpu_setup = f"cuDNN search {search}; "
     print(f"model {model.info.version} on {describe_device(model)} ({model.path}); {os.cpu_count()} CPU cores; "
-          f"{_WORKERS} worker process(es); "
+          f"{_WORKERS} worker process(es); {gpu_setup}"
           f"{seconds:g} s per step; capacity rule (serstream/core/capacity.py): nothing lost, partial p95 < "
           f"{PARTIAL_P95_LIMIT_MS:.0f} ms, final p95 < {FINAL_P95_LIMIT_MS:.0f} ms, and for 'every partial' "
           "no partial expired")

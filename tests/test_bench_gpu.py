@@ -51,3 +51,19 @@ def test_asking_for_cuda_without_a_gpu_is_one_line(model_path: Path) -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench_gpu: ") and "Traceback" not in done.stderr
+
+
+def test_live_shapes_time_calls_whose_shape_changes_every_call(model_path: Path, tmp_path: Path) -> None:
+    """--live-calls: what a live monitor's batches cost (the fixed-shape sweep hid the CUDA search cost)."""
+    out = tmp_path / "live.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--model", str(model_path), "--live-calls", "4",
+         "--no-sweep", "--cudnn-search", "default", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    live = report["live_shapes"]
+    assert live["calls"] == 4 and 0 < live["median_ms"] <= live["p95_ms"] and live["windows_per_s"] > 0
+    assert report["sweep"] == [] and report["cudnn_conv_algo_search"] == "-"  # on CPU no cuDNN search applies
+    assert "live shapes, 4 calls" in done.stdout

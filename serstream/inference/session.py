@@ -50,6 +50,7 @@ from serstream.contract import ContractError, ModelInfo, StateInput
 from serstream.errors import DeviceError, InferenceError, one_line
 
 __all__ = [
+    "CUDA_PROVIDER_OPTIONS",
     "DEVICES",
     "DeviceError",
     "InferenceError",
@@ -76,6 +77,19 @@ _ORT_LOG_SEVERITY = 3
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 _CUDA_PROVIDER = "CUDAExecutionProvider"
+
+#: ONNX Runtime's CUDA provider options. Its default cuDNN algorithm search ("EXHAUSTIVE") times
+#: the convolution algorithms again whenever a convolution's input shape differs from its previous
+#: call's, and a live monitor's batches change shape on nearly every call (windows of every length,
+#: batches of every size). Measured on an H200 (`benchmarks/bench_gpu.py --live-calls 200`, batches
+#: of 1-64 windows of 0.5-8 s): median 83 ms a call with EXHAUSTIVE, 16.7 with HEURISTIC, 8.8 with
+#: DEFAULT (cuDNN's default algorithm, no search). At one fixed shape EXHAUSTIVE and HEURISTIC both
+#: take 1.4-3.3 ms up to batch 32 (DEFAULT's fixed-shape sweep has not been run). Through the whole
+#: monitor (`benchmarks/bench_network.py --workers 14`, 250 RTP streams) EXHAUSTIVE fell seconds
+#: behind (partial p95 2208 ms). Padding batches to a few dozen shapes that repeat did not help
+#: (EXHAUSTIVE 85 ms, DEFAULT 13.4 ms a call): the cost follows each change of shape, not each new
+#: shape. docs/scale-out.md has the figures.
+CUDA_PROVIDER_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "DEFAULT"}
 _CPU_PROVIDER = "CPUExecutionProvider"
 
 
@@ -264,12 +278,15 @@ class EmotionModel:
         path: str | os.PathLike[str],
         device: str = "auto",
         threads: int | None = None,
+        cuda_options: Mapping[str, str] | None = None,
     ) -> EmotionModel:
         """Load ``path``, validate it against the contract, and open a session.
 
         ``device``: "auto" (CUDA when usable, else CPU), "cpu", or "cuda"
         (a :class:`DeviceError` when no GPU is usable). ``threads``: ONNX
         Runtime intra-op threads (default: the number of CPU cores).
+        ``cuda_options``: the CUDA provider's options (default
+        :data:`CUDA_PROVIDER_OPTIONS`; ``benchmarks/bench_gpu.py`` compares others).
         Raises :class:`ContractError` (one line, naming the file) for a
         missing, corrupt or non-conforming model.
         """
@@ -288,7 +305,8 @@ class EmotionModel:
             )
         providers: list[Any] = [_CPU_PROVIDER]
         if want_cuda:
-            providers = [_CUDA_PROVIDER, _CPU_PROVIDER]
+            options_for_cuda = dict(CUDA_PROVIDER_OPTIONS if cuda_options is None else cuda_options)
+            providers = [(_CUDA_PROVIDER, options_for_cuda), _CPU_PROVIDER]
 
         # Provider set-up logs through the default logger, not the session's.
         ort.set_default_logger_severity(_ORT_LOG_SEVERITY)

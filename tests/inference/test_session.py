@@ -359,3 +359,34 @@ def test_pad_batch() -> None:
 def test_empty_row_runs(plain_model: EmotionModel) -> None:
     out = plain_model.infer(*pad_batch([np.array([], np.float32), LOUD]))
     assert np.isfinite(out.probs).all()
+
+
+def test_cuda_is_asked_for_without_a_cudnn_search_and_the_options_can_be_changed(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime's default exhaustive cuDNN search re-times the convolutions whenever the input shape
+    changes, which a live monitor's batches do on nearly every call (measured on an H200: the monitor
+    fell seconds behind at 250 RTP streams). Where CUDA looks usable the session is asked for with
+    DEFAULT (no search); here the recorder then opens it on CPU, so this runs on any machine."""
+    import onnxruntime as ort
+
+    from serstream.inference import session as session_module
+
+    asked: list[object] = []
+    real = ort.InferenceSession
+
+    def recording_session(path: str, options: object, providers: list[object]) -> object:
+        asked.append(providers)
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(session_module, "cuda_check", lambda: session_module.CudaCheck(True, ""))
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    path = build_test_model(model_dir / "cudnn.onnx")
+    model = EmotionModel.load(path, device="auto")
+    assert asked[-1] == [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT"}), "CPUExecutionProvider"]
+    assert model.device == "cpu" and model.device_note.startswith("CUDA looked usable but the session runs on CPU")
+    EmotionModel.load(path, device="auto", cuda_options={"cudnn_conv_algo_search": "EXHAUSTIVE"})
+    assert asked[-1][0] == ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"})
+    EmotionModel.load(path, device="cpu")
+    assert asked[-1] == ["CPUExecutionProvider"]  # no GPU asked for: no CUDA options either
+
