@@ -286,3 +286,19 @@ ASED_BAD: Mapping[str, str] = {
     "04Sad/s4-01-01-02.flac": "bad name",
     "04Sad/notes.wav": "bad name",
 }
+
+
+def train_and_export_tiny(tmp_path: Path, *flags: str) -> tuple[int, Path, Path]:
+    """`python -m training train ... --export` on six generated RAVDESS-like actors, one short epoch.
+
+    Returns (exit code, the ONNX path, the run folder); ``flags`` add model options.
+    """
+    from training.__main__ import main
+
+    data = tmp_path / "data"
+    make_ravdess_like(data / "ravdess", actors=range(1, 7), n_per=1, seconds=0.6)
+    path, run = tmp_path / "m.onnx", tmp_path / "final"
+    rc = main(["train", "--data", str(data), "--corpora", "ravdess", "--out", str(run), "--cache", str(data / "cache"),
+               "--epochs", "1", "--steps-per-epoch", "2", "--crop-s", "0.5", "--threads", "1", *flags,
+               "--export", str(path), "--temperature", "1.2", "--version", "0.0.0-test"])
+    return rc, path, run

@@ -193,20 +193,14 @@ def test_trained_with_the_prior_exports_and_a_cold_window_reads_against_it(tmp_p
     pytest.importorskip("onnxruntime")
     from serstream.core.adaptation import SpeakerState
     from serstream.inference.session import EmotionModel
-    from tests.training.synthcorpus import make_ravdess_like
-    from training.__main__ import main
+    from tests.training.synthcorpus import train_and_export_tiny
 
-    data = tmp_path / "data"
-    make_ravdess_like(data / "ravdess", actors=range(1, 7), n_per=1, seconds=0.6)
-    path = tmp_path / "m.onnx"
-    rc = main(["train", "--data", str(data), "--corpora", "ravdess", "--out", str(tmp_path / "final"),
-               "--cache", str(data / "cache"), "--epochs", "1", "--steps-per-epoch", "2", "--crop-s", "0.5",
-               "--threads", "1", "--cepstral-stats", str(K), "--speaker-window-stats", "--prior-frames", "50",
-               "--prior-windows", "1", "--export", str(path), "--temperature", "1.2", "--version", "0.0.0-test"])
+    rc, path, run = train_and_export_tiny(tmp_path, "--cepstral-stats", str(K), "--speaker-window-stats", "--prior-frames", "50",
+                                         "--prior-windows", "1")
     assert rc == 0
     (spec,) = json.loads(path.with_suffix(".json").read_text())["state_inputs"]
     assert spec["width"] == stats_width(TINY.frontend) + 4 * K + 1  # the prior adds nothing to the state
-    state_dict = torch.load(tmp_path / "final" / "model.pt", map_location="cpu", weights_only=False)
+    state_dict = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
     weights = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
     shape = weights["prior_band_shape"].numpy()
     assert abs(float(shape.mean())) < 1e-4 and np.abs(shape).max() > 0.1  # set from the speakers, not zeros

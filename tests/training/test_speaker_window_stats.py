@@ -153,16 +153,9 @@ def test_trained_with_the_option_exports_and_the_runtime_keeps_its_state(tmp_pat
     pytest.importorskip("onnxruntime")
     from serstream.core.adaptation import SpeakerState
     from serstream.inference.session import EmotionModel
-    from tests.training.synthcorpus import make_ravdess_like
-    from training.__main__ import main
+    from tests.training.synthcorpus import train_and_export_tiny
 
-    data = tmp_path / "data"
-    make_ravdess_like(data / "ravdess", actors=range(1, 7), n_per=1, seconds=0.6)
-    path = tmp_path / "m.onnx"
-    rc = main(["train", "--data", str(data), "--corpora", "ravdess", "--out", str(tmp_path / "final"),
-               "--cache", str(data / "cache"), "--epochs", "1", "--steps-per-epoch", "2", "--crop-s", "0.5",
-               "--threads", "1", "--cepstral-stats", str(K), "--speaker-window-stats",
-               "--export", str(path), "--temperature", "1.2", "--version", "0.0.0-test"])
+    rc, path, run = train_and_export_tiny(tmp_path, "--cepstral-stats", str(K), "--speaker-window-stats")
     assert rc == 0
     sidecar = json.loads(path.with_suffix(".json").read_text())
     (spec,) = sidecar["state_inputs"]
