@@ -77,6 +77,10 @@ def _config(args: argparse.Namespace):
         model = replace(model, prior_frames=args.prior_frames)
     if getattr(args, "prior_windows", None) is not None:
         model = replace(model, prior_windows=args.prior_windows)
+    if getattr(args, "prior_cold_only", None) is not None:
+        model = replace(model, prior_cold_only=args.prior_cold_only)
+    if model.prior_cold_only and not (model.prior_frames or model.prior_windows):
+        raise ValueError("--prior-cold-only needs --prior-frames or --prior-windows")
     if model.prior_windows and not model.speaker_window_stats:
         raise ValueError("--prior-windows needs the speaker window statistics (--recipe v0.5's)")
     if model.speaker_window_stats and not model.cepstral_stats:
@@ -477,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "against itself alone (default 0 = off, as v0.5.0)")
             p.add_argument("--prior-windows", dest="prior_windows", type=_pseudo_count, default=None,
                            help="the same for the z-scored window statistics, in pseudo-windows (default 0 = off)")
+            p.add_argument("--prior-cold-only", dest="prior_cold_only", action=argparse.BooleanOptionalAction,
+                           default=None,
+                           help="add the prior only while a speaker has no history (the first windows), so later "
+                                "windows read exactly as without it")
             p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                            help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
             p.add_argument("--stretch-prob", dest="stretch_prob", type=float,

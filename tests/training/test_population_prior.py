@@ -57,7 +57,7 @@ def test_off_by_default_and_configs_written_before_the_option_load_without_it() 
     del d["prior_frames"], d["prior_windows"]
     assert ModelConfig.from_dict(d) == TINY
     net = EmotionNet(TINY)
-    assert net.prior_stats(torch.ones(2, net.state_width)) == 0.0
+    assert net.prior_stats(torch.ones(2, net.state_width), torch.zeros(2, net.state_width)) == 0.0
     assert not any("prior" in name for name in net.state_dict())
     with pytest.raises(ValueError, match="needs speaker_window_stats"):
         EmotionNet(ModelConfig(prior_windows=1.0))
@@ -116,6 +116,30 @@ def test_the_prior_fades_as_the_speakers_history_grows() -> None:
         gaps.append(float((_normalise(with_prior, clip, h)[3] - _normalise(without, clip, h)[3]).abs().mean()))
     # The mean difference shrinks about as n0 / (n + n0) does (0.18 -> 0.021 -> 0.0021).
     assert gaps[0] > 0.1 and gaps[1] < 0.6 * gaps[0] and gaps[2] < 0.15 * gaps[0], gaps
+
+
+@torch.no_grad()
+def test_cold_only_the_prior_reads_a_first_window_and_leaves_every_later_one_as_without_it() -> None:
+    always = _with_prior(EmotionNet(PRIOR))
+    cold = EmotionNet(ModelConfig(**{**PRIOR.__dict__, "prior_cold_only": True})).eval()
+    cold.load_state_dict(always.state_dict())
+    without = EmotionNet(TINY).eval()
+    without.window_std_floor.copy_(always.window_std_floor)
+    clip = _clip()
+    first = [_normalise(net, clip) for net in (cold, always)]
+    assert torch.equal(first[0][3], first[1][3]) and torch.equal(first[0][4], first[1][4])
+    history = _normalise(without, _clip(seed=2, f0=130.0))[2].unsqueeze(0)  # one earlier utterance
+    later = [_normalise(net, clip, history) for net in (cold, without, always)]
+    assert torch.equal(later[0][3], later[1][3]) and torch.equal(later[0][4], later[1][4])
+    assert float((later[2][3] - later[1][3]).abs().max()) > 0.05  # added always, it would still move them
+    # In one batch each row goes by its own history: row 0 cold (as with the prior), row 1 warm (as without).
+    audio, lengths = torch.from_numpy(np.stack([clip, clip])), torch.tensor([clip.size, clip.size])
+    state = torch.cat([torch.zeros_like(history), history])
+    logits = cold(audio, lengths, state)[0]
+    torch.manual_seed(0)
+    assert torch.allclose(logits[0], always(audio[:1], lengths[:1], state[:1])[0][0], atol=1e-5)
+    without.load_state_dict({k: v for k, v in always.state_dict().items() if not k.startswith("prior_")})
+    assert torch.allclose(logits[1], without(audio[1:], lengths[1:], state[1:])[0][0], atol=1e-5)
 
 
 @torch.no_grad()
@@ -179,7 +203,10 @@ def test_the_flags_set_the_config_and_bad_values_fail_before_any_corpus_is_read(
                                                "--prior-windows", "1"])).model
     assert (model.prior_frames, model.prior_windows) == (200.0, 1.0)
     assert _config(build_parser().parse_args(["cv", "--data", "x"])).model.prior_frames == 0.0
+    cold = _config(build_parser().parse_args(["cv", "--data", "x", "--prior-frames", "200", "--prior-cold-only"]))
+    assert cold.model.prior_cold_only is True
     for argv, message in ((["--prior-frames", "-3"], "must be a count of 0"),
+                          (["--prior-cold-only"], "--prior-cold-only needs"),
                           (["--recipe", "v0.4", "--prior-windows", "1"], "--prior-windows needs")):
         with pytest.raises(SystemExit) as exited:
             main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
