@@ -406,6 +406,7 @@ def set_population_prior(model: EmotionNet, corpus: CachedCorpus, train_idx: np.
         if model.config.prior_windows:
             windows.append(model.raw_window_stats(logmel, mask).double().cpu().numpy())
     clip_sums = np.concatenate(sums)
+    clip_windows = np.concatenate(windows) if windows else None
     n_mels = model.config.frontend.n_mels
     speakers = corpus.speaker[rows]
     names = np.unique(speakers)
@@ -417,8 +418,8 @@ def set_population_prior(model: EmotionNet, corpus: CachedCorpus, train_idx: np.
         shape.append(mean - mean.mean())
         var.append(np.maximum(total[n_mels : 2 * n_mels] / count - mean * mean, 1e-6))
         corpora.append(corpus.corpus[rows][speakers == name][0])
-        if windows:
-            window_mean.append(np.concatenate(windows)[speakers == name].mean(axis=0))
+        if clip_windows is not None:
+            window_mean.append(clip_windows[speakers == name].mean(axis=0))
     corpus_of = np.array(corpora)
     prior = {"band_shape": _corpus_balanced_mean(np.array(shape), corpus_of),
              "band_var": np.median(np.array(var), axis=0)}

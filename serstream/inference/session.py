@@ -87,8 +87,8 @@ _CUDA_PROVIDER = "CUDAExecutionProvider"
 #: take 1.4-3.3 ms up to batch 32 (DEFAULT's fixed-shape sweep has not been run). Through the whole
 #: monitor (`benchmarks/bench_network.py --workers 14`, 250 RTP streams) EXHAUSTIVE fell seconds
 #: behind (partial p95 2208 ms). Padding batches to a few dozen shapes that repeat did not help
-#: (EXHAUSTIVE 85 ms, DEFAULT 13.4 ms a call): the cost follows each change of shape, not each new
-#: shape. docs/scale-out.md has the figures.
+#: (EXHAUSTIVE 85 ms, DEFAULT 13.4 ms a call): the cost seems to follow each change of shape rather
+#: than each new shape (ONNX Runtime's internals were not inspected). docs/scale-out.md has the figures.
 CUDA_PROVIDER_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "DEFAULT"}
 _CPU_PROVIDER = "CPUExecutionProvider"
 
