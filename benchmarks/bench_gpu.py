@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CUDA provider's cuDNN algorithm search (default: the monitor's own setting)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the fixed-shape sweep")
     args = parser.parse_args(argv)
+    if args.live_calls < 0:
+        parser.error(f"--live-calls must be 0 (skip) or more, got {args.live_calls}")
 
     from serstream.inference.session import CUDA_PROVIDER_OPTIONS, EmotionModel, describe_device
     from serstream.models import resolve_model_path
