@@ -513,10 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--other-corpus-pick", dest="other_corpus_pick", choices=("speaker", "corpus"), default=None,
                            help="v0.3 sampling: draw an other-corpus group uniformly over those corpora's speakers "
                                 "(speaker, v0.3.0's) or a corpus first, then a speaker (corpus)")
-        if name in ("cv", "train", "baseline", "ased-cv"):  # train accepts and ignores them, as before
+        if name in ("cv", "baseline", "ased-cv"):  # train has one model and no folds
             p.add_argument("--folds", default="all", help="fold numbers, e.g. 1,3,5 (RAVDESS actors 1-4 = fold 1; "
                            "ASED PP 01, 06, ..., 61 = fold 1; baseline: 'ased' for ASED's 5 speaker folds, 'loco' to leave each corpus out in turn)")
-        if name in ("cv", "train", "baseline", "loco", "ased-cv"):
+        if name in ("cv", "baseline", "loco", "ased-cv"):
             p.add_argument("--workers", type=int, default=2, help="folds trained in parallel processes")
         if name in ("cv", "crosscorpus"):
             p.add_argument("--tta", action="store_true",

@@ -417,3 +417,14 @@ def test_gender_bias_check_closes_a_per_gender_prior_and_recall_is_split_by_gend
     fair = gender_bias_check([_fold_with_a_male_prior(k, rng, male_shift=0.0) for k in range(4)])
     assert abs(fair["gender_bias"]["uar"] - fair["as_is"]["uar"]) < 0.03
     assert gender_bias_check(folds[:1]) == {}  # no other fold to fit on
+
+
+@pytest.mark.parametrize("flag", ["--folds", "--workers"])
+def test_train_refuses_fold_flags_it_would_ignore(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train` fits one model on every speaker: a fold or worker count would be silently ignored, so it is refused."""
+    from training.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "x", flag, "1"])
+    assert f"unrecognized arguments: {flag} 1" in capsys.readouterr().err
+    assert getattr(build_parser().parse_args(["cv", "--data", "x", flag, "1"]), flag[2:]) in ("1", 1)
