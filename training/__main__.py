@@ -73,6 +73,8 @@ def _config(args: argparse.Namespace):
         model = replace(model, cepstral_stats=args.cepstral_stats)
     if getattr(args, "speaker_window_stats", None) is not None:
         model = replace(model, speaker_window_stats=args.speaker_window_stats)
+        if not args.speaker_window_stats and getattr(args, "prior_windows", None) is None:
+            model = replace(model, prior_windows=0.0)  # the recipe's window prior goes with its window statistics
     if getattr(args, "prior_frames", None) is not None:
         model = replace(model, prior_frames=args.prior_frames)
     if getattr(args, "prior_windows", None) is not None:
@@ -82,10 +84,10 @@ def _config(args: argparse.Namespace):
     if model.prior_cold_only and not (model.prior_frames or model.prior_windows):
         raise ValueError("--prior-cold-only needs --prior-frames or --prior-windows")
     if model.prior_windows and not model.speaker_window_stats:
-        raise ValueError("--prior-windows needs the speaker window statistics (--recipe v0.5's)")
+        raise ValueError("--prior-windows needs the speaker window statistics (--recipe v0.5's and v0.6's)")
     if model.speaker_window_stats and not model.cepstral_stats:
         raise ValueError("--speaker-window-stats needs --cepstral-stats K (K > 0): it z-scores those statistics "
-                         "(--recipe v0.5 sets both; --no-speaker-window-stats turns it off)")
+                         "(--recipe v0.5 and v0.6 set both; --no-speaker-window-stats turns it off)")
     return replace(cfg, model=model, **updates)
 
 
@@ -470,17 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "`train` ships; --recipe v0.4's)")
             p.add_argument("--cepstral-stats", dest="cepstral_stats", type=_cepstral_count, default=None,
                            help="also feed the head each window's mean and std of this many cepstral coefficients "
-                                "(DCT of the normalised log-mel; default the recipe's: 20 in v0.5, 0 = off in the others)")
+                                "(DCT of the normalised log-mel; default the recipe's: 20 in v0.5 and v0.6, 0 = off in the others)")
             p.add_argument("--speaker-window-stats", dest="speaker_window_stats", action=argparse.BooleanOptionalAction,
                            default=None,
                            help="also feed those statistics of the raw log-mel, z-scored by the speaker's earlier "
-                                "windows (carried in the speaker state; needs --cepstral-stats; --recipe v0.5's)")
+                                "windows (carried in the speaker state; needs --cepstral-stats; --recipe v0.5's and v0.6's)")
             p.add_argument("--prior-frames", dest="prior_frames", type=_pseudo_count, default=None,
                            help="add a typical training speaker's band statistics (at each window's own level) to "
                                 "every speaker's as this many pseudo-frames, so a first window is not normalised "
-                                "against itself alone (default 0 = off, as v0.5.0)")
+                                "against itself alone (default the recipe's: 200 in v0.6, 0 = off in the others)")
             p.add_argument("--prior-windows", dest="prior_windows", type=_pseudo_count, default=None,
-                           help="the same for the z-scored window statistics, in pseudo-windows (default 0 = off)")
+                           help="the same for the z-scored window statistics, in pseudo-windows (default the recipe's: 1 in v0.6, "
+                                "0 = off in the others)")
             p.add_argument("--prior-cold-only", dest="prior_cold_only", action=argparse.BooleanOptionalAction,
                            default=None,
                            help="add the prior only while a speaker has no history (the first windows), so later "
@@ -490,8 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stretch-prob", dest="stretch_prob", type=float,
                            help="per-utterance chance of a 0.9-1.1x tempo change (default 0)")
         if name in ("cv", "train", "crosscorpus", "loco", "ased-cv"):
-            p.add_argument("--recipe", choices=("v0.5", "v0.4", "balanced", "v0.3"), default="v0.5",
-                           help="v0.5 (default, v0.5.0's): v0.4's training with window statistics of 20 cepstra "
+            p.add_argument("--recipe", choices=("v0.6", "v0.5", "v0.4", "balanced", "v0.3"), default="v0.6",
+                           help="v0.6 (default, v0.6.0's): v0.5's plus a population prior for a speaker's first windows "
+                                "(--prior-frames 200 --prior-windows 1); "
+                                "v0.5 (v0.5.0's): v0.4's training with window statistics of 20 cepstra "
                                 "z-scored against the speaker's earlier windows; "
                                 "v0.4 (v0.4.0's): emotion loss over each corpus's classes, RAVDESS-led "
                                 "batches with other corpora drawn corpus first, last weights kept, v0.3.0's graph; "

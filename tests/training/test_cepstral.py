@@ -49,7 +49,7 @@ def test_the_flag_sets_the_model_config_of_every_training_command() -> None:
         v04 = [command, "--data", "x", "--recipe", "v0.4"]
         assert _config(build_parser().parse_args([*v04, "--cepstral-stats", "12"])).model.cepstral_stats == 12
         assert _config(build_parser().parse_args(v04)).model.cepstral_stats == 0
-        assert _config(build_parser().parse_args([command, "--data", "x"])).model.cepstral_stats == 20  # v0.5
+        assert _config(build_parser().parse_args([command, "--data", "x"])).model.cepstral_stats == 20  # v0.6, as v0.5
 
 
 @pytest.mark.parametrize("value", ["-1", "65", "many"])

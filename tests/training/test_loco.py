@@ -338,11 +338,17 @@ def test_bare_train_config_is_the_shipped_recipe() -> None:
     from training.model import ModelConfig
     from training.train import DEFAULT_RECIPE, RECIPES, TrainConfig
 
-    assert DEFAULT_RECIPE == "v0.5"
+    assert DEFAULT_RECIPE == "v0.6"
     shipped = {k: v for k, v in RECIPES[DEFAULT_RECIPE].items() if k != "model"}
     assert {k: getattr(TrainConfig(), k) for k in shipped} == shipped
     assert all(set(recipe) == set(RECIPES["v0.4"]) for recipe in RECIPES.values())  # each names every setting
-    assert all(set(recipe["model"]) == {"cepstral_stats", "speaker_window_stats"} for recipe in RECIPES.values())
+    graph = {"cepstral_stats", "speaker_window_stats", "prior_frames", "prior_windows", "prior_cold_only"}
+    assert all(set(recipe["model"]) == graph for recipe in RECIPES.values())
+    # v0.6 is v0.5 with the population prior, nothing else
+    assert {k: v for k, v in RECIPES["v0.6"].items() if k != "model"} == {
+        k: v for k, v in RECIPES["v0.5"].items() if k != "model"}
+    changed = {k for k in graph if RECIPES["v0.6"]["model"][k] != RECIPES["v0.5"]["model"][k]}
+    assert changed == {"prior_frames", "prior_windows"}
     # v0.5 is v0.4's training with the speaker-normalised window statistics; v0.4 is ModelConfig()'s graph
     assert {k: v for k, v in RECIPES["v0.4"].items() if k != "model"} == shipped
     assert {k: getattr(ModelConfig(), k) for k in RECIPES["v0.4"]["model"]} == RECIPES["v0.4"]["model"]

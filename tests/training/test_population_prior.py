@@ -202,12 +202,18 @@ def test_the_flags_set_the_config_and_bad_values_fail_before_any_corpus_is_read(
     model = _config(build_parser().parse_args(["loco", "--data", "x", "--prior-frames", "200",
                                                "--prior-windows", "1"])).model
     assert (model.prior_frames, model.prior_windows) == (200.0, 1.0)
-    assert _config(build_parser().parse_args(["cv", "--data", "x"])).model.prior_frames == 0.0
+    default = _config(build_parser().parse_args(["cv", "--data", "x"])).model  # --recipe v0.6, v0.6.0's
+    assert (default.prior_frames, default.prior_windows, default.prior_cold_only) == (200.0, 1.0, False)
+    assert _config(build_parser().parse_args(["cv", "--data", "x", "--recipe", "v0.5"])).model.prior_frames == 0.0
+    # without window statistics the recipe's window prior is dropped with them; the frame prior stays
+    bare = _config(build_parser().parse_args(["cv", "--data", "x", "--no-speaker-window-stats"])).model
+    assert (bare.prior_frames, bare.prior_windows) == (200.0, 0.0)
     cold = _config(build_parser().parse_args(["cv", "--data", "x", "--prior-frames", "200", "--prior-cold-only"]))
     assert cold.model.prior_cold_only is True
     for argv, message in ((["--prior-frames", "-3"], "must be a count of 0"),
-                          (["--prior-cold-only"], "--prior-cold-only needs"),
-                          (["--recipe", "v0.4", "--prior-windows", "1"], "--prior-windows needs")):
+                          (["--recipe", "v0.5", "--prior-cold-only"], "--prior-cold-only needs"),
+                          (["--recipe", "v0.4", "--prior-windows", "1"], "--prior-windows needs"),
+                          (["--no-speaker-window-stats", "--prior-windows", "1"], "--prior-windows needs")):
         with pytest.raises(SystemExit) as exited:
             main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
         assert exited.value.code == 2

@@ -135,7 +135,7 @@ def test_the_flag_needs_cepstral_stats_and_sets_the_config(tmp_path, capsys) -> 
     model = model_of("loco", "--data", "x", "--recipe", "v0.4", "--cepstral-stats", "12", "--speaker-window-stats")
     assert model.cepstral_stats == 12 and model.speaker_window_stats is True
     assert model_of("cv", "--data", "x", "--recipe", "v0.4").speaker_window_stats is False
-    # the default recipe (v0.5) sets both; each can be turned off on its own
+    # the default recipe (v0.6, as v0.5) sets both; each can be turned off on its own
     default = model_of("cv", "--data", "x")
     assert (default.cepstral_stats, default.speaker_window_stats) == (20, True)
     off = model_of("cv", "--data", "x", "--no-speaker-window-stats")
