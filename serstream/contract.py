@@ -80,7 +80,7 @@ class StateInput:
 
     ``speaker_stats`` is the one in use: running sums of the speaker's log-mel
     frames (sum, sum of squares, count) for label-free speaker normalisation;
-    a model may append more sums (as v0.5.0 does, training's ``--speaker-window-stats``: per-window
+    a model may append more sums (as v0.5.0 and later do, training's ``--speaker-window-stats``: per-window
     statistics, their squares and a window count), so ``width`` is read, never assumed.
     ``empty`` fills the input when a stream has no state yet. When
     ``update_output`` names a model output, the monitor adds that output
