@@ -31,8 +31,10 @@ from .generalise import (
     calibration_and_fairness,
     four_class_indices,
     gender_bias_check,
+    gender_gap_by_intensity,
     held_out_temperatures,
     load_predictions,
+    misreadings_by_gender,
     open_figures,
     recall_by_gender,
     restricted_figures,
@@ -167,7 +169,9 @@ def cv_generalisation(out_dir: Path, summary: Mapping | None = None) -> dict:
     dirs = sorted(Path(out_dir).glob("fold-*/predictions.npz"))
     preds = [load_predictions(d.parent) for d in dirs]
     results = {"calibration": _calibration(preds, ("none", "online")), "folds": len(preds),
-               "recall_by_gender": recall_by_gender(preds, "online"), "gender_bias_check": gender_bias_check(preds, "online")}
+               "recall_by_gender": recall_by_gender(preds, "online"), "gender_bias_check": gender_bias_check(preds, "online"),
+               "gender_gap_by_intensity": gender_gap_by_intensity(preds, "online"),
+               "misreadings_by_gender": misreadings_by_gender(preds, "online")}
     if summary:
         results["uar"] = {m: s["uar"]["mean"] for m, s in summary.items() if "uar" in s}
     results["headline"] = headline_of("cv", results)
@@ -264,6 +268,11 @@ def ased_markdown(results: Mapping) -> str:
     return "\n".join(lines) + "\n" + calibration_markdown(results.get("calibration", {}))
 
 
+def _figure(value: float | None) -> str:
+    """A UAR in [0, 1] as a 3-decimal figure, or '-' when there is none."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _interval(bounds) -> str:
     return "" if not bounds else f" [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}]"
 
@@ -306,6 +315,24 @@ def gender_markdown(results: Mapping) -> str:
     for name, g in by_gender.items():
         lines.append(f"| {name} | {g['n']} | {g['uar']:.3f} | " +
                      " | ".join(f"{g['recall'].get(c, float('nan')):.2f}" for c in classes) + " |")
+    by_level = results.get("gender_gap_by_intensity") or {}
+    if by_level:
+        n_classes = next(iter(by_level.values()))["classes"]
+        lines += [f"\n**UAR by gender and intensity, online** (over the {n_classes} classes recorded at every "
+                  "intensity)\n", "| intensity | n | female | male | F-M |", "|---|---|---|---|---|"]
+        for level, r in by_level.items():
+            gap = r.get("gap_female_minus_male")
+            lines.append(f"| {level} | {r['n']} | {_figure(r.get('female'))} | {_figure(r.get('male'))} | "
+                         f"{'-' if gap is None else f'{100 * gap:+.1f}'} |")
+    misread = results.get("misreadings_by_gender") or {}
+    if misread:
+        names = list(misread)
+        lines += ["\n**Where each gender's misreadings go, online** (the two wrong labels given most often, share "
+                  "of the class's clips)\n", "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for c in classes:
+            cells = [", ".join(f"{label} {100 * share:.0f} %" for label, share in misread[g].get(c, [])) or "-"
+                     for g in names]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     check = results.get("gender_bias_check") or {}
     if check:
         a, b = check["as_is"], check["gender_bias"]

@@ -24,7 +24,9 @@ and then scores the saved predictions here, without the model:
   temperature fitted on all of them pooled is what such a recipe would ship.
 - **Fairness.** Female-minus-male UAR gap per corpus, over the held-out
   predictions of all folds pooled (a corpus with one gender, TESS, has none);
-  per class and gender, recall (:func:`recall_by_gender`), and whether a
+  per class and gender, recall (:func:`recall_by_gender`) and where the
+  misreadings go (:func:`misreadings_by_gender`), the gap per intensity
+  (:func:`gender_gap_by_intensity`), and whether a
   per-gender class bias fitted on validation speakers would close the gap
   (:func:`gender_bias_check`).
 
@@ -51,11 +53,13 @@ __all__ = [
     "ased_split",
     "calibration_and_fairness",
     "gender_bias_check",
+    "gender_gap_by_intensity",
     "held_out_temperatures",
     "corpus_of",
     "load_predictions",
     "open_figures",
     "loco_splits",
+    "misreadings_by_gender",
     "recall_by_gender",
     "restricted_figures",
     "select",
@@ -349,6 +353,73 @@ def recall_by_gender(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mo
             out[name] = {"n": int(rows.sum()), "uar": round(M.uar(y[rows], yhat[rows]), 4),
                          "recall": {LABELS[c]: round(float(cm[c, c] / cm[c].sum()), 4)
                                     for c in range(len(LABELS)) if cm[c].sum()}}
+    return out
+
+
+#: Intensity codes of the cache (training/cache.py): 0 normal, 1 strong, -1 unknown.
+_INTENSITY_NAMES = ("normal", "strong")
+
+
+def gender_gap_by_intensity(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online") -> dict:
+    """Per intensity ("normal", "strong"): n, female and male UAR and the female-minus-male gap.
+
+    Why: RAVDESS's gap is a question of *which* speech men are misread on; subtle (normal
+    intensity) expressions may carry less of the cues the model reads. UAR is taken over the
+    classes recorded at every intensity present (RAVDESS has no strong neutral), so the rows
+    compare like with like. Empty unless the clips carry at least two intensities.
+    """
+    from . import metrics as M
+
+    tests = [f[mode] for f in folds if mode in f and "intensity" in f[mode]]
+    if not tests:
+        return {}
+    pooled = concat(tests)
+    y, yhat, level, gender = pooled["label"], pooled["emotion_logits"].argmax(1), pooled["intensity"], pooled["gender"]
+    levels = [k for k in range(len(_INTENSITY_NAMES)) if (level == k).any()]
+    if len(levels) < 2:
+        return {}
+    shared = set.intersection(*(set(np.unique(y[level == k]).tolist()) for k in levels))
+    out = {}
+    for k in levels:
+        row: dict = {"n": int(((level == k) & np.isin(y, list(shared))).sum()), "classes": len(shared)}
+        for code, name in enumerate(GENDERS):
+            rows = (level == k) & (gender == code) & np.isin(y, list(shared))
+            row[name] = round(M.uar(y[rows], yhat[rows]), 4) if rows.any() else None
+        if row.get("female") is not None and row.get("male") is not None:
+            row["gap_female_minus_male"] = round(row["female"] - row["male"], 4)
+        out[_INTENSITY_NAMES[k]] = row
+    return out
+
+
+def misreadings_by_gender(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online",
+                          top: int = 2) -> dict:
+    """Per gender and true class: the ``top`` wrong labels given most often, with their share of the class's clips.
+
+    Says where a gender's errors go (e.g. men's happy read as angry: arousal kept, valence lost),
+    which a recall table alone does not.
+    """
+    from . import metrics as M
+
+    tests = [f[mode] for f in folds if mode in f]
+    if not tests:
+        return {}
+    pooled = concat(tests)
+    y, yhat = pooled["label"], pooled["emotion_logits"].argmax(1)
+    out: dict = {}
+    for code, name in enumerate(GENDERS):
+        rows = pooled["gender"] == code
+        if not rows.any():
+            continue
+        cm = M.confusion_matrix(y[rows], yhat[rows], len(LABELS))
+        per_class = {}
+        for c in range(len(LABELS)):
+            total = cm[c].sum()
+            if not total:
+                continue
+            wrong = [(int(cm[c, j]), LABELS[j]) for j in range(len(LABELS)) if j != c and cm[c, j]]
+            wrong.sort(key=lambda t: (-t[0], t[1]))
+            per_class[LABELS[c]] = [[label, round(count / float(total), 4)] for count, label in wrong[:top]]
+        out[name] = per_class
     return out
 
 

@@ -17,8 +17,10 @@ from tests.training.synthcorpus import make_ased_like, make_ravdess_like, make_t
 from training.__main__ import main  # noqa: E402
 from training.generalise import (  # noqa: E402
     gender_bias_check,
+    gender_gap_by_intensity,
     held_out_temperatures,
     load_predictions,
+    misreadings_by_gender,
     recall_by_gender,
     restricted_figures,
 )
@@ -219,6 +221,7 @@ def test_ravdess_cv_trains_with_ased_and_writes_pooled_calibration(data, tmp_pat
     assert gen["calibration"]["online"]["temperature_fitted_on"] == 2 * 8  # 2 val actors x 8 clips
     assert {g: r["n"] for g, r in gen["recall_by_gender"].items()} == {"female": 2 * 8, "male": 2 * 8}  # actors 1-4
     assert gen["gender_bias_check"] == {}  # one fold: no other fold's validation speakers to fit on
+    assert set(gen["misreadings_by_gender"]) == {"female", "male"}
     assert set(gen["calibration"]["online"]["uar_gap_female_minus_male"]) == {"ravdess"}
 
 
@@ -423,6 +426,53 @@ def test_gender_bias_check_closes_a_per_gender_prior_and_recall_is_split_by_gend
     fair = gender_bias_check([_fold_with_a_male_prior(k, rng, male_shift=0.0) for k in range(4)])
     assert abs(fair["gender_bias"]["uar"] - fair["as_is"]["uar"]) < 0.03
     assert gender_bias_check(folds[:1]) == {}  # no other fold to fit on
+
+
+def _fold_misreading_mens_normal_happy(k: int) -> dict:
+    """Online predictions of one fold, RAVDESS-like: neutral only at normal intensity; every clip read right
+    except men's normal-intensity happy, read as angry 3 times in 4 and as surprised once in 4."""
+    happy, angry, surprised = (LABELS.index(c) for c in ("happy", "angry", "surprised"))
+    label, intensity, gender, predicted = [], [], [], []
+    for g in (0, 1):
+        for level in (0, 1):
+            for c in range(len(LABELS)):
+                if LABELS[c] == "neutral" and level == 1:
+                    continue
+                for i in range(4):
+                    label.append(c), intensity.append(level), gender.append(g)
+                    wrong = g == 1 and level == 0 and c == happy
+                    predicted.append((angry if i < 3 else surprised) if wrong else c)
+    logits = np.eye(len(LABELS))[predicted] * 5.0
+    n = len(label)
+    return {"online": {"emotion_logits": logits, "label": np.array(label), "intensity": np.array(intensity),
+                       "gender": np.array(gender), "speaker": np.array([f"ravdess:{k:02d}"] * n)}}
+
+
+def test_gender_gap_is_split_by_intensity_and_misreadings_say_where_errors_go() -> None:
+    from training.evaluate import gender_markdown
+
+    folds = [_fold_misreading_mens_normal_happy(k) for k in (1, 2)]
+    by_level = gender_gap_by_intensity(folds)
+    # neutral has no strong clips, so both rows are over the other 7 classes
+    assert {r["classes"] for r in by_level.values()} == {7}
+    assert by_level["normal"]["n"] == by_level["strong"]["n"] == 2 * 2 * 7 * 4
+    assert by_level["normal"]["female"] == by_level["strong"]["female"] == by_level["strong"]["male"] == 1.0
+    assert by_level["normal"]["male"] == pytest.approx(6 / 7, abs=1e-4)  # happy's recall 0, six classes right
+    assert by_level["normal"]["gap_female_minus_male"] == pytest.approx(1 / 7, abs=1e-4)
+    assert by_level["strong"]["gap_female_minus_male"] == 0.0
+    misread = misreadings_by_gender(folds)
+    # men's happy: 8 normal (6 angry, 2 surprised) and 8 strong (right): shares of 16 clips
+    assert misread["male"]["happy"] == [["angry", 0.375], ["surprised", 0.125]]
+    assert misread["female"]["happy"] == [] and misread["male"]["angry"] == []
+    # one intensity only, or none recorded: nothing to split
+    one_level = [{"online": {**f["online"], "intensity": np.zeros_like(f["online"]["intensity"])}} for f in folds]
+    assert gender_gap_by_intensity(one_level) == {}
+    assert gender_gap_by_intensity([{"online": {k: v for k, v in f["online"].items() if k != "intensity"}}
+                                    for f in folds]) == {}
+    table = gender_markdown({"recall_by_gender": recall_by_gender(folds), "gender_gap_by_intensity": by_level,
+                             "misreadings_by_gender": misread})
+    assert "| normal | 112 | 1.000 | 0.857 | +14.3 |" in table
+    assert "| happy | - | angry 38 %, surprised 12 % |" in table
 
 
 @pytest.mark.parametrize("flag", ["--folds", "--workers"])
