@@ -106,7 +106,9 @@ def test_loco_holds_out_each_corpus_and_scores_four_and_own_classes(loco_run) ->
     tests = [load_predictions(loco_run / f"fold-{k}")["online"] for k in (1, 2, 3)]
     for k, fold in enumerate(cross["folds"]):
         assert fold["fitted_on"] == sum(len(t["label"]) for j, t in enumerate(tests) if j != k)
-        assert fold["ece"] == restricted_figures(tests[k], temperature=fold["temperature"])["ece"]
+        # the file keeps T to 4 decimals and the ECE was taken at the unrounded T: equal to within that rounding
+        assert fold["ece"] == pytest.approx(restricted_figures(tests[k], temperature=fold["temperature"])["ece"],
+                                            abs=5e-4)
     assert cross["fitted_on_all"] == sum(len(t["label"]) for t in tests)
 
 
