@@ -44,7 +44,7 @@ import numpy as np
 
 from serstream.contract import LABELS
 
-from .datasets import GENDERS
+from .datasets import GENDERS, INTENSITIES
 from .folds import Fold, _draw_validation, _speaker_genders
 from .mixing import FOUR_CLASSES
 
@@ -356,10 +356,6 @@ def recall_by_gender(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mo
     return out
 
 
-#: Intensity codes of the cache (training/cache.py): 0 normal, 1 strong, -1 unknown.
-_INTENSITY_NAMES = ("normal", "strong")
-
-
 def gender_gap_by_intensity(folds: Sequence[Mapping[str, Mapping[str, np.ndarray]]], mode: str = "online") -> dict:
     """Per intensity ("normal", "strong"): n, female and male UAR and the female-minus-male gap.
 
@@ -375,7 +371,7 @@ def gender_gap_by_intensity(folds: Sequence[Mapping[str, Mapping[str, np.ndarray
         return {}
     pooled = concat(tests)
     y, yhat, level, gender = pooled["label"], pooled["emotion_logits"].argmax(1), pooled["intensity"], pooled["gender"]
-    levels = [k for k in range(len(_INTENSITY_NAMES)) if (level == k).any()]
+    levels = [k for k in range(len(INTENSITIES)) if (level == k).any()]  # the cache's codes; -1 unknown
     if len(levels) < 2:
         return {}
     shared = set.intersection(*(set(np.unique(y[level == k]).tolist()) for k in levels))
@@ -387,7 +383,7 @@ def gender_gap_by_intensity(folds: Sequence[Mapping[str, Mapping[str, np.ndarray
             row[name] = round(M.uar(y[rows], yhat[rows]), 4) if rows.any() else None
         if row.get("female") is not None and row.get("male") is not None:
             row["gap_female_minus_male"] = round(row["female"] - row["male"], 4)
-        out[_INTENSITY_NAMES[k]] = row
+        out[INTENSITIES[k]] = row
     return out
 
 
