@@ -81,6 +81,8 @@ def _config(args: argparse.Namespace):
         model = replace(model, prior_windows=args.prior_windows)
     if getattr(args, "prior_cold_only", None) is not None:
         model = replace(model, prior_cold_only=args.prior_cold_only)
+    if getattr(args, "f0_stats", None) is not None:
+        model = replace(model, f0_stats=args.f0_stats)
     if model.prior_cold_only and not (model.prior_frames or model.prior_windows):
         raise ValueError("--prior-cold-only needs --prior-frames or --prior-windows")
     if model.prior_windows and not model.speaker_window_stats:
@@ -488,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
                            default=None,
                            help="add the prior only while a speaker has no history (the first windows), so later "
                                 "windows read exactly as without it")
+            p.add_argument("--f0-stats", dest="f0_stats", action=argparse.BooleanOptionalAction, default=None,
+                           help="also feed the heads each window's pitch statistics from a fixed in-graph F0 tracker "
+                                "(mean against the speaker's, spread, slope, movement, voicing, periodicity; "
+                                "training/pitch.py; off in every recipe so far)")
             p.add_argument("--pitch-prob", dest="pitch_prob", type=float,
                            help="per-utterance chance of a +/-2 semitone pitch shift (default 0)")
             p.add_argument("--stretch-prob", dest="stretch_prob", type=float,

@@ -26,6 +26,15 @@ from torch import nn
 from serstream.contract import LABELS
 
 from .frontend import FrontendConfig, LogMelFrontend, stats_width
+from .pitch import (
+    PITCH_FEATURES,
+    PITCH_STATE_WIDTH,
+    PitchConfig,
+    PitchTrack,
+    PitchTracker,
+    pitch_features,
+    window_pitch_sums,
+)
 
 __all__ = ["ModelConfig", "EmotionNet", "MultitaskLoss", "count_parameters"]
 
@@ -92,6 +101,12 @@ class ModelConfig:
     # leave-one-corpus-out lost 1.4 points over each corpus's own classes online (three seeds;
     # 4.2 on the first seed) while gaining 7.3 over four classes from cold (models/README.md).
     prior_cold_only: bool = False
+    # Each window's pitch statistics (training/pitch.py: a fixed autocorrelation tracker in the graph)
+    # to the heads: mean F0 against the speaker's (their voiced frames' sums ride in ``speaker_stats``
+    # after the other columns), spread, slope, movement, voiced fraction, periodicity. Why: the 25 ms
+    # log-mel resolves a woman's harmonics but hardly a man's, and on RAVDESS men's speech is read
+    # 13-16 points worse at normal intensity, their happy and sad by arousal alone. False up to v0.6.0.
+    f0_stats: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +125,7 @@ class ModelConfig:
         d.setdefault("prior_frames", 0.0)
         d.setdefault("prior_windows", 0.0)
         d.setdefault("prior_cold_only", False)
+        d.setdefault("f0_stats", False)
         if "cnn_channels" in d:
             d["cnn_channels"] = tuple(d["cnn_channels"])
         if "cnn_pools" in d:
@@ -201,6 +217,7 @@ class EmotionNet(nn.Module):
     prior_band_shape: torch.Tensor  # prior_frames: [M] typical band means less their mean over bands
     prior_band_var: torch.Tensor  # prior_frames: [M] typical within-speaker variance of each band
     prior_window_mean: torch.Tensor  # prior_windows: [2K] typical raw window statistics
+    pitch: PitchTracker | None  # f0_stats
 
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
@@ -209,6 +226,12 @@ class EmotionNet(nn.Module):
         self.pool = AttentiveStatsPool(config.embed_dim, config.attention_dim)
         stats = config.frontend.n_mels + config.cepstral_stats if config.utterance_stats else 0
         pooled = 2 * config.embed_dim + 2 * stats + (2 * config.cepstral_stats if config.speaker_window_stats else 0)
+        self.pitch = None
+        if config.f0_stats:
+            self.pitch = PitchTracker(PitchConfig(sample_rate=config.frontend.sample_rate))
+            # Standardises the pitch statistics (semitones, semitones a second, fractions) for the heads.
+            self.pitch_norm = nn.BatchNorm1d(len(PITCH_FEATURES), affine=False)
+            pooled += len(PITCH_FEATURES)
         if config.cepstral_stats:
             if not config.utterance_stats:
                 raise ValueError("cepstral_stats needs utterance_stats")
@@ -279,21 +302,35 @@ class EmotionNet(nn.Module):
 
     @property
     def state_width(self) -> int:
-        """Width of a ``speaker_stats`` row: the front end's frame sums, then the window-statistics sums if any."""
+        """Width of a ``speaker_stats`` row: the front end's frame sums, the window-statistics sums, the pitch sums (each if any)."""
         extra = 4 * self.config.cepstral_stats + 1 if self.config.speaker_window_stats else 0
-        return stats_width(self.config.frontend) + extra
+        return stats_width(self.config.frontend) + extra + (PITCH_STATE_WIDTH if self.config.f0_stats else 0)
+
+    def track_pitch(self, audio: torch.Tensor, lengths: torch.Tensor) -> PitchTrack | None:
+        """The window's pitch track when the model reads pitch (``f0_stats``), else None."""
+        return None if self.pitch is None else self.pitch(audio, lengths)
 
     def raw_window_stats(self, logmel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean and std over the window of the cepstra of the raw log-mel: [B, 2K]."""
         return band_statistics(torch.matmul(self.dct, logmel), mask)
 
-    def own_stats(self, logmel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """This window's contribution to its speaker's state: [B, state_width] (sums add over windows)."""
-        own = self.frontend.own_stats(logmel, mask)
-        if not self.config.speaker_window_stats:
-            return own
-        window = self.raw_window_stats(logmel, mask)
-        return torch.cat([own, window, window * window, torch.ones_like(window[:, :1])], dim=1)
+    def own_stats(self, logmel: torch.Tensor, mask: torch.Tensor, pitch: PitchTrack | None = None) -> torch.Tensor:
+        """This window's contribution to its speaker's state: [B, state_width] (sums add over windows).
+
+        ``pitch`` is :meth:`track_pitch` of the same audio (needed when the model reads pitch)."""
+        parts = [self.frontend.own_stats(logmel, mask)]
+        if self.config.speaker_window_stats:
+            window = self.raw_window_stats(logmel, mask)
+            parts += [window, window * window, torch.ones_like(window[:, :1])]
+        if self.config.f0_stats:
+            parts.append(window_pitch_sums(self._needs(pitch)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _needs(pitch: PitchTrack | None) -> PitchTrack:
+        if pitch is None:
+            raise ValueError("this model reads pitch: pass track_pitch(audio, lengths)")
+        return pitch
 
     def prior_stats(self, own: torch.Tensor, history: torch.Tensor) -> torch.Tensor | float:
         """The population prior as sums shaped like a ``speaker_stats`` row: [B, state_width] (0.0 when off).
@@ -327,41 +364,51 @@ class EmotionNet(nn.Module):
                 w0 = c.prior_windows
                 parts += [w0 * mu_w, w0 * (floor * floor + mu_w * mu_w), torch.full_like(count, w0)]
             else:
-                parts.append(torch.zeros_like(own[:, frame:]))
+                parts.append(torch.zeros_like(own[:, frame : frame + 4 * c.cepstral_stats + 1]))
+        if c.f0_stats:  # no pitch prior: a typical speaker's pitch is a typical man's or woman's
+            parts.append(torch.zeros_like(own[:, -PITCH_STATE_WIDTH:]))
         prior = torch.cat(parts, dim=1)
         if c.prior_cold_only:
             prior = prior * (history[:, 2 * n_mels : 2 * n_mels + 1] < 0.5).to(prior.dtype)
         return prior
 
-    def normalise(self, logmel: torch.Tensor, mask: torch.Tensor, own: torch.Tensor,
-                  history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Speaker-normalised log-mel [B, M, T], and the z-scored window statistics [B, 2K] (or None).
+    def normalise(self, logmel: torch.Tensor, mask: torch.Tensor, own: torch.Tensor, history: torch.Tensor,
+                  pitch: PitchTrack | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Speaker-normalised log-mel [B, M, T], and the window's features for the heads (or None).
 
         ``own`` is this window's :meth:`own_stats`, ``history`` the sum of the speaker's earlier
         ones; both count, as in the front end (with no history a window is compared with itself,
-        which gives z = 0: no evidence either way).
+        which gives z = 0: no evidence either way). The window features are the z-scored window
+        statistics [B, 2K] (``speaker_window_stats``), then the standardised pitch statistics [B, 6]
+        (``f0_stats``, with ``pitch`` from :meth:`track_pitch`).
         """
         frame = stats_width(self.config.frontend)
         total = history + own + self.prior_stats(own, history)
         normed = self.frontend.normalise(logmel, mask, total[:, :frame])
-        if not self.config.speaker_window_stats:
+        features = []
+        if self.config.speaker_window_stats:
+            k2 = 2 * self.config.cepstral_stats
+            window = own[:, frame : frame + k2]
+            count = torch.clamp(total[:, frame + 2 * k2 : frame + 2 * k2 + 1], min=1.0)
+            mean = total[:, frame : frame + k2] / count
+            var = torch.clamp(total[:, frame + k2 : frame + 2 * k2] / count - mean * mean, min=0.0)
+            std = torch.maximum(torch.sqrt(var + 1e-12), self.window_std_floor)
+            features.append((window - mean) / std)
+        if self.pitch is not None:
+            stats = pitch_features(self._needs(pitch), total[:, -PITCH_STATE_WIDTH:], self.pitch.config)
+            features.append(self.pitch_norm(stats))
+        if not features:
             return normed, None
-        k2 = 2 * self.config.cepstral_stats
-        window = own[:, frame : frame + k2]
-        count = torch.clamp(total[:, frame + 2 * k2 : frame + 2 * k2 + 1], min=1.0)
-        mean = total[:, frame : frame + k2] / count
-        var = torch.clamp(total[:, frame + k2 : frame + 2 * k2] / count - mean * mean, min=0.0)
-        std = torch.maximum(torch.sqrt(var + 1e-12), self.window_std_floor)
-        return normed, (window - mean) / std
+        return normed, features[0] if len(features) == 1 else torch.cat(features, dim=1)
 
     def encode(
         self,
         normed: torch.Tensor,
         mask: torch.Tensor,
         feature_augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        window_z: torch.Tensor | None = None,
+        window_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Normalised log-mel [B, M, T] + mask [B, T] (+ z-scored window statistics) -> pooled embedding."""
+        """Normalised log-mel [B, M, T] + mask [B, T] (+ the window features of :meth:`normalise`) -> pooled embedding."""
         if feature_augment is not None:
             normed = feature_augment(normed, mask)
         x = self.stem(normed.unsqueeze(1))
@@ -385,10 +432,10 @@ class EmotionNet(nn.Module):
         parts = [pooled, band_statistics(normed, mask)]
         if self.config.cepstral_stats:
             parts.append(band_statistics(torch.matmul(self.dct, normed), mask))  # [K, M] @ [B, M, T]
-        if self.config.speaker_window_stats:
-            if window_z is None:
-                raise ValueError("this model needs the z-scored window statistics (see normalise)")
-            parts.append(window_z)
+        if self.config.speaker_window_stats or self.config.f0_stats:
+            if window_features is None:
+                raise ValueError("this model needs the window features of normalise()")
+            parts.append(window_features)
         return torch.cat(parts, dim=1)
 
     def heads(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -405,9 +452,10 @@ class EmotionNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The exported signature: outputs in the contract's order plus the extras."""
         logmel, mask = self.frontend.log_mel(audio, lengths)
-        own = self.own_stats(logmel, mask)
-        normed, window_z = self.normalise(logmel, mask, own, speaker_stats)
-        out = self.heads(self.encode(normed, mask, window_z=window_z))
+        pitch = self.track_pitch(audio, lengths)
+        own = self.own_stats(logmel, mask, pitch)
+        normed, window_features = self.normalise(logmel, mask, own, speaker_stats, pitch)
+        out = self.heads(self.encode(normed, mask, window_features=window_features))
         return out["emotion_logits"], out["avd"], out["gender_logits"], out["intensity_logits"], own
 
 

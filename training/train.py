@@ -136,8 +136,8 @@ class TrainConfig:
 #: TrainConfig() trains with the shipped settings on ModelConfig()'s graph (v0.4.0's): code that
 #: wants v0.5.0's or v0.6.0's graph asks for it, as the command line does through the recipe.
 _NO_PRIOR = {"prior_frames": 0.0, "prior_windows": 0.0, "prior_cold_only": False}
-_V04_GRAPH = {"cepstral_stats": 0, "speaker_window_stats": False, **_NO_PRIOR}
-_V05_GRAPH = {"cepstral_stats": 20, "speaker_window_stats": True}
+_V04_GRAPH = {"cepstral_stats": 0, "speaker_window_stats": False, "f0_stats": False, **_NO_PRIOR}
+_V05_GRAPH = {"cepstral_stats": 20, "speaker_window_stats": True, "f0_stats": False}
 RECIPES: dict[str, dict] = {
     "v0.6": {"mask_loss": True, "sampling": "v0.3", "other_corpus_pick": "corpus", "select": "last",
              "model": {**_V05_GRAPH, "prior_frames": 200.0, "prior_windows": 1.0, "prior_cold_only": False}},
@@ -357,7 +357,7 @@ def _own_stats(model: EmotionNet, corpus: CachedCorpus, idx: np.ndarray, order: 
         rows = order[s : s + batch]
         audio, lengths = crop_batch(corpus, idx[rows], None, None)
         logmel, mask = model.frontend.log_mel(audio, lengths)
-        own[rows] = model.own_stats(logmel, mask)
+        own[rows] = model.own_stats(logmel, mask, model.track_pitch(audio, lengths))
     return own
 
 
@@ -644,13 +644,14 @@ def train_model(
             audio, lengths = audio.to(device), lengths.to(device)
             with torch.no_grad():
                 logmel, mask = model.frontend.log_mel(audio, lengths)
-                own = model.own_stats(logmel, mask)
+                pitch = model.track_pitch(audio, lengths)
+                own = model.own_stats(logmel, mask, pitch)
                 hist = torch.from_numpy(history_matrix(groups, rng, config.cold_start_prob)).to(device) @ own
-                normed, window_z = model.normalise(logmel, mask, own, hist)
+                normed, window_features = model.normalise(logmel, mask, own, hist, pitch)
                 if config.augment:
                     normed = spec_mask(normed, mask, config.spec_time_masks, config.spec_freq_masks, gen)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model.heads(model.encode(normed, mask, window_z=window_z))
+                out = model.heads(model.encode(normed, mask, window_features=window_features))
             targets = {k: v.to(device) for k, v in _targets(corpus, idx, avd_table, class_masks).items()}
             loss, parts = loss_fn(out, targets)
             optimiser.zero_grad(set_to_none=True)

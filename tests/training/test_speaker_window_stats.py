@@ -90,11 +90,11 @@ def test_the_head_sees_the_window_z_and_the_model_without_it_is_refused() -> Non
     normed, mask = torch.randn(2, 64, 40), torch.ones(2, 40)
     z = torch.randn(2, 2 * K)
     with torch.no_grad():
-        embedding = net.encode(normed, mask, window_z=z)
+        embedding = net.encode(normed, mask, window_features=z)
         width = plain.encode(normed, mask).shape[1]
     assert embedding.shape == (2, width + 2 * K)
     assert torch.equal(embedding[:, width:], z)
-    with pytest.raises(ValueError, match="window statistics"):
+    with pytest.raises(ValueError, match="window features"):
         net.encode(normed, mask)
     with pytest.raises(ValueError, match="needs cepstral_stats"):
         EmotionNet(ModelConfig(speaker_window_stats=True))
