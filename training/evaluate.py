@@ -39,6 +39,7 @@ from .generalise import (
     recall_by_gender,
     restricted_figures,
     select,
+    speaker_uar_by_gender,
 )
 
 __all__ = [
@@ -171,7 +172,8 @@ def cv_generalisation(out_dir: Path, summary: Mapping | None = None) -> dict:
     results = {"calibration": _calibration(preds, ("none", "online")), "folds": len(preds),
                "recall_by_gender": recall_by_gender(preds, "online"), "gender_bias_check": gender_bias_check(preds, "online"),
                "gender_gap_by_intensity": gender_gap_by_intensity(preds, "online"),
-               "misreadings_by_gender": misreadings_by_gender(preds, "online")}
+               "misreadings_by_gender": misreadings_by_gender(preds, "online"),
+               "speaker_uar_by_gender": speaker_uar_by_gender(preds, "online")}
     if summary:
         results["uar"] = {m: s["uar"]["mean"] for m, s in summary.items() if "uar" in s}
     results["headline"] = headline_of("cv", results)
@@ -333,6 +335,17 @@ def gender_markdown(results: Mapping) -> str:
             cells = [", ".join(f"{label} {100 * share:.0f} %" for label, share in misread[g].get(c, [])) or "-"
                      for g in names]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    speakers = results.get("speaker_uar_by_gender") or {}
+    if speakers:
+        lines += ["\n**Each test speaker's UAR, online, lowest first**\n", "| gender | mean | median | speakers |",
+                  "|---|---|---|---|"]
+        for name, g in speakers.items():
+            lines.append(f"| {name} | {g['mean']:.3f} | {g['median']:.3f} | "
+                         + ", ".join(f"{spk.split(':')[-1]} {v:.2f}" for spk, v in g["speakers"]) + " |")
+        if "above_female_median" in speakers.get("male", {}):
+            lines.append(f"\n{speakers['male']['above_female_median']} of {len(speakers['male']['speakers'])} men read "
+                         f"above the women's median; {speakers['female']['below_male_median']} of "
+                         f"{len(speakers['female']['speakers'])} women below the men's.")
     check = results.get("gender_bias_check") or {}
     if check:
         a, b = check["as_is"], check["gender_bias"]

@@ -23,6 +23,7 @@ from training.generalise import (  # noqa: E402
     misreadings_by_gender,
     recall_by_gender,
     restricted_figures,
+    speaker_uar_by_gender,
 )
 from training.mixing import FOUR_CLASSES  # noqa: E402
 
@@ -475,6 +476,37 @@ def test_gender_gap_is_split_by_intensity_and_misreadings_say_where_errors_go() 
                              "misreadings_by_gender": misread})
     assert "| normal | 112 | 1.000 | 0.857 | +14.3 |" in table
     assert "| happy | - | angry 38 %, surprised 12 % |" in table
+
+
+def _fold_of_speakers(misread: dict[int, int]) -> dict:
+    """Online predictions of RAVDESS-like actors (odd numbers men): actor k's first ``misread[k]`` classes read wrong."""
+    label, gender, speaker, predicted = [], [], [], []
+    for actor, wrong in misread.items():
+        for c in range(len(LABELS)):
+            for _ in range(2):
+                label.append(c), gender.append(actor % 2 == 1), speaker.append(f"ravdess:{actor:02d}")
+                predicted.append((c + 1) % len(LABELS) if c < wrong else c)
+    return {"online": {"emotion_logits": np.eye(len(LABELS))[predicted] * 5.0, "label": np.array(label),
+                       "gender": np.array(gender, dtype=int), "speaker": np.array(speaker)}}
+
+
+def test_each_speakers_uar_says_whether_a_gap_is_a_few_men_or_all_of_them() -> None:
+    from training.evaluate import gender_markdown
+
+    # women 2, 4, 6 miss 0, 1, 2 of 8 classes; men 1, 3, 5, 7 miss 1, 2, 2, 6 (two folds)
+    folds = [_fold_of_speakers({1: 1, 2: 0, 3: 2, 4: 1}), _fold_of_speakers({5: 2, 6: 2, 7: 6})]
+    by = speaker_uar_by_gender(folds)
+    assert by["female"]["speakers"] == [["ravdess:06", 0.75], ["ravdess:04", 0.875], ["ravdess:02", 1.0]]
+    assert by["male"]["speakers"][0] == ["ravdess:07", 0.25] and by["male"]["speakers"][-1] == ["ravdess:01", 0.875]
+    assert by["female"]["median"] == 0.875 and by["male"]["median"] == 0.75
+    assert by["male"]["mean"] == pytest.approx((0.875 + 0.75 + 0.75 + 0.25) / 4, abs=1e-4)
+    assert by["male"]["above_female_median"] == 0  # 0.875 is not above 0.875
+    assert by["female"]["below_male_median"] == 0  # 0.75 is not below 0.75
+    table = gender_markdown({"recall_by_gender": recall_by_gender(folds), "speaker_uar_by_gender": by})
+    assert "| male | 0.656 | 0.750 | 07 0.25, 03 0.75, 05 0.75, 01 0.88 |" in table
+    assert "0 of 4 men read above the women's median; 0 of 3 women below the men's." in table
+    assert speaker_uar_by_gender([{"online": {k: v for k, v in f["online"].items() if k != "speaker"}}
+                                  for f in folds]) == {}
 
 
 @pytest.mark.parametrize("flag", ["--folds", "--workers"])
