@@ -348,7 +348,7 @@ def test_bare_train_config_is_the_shipped_recipe() -> None:
     shipped = {k: v for k, v in RECIPES[DEFAULT_RECIPE].items() if k != "model"}
     assert {k: getattr(TrainConfig(), k) for k in shipped} == shipped
     assert all(set(recipe) == set(RECIPES["v0.4"]) for recipe in RECIPES.values())  # each names every setting
-    graph = {"cepstral_stats", "speaker_window_stats", "prior_frames", "prior_windows", "prior_cold_only"}
+    graph = {"cepstral_stats", "speaker_window_stats", "prior_frames", "prior_windows", "prior_cold_only", "f0_stats"}
     assert all(set(recipe["model"]) == graph for recipe in RECIPES.values())
     # v0.6 is v0.5 with the population prior, nothing else
     assert {k: v for k, v in RECIPES["v0.6"].items() if k != "model"} == {
