@@ -197,3 +197,14 @@ def test_trained_with_pitch_exports_and_the_runtime_carries_its_state(tmp_path) 
     assert abs(mean_semitone - 12 * np.log2(160.0 / 100.0)) < 1.0
     loud = model.infer(clip[None] * 4.0, np.array([clip.size]), {state_spec.name: state.value()[None]})
     np.testing.assert_allclose(loud.probs, out.probs, atol=2e-3)
+
+
+def test_the_check_against_pyin_agrees_on_a_steady_voice_and_a_missing_corpus_is_one_line(tmp_path, capsys) -> None:
+    pytest.importorskip("librosa")
+    from training.pitch_check import compare, main
+
+    both, gross, ref, mine, extra = compare(_voice(150.0, seconds=1.5), PitchTracker())
+    assert both > 50 and gross == 0 and extra <= 2 and both >= 0.9 * ref
+    assert main(["--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pitch_check: error:") and err.count("\n") == 1 and "Traceback" not in err
