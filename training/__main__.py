@@ -261,6 +261,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = TrainConfig(**{k: v for k, v in saved["config"].items() if k != "model"}, model=model_config)
     # The corpora the checkpoint was trained on (train records them), unless --corpora says otherwise.
     args.corpora = args.corpora or saved.get("corpora") or "ravdess,tess"
+    if args.temperature is None and not args.data:
+        raise UsageError("export needs --temperature T (the CV's pooled one) or --data PATH to fit one on RAVDESS")
     corpus = _load(args) if args.temperature is None else None
     return _export(model.eval(), corpus, config, args)
 

@@ -117,6 +117,9 @@ def test_fold_model_export_and_onnx_eval_beside_the_cv(trained, tmp_path, capsys
     assert main(args) == 2  # weights only, and no config.json two folders up
     assert "config.json" in capsys.readouterr().err.strip().splitlines()[-1]
     (run / "config.json").write_text(json.dumps(config.to_dict()))
+    assert main(args[:-2]) == 2  # no temperature and no corpus to fit one on: one line, no traceback
+    err = capsys.readouterr().err
+    assert "export needs --temperature T" in err and "Traceback" not in err
     assert main(args) == 0
     cv_uar = {"none": 0.11, "online": 0.22, "full": 0.33}
     (run / "fold-1.json").write_text(json.dumps({"fold": 1, **{m: {"uar": v} for m, v in cv_uar.items()}}))
