@@ -105,7 +105,9 @@ class ModelConfig:
     # to the heads: mean F0 against the speaker's (their voiced frames' sums ride in ``speaker_stats``
     # after the other columns), spread, slope, movement, voiced fraction, periodicity. Why: the 25 ms
     # log-mel resolves a woman's harmonics but hardly a man's, and on RAVDESS men's speech is read
-    # 13-16 points worse at normal intensity, their happy and sad by arousal alone. False up to v0.6.0.
+    # 13-16 points worse at normal intensity, their happy and sad by arousal alone. Measured: the gap
+    # stayed (+13.4 against +13.0), and on unseen corpora a new speaker's first windows lost 2.5 points
+    # (models/README.md, "Pitch in the graph"), so it is off in every recipe, v0.6.0 included.
     f0_stats: bool = False
 
     def to_dict(self) -> dict:
