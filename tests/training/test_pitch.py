@@ -208,3 +208,19 @@ def test_the_check_against_pyin_agrees_on_a_steady_voice_and_a_missing_corpus_is
     assert main(["--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pitch_check: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_check_against_pyin_counts_an_unreadable_clip_and_goes_on(tmp_path, capsys) -> None:
+    pytest.importorskip("librosa")
+    import soundfile as sf
+
+    from training.pitch_check import main
+
+    actor = tmp_path / "ravdess" / "Actor_01"
+    actor.mkdir(parents=True)
+    sf.write(actor / "03-01-05-01-01-01-01.wav", _voice(130.0), RATE)
+    (actor / "03-01-04-01-01-01-01.wav").write_bytes(b"RIFF not audio")
+    assert main(["--data", str(tmp_path), "--per-speaker", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable clip(s)" in captured.err and "Traceback" not in captured.err
+    assert "1 clips of ravdess" in captured.out and "| male |" in captured.out
